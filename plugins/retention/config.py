@@ -1,0 +1,73 @@
+"""Settings, read from `RETENTION_*` environment variables.
+
+Every setting has one place here so the README, the CLI and the DAGs agree on names.
+Secrets never have defaults in code: they come from the environment or Airflow connections.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+#: name -> (default, description); the README table is generated from this.
+SETTINGS: dict[str, tuple[str | None, str]] = {
+    "RETENTION_DATABASE_URL": (
+        None,
+        "SQLAlchemy URL of the warehouse (postgresql://user:pass@host:5432/db). "
+        "Unset: an embedded PostgreSQL 16 (pgserver) under RETENTION_HOME/pgdata.",
+    ),
+    "RETENTION_CURRENCY": (
+        None,
+        "The shop's reporting currency (ISO-4217). Unset: taken from the first load "
+        "(the most frequent currency of its orders) and then fixed in ops.shop_settings.",
+    ),
+    "RETENTION_HOME": (
+        str(PROJECT_ROOT / ".retention"),
+        "Working folder: embedded database, landing folder, data-quality results, reports.",
+    ),
+    "RETENTION_LANDING_DIR": (
+        None,
+        "Folder the ingest DAG loads from. Unset: RETENTION_HOME/landing.",
+    ),
+    "RETENTION_DBT_PROJECT_DIR": (
+        str(PROJECT_ROOT / "dbt_project"),
+        "The dbt project the build runs.",
+    ),
+    "RETENTION_DBT_THREADS": ("2", "dbt threads."),
+}
+
+
+def setting(name: str) -> str | None:
+    default, _ = SETTINGS[name]
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Paths:
+    home: Path
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "pgdata"
+
+    @property
+    def landing(self) -> Path:
+        explicit = setting("RETENTION_LANDING_DIR")
+        return Path(explicit) if explicit else self.home / "landing"
+
+    @property
+    def data_quality(self) -> Path:
+        return self.home / "data_quality"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+
+def paths() -> Paths:
+    home = Path(setting("RETENTION_HOME") or PROJECT_ROOT / ".retention")
+    return Paths(home=home)

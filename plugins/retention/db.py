@@ -1,0 +1,115 @@
+"""Connections to the warehouse.
+
+`database_url()` honours RETENTION_DATABASE_URL (then DATABASE_URL); with neither set it
+starts, or reuses, an embedded PostgreSQL under RETENTION_HOME/pgdata so the quick start
+needs no installed database. The embedded server keeps running between commands
+(`retention db --stop` stops it).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import psycopg
+import sqlalchemy as sa
+
+from retention.config import paths, setting
+
+_EMBEDDED_DB = "retention"
+
+
+def _embedded_server():  # pragma: no cover - exercised by the quick start
+    import warnings
+
+    warnings.filterwarnings("ignore", module="platformdirs")
+    import pgserver
+
+    pgdata = paths().pgdata
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return pgserver.get_server(pgdata, cleanup_mode=None)
+
+
+def _ensure_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(libpq_dsn(admin_url), autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'create database "{name}"')
+
+
+def database_url() -> str:
+    """The SQLAlchemy URL in use (credentials included; never log it, use `redacted_url`)."""
+    explicit = setting("RETENTION_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if explicit:
+        return explicit
+    server = _embedded_server()
+    _ensure_database(server.get_uri("postgres"), _EMBEDDED_DB)
+    return server.get_uri(_EMBEDDED_DB)
+
+
+def stop_embedded() -> bool:
+    pgdata = paths().pgdata
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    import subprocess
+
+    from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
+
+    user = "pgserver" if os.geteuid() == 0 else None
+    cmd = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "stop"]
+    if user:
+        cmd = ["su", "-s", "/bin/sh", user, "-c", " ".join(cmd)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return True
+
+
+def redacted_url(url: str | None = None) -> str:
+    return sa.engine.make_url(url or database_url()).render_as_string(hide_password=True)
+
+
+def sqlalchemy_url(url: str | None = None) -> sa.engine.URL:
+    parsed = sa.engine.make_url(url or database_url())
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def libpq_dsn(url: str | None = None) -> str:
+    """A libpq connection string (what psycopg and psql take) for the URL."""
+    parsed = sa.engine.make_url(url or database_url())
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connection_params(url: str | None = None) -> dict[str, str]:
+    """host, port, user, password, dbname: for dbt profiles and Airflow connections."""
+    raw = url or database_url()
+    parts = urlsplit(raw.replace("postgresql+psycopg2://", "postgresql://").replace(
+        "postgresql+psycopg://", "postgresql://"))
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    return {
+        "host": host,
+        "port": str(parts.port or 5432),
+        "user": unquote(parts.username or "postgres"),
+        "password": unquote(parts.password or ""),
+        "dbname": (parts.path or "/postgres").lstrip("/") or "postgres",
+    }
+
+
+_engines: dict[str, sa.Engine] = {}
+
+
+def engine(url: str | None = None) -> sa.Engine:
+    key = url or database_url()
+    if key not in _engines:
+        _engines[key] = sa.create_engine(sqlalchemy_url(key), pool_pre_ping=True)
+    return _engines[key]
+
+
+@contextmanager
+def connect(url: str | None = None, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    """A psycopg 3 connection (COPY streaming, server-side work)."""
+    with psycopg.connect(libpq_dsn(url), autocommit=autocommit) as conn:
+        yield conn
