@@ -1,0 +1,140 @@
+"""`retention`: the command line of the pipeline, for operators and the quick start.
+
+Every subcommand calls the same functions the Airflow tasks call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from retention.config import SETTINGS
+
+
+def _timestamp(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 timestamp: {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from retention import db
+
+    if args.stop:
+        print("embedded PostgreSQL stopped" if db.stop_embedded() else "embedded PostgreSQL was not running")
+        return 0
+    url = db.database_url()
+    print(url if args.show_password else db.redacted_url(url))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from retention.generate import generate_shop
+
+    kwargs = {"customers": args.customers, "seed": args.seed}
+    if args.end:
+        kwargs["end"] = args.end
+    if args.gzip:
+        kwargs["compress"] = True
+    counts = generate_shop(Path(args.out), **kwargs)
+    print(f"generated a shop of {args.customers:,} customers (seed {args.seed}) in {args.out}")
+    for table, n in counts.items():
+        print(f"  {table:<24}{n:>14,}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from retention.load import load_folder
+
+    report = load_folder(args.path, loaded_at=args.loaded_at, currency=args.currency,
+                         fmt=args.format)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
+    if args.check:
+        from retention.quality import run_checkpoint
+
+        quality = run_checkpoint(None, as_of=report.loaded_at, load_id=report.load_id)
+        print(quality.format() if hasattr(quality, "format") else quality)
+        quality.raise_for_failures()
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from retention.build import build
+
+    summary = build(as_of=args.as_of, full_refresh=args.full_refresh, select=args.select)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    for name, (default, text) in SETTINGS.items():
+        print(f"{name}\n    {text}\n    default: {default or '(none)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retention",
+        description="Retention-marketing pipeline: load shop data, build lifetime tables, "
+                    "run campaigns. Settings come from RETENTION_* environment variables "
+                    "(`retention settings` lists them).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("db", help="print the database URL in use (password hidden)")
+    p.add_argument("--show-password", action="store_true")
+    p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("generate", help="generate a realistic sample shop as contract CSV files")
+    p.add_argument("--customers", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="shop")
+    p.add_argument("--end", type=_timestamp, help="last moment of the generated history")
+    p.add_argument("--gzip", action="store_true", help="write .csv.gz files")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("load", help="load a folder of contract CSV files (or one file) into raw")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["contract", "rees46"], default="contract")
+    p.add_argument("--currency", help="the shop's reporting currency (overrides RETENTION_CURRENCY)")
+    p.add_argument("--loaded-at", type=_timestamp,
+                   help="the load's time; later timestamps are quarantined (default: now)")
+    p.add_argument("--check", action="store_true",
+                   help="run the data-quality checkpoint after the load")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("build", help="build the dbt lifetime tables as of a date")
+    p.add_argument("--as-of", type=_timestamp, help="default: end of the latest raw day")
+    p.add_argument("--full-refresh", action="store_true")
+    p.add_argument("--select")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("settings", help="list the RETENTION_* settings")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from retention.load import LoadError
+
+    try:
+        return args.func(args)
+    except LoadError as exc:
+        print(f"retention: load failed, nothing was changed: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

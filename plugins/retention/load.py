@@ -1,0 +1,517 @@
+"""Loading shop files into schema `raw`, following CONTRACT.md sections 1 and 3.
+
+How a load works:
+
+1. *Preflight*, before anything is written: every file's header is read; a file that is
+   not readable CSV or lacks a required column fails the load with an error naming the
+   file and the column.
+2. One transaction for the whole load. Each file is streamed into a temporary text-only
+   staging table with PostgreSQL COPY (a 1 GB file never sits in memory), then checked
+   set-wise in SQL: every row that breaks the contract goes to `ops.quarantine` with its
+   reason, file and line; the rest is upserted into `raw.<table>` on the table's key, only
+   where a value changed, so re-loading the same files changes nothing.
+3. A COPY error (ragged rows, broken quoting, invalid UTF-8) aborts the transaction: the
+   database is exactly as before, and the error names the file and the line.
+
+Line numbers are record numbers counted from the header (line 1), which equal physical
+lines unless a quoted field spans lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+import psycopg
+from psycopg import sql
+
+from retention import db
+from retention.config import setting
+from retention.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_NAME, Table
+from retention.schema import ensure_schemas
+
+COPY_CHUNK = 1 << 20
+
+ISO_TIMESTAMP = (
+    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}(:?\d{2})?)$"
+)
+NUMERIC = r"^[+-]?(\d{1,16}(\.\d*)?|\.\d+)$"
+INTEGER = r"^[+-]?\d{1,9}$"
+BOOLEANS_TRUE = ("true", "t", "1", "yes", "y")
+BOOLEANS_FALSE = ("false", "f", "0", "no", "n")
+
+
+class LoadError(Exception):
+    """The load failed as a whole and changed nothing. The message names file and column."""
+
+
+@dataclass
+class TableResult:
+    table: str
+    source_file: str
+    rows: int = 0
+    accepted: int = 0
+    inserted: int = 0
+    updated: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    load_id: int
+    source: str
+    loaded_at: datetime
+    currency: str | None
+    tables: list[TableResult]
+    ignored_files: list[str] = field(default_factory=list)
+    ignored_columns: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return sum(t.accepted for t in self.tables)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(t.quarantined for t in self.tables)
+
+    def as_dict(self) -> dict:
+        return {
+            "load_id": self.load_id,
+            "source": self.source,
+            "loaded_at": self.loaded_at.isoformat(),
+            "currency": self.currency,
+            "tables": {
+                t.table: {
+                    "file": t.source_file,
+                    "rows": t.rows,
+                    "accepted": t.accepted,
+                    "inserted": t.inserted,
+                    "updated": t.updated,
+                    "quarantined": t.quarantined,
+                    "reasons": t.reasons,
+                }
+                for t in self.tables
+            },
+            "ignored_files": self.ignored_files,
+            "ignored_columns": self.ignored_columns,
+        }
+
+    def format(self) -> str:
+        lines = [f"load {self.load_id} from {self.source} (currency {self.currency or '-'})"]
+        lines.append(f"  {'table':<24}{'rows':>12}{'accepted':>12}{'new':>12}{'updated':>10}"
+                     f"{'quarantined':>13}")
+        for t in self.tables:
+            lines.append(f"  {t.table:<24}{t.rows:>12,}{t.accepted:>12,}{t.inserted:>12,}"
+                         f"{t.updated:>10,}{t.quarantined:>13,}")
+            for reason, n in sorted(t.reasons.items(), key=lambda kv: -kv[1]):
+                lines.append(f"      {n:>10,}  {reason}")
+        for f in self.ignored_files:
+            lines.append(f"  ignored file (not a contract table): {f}")
+        for f, cols in self.ignored_columns.items():
+            lines.append(f"  ignored columns in {f}: {', '.join(cols)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _table_name_of(path: Path) -> str | None:
+    name = path.name
+    for suffix in (".csv.gz", ".csv"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def read_header(path: Path) -> list[str]:
+    """The header row of a CSV or CSV.gz file; LoadError when it cannot be read."""
+    try:
+        with _open_binary(path) as raw:
+            first = raw.readline(1 << 20)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise LoadError(f"{path}: cannot read the file ({exc})") from exc
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LoadError(f"{path}: the header is not UTF-8 ({exc})") from exc
+    if not text.strip():
+        raise LoadError(f"{path}: the file is empty (no header row)")
+    try:
+        header = next(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise LoadError(f"{path}: the header is not valid CSV ({exc})") from exc
+    header = [h.strip() for h in header]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise LoadError(f"{path}: column {dupes[0]!r} appears twice in the header")
+    return header
+
+
+def _stream(path: Path) -> Iterator[bytes]:
+    with _open_binary(path) as raw:
+        first = True
+        while True:
+            chunk = raw.read(COPY_CHUNK)
+            if not chunk:
+                return
+            if first and chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+            first = False
+            yield chunk
+
+
+@dataclass
+class _PlannedFile:
+    table: Table
+    path: Path
+    header: list[str]
+
+
+def _plan(files: dict[str, Path]) -> tuple[list[_PlannedFile], dict[str, list[str]]]:
+    planned, ignored_columns = [], {}
+    for name in LOAD_ORDER:
+        if name not in files:
+            continue
+        table = TABLE_BY_NAME[name]
+        header = read_header(files[name])
+        missing = [c.name for c in table.columns if c.required and c.name not in header]
+        if missing:
+            raise LoadError(
+                f"{files[name]}: required column {missing[0]!r} is missing "
+                f"(table {name} needs {', '.join(c.name for c in table.columns if c.required)})"
+            )
+        extra = [h for h in header if h not in table.column_names]
+        if extra:
+            ignored_columns[str(files[name])] = extra
+        planned.append(_PlannedFile(table, files[name], header))
+    return planned, ignored_columns
+
+
+def discover(path: Path) -> tuple[dict[str, Path], list[str]]:
+    """Contract files in a folder (or one file): table name -> path, plus ignored names."""
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder")
+    candidates = sorted(path.iterdir()) if path.is_dir() else [path]
+    files: dict[str, Path] = {}
+    ignored: list[str] = []
+    for p in candidates:
+        if p.is_dir() or p.name.startswith("."):
+            continue
+        name = _table_name_of(p)
+        if name is None or name not in TABLE_BY_NAME:
+            ignored.append(p.name)
+            continue
+        if name in files:
+            raise LoadError(f"{p}: table {name} is given twice ({files[name].name} and {p.name})")
+        files[name] = p
+    return files, ignored
+
+
+# --------------------------------------------------------------------------- SQL
+
+
+def _ensure_cast_functions(conn: psycopg.Connection) -> None:
+    """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp."""
+    version = conn.info.server_version
+    if version >= 160000:
+        body = f"""
+        create or replace function ops.try_timestamptz(v text) returns timestamptz
+        language sql immutable parallel safe as $$
+          select case when v ~ '{ISO_TIMESTAMP}' and pg_input_is_valid(v, 'timestamptz')
+                      then v::timestamptz end
+        $$;"""
+    else:
+        body = f"""
+        create or replace function ops.try_timestamptz(v text) returns timestamptz
+        language plpgsql immutable parallel safe as $$
+        begin
+          if v !~ '{ISO_TIMESTAMP}' then return null; end if;
+          return v::timestamptz;
+        exception when others then return null;
+        end $$;"""
+    conn.execute(body)
+
+
+def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
+    if col_type == "text":
+        return ref
+    if col_type == "timestamptz":
+        return sql.SQL("ops.try_timestamptz({})").format(ref)
+    if col_type == "numeric":
+        return sql.SQL("case when {r} ~ {p} then ({r})::numeric(18,2) end").format(
+            r=ref, p=sql.Literal(NUMERIC))
+    if col_type == "integer":
+        return sql.SQL("case when {r} ~ {p} then ({r})::integer end").format(
+            r=ref, p=sql.Literal(INTEGER))
+    if col_type == "boolean":
+        return sql.SQL(
+            "case when lower({r}) in ({t}) then true when lower({r}) in ({f}) then false end"
+        ).format(r=ref, t=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_TRUE)),
+                 f=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_FALSE)))
+    raise ValueError(col_type)
+
+
+def _reason(cond: sql.Composable, text: sql.Composable | str) -> sql.Composable:
+    msg = sql.Literal(text) if isinstance(text, str) else text
+    return sql.SQL("case when {} then {} end").format(cond, msg)
+
+
+def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.Composable:
+    """SELECT producing line_no, typed contract columns, record (jsonb) and reason."""
+    n = sql.Identifier
+    cleaned, typed, base_reasons = [], [], []
+    for col in table.columns:
+        if col.name in header:
+            src = sql.SQL("nullif(btrim(s.{}), '')").format(n(col.name))
+        else:
+            src = sql.SQL("null::text")
+        if col.enum:
+            src = sql.SQL("lower({})").format(src)
+        cleaned.append(sql.SQL("{} as {}").format(src, n(f"t_{col.name}")))
+        tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
+        typed.append(sql.SQL("{} as {}").format(_typed_expr(col.type, tref), n(col.name)))
+    for col in table.columns:
+        tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
+        vref = sql.SQL("v.{}").format(n(col.name))
+        if col.name in table.key:
+            base_reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing key {col.name}"))
+        elif col.not_null:
+            base_reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing {col.name}"))
+        if col.type != "text":
+            base_reasons.append(_reason(
+                sql.SQL("{} is not null and {} is null").format(tref, vref),
+                sql.SQL("'unparsable ' || {} || ' ' || quote_literal(left({}, 60))").format(
+                    sql.Literal(f"{col.type} in {col.name}:"), tref)))
+        if col.enum:
+            base_reasons.append(_reason(
+                sql.SQL("{} is not null and {} <> all({})").format(
+                    tref, tref, sql.Literal(list(col.enum))),
+                sql.SQL("{} || quote_literal({})").format(
+                    sql.Literal(f"unknown {col.name} "), tref)))
+        if col.non_negative:
+            base_reasons.append(_reason(sql.SQL("{} < 0").format(vref), f"negative {col.name}"))
+        if col.type == "timestamptz":
+            base_reasons.append(_reason(
+                sql.SQL("{} > %(loaded_at)s").format(vref),
+                f"timestamp in the future of the load: {col.name}"))
+    if table.currency_column and currency:
+        cref = sql.SQL("upper(c.{})").format(n(f"t_{table.currency_column}"))
+        base_reasons.append(_reason(
+            sql.SQL("{} <> {}").format(cref, sql.Literal(currency)),
+            sql.SQL("'wrong currency ' || {} || {}").format(
+                cref, sql.Literal(f" (shop currency {currency})"))))
+    record_cols = [c for c in header if c]
+    record = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{}, s.{}").format(sql.Literal(c), n(c)) for c in record_cols))
+    key_cols = sql.SQL(", ").join(sql.SQL("v.{}").format(n(k)) for k in table.key)
+    fk_reasons = [
+        _reason(
+            sql.SQL("v.{col} is not null and not exists (select 1 from raw.{ref} r "
+                    "where r.{refcol} = v.{col})").format(
+                col=n(fk.column), ref=n(fk.table), refcol=n(fk.ref_column)),
+            f"{fk.reason}: {fk.column}")
+        for fk in table.foreign_keys
+    ]
+    return sql.SQL("""
+        with cleaned as (
+          select s._rec_no, {record} as record, {cleaned} from stage s
+        ), typed as (
+          select c._rec_no, c.record, {typed} from cleaned c
+        ), checked as (
+          select v.*, nullif(concat_ws('; ', {base_reasons}), '') as base_reason
+          from typed v join cleaned c using (_rec_no)
+        ), ranked as (
+          select v.*, case when v.base_reason is null then
+                   min(v._rec_no) over (partition by v.base_reason is null, {key_cols})
+                 end as first_line
+          from checked v
+        )
+        select v._rec_no, v.record, {cols},
+               nullif(concat_ws('; ', v.base_reason,
+                 case when v.base_reason is null and v.first_line <> v._rec_no
+                      then 'duplicate key (first at line ' || (v.first_line + 1) || ')' end,
+                 {fk_reasons}), '') as reason
+        from ranked v
+    """).format(
+        record=record,
+        cleaned=sql.SQL(", ").join(cleaned),
+        typed=sql.SQL(", ").join(typed),
+        base_reasons=sql.SQL(", ").join(base_reasons) if base_reasons else sql.SQL("null"),
+        key_cols=key_cols,
+        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.columns),
+        fk_reasons=sql.SQL(", ").join(fk_reasons) if fk_reasons else sql.SQL("null"),
+    )
+
+
+def _upsert_sql(table: Table) -> sql.Composable:
+    n = sql.Identifier
+    cols = sql.SQL(", ").join(n(c.name) for c in table.columns)
+    non_key = [c.name for c in table.columns if c.name not in table.key]
+    updates = sql.SQL(", ").join(sql.SQL("{0} = excluded.{0}").format(n(c)) for c in non_key)
+    changed = sql.SQL("({}) is distinct from ({})").format(
+        sql.SQL(", ").join(sql.SQL("t.{}").format(n(c)) for c in non_key),
+        sql.SQL(", ").join(sql.SQL("excluded.{}").format(n(c)) for c in non_key))
+    return sql.SQL("""
+        with written as (
+          insert into raw.{table} as t ({cols})
+          select {cols} from checked_stage where reason is null
+          on conflict ({key}) do update set {updates} where {changed}
+          returning (xmax = 0) as inserted
+        )
+        select count(*) filter (where inserted), count(*) filter (where not inserted) from written
+    """).format(table=n(table.name), cols=cols,
+                key=sql.SQL(", ").join(n(k) for k in table.key),
+                updates=updates, changed=changed)
+
+
+# --------------------------------------------------------------------------- the load
+
+
+def _shop_currency(conn: psycopg.Connection, explicit: str | None,
+                   loaded_at: datetime) -> str | None:
+    """Explicit argument, then RETENTION_CURRENCY, then the currency fixed by an earlier load."""
+    chosen = explicit or setting("RETENTION_CURRENCY")
+    if chosen:
+        return chosen.strip().upper()
+    row = conn.execute("select value from ops.shop_settings where key = 'currency'").fetchone()
+    return row[0] if row else None
+
+
+def _infer_currency(conn: psycopg.Connection, loaded_at: datetime) -> str | None:
+    """First load without a configured currency: the most frequent one of its orders."""
+    row = conn.execute("""
+        select upper(nullif(btrim(currency), '')) c, count(*) from stage
+        where nullif(btrim(currency), '') is not null group by 1 order by 2 desc, 1 limit 1
+    """).fetchone()
+    if not row:
+        return None
+    conn.execute(
+        "insert into ops.shop_settings (key, value, set_at, set_by) values "
+        "('currency', %s, %s, 'inferred from the first load') on conflict (key) do nothing",
+        (row[0], loaded_at))
+    return row[0]
+
+
+def _stage_file(conn: psycopg.Connection, pf: _PlannedFile) -> None:
+    n = sql.Identifier
+    conn.execute("drop table if exists stage, checked_stage")
+    conn.execute(sql.SQL("create temp table stage (_rec_no bigserial, {}) on commit drop").format(
+        sql.SQL(", ").join(sql.SQL("{} text").format(n(h or f"unnamed_{i}"))
+                           for i, h in enumerate(pf.header))))
+    copy_cols = sql.SQL(", ").join(n(h or f"unnamed_{i}") for i, h in enumerate(pf.header))
+    stmt = sql.SQL("copy stage ({}) from stdin with (format csv, header true, encoding 'UTF8')")
+    try:
+        with conn.cursor().copy(stmt.format(copy_cols)) as copy:
+            for chunk in _stream(pf.path):
+                copy.write(chunk)
+    except (psycopg.errors.DataError, psycopg.errors.BadCopyFileFormat,
+            psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter,
+            gzip.BadGzipFile, EOFError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0]
+        where = getattr(getattr(exc, "diag", None), "context", None) or ""
+        line = ""
+        if "line " in where:
+            # COPY counts the header as line 1, which is our numbering too
+            line = " at line " + where.split("line ", 1)[1].split(",")[0].split(":")[0]
+        raise LoadError(f"{pf.path}: not valid CSV{line}: {detail}") from exc
+
+
+def _check_and_write(conn: psycopg.Connection, pf: _PlannedFile, currency: str | None,
+                     loaded_at: datetime, load_id: int, source_file: str) -> TableResult:
+    table = pf.table
+    result = TableResult(table.name, source_file)
+    conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
+        _validate_sql(table, pf.header, currency)), {"loaded_at": loaded_at})
+    rows, bad = conn.execute(
+        "select count(*), count(*) filter (where reason is not null) from checked_stage"
+    ).fetchone()
+    result.rows, result.quarantined, result.accepted = rows, bad, rows - bad
+    if bad:
+        result.reasons = dict(conn.execute(
+            "select split_part(reason, ':', 1), count(*) from checked_stage "
+            "where reason is not null group by 1").fetchall())
+    # the quarantine set of a file is replaced by that of its latest load
+    conn.execute(
+        "delete from ops.quarantine q where table_name = %s and source_file = %s and not exists "
+        "(select 1 from checked_stage c where c.reason is not null and c._rec_no + 1 = q.line_no)",
+        (table.name, source_file))
+    conn.execute(
+        """insert into ops.quarantine as q (table_name, source_file, line_no, reason, record,
+                                            load_id, quarantined_at)
+           select %s, %s, _rec_no + 1, reason, record, %s, %s from checked_stage
+           where reason is not null
+           on conflict (table_name, source_file, line_no) do update
+             set reason = excluded.reason, record = excluded.record, load_id = excluded.load_id,
+                 quarantined_at = excluded.quarantined_at
+             where (q.reason, q.record) is distinct from (excluded.reason, excluded.record)""",
+        (table.name, source_file, load_id, loaded_at))
+    inserted, updated = conn.execute(_upsert_sql(table)).fetchone()
+    result.inserted, result.updated = inserted, updated
+    return result
+
+
+def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime | None = None,
+                currency: str | None = None, fmt: str = "contract") -> LoadReport:
+    """Load a folder of contract CSV/CSV.gz files (or one file) into schema raw.
+
+    `loaded_at` is the load's own time: timestamps after it are quarantined as future ones.
+    The CLI passes the current time, the ingest DAG its data interval end.
+    """
+    path = Path(path).resolve()
+    loaded_at = loaded_at or datetime.now(timezone.utc)
+    if fmt == "rees46":
+        from retention.rees46 import load_rees46
+
+        return load_rees46(path, url, loaded_at=loaded_at)
+    if fmt != "contract":
+        raise LoadError(f"unknown format {fmt!r} (expected contract or rees46)")
+    files, ignored = discover(path)
+    if not files:
+        raise LoadError(f"{path}: no contract files found (expected e.g. customers.csv, orders.csv)")
+    planned, ignored_columns = _plan(files)
+    with db.connect(url) as conn:
+        ensure_schemas(conn)
+        conn.commit()
+        _ensure_cast_functions(conn)
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
+        for name in REQUIRED_TABLES:
+            if name not in files:
+                present = conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
+                    sql.Identifier(name))).fetchone()[0]
+                if not present:
+                    raise LoadError(f"{path}: {name}.csv is required (raw.{name} is empty)")
+        load_id = conn.execute(
+            "insert into ops.loads (source, format, loaded_at, status) values (%s, %s, %s, "
+            "'running') returning load_id", (str(path), fmt, loaded_at)).fetchone()[0]
+        shop_currency = _shop_currency(conn, currency, loaded_at)
+        results = []
+        for pf in planned:
+            _stage_file(conn, pf)
+            if pf.table.currency_column and shop_currency is None:
+                shop_currency = _infer_currency(conn, loaded_at)
+            results.append(_check_and_write(conn, pf, shop_currency, loaded_at, load_id,
+                                            str(pf.path)))
+        report = LoadReport(load_id, str(path), loaded_at, shop_currency, results, ignored,
+                            ignored_columns)
+        conn.execute("update ops.loads set status = 'succeeded', summary = %s where load_id = %s",
+                     (json.dumps(report.as_dict()), load_id))
+        conn.commit()
+    return report
+
+
+def stage_rows_sql_types() -> dict[str, str]:  # pragma: no cover - documentation helper
+    return dict(SQL_TYPES)

@@ -1,0 +1,239 @@
+"""Loading through the contract: bad rows quarantined with reason, bad files change nothing."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from retention import db
+from retention.load import LoadError, load_folder
+
+LOADED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+CUSTOMERS = [
+    ["customer_id", "email", "phone", "loyalty_card_id", "created_at", "timezone", "city", "country"],
+    ["c1", "a@example.com", "+380671112233", "L1", "2025-01-01T10:00:00Z", "Europe/Kyiv", "Kyiv", "UA"],
+    ["c2", "b@example.com", "", "", "2025-02-01T10:00:00+02:00", "Europe/Kyiv", "Lviv", "UA"],
+]
+ORDERS = [
+    ["order_id", "customer_id", "ordered_at", "status", "total_amount", "currency", "payment_method", "cancel_reason"],
+    ["o1", "c1", "2025-03-01T10:00:00Z", "paid", "100.50", "UAH", "card", ""],
+    ["o2", "c2", "2025-03-02T10:00:00Z", "delivered", "20", "UAH", "cash", ""],
+]
+ITEMS = [
+    ["order_id", "line_no", "product_id", "quantity", "unit_price"],
+    ["o1", "1", "p1", "1", "100.50"],
+    ["o2", "1", "p2", "2", "10"],
+]
+
+
+def write_csv(folder: Path, name: str, rows: list[list[str]], gz: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name + (".csv.gz" if gz else ".csv"))
+    opener = gzip.open if gz else open
+    with opener(path, "wt", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+def snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every raw and ops.quarantine row, to prove a failed load changed nothing."""
+    tables = ["raw.customers", "raw.orders", "raw.order_items", "raw.channel_subscriptions",
+              "raw.events", "raw.products", "ops.quarantine", "ops.loads"]
+    with db.connect(url) as conn:
+        return {t: conn.execute(f"select * from {t} order by 1, 2").fetchall() for t in tables}
+
+
+def quarantine(url: str) -> list[tuple[str, str, int, str]]:
+    with db.connect(url) as conn:
+        return conn.execute(
+            "select table_name, source_file, line_no, reason from ops.quarantine order by 1, 3"
+        ).fetchall()
+
+
+@pytest.fixture()
+def good_shop(tmp_path, database_url) -> Path:
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    write_csv(folder, "orders", ORDERS)
+    write_csv(folder, "order_items", ITEMS)
+    report = load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert report.quarantined == 0 and report.accepted == 6
+    return folder
+
+
+def test_clean_load_writes_typed_rows(good_shop, database_url):
+    with db.connect(database_url) as conn:
+        row = conn.execute(
+            "select total_amount, ordered_at, status from raw.orders where order_id = 'o1'"
+        ).fetchone()
+        c2 = conn.execute("select phone, created_at from raw.customers where customer_id = 'c2'").fetchone()
+    assert str(row[0]) == "100.50"
+    assert row[1] == datetime(2025, 3, 1, 10, tzinfo=timezone.utc)
+    assert row[2] == "paid"
+    assert c2[0] is None  # empty field = NULL
+    assert c2[1] == datetime(2025, 2, 1, 8, tzinfo=timezone.utc)
+
+
+def test_reloading_the_same_files_changes_nothing(good_shop, database_url):
+    before = snapshot(database_url)
+    report = load_folder(good_shop, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert [(t.inserted, t.updated) for t in report.tables] == [(0, 0)] * 3
+    after = snapshot(database_url)
+    before.pop("ops.loads"), after.pop("ops.loads")  # the load log records the second load
+    assert before == after
+
+
+def test_reload_with_a_changed_row_updates_it(good_shop, database_url):
+    rows = [r[:] for r in ORDERS]
+    rows[1][3] = "returned"
+    write_csv(good_shop, "orders", rows)
+    report = load_folder(good_shop, database_url, loaded_at=LOADED_AT, currency="UAH")
+    orders = next(t for t in report.tables if t.table == "orders")
+    assert (orders.inserted, orders.updated) == (0, 1)
+    with db.connect(database_url) as conn:
+        assert conn.execute("select status from raw.orders where order_id='o1'").fetchone()[0] == "returned"
+
+
+BAD_ROWS = {
+    # kind: (table, good rows + one bad row, expected reason fragment)
+    "missing key": ("orders", ["", "c1", "2025-03-03T10:00:00Z", "paid", "5", "UAH", "", ""], "missing key order_id"),
+    "duplicate key": ("orders", ["o1", "c2", "2025-03-03T10:00:00Z", "paid", "5", "UAH", "", ""], "duplicate key (first at line 2)"),
+    "unknown status": ("orders", ["o9", "c1", "2025-03-03T10:00:00Z", "shipped", "5", "UAH", "", ""], "unknown status 'shipped'"),
+    "negative amount": ("orders", ["o9", "c1", "2025-03-03T10:00:00Z", "paid", "-5", "UAH", "", ""], "negative total_amount"),
+    "future timestamp": ("orders", ["o9", "c1", "2026-02-01T00:00:00Z", "paid", "5", "UAH", "", ""], "timestamp in the future of the load: ordered_at"),
+    "wrong currency": ("orders", ["o9", "c1", "2025-03-03T10:00:00Z", "paid", "5", "USD", "", ""], "wrong currency USD (shop currency UAH)"),
+    "unparsable amount": ("orders", ["o9", "c1", "2025-03-03T10:00:00Z", "paid", "5,00", "UAH", "", ""], "unparsable numeric in total_amount: '5,00'"),
+    "unparsable timestamp": ("orders", ["o9", "c1", "2025-02-30T10:00:00Z", "paid", "5", "UAH", "", ""], "unparsable timestamptz in ordered_at"),
+    "timestamp without offset": ("orders", ["o9", "c1", "2025-03-03 10:00:00", "paid", "5", "UAH", "", ""], "unparsable timestamptz in ordered_at"),
+    "unknown customer": ("orders", ["o9", "c404", "2025-03-03T10:00:00Z", "paid", "5", "UAH", "", ""], "unknown customer: customer_id"),
+    "item of a missing order": ("order_items", ["o404", "1", "p1", "1", "5"], "order does not exist: order_id"),
+    "unparsable quantity": ("order_items", ["o1", "2", "p1", "two", "5"], "unparsable integer in quantity"),
+    "unknown channel": ("channel_subscriptions", ["c1", "pigeon", "x", "2025-01-01T00:00:00Z", ""], "unknown channel 'pigeon'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+def test_bad_row_is_quarantined_and_good_rows_load(kind, tmp_path, database_url):
+    table, bad, reason = BAD_ROWS[kind]
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    base = {"orders": ORDERS, "order_items": ITEMS,
+            "channel_subscriptions": [["customer_id", "channel", "address", "subscribed_at", "unsubscribed_at"],
+                                      ["c1", "email", "a@example.com", "2025-01-01T00:00:00Z", ""]]}
+    for name, rows in base.items():
+        write_csv(folder, name, rows + ([bad] if name == table else []))
+    report = load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    result = next(t for t in report.tables if t.table == table)
+    good_rows = len(base[table]) - 1
+    assert (result.accepted, result.quarantined) == (good_rows, 1)
+    rows = quarantine(database_url)
+    assert len(rows) == 1
+    q_table, q_file, q_line, q_reason = rows[0]
+    assert (q_table, q_line) == (table, len(base[table]) + 1)
+    assert q_file.endswith(f"{table}.csv")
+    assert reason in q_reason
+    with db.connect(database_url) as conn:
+        assert conn.execute(f"select count(*) from raw.{table}").fetchone()[0] == good_rows
+        record = conn.execute("select record from ops.quarantine").fetchone()[0]
+    assert record[next(iter(record))] is not None  # the original values are kept
+
+
+def test_quarantine_is_replaced_when_the_file_is_fixed(tmp_path, database_url):
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    write_csv(folder, "orders", ORDERS + [["o9", "c1", "2025-03-03T10:00:00Z", "paid", "-1", "UAH", "", ""]])
+    load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert len(quarantine(database_url)) == 1
+    write_csv(folder, "orders", ORDERS + [["o9", "c1", "2025-03-03T10:00:00Z", "paid", "1", "UAH", "", ""]])
+    load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert quarantine(database_url) == []
+    with db.connect(database_url) as conn:
+        assert conn.execute("select count(*) from raw.orders").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("broken", ["ragged row", "unclosed quote", "not utf-8"])
+def test_malformed_file_fails_naming_it_and_changes_nothing(broken, good_shop, database_url):
+    before = snapshot(database_url)
+    write_csv(good_shop, "customers", CUSTOMERS + [["c3", "c@example.com", "", "", "", "", "", "UA"]])
+    path = good_shop / "order_items.csv"
+    if broken == "ragged row":
+        path.write_text(path.read_text() + "o2,2,p3,1,5,EXTRA\n")
+    elif broken == "unclosed quote":
+        path.write_text(path.read_text() + 'o2,2,"p3,1,5\n')
+    else:
+        path.write_bytes(path.read_bytes() + b"o2,2,p\xff3,1,5\n")
+    with pytest.raises(LoadError) as err:
+        load_folder(good_shop, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert "order_items.csv" in str(err.value)
+    assert snapshot(database_url) == before  # customers c3 from the same load is not there either
+
+
+def test_missing_required_column_names_file_and_column(tmp_path, database_url):
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    write_csv(folder, "orders", [[v for j, v in enumerate(r) if j != 3] for r in ORDERS])  # no status
+    before = snapshot(database_url)
+    with pytest.raises(LoadError, match=r"orders\.csv: required column 'status' is missing"):
+        load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert snapshot(database_url) == before
+
+
+def test_required_tables_must_be_present(tmp_path, database_url):
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    with pytest.raises(LoadError, match="orders.csv is required"):
+        load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+
+
+def test_gzip_files_and_inferred_currency(tmp_path, database_url, monkeypatch):
+    monkeypatch.delenv("RETENTION_CURRENCY", raising=False)
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS, gz=True)
+    write_csv(folder, "orders", ORDERS + [["o3", "c1", "2025-03-03T10:00:00Z", "paid", "5", "EUR", "", ""]], gz=True)
+    report = load_folder(folder, database_url, loaded_at=LOADED_AT)
+    assert report.currency == "UAH"  # the most frequent currency of the first load
+    assert [(t.table, t.accepted, t.quarantined) for t in report.tables] == [
+        ("customers", 2, 0), ("orders", 2, 1)]
+    with db.connect(database_url) as conn:
+        assert conn.execute("select value from ops.shop_settings where key='currency'").fetchone() == ("UAH",)
+
+
+def test_rees46_sample_loads_without_loss(shared_dir, database_url):
+    sample = shared_dir / "data" / "rees46_sample_2019-10-01.csv"
+    with open(sample, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    report = load_folder(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
+    assert report.quarantined == 0
+    with db.connect(database_url) as conn:
+        events = conn.execute(
+            "select event_type, count(*) from raw.events group by 1 order by 1").fetchall()
+        products = conn.execute("select count(*) from raw.products").fetchone()[0]
+        sessions = conn.execute("select count(distinct session_id) from raw.events").fetchone()[0]
+        first = conn.execute("select min(occurred_at), max(occurred_at) from raw.events").fetchone()
+    expected_types: dict[str, int] = {}
+    for r in records:
+        expected_types[r["event_type"]] = expected_types.get(r["event_type"], 0) + 1
+    assert dict(events) == expected_types and sum(expected_types.values()) == len(records) == 4999
+    assert products == len({r["product_id"] for r in records})
+    assert sessions == len({r["user_session"] for r in records})
+    assert first == (datetime(2019, 10, 1, tzinfo=timezone.utc),
+                     datetime(2019, 10, 1, 2, 28, tzinfo=timezone.utc).replace(second=first[1].second))
+    again = load_folder(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
+    assert sum(t.inserted + t.updated for t in again.tables) == 0
+
+
+def test_cli_reports_a_failed_load(tmp_path, database_url):
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", [["email"], ["x@example.com"]])
+    write_csv(folder, "orders", ORDERS)
+    proc = subprocess.run([sys.executable, "-m", "retention.cli", "load", str(folder)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "customers.csv: required column 'customer_id' is missing" in proc.stderr
