@@ -8,7 +8,9 @@ at the end, so tests never touch a developer's data.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -18,6 +20,16 @@ import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+
+# Airflow reads its configuration at import: point it at a private home with a SQLite
+# metadata database before any test imports it.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="retention-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
+os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 
 from retention import db  # noqa: E402
 from retention.schema import ensure_schemas  # noqa: E402
@@ -75,3 +87,11 @@ def database_url(make_database, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database (SQLite) for dag.test() runs."""
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
+                   capture_output=True, env=os.environ.copy())
+    return _AIRFLOW_HOME

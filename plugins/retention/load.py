@@ -209,7 +209,7 @@ def discover(path: Path) -> tuple[dict[str, Path], list[str]]:
     files: dict[str, Path] = {}
     ignored: list[str] = []
     for p in candidates:
-        if p.is_dir() or p.name.startswith("."):
+        if p.is_dir() or p.name.startswith((".", "_")):
             continue
         name = _table_name_of(p)
         if name is None or name not in TABLE_BY_NAME:
