@@ -1,0 +1,319 @@
+"""Campaign runs: freeze the audience, plan each step into the ledger with eligibility.
+
+A run is keyed by (campaign, as_of). `start_run` selects the audience once and freezes it
+in `ops.audience_members` with each member's arm: the global holdout (no marketing
+campaign touches them), the campaign's holdout, or an A/B variant, all assigned by hashing
+(campaign, customer), so the same customer gets the same arm on every re-run. Later steps
+and the attribution read the frozen snapshot, never the rules again.
+
+`plan_step` writes one ledger row per member the step concerns, in one set-wise INSERT:
+
+* holdout members get a `holdout` row on the first step only (one per run);
+* on later steps of a cascade (`only_unengaged`), members an earlier step reached and who
+  engaged (open or click) are left out, as are members without any subscription to the
+  step's channels (the wave goes only to members who have that channel);
+* a member who purchased after the run started has exited: `suppressed`, `exited: purchase`;
+* no live address on the step's channels (unsubscribed, bounced, deactivated token):
+  `suppressed`, `no consent`;
+* the frequency caps of the contact policy, counted over planned and sent marketing
+  messages before the step: `suppressed`, `frequency cap: global|channel`;
+* otherwise `planned`, with `not_before` at the end of quiet hours in the customer's own
+  time zone when the step's time falls inside them (messages wait, they are not dropped).
+
+The channel is the first of the step's channel rule for which the member has a live
+address (push if there is a live token, else e-mail, ...). Transactional campaigns skip
+holdouts, caps and quiet hours, never consent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from retention import db
+from retention.campaigns.audience import compile_audience
+from retention.campaigns.ledger import ensure_ledger, run_id_for
+from retention.campaigns.policy import Policy, load_policy
+from retention.campaigns.spec import Campaign, Step
+
+
+def _hash01(expr: str) -> str:
+    """A uniform number in [0, 1) from md5 of an SQL text expression (stable everywhere)."""
+    return f"(('x' || substr(md5({expr}), 1, 8))::bit(32)::bigint / 4294967296.0)"
+
+
+MESSAGE_ID_SQL = ("'m_' || left(encode(sha256(convert_to(%(run_id)s || '|' || %(step)s || '|' "
+                  "|| {customer}, 'UTF8')), 'hex'), 32)")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    campaign_id: str
+    as_of: datetime
+    audience_size: int
+    holdout_size: int
+    created: bool
+
+
+def as_utc(ts: datetime) -> datetime:
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc)
+
+
+def _relation_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("select to_regclass(%s) is not null", (name,)).fetchone()[0]
+
+
+def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
+              policy: Policy | None = None) -> RunInfo:
+    """Select and freeze the run's audience (once; a re-run returns the frozen one)."""
+    as_of = as_utc(as_of)
+    policy = policy or load_policy()
+    run_id = run_id_for(campaign.id, as_of.isoformat().replace("+00:00", "Z"))
+    with db.connect(url) as conn:
+        ensure_ledger(conn)
+        conn.commit()
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (run_id,))
+        row = conn.execute("select audience_size, holdout_size from ops.campaign_runs "
+                           "where run_id = %s", (run_id,)).fetchone()
+        if row:
+            return RunInfo(run_id, campaign.id, as_of, row[0], row[1], created=False)
+        audience_sql, params = compile_audience(campaign.audience)
+        marketing = campaign.kind != "transactional"
+        total = sum(v.weight for v in campaign.variants)
+        cases, acc = [], 0.0
+        for i, v in enumerate(campaign.variants):
+            acc += v.weight / total
+            params[f"variant_name_{i}"] = v.name
+            params[f"variant_upto_{i}"] = acc
+            cases.append(f"when v < %(variant_upto_{i})s then %(variant_name_{i})s")
+        last = len(campaign.variants) - 1
+        variant_sql = f"case {' '.join(cases[:-1])} else %(variant_name_{last})s end" if last \
+            else "%(variant_name_0)s"
+        params.update(as_of=as_of, run_id=run_id, campaign_id=campaign.id,
+                      global_holdout=policy.global_holdout if marketing else 0.0,
+                      holdout=campaign.holdout if marketing else 0.0)
+        conn.execute(
+            "insert into ops.campaign_runs (run_id, campaign_id, as_of, spec_hash, spec, "
+            "audience_size, holdout_size, created_at) values (%s, %s, %s, %s, %s, 0, 0, %s)",
+            (run_id, campaign.id, as_of, campaign.spec_hash, Jsonb(campaign.raw), as_of))
+        conn.execute(f"""
+            insert into ops.audience_members (run_id, customer_id, variant, holdout_kind)
+            select %(run_id)s, customer_id,
+                   case when holdout_kind is not null then 'holdout' else {variant_sql} end,
+                   holdout_kind
+            from (
+              select customer_id, v,
+                     case when g < %(global_holdout)s then 'global'
+                          when h < %(holdout)s then 'campaign' end as holdout_kind
+              from (
+                select a.customer_id,
+                       {_hash01("'global:' || a.customer_id")} as g,
+                       {_hash01("%(campaign_id)s || ':holdout:' || a.customer_id")} as h,
+                       {_hash01("%(campaign_id)s || ':variant:' || a.customer_id")} as v
+                from ({audience_sql}) a
+              ) hashed
+            ) assigned
+            on conflict do nothing""", params)
+        size, holdout = conn.execute(
+            "select count(*), count(*) filter (where holdout_kind is not null) "
+            "from ops.audience_members where run_id = %s", (run_id,)).fetchone()
+        conn.execute("update ops.campaign_runs set audience_size = %s, holdout_size = %s "
+                     "where run_id = %s", (size, holdout, run_id))
+        conn.commit()
+    return RunInfo(run_id, campaign.id, as_of, size, holdout, created=True)
+
+
+def step_time(campaign: Campaign, run: RunInfo, step: Step) -> datetime:
+    return run.as_of + campaign.step_offset(step)
+
+
+def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None = None,
+              policy: Policy | None = None) -> dict:
+    """Write the step's ledger rows (idempotent) and return its counts."""
+    policy = policy or load_policy()
+    step = campaign.step(step_name)
+    at = step_time(campaign, run, step)
+    transactional = campaign.cap_class == "transactional"
+    with db.connect(url) as conn:
+        ensure_ledger(conn)
+        conn.commit()
+        # planning is serialised so that caps see the rows of a concurrent campaign
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
+        offline_purchases = ""
+        if _relation_exists(conn, "marts.ropo_purchases"):
+            offline_purchases = """union select customer_id from marts.ropo_purchases
+                where purchased_at > %(run_as_of)s and purchased_at <= %(step_time)s"""
+        exit_on_purchase = "purchase" in campaign.exit_on
+        params = dict(
+            run_id=run.run_id, step=step.name, step_index=step.index, step_time=at,
+            run_as_of=run.as_of, channels=list(step.channels), campaign_id=campaign.id,
+            cap_class=campaign.cap_class, global_cap=policy.global_cap,
+            global_window=timedelta(days=policy.global_cap_days), channel_cap=policy.channel_cap,
+            channel_window=timedelta(days=policy.channel_cap_days),
+            quiet_start=policy.quiet_start, quiet_end=policy.quiet_end,
+            default_tz=policy.default_timezone, transactional=transactional,
+            only_unengaged=step.only_unengaged and step.index > 0,
+            exit_on_purchase=exit_on_purchase,
+        )
+        conn.execute(f"""
+            create temp table step_plan on commit drop as
+            with members as (
+              select m.customer_id, m.variant, m.holdout_kind
+              from ops.audience_members m where m.run_id = %(run_id)s
+            ),
+            reached as (
+              select distinct customer_id from ops.messages
+              where run_id = %(run_id)s and step_index < %(step_index)s and status = 'sent'
+            ),
+            engaged as (
+              select distinct msg.customer_id
+              from ops.messages msg
+              join ops.message_events ev on ev.message_id = msg.message_id
+              where msg.run_id = %(run_id)s and msg.step_index < %(step_index)s
+                and ev.event_type in ('open', 'click') and ev.occurred_at <= %(step_time)s
+            ),
+            purchased as (
+              select customer_id from raw.orders
+              where status in ('paid', 'delivered')
+                and ordered_at > %(run_as_of)s and ordered_at <= %(step_time)s
+              {offline_purchases}
+            ),
+            subscribed as (
+              select distinct customer_id from raw.channel_subscriptions
+              where channel = any(%(channels)s)
+            ),
+            live_addresses as (
+              select distinct on (s.customer_id, s.channel) s.customer_id, s.channel, s.address
+              from raw.channel_subscriptions s
+              where s.channel = any(%(channels)s)
+                and coalesce(s.subscribed_at <= %(step_time)s, true)
+                and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
+                and not exists (select 1 from ops.consent_changes cc
+                                where cc.channel = s.channel and cc.address = s.address
+                                  and cc.unsubscribed_at <= %(step_time)s)
+                and not exists (select 1 from ops.deactivated_addresses d
+                                where d.channel = s.channel and d.address = s.address)
+              order by s.customer_id, s.channel, s.subscribed_at desc nulls last, s.address
+            ),
+            resolved as (
+              select m.customer_id, m.variant, m.holdout_kind,
+                     (array_agg(a.channel order by array_position(%(channels)s::text[], a.channel))
+                        filter (where a.channel is not null))[1] as channel,
+                     (array_agg(a.address order by array_position(%(channels)s::text[], a.channel))
+                        filter (where a.channel is not null))[1] as address
+              from members m left join live_addresses a on a.customer_id = m.customer_id
+              group by m.customer_id, m.variant, m.holdout_kind
+            ),
+            concerned as (
+              select r.* from resolved r
+              where ((r.holdout_kind is not null and %(step_index)s = 0)
+                     or (r.holdout_kind is null
+                         and (r.channel is not null
+                              or r.customer_id in (select customer_id from subscribed))))
+                and not (%(only_unengaged)s
+                         and r.customer_id in (select customer_id from reached)
+                         and r.customer_id in (select customer_id from engaged))
+            ),
+            counted as (
+              select c.*,
+                (select count(*) from ops.messages x
+                  where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+                    and x.cap_class <> 'transactional'
+                    and x.planned_at > %(step_time)s - %(global_window)s
+                    and x.planned_at <= %(step_time)s
+                    and not (x.run_id = %(run_id)s and x.step = %(step)s)) as global_count,
+                (select count(*) from ops.messages x
+                  where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+                    and x.cap_class <> 'transactional' and x.channel = c.channel
+                    and x.planned_at > %(step_time)s - %(channel_window)s
+                    and x.planned_at <= %(step_time)s
+                    and not (x.run_id = %(run_id)s and x.step = %(step)s)) as channel_count
+              from concerned c
+            ),
+            decided as (
+              select c.*,
+                case
+                  when c.holdout_kind is not null then 'holdout'
+                  when %(exit_on_purchase)s and c.customer_id in (select customer_id from purchased)
+                    then 'suppressed'
+                  when c.channel is null then 'suppressed'
+                  when not %(transactional)s and c.global_count >= %(global_cap)s then 'suppressed'
+                  when not %(transactional)s and c.channel_count >= %(channel_cap)s then 'suppressed'
+                  else 'planned'
+                end as status,
+                case
+                  when c.holdout_kind is not null then c.holdout_kind || ' holdout'
+                  when %(exit_on_purchase)s and c.customer_id in (select customer_id from purchased)
+                    then 'exited: purchase'
+                  when c.channel is null then 'no consent'
+                  when not %(transactional)s and c.global_count >= %(global_cap)s
+                    then 'frequency cap: global'
+                  when not %(transactional)s and c.channel_count >= %(channel_cap)s
+                    then 'frequency cap: channel'
+                end as reason
+              from counted c
+            )
+            select d.*, coalesce(tz.name, %(default_tz)s) as tz
+            from decided d
+            join raw.customers cu on cu.customer_id = d.customer_id
+            left join (select name from pg_timezone_names) tz on tz.name = cu.timezone
+        """, params)
+        conn.execute(f"""
+            insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
+                variant, status, reason, planned_at, step_index, cap_class, address, not_before)
+            select {MESSAGE_ID_SQL.format(customer='p.customer_id')},
+                   %(campaign_id)s, %(run_id)s, %(step)s,
+                   coalesce(p.channel, (%(channels)s::text[])[1]), p.customer_id,
+                   p.variant, p.status, p.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
+                   case when p.status = 'planned' then p.address end,
+                   case when p.status <> 'planned' then null
+                        when %(transactional)s then %(step_time)s
+                        else quiet.not_before end
+            from step_plan p
+            cross join lateral (
+              select (%(step_time)s at time zone p.tz) as local_ts
+            ) l
+            cross join lateral (
+              select case
+                when %(quiet_start)s::time > %(quiet_end)s::time
+                     and (l.local_ts::time >= %(quiet_start)s::time or l.local_ts::time < %(quiet_end)s::time)
+                  then ((l.local_ts::date + case when l.local_ts::time >= %(quiet_start)s::time then 1 else 0 end)
+                        + %(quiet_end)s::time) at time zone p.tz
+                when %(quiet_start)s::time < %(quiet_end)s::time
+                     and l.local_ts::time >= %(quiet_start)s::time and l.local_ts::time < %(quiet_end)s::time
+                  then (l.local_ts::date + %(quiet_end)s::time) at time zone p.tz
+                else %(step_time)s
+              end as not_before
+            ) quiet
+            on conflict (message_id) do nothing
+        """, params)
+        conn.commit()
+    return step_counts(run.run_id, step.name, url)
+
+
+def step_counts(run_id: str, step: str, url: str | None = None) -> dict:
+    """Audience, sent, failed, holdout, planned (waiting) and suppressed by reason."""
+    with db.connect(url) as conn:
+        rows = conn.execute(
+            "select status, coalesce(reason, ''), channel, count(*) from ops.messages "
+            "where run_id = %s and step = %s group by 1, 2, 3", (run_id, step)).fetchall()
+    counts: dict = {"audience": 0, "planned": 0, "sent": 0, "failed": 0, "holdout": 0,
+                    "suppressed": 0, "suppressed_by_reason": {}, "failed_by_reason": {},
+                    "channels": {}}
+    for status, reason, channel, n in rows:
+        counts["audience"] += n
+        counts[status] += n
+        if status == "suppressed":
+            counts["suppressed_by_reason"][reason] = counts["suppressed_by_reason"].get(reason, 0) + n
+        if status == "failed":
+            key = reason.split(":")[0]
+            counts["failed_by_reason"][key] = counts["failed_by_reason"].get(key, 0) + n
+        if status in ("sent", "planned"):
+            counts["channels"][channel] = counts["channels"].get(channel, 0) + n
+    return counts

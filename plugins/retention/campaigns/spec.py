@@ -1,0 +1,309 @@
+"""Campaigns as code: YAML files validated against a JSON Schema.
+
+A campaign is a set of steps (waves of a promo cascade, or steps of a trigger chain), each
+with a channel rule, a template and a wait. Errors name the file, the line and the field:
+
+    include/campaigns/weekly_promo.yaml:14: steps[1].channel: 'pidgeon' is not one of [...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from retention.config import PROJECT_ROOT, setting
+from retention.contract import CHANNELS
+
+CAMPAIGNS_DIR = PROJECT_ROOT / "include" / "campaigns"
+KINDS = ("promo", "trigger", "lifecycle", "reengagement", "transactional")
+CAP_CLASSES = ("promo", "trigger", "transactional")
+EXIT_EVENTS = ("purchase", "unsubscribe", "cart", "view", "wishlist", "review")
+
+_DURATION = r"^\d+(\.\d+)?\s*(s|m|h|d|w)$"
+
+_NUMBER_RANGE = {
+    "type": "object",
+    "properties": {"min": {"type": ["number", "null"]}, "max": {"type": ["number", "null"]}},
+    "additionalProperties": False,
+}
+_CATEGORY_WINDOW = {
+    "type": "object",
+    "required": ["category"],
+    "properties": {
+        "category": {"type": "string", "minLength": 1},
+        "within_days": {"type": "number", "exclusiveMinimum": 0},
+        "without_purchase": {"type": "boolean"},
+        "max_rank": {"type": "integer", "minimum": 1},
+    },
+    "additionalProperties": False,
+}
+RULE_SCHEMAS: dict[str, dict] = {
+    "bought_category": _CATEGORY_WINDOW,
+    "viewed_category": _CATEGORY_WINDOW,
+    "affinity": _CATEGORY_WINDOW,
+    "visited": {"type": "object", "required": ["within_days"],
+                "properties": {"within_days": {"type": "number", "exclusiveMinimum": 0}},
+                "additionalProperties": False},
+    "ordered": {"type": "object",
+                "properties": {"within_hours": {"type": "number", "exclusiveMinimum": 0},
+                               "within_days": {"type": "number", "exclusiveMinimum": 0}},
+                "minProperties": 1, "additionalProperties": False},
+    "purchased": {"type": "object",
+                  "properties": {"within_days": {"type": "number", "exclusiveMinimum": 0}},
+                  "additionalProperties": False},
+    "lifecycle_stage": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "rfm_segment": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "ltv": _NUMBER_RANGE,
+    "purchases": _NUMBER_RANGE,
+    "days_since_last_purchase": _NUMBER_RANGE,
+    "has_channel": {"type": "string", "enum": list(CHANNELS)},
+    "customer_ids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "all_customers": {"type": "boolean", "const": True},
+}
+RULE_SCHEMA = {
+    "type": "object",
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": RULE_SCHEMAS,
+    "additionalProperties": False,
+}
+CHANNEL_RULE = {
+    "oneOf": [
+        {"type": "string", "enum": list(CHANNELS)},
+        {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}, "minItems": 1,
+         "uniqueItems": True},
+    ]
+}
+CAMPAIGN_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["id", "kind", "audience", "steps"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
+        "name": {"type": "string"},
+        "description": {"type": "string"},
+        "kind": {"enum": list(KINDS)},
+        "schedule": {"type": ["string", "null"]},
+        "cap_class": {"enum": list(CAP_CLASSES)},
+        "audience": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "include_any": {"type": "array", "items": RULE_SCHEMA},
+                "include_all": {"type": "array", "items": RULE_SCHEMA},
+                "exclude_any": {"type": "array", "items": RULE_SCHEMA},
+            },
+            "anyOf": [{"required": ["include_any"]}, {"required": ["include_all"]}],
+        },
+        "steps": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "channel", "template"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
+                    "channel": CHANNEL_RULE,
+                    "template": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
+                    "wait": {"type": "string", "pattern": _DURATION},
+                    "only_unengaged": {"type": "boolean"},
+                },
+            },
+        },
+        "variants": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "pattern": r"^[A-Za-z0-9_]+$", "not": {"const": "holdout"}},
+                    "weight": {"type": "number", "exclusiveMinimum": 0},
+                    "subject": {"type": "string"},
+                    "template": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
+                },
+            },
+        },
+        "holdout": {"type": "number", "minimum": 0, "maximum": 0.5},
+        "exit_on": {"type": "array", "items": {"enum": list(EXIT_EVENTS)}, "uniqueItems": True},
+        "promo": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "discount_percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 90},
+                "valid_days": {"type": "integer", "minimum": 1},
+            },
+        },
+        "subject": {"type": "string"},
+    },
+}
+
+
+class CampaignError(ValueError):
+    """A campaign file is invalid; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    name: str
+    channels: tuple[str, ...]
+    template: str
+    wait: timedelta
+    only_unengaged: bool
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    weight: float
+    subject: str | None
+    template: str | None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: str
+    name: str
+    kind: str
+    schedule: str | None
+    cap_class: str
+    audience: dict
+    steps: tuple[Step, ...]
+    variants: tuple[Variant, ...]
+    holdout: float
+    exit_on: tuple[str, ...]
+    promo: dict
+    subject: str | None
+    source: str
+    spec_hash: str
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(f"campaign {self.id} has no step {name!r}")
+
+    def step_offset(self, step: Step) -> timedelta:
+        """Time from the run's start to this step: the sum of the waits up to it."""
+        return sum((s.wait for s in self.steps[: step.index + 1]), timedelta())
+
+
+def parse_duration(text: str) -> timedelta:
+    m = re.match(r"^(\d+(?:\.\d+)?)\s*([smhdw])$", text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 3d)")
+    value, unit = float(m.group(1)), m.group(2)
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+    scale = float(setting("RETENTION_WAIT_SCALE") or 1.0)
+    return timedelta(seconds=value * seconds * scale)
+
+
+def _line_of(node: yaml.Node, path: list) -> int:
+    """The 1-based line of the YAML node at a JSON-schema error path (deepest found)."""
+    line = node.start_mark.line + 1
+    for key in path:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    child = v
+                    line = k.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            child = node.value[key]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _field(path: list) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties are not allowed", "unknown field")
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        best = min(error.context, key=lambda e: len(e.message))
+        return best.message
+    return error.message
+
+
+def parse_campaign(text: str, source: str = "<string>") -> Campaign:
+    """Parse and validate one campaign; CampaignError names source, line and field."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise CampaignError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict) or node is None:
+        raise CampaignError(f"{source}:1: a campaign file must be a mapping of fields")
+    validator = jsonschema.Draft202012Validator(CAMPAIGN_SCHEMA)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), e.message))
+    if errors:
+        err = max(errors, key=lambda e: len(e.absolute_path))
+        path = list(err.absolute_path)
+        raise CampaignError(f"{source}:{_line_of(node, path)}: {_field(path)}: {_message(err)}")
+    steps = []
+    names: set[str] = set()
+    for i, s in enumerate(data["steps"]):
+        if s["name"] in names:
+            raise CampaignError(f"{source}:{_line_of(node, ['steps', i, 'name'])}: "
+                                f"steps[{i}].name: duplicate step name {s['name']!r}")
+        names.add(s["name"])
+        channels = (s["channel"],) if isinstance(s["channel"], str) else tuple(s["channel"])
+        steps.append(Step(i, s["name"], channels, s["template"],
+                          parse_duration(s.get("wait", "0s")), s.get("only_unengaged", i > 0)))
+    variants = tuple(Variant(v["name"], float(v.get("weight", 1)), v.get("subject"),
+                             v.get("template")) for v in data.get("variants", [{"name": "A"}]))
+    if len({v.name for v in variants}) != len(variants):
+        raise CampaignError(f"{source}:{_line_of(node, ['variants'])}: variants: duplicate names")
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return Campaign(
+        id=data["id"], name=data.get("name", data["id"]), kind=data["kind"],
+        schedule=data.get("schedule"),
+        cap_class=data.get("cap_class", "transactional" if data["kind"] == "transactional"
+                           else ("promo" if data["kind"] == "promo" else "trigger")),
+        audience=data["audience"], steps=tuple(steps), variants=variants,
+        holdout=float(data.get("holdout", 0.0)), exit_on=tuple(data.get("exit_on", ["purchase", "unsubscribe"])),
+        promo=data.get("promo", {}), subject=data.get("subject"), source=source,
+        spec_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16], raw=data,
+    )
+
+
+def load_campaign(name_or_path: str | Path, directory: Path | None = None) -> Campaign:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = (directory or CAMPAIGNS_DIR) / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise CampaignError(f"{path}: no such campaign file")
+    campaign = parse_campaign(path.read_text(), source=str(path))
+    if campaign.id != path.stem:
+        raise CampaignError(f"{path}:1: id: {campaign.id!r} must equal the file name {path.stem!r}")
+    return campaign
+
+
+def load_all(directory: Path | None = None) -> dict[str, Campaign]:
+    directory = directory or CAMPAIGNS_DIR
+    return {p.stem: load_campaign(p) for p in sorted(directory.glob("*.yaml"))
+            if not p.name.startswith("_")}
