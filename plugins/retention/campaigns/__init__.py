@@ -1,0 +1,1 @@
+"""Campaigns, trigger chains and sequences: spec, audiences, ledger, planning, dispatch."""
