@@ -37,6 +37,19 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "The dbt project the build runs.",
     ),
     "RETENTION_DBT_THREADS": ("2", "dbt threads."),
+    "RETENTION_WAIT_SCALE": (
+        "1",
+        "Multiplier for every wait between campaign steps (tests and demos shorten them, "
+        "e.g. 0.0001).",
+    ),
+    "RETENTION_PROMO_SECRET": (
+        None,
+        "Secret that keys personal promo codes and unsubscribe links (HMAC). Required to send.",
+    ),
+    "RETENTION_UNSUBSCRIBE_URL": (
+        "https://shop.example/unsubscribe",
+        "Base of the one-click unsubscribe link put in every message.",
+    ),
 }
 
 

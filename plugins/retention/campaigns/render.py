@@ -1,0 +1,146 @@
+"""Message templates: Jinja2 in a sandbox, HTML autoescaped, per channel.
+
+Layout under include/templates/<channel>/:
+
+| channel | files |
+|---|---|
+| email | `<t>.subject.j2`, `<t>.html.j2` (autoescaped), `<t>.txt.j2` |
+| mobile_push, web_push | `<t>.title.j2`, `<t>.body.j2` |
+| telegram | `<t>.html.j2` (autoescaped; Telegram's HTML subset) |
+| sms, viber | `<t>.txt.j2` |
+
+Variables: `greeting`, `customer_id`, `preferred_category` and its `preferred_category_label`,
+`products` (recommended: name, price, url), `promo` (code, discount_percent, expires_on),
+`unsubscribe_url`, `campaign`, `variant`. Promo codes and unsubscribe links are HMACs of
+the message, keyed by RETENTION_PROMO_SECRET, so a re-run renders the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlencode
+
+from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
+
+from retention.config import PROJECT_ROOT
+
+TEMPLATES_DIR = PROJECT_ROOT / "include" / "templates"
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str | None
+    body_text: str
+    body_html: str | None
+
+
+@lru_cache(maxsize=4)
+def environment(root: str = str(TEMPLATES_DIR)) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        loader=FileSystemLoader(root),
+        autoescape=select_autoescape(enabled_extensions=("html.j2",), default_for_string=False,
+                                     default=False),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
+
+
+def promo_secret() -> bytes:
+    secret = os.environ.get("RETENTION_PROMO_SECRET")
+    if not secret:
+        raise TemplateError("RETENTION_PROMO_SECRET is not set: it keys promo codes and "
+                            "unsubscribe links (set it in the environment or an Airflow Variable)")
+    return secret.encode()
+
+
+def _mac(*parts: str) -> bytes:
+    return hmac.new(promo_secret(), "|".join(parts).encode(), hashlib.sha256).digest()
+
+
+def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = "") -> str:
+    code = base64.b32encode(_mac("promo", campaign_id, run_id, customer_id)).decode()[:8]
+    return f"{prefix}{code}"
+
+
+def unsubscribe_url(message_id: str, base: str | None = None) -> str:
+    base = base or os.environ.get("RETENTION_UNSUBSCRIBE_URL", "https://shop.example/unsubscribe")
+    token = base64.urlsafe_b64encode(_mac("unsubscribe", message_id)).decode()[:22]
+    return f"{base}?{urlencode({'m': message_id, 't': token})}"
+
+
+def verify_unsubscribe_token(message_id: str, token: str) -> bool:
+    expected = base64.urlsafe_b64encode(_mac("unsubscribe", message_id)).decode()[:22]
+    return hmac.compare_digest(expected, token)
+
+
+def category_label(category_path: str | None) -> str | None:
+    if not category_path:
+        return None
+    return category_path.split(".")[-1].replace("_", " ")
+
+
+FILES = {
+    "email": ("subject", "html", "txt"),
+    "mobile_push": ("title", "body"),
+    "web_push": ("title", "body"),
+    "telegram": ("html",),
+    "sms": ("txt",),
+    "viber": ("txt",),
+}
+
+
+def template_files(channel: str, template: str) -> list[Path]:
+    return [TEMPLATES_DIR / channel / f"{template}.{part}.j2" for part in FILES[channel]]
+
+
+def render(channel: str, template: str, context: dict) -> Rendered:
+    env = environment()
+
+    def part(name: str) -> str:
+        try:
+            return env.get_template(f"{channel}/{template}.{name}.j2").render(**context).strip()
+        except Exception as exc:  # jinja2 raises several types; name the file
+            raise TemplateError(f"{TEMPLATES_DIR / channel / f'{template}.{name}.j2'}: {exc}") from exc
+
+    if channel == "email":
+        return Rendered(part("subject"), part("txt"), part("html"))
+    if channel in ("mobile_push", "web_push"):
+        return Rendered(part("title"), part("body"), None)
+    if channel == "telegram":
+        html = part("html")
+        return Rendered(None, html, html)
+    return Rendered(None, part("txt"), None)
+
+
+def context_for(*, campaign_id: str, campaign_name: str, run_id: str, message_id: str,
+                customer_id: str, variant: str, preferred_category: str | None,
+                products: list[dict], discount_percent: float, expires_on: date,
+                code_prefix: str = "") -> dict:
+    return {
+        "greeting": "Hello!",
+        "customer_id": customer_id,
+        "preferred_category": preferred_category,
+        "preferred_category_label": category_label(preferred_category),
+        "products": products,
+        "promo": {"code": promo_code(campaign_id, run_id, customer_id, code_prefix),
+                  "discount_percent": int(discount_percent) if float(discount_percent).is_integer()
+                  else discount_percent,
+                  "expires_on": expires_on.isoformat()},
+        "unsubscribe_url": unsubscribe_url(message_id),
+        "campaign": campaign_name,
+        "variant": variant,
+    }
