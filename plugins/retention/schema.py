@@ -44,3 +44,6 @@ def ensure_schemas(conn: psycopg.Connection) -> None:
     conn.execute("select pg_advisory_xact_lock(hashtext('retention.ensure_schemas'))")
     conn.execute(raw_ddl())
     conn.execute(OPS_DDL)
+    from retention.campaigns.ledger import LEDGER_DDL
+
+    conn.execute(LEDGER_DDL)

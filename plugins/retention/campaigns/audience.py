@@ -20,6 +20,7 @@ def _like_prefix(category: str) -> str:
 @dataclass
 class _Compiler:
     params: dict = field(default_factory=dict)
+    needs: set = field(default_factory=set)
 
     def bind(self, value) -> str:
         name = f"p{len(self.params)}"
@@ -45,6 +46,7 @@ class _Compiler:
             where o.customer_id = c.customer_id and o.status in {PURCHASE_STATUSES_SQL}
               and {self.window(days, 'o.ordered_at')}{cat_online})"""
         cat_offline = f" and {self.category('pr.category_path', category)}" if category else ""
+        self.needs.add("marts.ropo_purchases")
         offline = f"""exists (
             select 1 from marts.ropo_purchases rp
             {'join raw.offline_receipt_items ri on ri.receipt_id = rp.receipt_id join raw.products pr on pr.product_id = ri.product_id' if category else ''}
@@ -68,6 +70,7 @@ class _Compiler:
                 viewed += f" and not {self.purchased_in(arg['category'], arg.get('within_days'))}"
             return f"({viewed})"
         if kind == "affinity":
+            self.needs.add("marts.customer_category_affinity")
             return f"""exists (
                 select 1 from marts.customer_category_affinity a
                 where a.customer_id = c.customer_id
@@ -79,6 +82,8 @@ class _Compiler:
         if kind == "ordered":
             return f"""exists (select 1 from raw.orders o where o.customer_id = c.customer_id
                                 and {self.window(arg.get('within_days'), 'o.ordered_at', arg.get('within_hours'))})"""
+        if kind in ("lifecycle_stage", "rfm_segment", "ltv", "purchases", "days_since_last_purchase"):
+            self.needs.add("marts.customer_lifetime")
         if kind in ("lifecycle_stage", "rfm_segment"):
             return f"cl.{kind} = any({self.bind(list(arg))})"
         if kind in ("ltv", "purchases", "days_since_last_purchase"):
@@ -100,9 +105,9 @@ class _Compiler:
         raise ValueError(f"unknown audience rule {kind!r}")
 
 
-def compile_audience(audience: dict) -> tuple[str, dict]:
-    """SQL selecting customer_id for an audience definition, and its bind parameters
-    (the caller adds `as_of`)."""
+def compile_audience(audience: dict) -> tuple[str, dict, set[str]]:
+    """SQL selecting customer_id for an audience definition, its bind parameters (the
+    caller adds `as_of`), and the published tables it reads (built by `retention build`)."""
     comp = _Compiler()
     conditions = ["coalesce(c.created_at <= %(as_of)s, true)"]
     if audience.get("include_any"):
@@ -111,7 +116,7 @@ def compile_audience(audience: dict) -> tuple[str, dict]:
         conditions.append(comp.rule(r))
     for r in audience.get("exclude_any", []):
         conditions.append(f"not {comp.rule(r)}")
-    sql = ("select c.customer_id from raw.customers c "
-           "left join marts.customer_lifetime cl on cl.customer_id = c.customer_id where "
-           + "\n and ".join(conditions))
-    return sql, comp.params
+    join = ("left join marts.customer_lifetime cl on cl.customer_id = c.customer_id "
+            if "marts.customer_lifetime" in comp.needs else "")
+    sql = f"select c.customer_id from raw.customers c {join}where " + "\n and ".join(conditions)
+    return sql, comp.params, comp.needs

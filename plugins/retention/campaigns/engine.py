@@ -83,7 +83,11 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
                            "where run_id = %s", (run_id,)).fetchone()
         if row:
             return RunInfo(run_id, campaign.id, as_of, row[0], row[1], created=False)
-        audience_sql, params = compile_audience(campaign.audience)
+        audience_sql, params, needs = compile_audience(campaign.audience)
+        missing = sorted(n for n in needs if not _relation_exists(conn, n))
+        if missing:
+            raise RuntimeError(f"campaign {campaign.id}: its audience reads {', '.join(missing)}, "
+                               "which does not exist yet: run `retention build` first")
         marketing = campaign.kind != "transactional"
         total = sum(v.weight for v in campaign.variants)
         cases, acc = [], 0.0
@@ -169,7 +173,8 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
             ),
             reached as (
               select distinct customer_id from ops.messages
-              where run_id = %(run_id)s and step_index < %(step_index)s and status = 'sent'
+              where run_id = %(run_id)s and step_index < %(step_index)s
+                and status in ('sent', 'planned')  -- planned: waiting for the morning
             ),
             engaged as (
               select distinct msg.customer_id

@@ -1,0 +1,127 @@
+"""Build an Airflow DAG from a campaign file: one wait, plan, send and deferred-delivery
+task per step, so a marketer's YAML becomes a schedule without Python.
+
+Per step:
+
+* `wait_<step>`: a DateTimeSensor in reschedule mode until the step's time (the run's
+  data interval end plus the waits so far): no worker slot is held while waiting;
+* `plan_<step>`: eligibility into the ledger (idempotent);
+* `send_<step>`: dispatch, in the provider's pool (`sendgrid`, `fcm`, `telegram`,
+  `sms_gateway`, `viber_gateway`), which caps concurrent senders per provider;
+* `deliver_deferred_<step>`: a reschedule-mode sensor that sends the messages that waited
+  for the end of quiet hours, as each customer's morning arrives.
+
+Parsing reads only the YAML file: no database, no network.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+import pendulum
+from airflow.providers.standard.sensors.date_time import DateTimeSensor
+from airflow.sdk import chain, dag, get_current_context, task
+from airflow.sdk.bases.sensor import PokeReturnValue
+
+from retention.campaigns.spec import Campaign, load_campaign
+
+PROVIDER_POOLS = {"email": "sendgrid", "mobile_push": "fcm", "web_push": "fcm",
+                  "telegram": "telegram", "sms": "sms_gateway", "viber": "viber_gateway"}
+
+
+def _as_of() -> datetime:
+    ctx = get_current_context()
+    return ctx.get("data_interval_end") or ctx.get("logical_date") or ctx["dag_run"].run_after
+
+
+def _run_info(run: dict):
+    from retention.campaigns.engine import RunInfo
+
+    return RunInfo(run["run_id"], run["campaign_id"], datetime.fromisoformat(run["as_of"]),
+                   run["audience_size"], run["holdout_size"], run["created"])
+
+
+def _pool(campaign: Campaign, step_index: int) -> dict:
+    if os.environ.get("RETENTION_USE_POOLS", "true").lower() in ("0", "false", "no"):
+        return {}
+    return {"pool": PROVIDER_POOLS[campaign.steps[step_index].channels[0]]}
+
+
+def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str, ...] = ()):
+    campaign = load_campaign(campaign_id)
+
+    @dag(
+        dag_id=dag_id or f"campaign_{campaign.id}",
+        schedule=campaign.schedule,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+        tags=["retention", "campaign", campaign.kind, *tags],
+        doc_md=f"### Campaign `{campaign.id}`: {campaign.name}\n\n"
+               f"Steps: {', '.join(f'{s.name} ({'/'.join(s.channels)}, after {s.wait})' for s in campaign.steps)}."
+               f"\n\nDefined in `{os.path.relpath(campaign.source)}`.\n\n{__doc__}",
+    )
+    def _campaign():
+        @task(task_id="start_run")
+        def start_run() -> dict:
+            from retention.campaigns.engine import start_run as start
+
+            info = start(load_campaign(campaign_id), _as_of())
+            return {"run_id": info.run_id, "campaign_id": info.campaign_id,
+                    "as_of": info.as_of.isoformat(), "audience_size": info.audience_size,
+                    "holdout_size": info.holdout_size, "created": info.created}
+
+        run = start_run()
+        previous = run
+        for step in campaign.steps:
+            offset = campaign.step_offset(step).total_seconds()
+            wait = None
+            if offset > 0:
+                wait = DateTimeSensor(
+                    task_id=f"wait_{step.name}",
+                    target_time="{{ (data_interval_end + macros.timedelta(seconds=%r)).isoformat() }}"
+                                % offset,
+                    mode="reschedule", poke_interval=60, timeout=offset + 86400)
+
+            @task(task_id=f"plan_{step.name}")
+            def plan(run: dict, step_name: str) -> dict:
+                from retention.campaigns.engine import plan_step
+
+                return plan_step(load_campaign(campaign_id), _run_info(run), step_name)
+
+            @task(task_id=f"send_{step.name}", **_pool(campaign, step.index))
+            def send(run: dict, step_name: str, planned: dict) -> dict:
+                from retention.campaigns.dispatch import dispatch_step
+                from retention_airflow.hooks import channels_for
+
+                c = load_campaign(campaign_id)
+                return dispatch_step(c, _run_info(run), step_name,
+                                     channels_for(c.step(step_name).channels))
+
+            @task.sensor(task_id=f"deliver_deferred_{step.name}", mode="reschedule",
+                         poke_interval=300, timeout=2 * 86400, **_pool(campaign, step.index))
+            def deliver_deferred(run: dict, step_name: str, sent: dict) -> PokeReturnValue:
+                from retention.campaigns.dispatch import dispatch_step, pending_releases
+                from retention_airflow.hooks import channels_for
+
+                c = load_campaign(campaign_id)
+                info = _run_info(run)
+                # the one clock read of a campaign: has a customer's morning arrived yet?
+                left, due = pending_releases(info.run_id, step_name, pendulum.now("UTC"))
+                if left == 0:
+                    return PokeReturnValue(is_done=True, xcom_value={"waiting": 0})
+                if due is None:
+                    return PokeReturnValue(is_done=False)
+                counts = dispatch_step(c, info, step_name, channels_for(c.step(step_name).channels),
+                                       release_at=due)
+                return PokeReturnValue(is_done=counts["waiting"] == 0, xcom_value=counts)
+
+            planned = plan(run, step.name)
+            sent = send(run, step.name, planned)
+            deliver_deferred(run, step.name, sent)
+            chain(*[t for t in (previous, wait, planned) if t is not None])
+            previous = sent
+
+    return _campaign()
