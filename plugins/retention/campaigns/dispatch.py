@@ -104,20 +104,25 @@ def load_recommendations(conn, as_of: datetime, base_url: str = "https://shop.ex
     return Recommendations(by_category, everything[:3])
 
 
-def _claim(conn, run_id: str, step: str, release_at: datetime, limit: int, channel: str,
+SCOPE = ("campaign_id = %(campaign_id)s and step = %(step)s "
+         "and (%(run_id)s::text is null or run_id = %(run_id)s)")
+
+
+def _claim(conn, scope: dict, release_at: datetime, limit: int, channel: str,
            token: str) -> list[tuple]:
-    return conn.execute("""
+    return conn.execute(f"""
         update ops.messages m set claim_token = %(token)s, claimed_at = clock_timestamp(),
                                   attempts = m.attempts + 1
         where m.message_id in (
           select message_id from ops.messages
-          where run_id = %(run_id)s and step = %(step)s and channel = %(channel)s
+          where {SCOPE} and channel = %(channel)s
             and status = 'planned' and claim_token is null and not_before <= %(release_at)s
           order by message_id
           limit %(limit)s
           for update skip locked)
-        returning m.message_id, m.customer_id, m.address, m.variant, m.not_before
-    """, dict(token=token, run_id=run_id, step=step, release_at=release_at, limit=limit,
+        returning m.message_id, m.customer_id, m.address, m.variant, m.not_before, m.run_id,
+                  m.planned_at
+    """, dict(scope, token=token, release_at=release_at, limit=limit,
               channel=channel)).fetchall()
 
 
@@ -147,16 +152,16 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
     conn.commit()
 
 
-def reconcile_orphans(run_id: str, step: str, channels: Mapping[str, Channel],
+def reconcile_orphans(scope: dict, channels: Mapping[str, Channel],
                       url: str | None = None) -> dict[str, int]:
     """Settle rows claimed by a worker that died. Call before a pass, with no live worker."""
     out = {"reconciled_sent": 0, "released": 0, "unknown": 0}
     with db.connect(url) as conn:
-        groups = conn.execute("""
+        groups = conn.execute(f"""
             select claim_token, channel, array_agg(message_id order by message_id)
             from ops.messages
-            where run_id = %s and step = %s and status = 'planned' and claim_token is not null
-            group by 1, 2""", (run_id, step)).fetchall()
+            where {SCOPE} and status = 'planned' and claim_token is not null
+            group by 1, 2""", scope).fetchall()
         for token, channel_name, ids in groups:
             channel = channels.get(channel_name)
             lookup = getattr(channel, "lookup_accepted", None)
@@ -182,26 +187,40 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                   channels: Mapping[str, Channel], url: str | None = None, *,
                   release_at: datetime | None = None, workers: int = 1,
                   on_batch: Callable[[str, int], None] | None = None) -> dict:
-    """Send every planned row of the step whose not_before <= release_at (default: the
-    step's time). Returns the step's counts and what reconciliation did."""
+    """Send every planned row of a campaign run's step whose not_before <= release_at
+    (default: the step's time). Returns the step's counts and what reconciliation did."""
     step = campaign.step(step_name)
     at = step_time(campaign, run, step)
     release_at = release_at or at
-    reconciled = reconcile_orphans(run.run_id, step.name, channels, url)
+    scope = {"campaign_id": campaign.id, "step": step.name, "run_id": run.run_id}
+    result = dispatch(campaign, step_name, channels, scope, release_at, url=url,
+                      workers=workers, on_batch=on_batch)
+    counts = step_counts(run.run_id, step.name, url)
+    counts.update(result)
+    return counts
+
+
+def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
+             release_at: datetime, *, url: str | None = None, workers: int = 1,
+             on_batch: Callable[[str, int], None] | None = None) -> dict:
+    """The send loop for any scope (a campaign run's step, or a chain step across its
+    instances): claim, render, send, record; after reconciling orphaned claims."""
+    step = campaign.step(step_name)
+    scope = {"run_id": None, **scope}
+    reconciled = reconcile_orphans(scope, channels, url)
     variants = {v.name: v for v in campaign.variants}
     discount = float(campaign.promo.get("discount_percent", 10))
     valid_days = int(campaign.promo.get("valid_days", 7))
-    expires_on = (run.as_of + timedelta(days=valid_days)).date()
     counter: dict = {}
     errors: list[BaseException] = []
 
     with db.connect(url) as conn:
-        recs = load_recommendations(conn, run.as_of)
+        recs = load_recommendations(conn, release_at)
         has_lifetime = conn.execute(
             "select to_regclass('marts.customer_lifetime') is not null").fetchone()[0]
         channel_names = [r[0] for r in conn.execute(
-            "select distinct channel from ops.messages where run_id = %s and step = %s "
-            "and status = 'planned'", (run.run_id, step.name)).fetchall()]
+            f"select distinct channel from ops.messages where {SCOPE} and status = 'planned'",
+            scope).fetchall()]
     missing = [c for c in channel_names if c not in channels]
     if missing:
         raise RuntimeError(f"no channel configured for {', '.join(missing)} "
@@ -212,8 +231,7 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
         with db.connect(url) as conn:
             while True:
                 token = uuid.uuid4().hex
-                rows = _claim(conn, run.run_id, step.name, release_at, channel.max_batch,
-                              channel_name, token)
+                rows = _claim(conn, scope, release_at, channel.max_batch, channel_name, token)
                 conn.commit()
                 if not rows:
                     return
@@ -223,15 +241,16 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                     "where customer_id = any(%s)", ([r[1] for r in rows],)).fetchall()) \
                     if has_lifetime else {}
                 messages, sent_at = [], {}
-                for message_id, customer_id, address, variant, not_before in rows:
+                for message_id, customer_id, address, variant, not_before, run_id, planned_at in rows:
                     v = variants.get(variant)
                     template = (v.template if v and v.template else step.template)
                     ctx = context_for(
-                        campaign_id=campaign.id, campaign_name=campaign.name, run_id=run.run_id,
+                        campaign_id=campaign.id, campaign_name=campaign.name, run_id=run_id,
                         message_id=message_id, customer_id=customer_id, variant=variant,
                         preferred_category=categories.get(customer_id),
                         products=recs.for_category(categories.get(customer_id)),
-                        discount_percent=discount, expires_on=expires_on)
+                        discount_percent=discount,
+                        expires_on=(planned_at + timedelta(days=valid_days)).date())
                     rendered = render(channel_name, template, ctx)
                     subject = (v.subject if v and v.subject and channel_name == "email"
                                else rendered.subject)
@@ -242,7 +261,7 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                         data={"message_id": message_id, "claim": token,
                               "campaign_id": campaign.id, "step": step.name},
                         unsubscribe_url=ctx["unsubscribe_url"]))
-                    sent_at[message_id] = max(not_before or at, at)
+                    sent_at[message_id] = max(not_before or planned_at, planned_at)
                 results = channel.send_batch(messages)
                 _failpoint("dispatch.after_send", counter)
                 _record(conn, results, sent_at, channel_name)
@@ -263,18 +282,13 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
         t.join()
     if errors:
         raise errors[0]
-    counts = step_counts(run.run_id, step.name, url)
-    counts["reconciled"] = reconciled
     with db.connect(url) as conn:
-        counts["waiting"] = conn.execute(
-            "select count(*) from ops.messages where run_id = %s and step = %s "
-            "and status = 'planned' and not_before > %s", (run.run_id, step.name, release_at)
-        ).fetchone()[0]
-        nxt = conn.execute(
-            "select min(not_before) from ops.messages where run_id = %s and step = %s "
-            "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
-    counts["next_release_at"] = nxt.isoformat() if nxt else None
-    return counts
+        waiting, nxt = conn.execute(
+            f"select count(*) filter (where not_before > %(release_at)s), min(not_before) "
+            f"from ops.messages where {SCOPE} and status = 'planned'",
+            dict(scope, release_at=release_at)).fetchone()
+    return {"reconciled": reconciled, "waiting": waiting,
+            "next_release_at": nxt.isoformat() if nxt else None}
 
 
 def pending_releases(run_id: str, step: str, now: datetime,

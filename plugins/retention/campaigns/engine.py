@@ -45,7 +45,7 @@ def _hash01(expr: str) -> str:
     return f"(('x' || substr(md5({expr}), 1, 8))::bit(32)::bigint / 4294967296.0)"
 
 
-MESSAGE_ID_SQL = ("'m_' || left(encode(sha256(convert_to(%(run_id)s || '|' || %(step)s || '|' "
+MESSAGE_ID_SQL = ("'m_' || left(encode(sha256(convert_to({run_id} || '|' || %(step)s || '|' "
                   "|| {customer}, 'UTF8')), 'hex'), 32)")
 
 
@@ -139,167 +139,185 @@ def step_time(campaign: Campaign, run: RunInfo, step: Step) -> datetime:
 
 def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None = None,
               policy: Policy | None = None) -> dict:
-    """Write the step's ledger rows (idempotent) and return its counts."""
-    policy = policy or load_policy()
+    """Write the step's ledger rows for the run's frozen audience (idempotent); counts."""
     step = campaign.step(step_name)
-    at = step_time(campaign, run, step)
-    transactional = campaign.cap_class == "transactional"
+    members_sql = """select m.customer_id, m.variant, m.holdout_kind,
+                            %(member_run_id)s::text as run_id,
+                            %(member_run_as_of)s::timestamptz as run_as_of
+                     from ops.audience_members m where m.run_id = %(member_run_id)s"""
     with db.connect(url) as conn:
         ensure_ledger(conn)
         conn.commit()
-        # planning is serialised so that caps see the rows of a concurrent campaign
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
-        offline_purchases = ""
-        if _relation_exists(conn, "marts.ropo_purchases"):
-            offline_purchases = """union select customer_id from marts.ropo_purchases
-                where purchased_at > %(run_as_of)s and purchased_at <= %(step_time)s"""
-        exit_on_purchase = "purchase" in campaign.exit_on
-        params = dict(
-            run_id=run.run_id, step=step.name, step_index=step.index, step_time=at,
-            run_as_of=run.as_of, channels=list(step.channels), campaign_id=campaign.id,
-            cap_class=campaign.cap_class, global_cap=policy.global_cap,
-            global_window=timedelta(days=policy.global_cap_days), channel_cap=policy.channel_cap,
-            channel_window=timedelta(days=policy.channel_cap_days),
-            quiet_start=policy.quiet_start, quiet_end=policy.quiet_end,
-            default_tz=policy.default_timezone, transactional=transactional,
-            only_unengaged=step.only_unengaged and step.index > 0,
-            exit_on_purchase=exit_on_purchase,
-        )
-        conn.execute(f"""
-            create temp table step_plan on commit drop as
-            with members as (
-              select m.customer_id, m.variant, m.holdout_kind
-              from ops.audience_members m where m.run_id = %(run_id)s
-            ),
-            reached as (
-              select distinct customer_id from ops.messages
-              where run_id = %(run_id)s and step_index < %(step_index)s
-                and status in ('sent', 'planned')  -- planned: waiting for the morning
-            ),
-            engaged as (
-              select distinct msg.customer_id
-              from ops.messages msg
-              join ops.message_events ev on ev.message_id = msg.message_id
-              where msg.run_id = %(run_id)s and msg.step_index < %(step_index)s
-                and ev.event_type in ('open', 'click') and ev.occurred_at <= %(step_time)s
-            ),
-            purchased as (
-              select customer_id from raw.orders
-              where status in ('paid', 'delivered')
-                and ordered_at > %(run_as_of)s and ordered_at <= %(step_time)s
-              {offline_purchases}
-            ),
-            subscribed as (
-              select distinct customer_id from raw.channel_subscriptions
-              where channel = any(%(channels)s)
-            ),
-            live_addresses as (
-              select distinct on (s.customer_id, s.channel) s.customer_id, s.channel, s.address
-              from raw.channel_subscriptions s
-              where s.channel = any(%(channels)s)
-                and coalesce(s.subscribed_at <= %(step_time)s, true)
-                and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
-                and not exists (select 1 from ops.consent_changes cc
-                                where cc.channel = s.channel and cc.address = s.address
-                                  and cc.unsubscribed_at <= %(step_time)s)
-                and not exists (select 1 from ops.deactivated_addresses d
-                                where d.channel = s.channel and d.address = s.address)
-              order by s.customer_id, s.channel, s.subscribed_at desc nulls last, s.address
-            ),
-            resolved as (
-              select m.customer_id, m.variant, m.holdout_kind,
-                     (array_agg(a.channel order by array_position(%(channels)s::text[], a.channel))
-                        filter (where a.channel is not null))[1] as channel,
-                     (array_agg(a.address order by array_position(%(channels)s::text[], a.channel))
-                        filter (where a.channel is not null))[1] as address
-              from members m left join live_addresses a on a.customer_id = m.customer_id
-              group by m.customer_id, m.variant, m.holdout_kind
-            ),
-            concerned as (
-              select r.* from resolved r
-              where ((r.holdout_kind is not null and %(step_index)s = 0)
-                     or (r.holdout_kind is null
-                         and (r.channel is not null
-                              or r.customer_id in (select customer_id from subscribed))))
-                and not (%(only_unengaged)s
-                         and r.customer_id in (select customer_id from reached)
-                         and r.customer_id in (select customer_id from engaged))
-            ),
-            counted as (
-              select c.*,
-                (select count(*) from ops.messages x
-                  where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
-                    and x.cap_class <> 'transactional'
-                    and x.planned_at > %(step_time)s - %(global_window)s
-                    and x.planned_at <= %(step_time)s
-                    and not (x.run_id = %(run_id)s and x.step = %(step)s)) as global_count,
-                (select count(*) from ops.messages x
-                  where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
-                    and x.cap_class <> 'transactional' and x.channel = c.channel
-                    and x.planned_at > %(step_time)s - %(channel_window)s
-                    and x.planned_at <= %(step_time)s
-                    and not (x.run_id = %(run_id)s and x.step = %(step)s)) as channel_count
-              from concerned c
-            ),
-            decided as (
-              select c.*,
-                case
-                  when c.holdout_kind is not null then 'holdout'
-                  when %(exit_on_purchase)s and c.customer_id in (select customer_id from purchased)
-                    then 'suppressed'
-                  when c.channel is null then 'suppressed'
-                  when not %(transactional)s and c.global_count >= %(global_cap)s then 'suppressed'
-                  when not %(transactional)s and c.channel_count >= %(channel_cap)s then 'suppressed'
-                  else 'planned'
-                end as status,
-                case
-                  when c.holdout_kind is not null then c.holdout_kind || ' holdout'
-                  when %(exit_on_purchase)s and c.customer_id in (select customer_id from purchased)
-                    then 'exited: purchase'
-                  when c.channel is null then 'no consent'
-                  when not %(transactional)s and c.global_count >= %(global_cap)s
-                    then 'frequency cap: global'
-                  when not %(transactional)s and c.channel_count >= %(channel_cap)s
-                    then 'frequency cap: channel'
-                end as reason
-              from counted c
-            )
-            select d.*, coalesce(tz.name, %(default_tz)s) as tz
-            from decided d
-            join raw.customers cu on cu.customer_id = d.customer_id
-            left join (select name from pg_timezone_names) tz on tz.name = cu.timezone
-        """, params)
-        conn.execute(f"""
-            insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
-                variant, status, reason, planned_at, step_index, cap_class, address, not_before)
-            select {MESSAGE_ID_SQL.format(customer='p.customer_id')},
-                   %(campaign_id)s, %(run_id)s, %(step)s,
-                   coalesce(p.channel, (%(channels)s::text[])[1]), p.customer_id,
-                   p.variant, p.status, p.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
-                   case when p.status = 'planned' then p.address end,
-                   case when p.status <> 'planned' then null
-                        when %(transactional)s then %(step_time)s
-                        else quiet.not_before end
-            from step_plan p
-            cross join lateral (
-              select (%(step_time)s at time zone p.tz) as local_ts
-            ) l
-            cross join lateral (
-              select case
-                when %(quiet_start)s::time > %(quiet_end)s::time
-                     and (l.local_ts::time >= %(quiet_start)s::time or l.local_ts::time < %(quiet_end)s::time)
-                  then ((l.local_ts::date + case when l.local_ts::time >= %(quiet_start)s::time then 1 else 0 end)
-                        + %(quiet_end)s::time) at time zone p.tz
-                when %(quiet_start)s::time < %(quiet_end)s::time
-                     and l.local_ts::time >= %(quiet_start)s::time and l.local_ts::time < %(quiet_end)s::time
-                  then (l.local_ts::date + %(quiet_end)s::time) at time zone p.tz
-                else %(step_time)s
-              end as not_before
-            ) quiet
-            on conflict (message_id) do nothing
-        """, params)
+        plan_members(conn, campaign, step, step_time(campaign, run, step), members_sql,
+                     {"member_run_id": run.run_id, "member_run_as_of": run.as_of}, policy)
         conn.commit()
     return step_counts(run.run_id, step.name, url)
+
+
+def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
+                 members_sql: str, members_params: dict, policy: Policy | None = None) -> int:
+    """The eligibility rules of the module docstring, set-wise, for any member source.
+
+    `members_sql` selects (customer_id, variant, holdout_kind, run_id, run_as_of): the
+    run's audience for a campaign, or the chain instances due for this step for a trigger
+    chain (run_id = the chain instance). Message ids are (run_id, step, customer), so
+    planning again inserts nothing. Runs in the caller's transaction; returns rows written.
+    """
+    policy = policy or load_policy()
+    transactional = campaign.cap_class == "transactional"
+    # planning is serialised so that caps see the rows of a concurrent campaign
+    conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
+    offline_purchases = ""
+    if _relation_exists(conn, "marts.ropo_purchases"):
+        offline_purchases = """or exists (select 1 from marts.ropo_purchases rp
+                where rp.customer_id = mb.customer_id
+                  and rp.purchased_at > mb.run_as_of and rp.purchased_at <= %(step_time)s)"""
+    params = dict(
+        members_params, step=step.name, step_index=step.index, step_time=at,
+        channels=list(step.channels), campaign_id=campaign.id,
+        cap_class=campaign.cap_class, global_cap=policy.global_cap,
+        global_window=timedelta(days=policy.global_cap_days), channel_cap=policy.channel_cap,
+        channel_window=timedelta(days=policy.channel_cap_days),
+        quiet_start=policy.quiet_start, quiet_end=policy.quiet_end,
+        default_tz=policy.default_timezone, transactional=transactional,
+        only_unengaged=step.only_unengaged and step.index > 0,
+        exit_on_purchase="purchase" in campaign.exit_on,
+    )
+    conn.execute("drop table if exists step_plan")
+    conn.execute(f"""
+        create temp table step_plan on commit drop as
+        with members as ({members_sql}),
+        reached as (
+          select distinct x.run_id, x.customer_id from ops.messages x
+          where x.run_id in (select run_id from members) and x.step_index < %(step_index)s
+            and x.status in ('sent', 'planned')  -- planned: waiting for the morning
+        ),
+        engaged as (
+          select distinct msg.run_id, msg.customer_id
+          from ops.messages msg
+          join ops.message_events ev on ev.message_id = msg.message_id
+          where msg.run_id in (select run_id from members) and msg.step_index < %(step_index)s
+            and ev.event_type in ('open', 'click') and ev.occurred_at <= %(step_time)s
+        ),
+        purchased as (
+          select mb.run_id, mb.customer_id from members mb
+          where exists (select 1 from raw.orders o
+                        where o.customer_id = mb.customer_id and o.status in ('paid', 'delivered')
+                          and o.ordered_at > mb.run_as_of and o.ordered_at <= %(step_time)s)
+          {offline_purchases}
+        ),
+        subscribed as (
+          select distinct customer_id from raw.channel_subscriptions
+          where channel = any(%(channels)s)
+        ),
+        live_addresses as (
+          select distinct on (s.customer_id, s.channel) s.customer_id, s.channel, s.address
+          from raw.channel_subscriptions s
+          where s.channel = any(%(channels)s)
+            and s.customer_id in (select customer_id from members)
+            and coalesce(s.subscribed_at <= %(step_time)s, true)
+            and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
+            and not exists (select 1 from ops.consent_changes cc
+                            where cc.channel = s.channel and cc.address = s.address
+                              and cc.unsubscribed_at <= %(step_time)s)
+            and not exists (select 1 from ops.deactivated_addresses d
+                            where d.channel = s.channel and d.address = s.address)
+          order by s.customer_id, s.channel, s.subscribed_at desc nulls last, s.address
+        ),
+        resolved as (
+          select m.run_id, m.customer_id, m.variant, m.holdout_kind,
+                 (array_agg(a.channel order by array_position(%(channels)s::text[], a.channel))
+                    filter (where a.channel is not null))[1] as channel,
+                 (array_agg(a.address order by array_position(%(channels)s::text[], a.channel))
+                    filter (where a.channel is not null))[1] as address
+          from members m left join live_addresses a on a.customer_id = m.customer_id
+          group by m.run_id, m.customer_id, m.variant, m.holdout_kind
+        ),
+        concerned as (
+          select r.* from resolved r
+          where ((r.holdout_kind is not null and %(step_index)s = 0)
+                 or (r.holdout_kind is null
+                     and (r.channel is not null
+                          or r.customer_id in (select customer_id from subscribed))))
+            and not (%(only_unengaged)s
+                     and (r.run_id, r.customer_id) in (select run_id, customer_id from reached)
+                     and (r.run_id, r.customer_id) in (select run_id, customer_id from engaged))
+        ),
+        counted as (
+          select c.*,
+            (select count(*) from ops.messages x
+              where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+                and x.cap_class <> 'transactional'
+                and x.planned_at > %(step_time)s - %(global_window)s
+                and x.planned_at <= %(step_time)s
+                and not (x.run_id = c.run_id and x.step = %(step)s)) as global_count,
+            (select count(*) from ops.messages x
+              where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+                and x.cap_class <> 'transactional' and x.channel = c.channel
+                and x.planned_at > %(step_time)s - %(channel_window)s
+                and x.planned_at <= %(step_time)s
+                and not (x.run_id = c.run_id and x.step = %(step)s)) as channel_count
+          from concerned c
+        ),
+        decided as (
+          select c.*, e.exited,
+            case
+              when c.holdout_kind is not null then 'holdout'
+              when e.exited then 'suppressed'
+              when c.channel is null then 'suppressed'
+              when not %(transactional)s and c.global_count >= %(global_cap)s then 'suppressed'
+              when not %(transactional)s and c.channel_count >= %(channel_cap)s then 'suppressed'
+              else 'planned'
+            end as status,
+            case
+              when c.holdout_kind is not null then c.holdout_kind || ' holdout'
+              when e.exited then 'exited: purchase'
+              when c.channel is null then 'no consent'
+              when not %(transactional)s and c.global_count >= %(global_cap)s
+                then 'frequency cap: global'
+              when not %(transactional)s and c.channel_count >= %(channel_cap)s
+                then 'frequency cap: channel'
+            end as reason
+          from counted c
+          cross join lateral (
+            select %(exit_on_purchase)s and (c.run_id, c.customer_id) in
+                   (select run_id, customer_id from purchased) as exited) e
+        )
+        select d.*, coalesce(tz.name, %(default_tz)s) as tz
+        from decided d
+        join raw.customers cu on cu.customer_id = d.customer_id
+        left join (select name from pg_timezone_names) tz on tz.name = cu.timezone
+    """, params)
+    cur = conn.execute(f"""
+        insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
+            variant, status, reason, planned_at, step_index, cap_class, address, not_before)
+        select {MESSAGE_ID_SQL.format(run_id='p.run_id', customer='p.customer_id')},
+               %(campaign_id)s, p.run_id, %(step)s,
+               coalesce(p.channel, (%(channels)s::text[])[1]), p.customer_id,
+               p.variant, p.status, p.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
+               case when p.status = 'planned' then p.address end,
+               case when p.status <> 'planned' then null
+                    when %(transactional)s then %(step_time)s
+                    else quiet.not_before end
+        from step_plan p
+        cross join lateral (
+          select (%(step_time)s at time zone p.tz) as local_ts
+        ) l
+        cross join lateral (
+          select case
+            when %(quiet_start)s::time > %(quiet_end)s::time
+                 and (l.local_ts::time >= %(quiet_start)s::time or l.local_ts::time < %(quiet_end)s::time)
+              then ((l.local_ts::date + case when l.local_ts::time >= %(quiet_start)s::time then 1 else 0 end)
+                    + %(quiet_end)s::time) at time zone p.tz
+            when %(quiet_start)s::time < %(quiet_end)s::time
+                 and l.local_ts::time >= %(quiet_start)s::time and l.local_ts::time < %(quiet_end)s::time
+              then (l.local_ts::date + %(quiet_end)s::time) at time zone p.tz
+            else %(step_time)s
+          end as not_before
+        ) quiet
+        on conflict (message_id) do nothing
+    """, params)
+    return cur.rowcount
 
 
 def step_counts(run_id: str, step: str, url: str | None = None) -> dict:
