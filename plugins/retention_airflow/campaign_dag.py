@@ -50,6 +50,7 @@ def _pool(campaign: Campaign, step_index: int) -> dict:
 
 def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str, ...] = ()):
     campaign = load_campaign(campaign_id)
+    steps_md = ", ".join(f"{s.name} ({'/'.join(s.channels)}, after {s.wait})" for s in campaign.steps)
 
     @dag(
         dag_id=dag_id or f"campaign_{campaign.id}",
@@ -60,7 +61,7 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
         default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
         tags=["retention", "campaign", campaign.kind, *tags],
         doc_md=f"### Campaign `{campaign.id}`: {campaign.name}\n\n"
-               f"Steps: {', '.join(f'{s.name} ({'/'.join(s.channels)}, after {s.wait})' for s in campaign.steps)}."
+               f"Steps: {steps_md}."
                f"\n\nDefined in `{os.path.relpath(campaign.source)}`.\n\n{__doc__}",
     )
     def _campaign():
