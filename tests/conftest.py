@@ -34,7 +34,7 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 from retention import db  # noqa: E402
 from retention.schema import ensure_schemas  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("RETENTION_SHARED_DIR", ROOT.parent / "shared"))
 
 
 def _server_url() -> str:
