@@ -1,0 +1,72 @@
+"""The contract between the campaign dispatcher and a channel.
+
+The dispatcher renders a batch of planned ledger rows into `OutboundMessage`s, hands
+them to `Channel.send_batch` and records one `SendResult` per message in ops.messages.
+A channel never raises for a message the provider refused: it answers `failed` with the
+provider's reason, so one bad address cannot hold back a wave. It raises only for a
+programming error (a message the channel cannot even express).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    message_id: str
+    customer_id: str
+    channel: str
+    address: str  # e-mail, device token, chat id or phone
+    subject: str | None  # e-mail subject, push title
+    body_text: str
+    body_html: str | None  # e-mail HTML, Telegram's HTML subset
+    data: dict[str, str]
+    unsubscribe_url: str | None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message_id: str
+    status: Literal["sent", "failed"]
+    provider_message_id: str | None
+    reason: str | None
+    #: the provider says the address is dead (push token unregistered, bot blocked):
+    #: the dispatcher records it in ops.deactivated_addresses.
+    deactivate_address: bool = False
+
+    @staticmethod
+    def sent(message_id: str, provider_message_id: str | None) -> SendResult:
+        return SendResult(message_id, "sent", provider_message_id, None)
+
+    @staticmethod
+    def failed(message_id: str, reason: str, deactivate_address: bool = False) -> SendResult:
+        return SendResult(message_id, "failed", None, reason, deactivate_address)
+
+
+@runtime_checkable
+class Channel(Protocol):
+    name: str
+    #: the most messages one `send_batch` call should carry (one provider request's
+    #: worth where the provider batches): the dispatcher claims this many rows at a time.
+    max_batch: int
+
+    def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        """One result per message, in the order given."""
+        ...
+
+
+@dataclass
+class ChannelStats:
+    """Counters a channel keeps (thread-safe): provider requests made and retries."""
+    requests: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, requests: int = 0, retries: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
