@@ -1,0 +1,757 @@
+"""Predicted customer value: BG/NBD for how many purchases, Gamma-Gamma for how much each.
+
+The models (see docs/predicted_value.md for the formulas and the reproduced CDNOW numbers):
+
+- BG/NBD (Fader, Hardie and Lee 2005, "Counting your customers the easy way"): while
+  alive a customer buys as a Poisson process with rate lambda ~ Gamma(r, alpha); after
+  each repeat purchase she drops out for good with probability p ~ Beta(a, b).
+- Gamma-Gamma (Fader, Hardie and Lee 2005, "RFM and CLV"; Fader and Hardie, note 025):
+  the value of each repeat purchase is Gamma(p, nu) with nu ~ Gamma(q, gamma) across
+  customers, independent of the purchase process.
+
+Both are fitted by maximum likelihood on log-parameters with L-BFGS-B and analytic
+gradients, after collapsing the customers into sufficient statistics (unique
+(x, t_x, T) triples, unique (x, mean value) pairs) with counts as weights: a million
+customers is a few hundred thousand distinct rows, and the optimiser only ever sees those.
+
+Inputs follow the standard definition (the one the `lifetimes` package and the papers use):
+purchases are bucketed by UTC calendar day, several purchases on one day count as one
+whose value is their sum; `frequency` is the number of days with a purchase after the
+first one, `recency` the time from the first to the last such day, `T` the time from the
+first day to the as_of day, `monetary_value` the mean value of the repeat days (0 when
+there is none). Times are in the model's unit, `time_unit_days` days (7: weeks).
+
+Only numpy, scipy and pandas at run time; the `lifetimes` package is used only as the
+carrier of the CDNOW sample data (it is never imported: it does not import on pandas 3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from importlib import metadata, util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import optimize
+from scipy.special import digamma, expit, gammaln, hyp2f1
+
+#: Log-parameter bounds for the optimiser: every parameter stays within [1e-6, 1e6].
+LOG_PARAM_BOUNDS = (math.log(1e-6), math.log(1e6))
+DAYS_PER_YEAR = 365.0
+DEFAULT_TIME_UNIT_DAYS = 7.0
+
+PREDICTIONS_TABLE = "marts.customer_predicted_value"
+FITS_TABLE = "marts.predicted_value_fits"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _utc_timestamp(value: Any) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _utc_naive(values: pd.Series) -> np.ndarray:
+    """datetime64[ns] in UTC; naive input is taken as UTC already."""
+    ts = pd.to_datetime(values, utc=True)
+    return ts.dt.tz_convert(None).to_numpy(dtype="datetime64[ns]")
+
+
+def rfm_summary(
+    transactions: pd.DataFrame,
+    as_of: Any,
+    time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+    customer_col: str = "customer_id",
+    datetime_col: str = "purchased_at",
+    monetary_col: str | None = "revenue",
+    period: str = "D",
+) -> pd.DataFrame:
+    """One row per customer with a purchase at or before `as_of`, indexed by customer.
+
+    Columns: purchases (raw count of transactions), frequency, recency, T, monetary_value
+    (the last only with `monetary_col`). Transactions after `as_of` are ignored. `period`
+    is the bucket in which purchases collapse into one ("D": UTC calendar day, the
+    standard; any numpy datetime64 unit works), and `as_of` is floored to it as well, so
+    a customer whose first purchase was on the as_of day has T = 0. A missing value counts
+    as 0.
+    """
+    if time_unit_days <= 0:
+        raise ValueError("time_unit_days must be positive")
+    as_of_ts = _utc_timestamp(as_of)
+    stamps = _utc_naive(transactions[datetime_col])
+    keep = ~np.isnat(stamps) & (stamps <= as_of_ts.tz_convert(None).to_datetime64())
+    frame = pd.DataFrame(
+        {
+            "customer": transactions[customer_col].to_numpy()[keep],
+            "bucket": stamps[keep].astype(f"datetime64[{period}]"),
+        }
+    )
+    if monetary_col is not None:
+        frame["value"] = pd.to_numeric(transactions[monetary_col], errors="coerce").to_numpy(
+            dtype=float)[keep]
+    columns = ["purchases", "frequency", "recency", "T"] + (
+        ["monetary_value"] if monetary_col is not None else [])
+    if frame.empty:
+        return pd.DataFrame(columns=columns).rename_axis(customer_col)
+
+    aggs: dict[str, tuple[str, str]] = {"purchases": ("bucket", "size")}
+    if monetary_col is not None:
+        aggs["value"] = ("value", "sum")
+    periods = frame.groupby(["customer", "bucket"], sort=True).agg(**aggs).reset_index()
+    per_customer = periods.groupby("customer", sort=False)
+    first = per_customer["bucket"].transform("min").to_numpy()
+    is_first = periods["bucket"].to_numpy() == first
+
+    one_day = np.timedelta64(1, "D")
+    summary = per_customer.agg(
+        purchases=("purchases", "sum"),
+        periods=("bucket", "size"),
+        first=("bucket", "min"),
+        last=("bucket", "max"),
+    )
+    end = np.datetime64(as_of_ts.tz_convert(None).to_datetime64(), period)
+    first_days = summary["first"].to_numpy().astype(f"datetime64[{period}]")
+    last_days = summary["last"].to_numpy().astype(f"datetime64[{period}]")
+    out = pd.DataFrame(index=summary.index.rename(customer_col))
+    out["purchases"] = summary["purchases"].astype("int64")
+    out["frequency"] = (summary["periods"] - 1).astype("int64")
+    out["recency"] = (last_days - first_days) / one_day / time_unit_days
+    out["T"] = (end - first_days) / one_day / time_unit_days
+    if monetary_col is not None:
+        repeat_value = periods.loc[~is_first].groupby("customer", sort=False)["value"].sum()
+        repeat_value = repeat_value.reindex(out.index, fill_value=0.0).to_numpy()
+        freq = out["frequency"].to_numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["monetary_value"] = np.where(freq > 0, repeat_value / np.maximum(freq, 1), 0.0)
+    return out
+
+
+# ---------------------------------------------------------------- sufficient statistics
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """Distinct rows of the columns given, their counts, and the map back to the input."""
+
+    columns: tuple[np.ndarray, ...]
+    weights: np.ndarray
+    inverse: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def aggregate(*columns: Any) -> Aggregated:
+    """Collapse customers with identical statistics into one weighted row."""
+    arrays = [np.asarray(c, dtype=float) for c in columns]
+    n = len(arrays[0])
+    if n == 0:
+        return Aggregated(tuple(np.empty(0) for _ in arrays), np.empty(0), np.empty(0, int))
+    codes, uniques = pd.MultiIndex.from_arrays(arrays).factorize()
+    weights = np.bincount(codes, minlength=len(uniques)).astype(float)
+    distinct = tuple(np.asarray(uniques.get_level_values(i), dtype=float)
+                     for i in range(len(arrays)))
+    return Aggregated(distinct, weights, codes)
+
+
+def _minimize(objective, start: np.ndarray) -> optimize.OptimizeResult:
+    bounds = [LOG_PARAM_BOUNDS] * len(start)
+    return optimize.minimize(
+        objective, np.clip(start, *LOG_PARAM_BOUNDS), jac=True, method="L-BFGS-B",
+        bounds=bounds, options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9},
+    )
+
+
+# ------------------------------------------------------------------------------- BG/NBD
+
+
+def _bgnbd_loglik(params: np.ndarray, x, tx, T, want_grad: bool = False):
+    """Per-row log-likelihood (and its gradient wrt the log-parameters)."""
+    r, alpha, a, b = params
+    repeat = x > 0
+    xm1 = np.maximum(x, 1.0) - 1.0
+    log_alpha_T = np.log(alpha + T)
+    log_alpha_tx = np.log(alpha + tx)
+    a1 = gammaln(r + x) - gammaln(r) + r * math.log(alpha)
+    a2 = gammaln(a + b) + gammaln(b + x) - gammaln(b) - gammaln(a + b + x)
+    a3 = -(r + x) * log_alpha_T
+    a4 = np.where(repeat, math.log(a) - np.log(b + xm1) - (r + x) * log_alpha_tx, -np.inf)
+    mix = np.logaddexp(a3, a4)
+    ll = a1 + a2 + mix
+    if not want_grad:
+        return ll
+    w4 = np.exp(a4 - mix)  # share of the "dropped out after the last purchase" branch
+    w3 = 1.0 - w4
+    d_r = digamma(r + x) - digamma(r) + math.log(alpha) - w3 * log_alpha_T - w4 * log_alpha_tx
+    d_alpha = r / alpha - (r + x) * (w3 / (alpha + T) + w4 / (alpha + tx))
+    dg_ab, dg_abx = digamma(a + b), digamma(a + b + x)
+    d_a = dg_ab - dg_abx + w4 / a
+    d_b = dg_ab + digamma(b + x) - digamma(b) - dg_abx - w4 / (b + xm1)
+    grad = np.stack([d_r * r, d_alpha * alpha, d_a * a, d_b * b])
+    return ll, grad
+
+
+def bgnbd_log_likelihood(params, frequency, recency, T, weights=None) -> float:
+    """Total BG/NBD log-likelihood of (r, alpha, a, b) on the customers given."""
+    x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    return float(np.dot(w, _bgnbd_loglik(np.asarray(params, dtype=float), x, tx, t)))
+
+
+@dataclass(frozen=True)
+class BGNBDFit:
+    r: float
+    alpha: float
+    a: float
+    b: float
+    log_likelihood: float
+    customers: int
+    distinct_rows: int
+    converged: bool
+    iterations: int
+    message: str
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"r": self.r, "alpha": self.alpha, "a": self.a, "b": self.b}
+
+    def probability_alive(self, frequency, recency, T) -> np.ndarray:
+        """P(alive at T | x, t_x, T); 1 for a customer without a repeat purchase (the
+        model lets customers drop out only right after a repeat purchase)."""
+        x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        log_odds_dead = (math.log(self.a) - np.log(self.b + np.maximum(x, 1.0) - 1.0)
+                         + (self.r + x) * (np.log(self.alpha + t) - np.log(self.alpha + tx)))
+        return np.where(x > 0, expit(-log_odds_dead), 1.0)
+
+    def expected_purchases(self, t, frequency, recency, T) -> np.ndarray:
+        """E[purchases in (T, T + t] | x, t_x, T], equation (10) of the paper.
+
+        The Gauss hypergeometric term is evaluated after Euler's transformation,
+        (1-z)^(r+x) 2F1(r+x, b+x; c; z) = (1-z)^(a-1) 2F1(a+b-1-r, a-1; c; z), whose
+        parameters stay small for heavy buyers, so it neither overflows nor needs the
+        fallback lifetimes has.
+        """
+        x, tx, age = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        t = np.asarray(t, dtype=float)
+        r, alpha, a, b = self.r, self.alpha, self.a, self.b
+        c = a + b + x - 1.0
+        one_minus_z = (alpha + age) / (alpha + age + t)
+        hyp = hyp2f1(a + b - 1.0 - r, a - 1.0, c, 1.0 - one_minus_z)
+        remaining = 1.0 - one_minus_z ** (a - 1.0) * hyp
+        return c / (a - 1.0) * remaining * self.probability_alive(x, tx, age)
+
+    def expected_purchases_new_customer(self, t) -> np.ndarray:
+        """E[X(t)]: repeat purchases in (0, t] of a customer who first bought at 0."""
+        t = np.asarray(t, dtype=float)
+        r, alpha, a, b = self.r, self.alpha, self.a, self.b
+        z = t / (alpha + t)
+        return (a + b - 1.0) / (a - 1.0) * (
+            1.0 - (alpha / (alpha + t)) ** r * hyp2f1(r, b, a + b - 1.0, z))
+
+
+def fit_bgnbd(frequency, recency, T, weights=None) -> BGNBDFit:
+    """Maximum-likelihood BG/NBD fit; customers are aggregated first unless `weights`
+    is given (then the rows are taken as already distinct)."""
+    if weights is None:
+        agg = aggregate(frequency, recency, T)
+        (x, tx, t), w = agg.columns, agg.weights
+    else:
+        x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        w = np.asarray(weights, dtype=float)
+    if len(x) == 0:
+        raise ValueError("no customers to fit")
+    if np.any(x < 0) or np.any(tx < 0) or np.any(tx > t + 1e-9) or np.any((x == 0) & (tx != 0)):
+        raise ValueError("need 0 <= recency <= T, and recency 0 where frequency is 0")
+    total = w.sum()
+
+    def objective(log_params):
+        ll, grad = _bgnbd_loglik(np.exp(log_params), x, tx, t, want_grad=True)
+        return -np.dot(w, ll) / total, -(grad @ w) / total
+
+    # alpha is the inverse of a purchase rate in model time units: start it at the
+    # population's observed time per repeat purchase so the scale of T does not matter.
+    rate = max(np.dot(w, x), 1.0) / max(np.dot(w, t), 1e-9)
+    start = np.log([1.0, 1.0 / rate, 1.0, 1.0])
+    result = _minimize(objective, start)
+    r, alpha, a, b = np.exp(result.x)
+    return BGNBDFit(
+        r=float(r), alpha=float(alpha), a=float(a), b=float(b),
+        log_likelihood=float(-result.fun * total), customers=int(round(total)),
+        distinct_rows=len(x), converged=bool(result.success), iterations=int(result.nit),
+        message=str(result.message),
+    )
+
+
+# -------------------------------------------------------------------------- Gamma-Gamma
+
+
+def _gg_loglik(params: np.ndarray, x, m, want_grad: bool = False):
+    p, q, v = params
+    px = p * x
+    log_xm_v = np.log(x * m + v)
+    ll = (gammaln(px + q) - gammaln(px) - gammaln(q) + q * math.log(v)
+          + (px - 1.0) * np.log(m) + px * np.log(x) - (px + q) * log_xm_v)
+    if not want_grad:
+        return ll
+    dg = digamma(px + q)
+    d_p = x * (dg - digamma(px) + np.log(m) + np.log(x) - log_xm_v)
+    d_q = dg - digamma(q) + math.log(v) - log_xm_v
+    d_v = q / v - (px + q) / (x * m + v)
+    return ll, np.stack([d_p * p, d_q * q, d_v * v])
+
+
+def gamma_gamma_log_likelihood(params, frequency, monetary_value, weights=None) -> float:
+    x, m = (np.asarray(v, dtype=float) for v in (frequency, monetary_value))
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    return float(np.dot(w, _gg_loglik(np.asarray(params, dtype=float), x, m)))
+
+
+@dataclass(frozen=True)
+class GammaGammaFit:
+    p: float
+    q: float
+    gamma: float
+    log_likelihood: float
+    customers: int
+    distinct_rows: int
+    converged: bool
+    iterations: int
+    message: str
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"p": self.p, "q": self.q, "gamma": self.gamma}
+
+    @property
+    def population_mean(self) -> float:
+        """E[value of a purchase] across customers: p gamma / (q - 1); NaN when q <= 1
+        (the fitted spend distribution then has no mean)."""
+        return self.p * self.gamma / (self.q - 1.0) if self.q > 1.0 else float("nan")
+
+    def expected_avg_order_value(self, frequency, monetary_value) -> np.ndarray:
+        """E[value of a purchase | x repeat purchases of mean value m]: a weighted mean of
+        the population mean and the customer's own, with weight p x / (p x + q - 1)."""
+        x = np.asarray(frequency, dtype=float)
+        m = np.where(x > 0, np.asarray(monetary_value, dtype=float), 0.0)
+        if self.q <= 1.0:
+            return np.full(x.shape, np.nan)
+        return (self.p * (self.gamma + x * m)) / (self.p * x + self.q - 1.0)
+
+
+def fit_gamma_gamma(frequency, monetary_value, weights=None) -> GammaGammaFit:
+    """Maximum-likelihood Gamma-Gamma fit on repeat buyers: rows with frequency > 0 and a
+    positive mean repeat value (a zero value has no likelihood under the model)."""
+    x = np.asarray(frequency, dtype=float)
+    m = np.asarray(monetary_value, dtype=float)
+    w_in = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    use = (x > 0) & (m > 0) & np.isfinite(m)
+    if weights is None:
+        agg = aggregate(x[use], m[use])
+        (x, m), w = agg.columns, agg.weights
+    else:
+        x, m, w = x[use], m[use], w_in[use]
+    if len(x) == 0:
+        raise ValueError("no repeat buyers with a positive value to fit")
+    total = w.sum()
+
+    def objective(log_params):
+        ll, grad = _gg_loglik(np.exp(log_params), x, m, want_grad=True)
+        return -np.dot(w, ll) / total, -(grad @ w) / total
+
+    mean_value = float(np.dot(w, m) / total)
+    start = np.log([1.0, 2.0, mean_value])
+    result = _minimize(objective, start)
+    p, q, v = np.exp(result.x)
+    return GammaGammaFit(
+        p=float(p), q=float(q), gamma=float(v), log_likelihood=float(-result.fun * total),
+        customers=int(round(total)), distinct_rows=len(x), converged=bool(result.success),
+        iterations=int(result.nit), message=str(result.message),
+    )
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score_customers(
+    summary: pd.DataFrame,
+    bgnbd: BGNBDFit,
+    gamma_gamma: GammaGammaFit | None,
+    time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+    annual_discount_rate: float = 0.0,
+) -> pd.DataFrame:
+    """Per-customer predictions for an `rfm_summary` frame (same index).
+
+    probability_alive, expected_purchases_90d, expected_purchases_365d,
+    expected_avg_order_value (NaN without a Gamma-Gamma fit), predicted_value_12m.
+    The 12-month value is expected purchases in the next 365 days times the expected
+    order value; with `annual_discount_rate` d > 0 each month's expected purchases are
+    discounted by (1 + d)^(month / 12) instead (d = 0 gives the plain product).
+    """
+    agg = aggregate(summary["frequency"], summary["recency"], summary["T"])
+    x, tx, t = agg.columns
+    inv = agg.inverse
+    horizon_90 = 90.0 / time_unit_days
+    horizon_365 = DAYS_PER_YEAR / time_unit_days
+    out = pd.DataFrame(index=summary.index)
+    out["probability_alive"] = bgnbd.probability_alive(x, tx, t)[inv]
+    out["expected_purchases_90d"] = bgnbd.expected_purchases(horizon_90, x, tx, t)[inv]
+    purchases_365 = bgnbd.expected_purchases(horizon_365, x, tx, t)
+    out["expected_purchases_365d"] = purchases_365[inv]
+    if gamma_gamma is None:
+        aov = np.full(len(summary), np.nan)
+    else:
+        aov = gamma_gamma.expected_avg_order_value(
+            summary["frequency"].to_numpy(), summary["monetary_value"].to_numpy())
+    out["expected_avg_order_value"] = aov
+    if annual_discount_rate:
+        months = np.arange(1, 13)
+        cumulative = np.stack([bgnbd.expected_purchases(horizon_365 * k / 12.0, x, tx, t)
+                               for k in months])
+        per_month = np.diff(np.vstack([np.zeros_like(x), cumulative]), axis=0)
+        factors = (1.0 + annual_discount_rate) ** (-months / 12.0)
+        discounted = (factors[:, None] * per_month).sum(axis=0)
+        out["predicted_value_12m"] = discounted[inv] * aov
+    else:
+        out["predicted_value_12m"] = out["expected_purchases_365d"].to_numpy() * aov
+    return out
+
+
+@dataclass(frozen=True)
+class Prediction:
+    summary: pd.DataFrame  # rfm_summary columns
+    scores: pd.DataFrame  # score_customers columns, same index
+    bgnbd: BGNBDFit
+    gamma_gamma: GammaGammaFit | None
+    time_unit_days: float
+
+
+def predict_customer_value(
+    transactions: pd.DataFrame,
+    as_of: Any,
+    time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+    customer_col: str = "customer_id",
+    datetime_col: str = "purchased_at",
+    monetary_col: str = "revenue",
+    annual_discount_rate: float = 0.0,
+) -> Prediction:
+    """rfm_summary, both fits and the scores, from a transaction log, as of `as_of`.
+
+    Gamma-Gamma is skipped (None; order values NaN) when no customer has a repeat
+    purchase with a positive value.
+    """
+    summary = rfm_summary(transactions, as_of, time_unit_days, customer_col, datetime_col,
+                          monetary_col)
+    bgnbd = fit_bgnbd(summary["frequency"], summary["recency"], summary["T"])
+    repeat = (summary["frequency"] > 0) & (summary["monetary_value"] > 0)
+    gamma_gamma = (fit_gamma_gamma(summary["frequency"], summary["monetary_value"])
+                   if repeat.any() else None)
+    scores = score_customers(summary, bgnbd, gamma_gamma, time_unit_days,
+                             annual_discount_rate)
+    return Prediction(summary, scores, bgnbd, gamma_gamma, time_unit_days)
+
+
+# ----------------------------------------------------------------------------- simulate
+
+
+@dataclass(frozen=True)
+class Simulated:
+    """Customers drawn from BG/NBD + Gamma-Gamma, in model time units.
+
+    frequency, recency, T, monetary_value per customer (continuous time), and, when asked
+    for, the transaction log (customer, time since the customer's first purchase, value),
+    first purchases included.
+    """
+
+    frequency: np.ndarray
+    recency: np.ndarray
+    T: np.ndarray
+    monetary_value: np.ndarray
+    transactions: pd.DataFrame | None
+
+
+def simulate(
+    n: int,
+    bgnbd_params: dict[str, float],
+    gamma_gamma_params: dict[str, float] | None = None,
+    T: Any = 52.0,
+    seed: int = 0,
+    transactions: bool = False,
+) -> Simulated:
+    """Draw `n` customers; T is a scalar or an array of ages (one per customer)."""
+    rng = np.random.default_rng(seed)
+    r, alpha, a, b = (bgnbd_params[k] for k in ("r", "alpha", "a", "b"))
+    ages = np.broadcast_to(np.asarray(T, dtype=float), (n,)).copy()
+    rate = np.maximum(rng.gamma(r, 1.0 / alpha, n), 1e-300)
+    dropout = rng.beta(a, b, n)
+    x = np.zeros(n, dtype=np.int64)
+    tx = np.zeros(n)
+    clock = np.zeros(n)
+    active = np.arange(n)
+    ids: list[np.ndarray] = [np.arange(n)] if transactions else []
+    times: list[np.ndarray] = [np.zeros(n)] if transactions else []
+    while active.size:
+        nxt = clock[active] + rng.exponential(1.0 / rate[active])
+        inside = nxt <= ages[active]
+        active, nxt = active[inside], nxt[inside]
+        x[active] += 1
+        tx[active] = nxt
+        clock[active] = nxt
+        if transactions:
+            ids.append(active)
+            times.append(nxt)
+        active = active[rng.random(active.size) >= dropout[active]]
+
+    monetary = np.zeros(n)
+    log = None
+    if gamma_gamma_params is not None:
+        p, q, v = (gamma_gamma_params[k] for k in ("p", "q", "gamma"))
+        scale = 1.0 / rng.gamma(q, 1.0 / v, n)  # per-customer 1/nu
+        if transactions:
+            cust = np.concatenate(ids)
+            when = np.concatenate(times)
+            value = rng.gamma(p, scale[cust])
+            log = pd.DataFrame({"customer": cust, "time": when, "value": value})
+            repeat = when > 0
+            sums = np.bincount(cust[repeat], weights=value[repeat], minlength=n)
+            monetary = np.where(x > 0, sums / np.maximum(x, 1), 0.0)
+        else:
+            # the mean of x Gamma(p, nu) draws is Gamma(p x, x nu)
+            repeat = x > 0
+            monetary[repeat] = rng.gamma(p * x[repeat], scale[repeat] / x[repeat])
+    elif transactions:
+        log = pd.DataFrame({"customer": np.concatenate(ids), "time": np.concatenate(times)})
+    return Simulated(x, tx, ages, monetary, log)
+
+
+# --------------------------------------------------------------------------- CDNOW data
+
+
+def lifetimes_dataset_path(filename: str = "CDNOW_sample.txt") -> Path:
+    """Path of a data file shipped in the installed `lifetimes` distribution.
+
+    Found through the distribution's file list (or the package's location), without
+    importing `lifetimes`. Raises FileNotFoundError naming the install command.
+    """
+    try:
+        dist = metadata.distribution("lifetimes")
+    except metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for entry in dist.files or ():
+            if entry.name == filename and entry.parent.name == "datasets":
+                path = Path(str(dist.locate_file(entry)))
+                if path.is_file():
+                    return path
+    spec = util.find_spec("lifetimes")  # locates, does not execute, the package
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{filename} not found: it ships in the lifetimes package; install it with "
+        "`.venv/bin/pip install --no-deps lifetimes==0.11.3`")
+
+
+def load_cdnow_transactions(path: str | Path | None = None) -> pd.DataFrame:
+    """The CDNOW transaction log as customer_id, date, cds, dollars (+ master_id).
+
+    `CDNOW_sample.txt` (the 1/10 sample of the 1997 Q1 cohort, 2,357 customers, the data
+    of the BG/NBD paper) has five whitespace-separated columns: the customer's id in the
+    master file, the sample id (1..2357, the ID of the published summaries), the date
+    yyyymmdd, the number of CDs and the dollar value. `CDNOW_master.txt` has four (id,
+    date, CDs, dollars) after a header line. customer_id is the sample id where there is
+    one. Without `path`, the sample file of the installed lifetimes package.
+    """
+    path = Path(path) if path is not None else lifetimes_dataset_path("CDNOW_sample.txt")
+    with open(path) as fh:
+        first = fh.readline().split()
+    header = 0 if first and not first[0].isdigit() else None
+    raw = pd.read_csv(path, sep=r"\s+", header=header, dtype=str)
+    if raw.shape[1] == 5:
+        raw.columns = ["master_id", "customer_id", "date", "cds", "dollars"]
+    elif raw.shape[1] == 4:
+        raw.columns = ["customer_id", "date", "cds", "dollars"]
+    else:
+        raise ValueError(f"{path}: expected 4 or 5 columns, found {raw.shape[1]}")
+    out = pd.DataFrame({"customer_id": raw["customer_id"].astype("int64")})
+    if "master_id" in raw:
+        out["master_id"] = raw["master_id"].astype("int64")
+    out["date"] = pd.to_datetime(raw["date"], format="%Y%m%d")
+    out["cds"] = raw["cds"].astype("int64")
+    out["dollars"] = raw["dollars"].astype(float)
+    return out
+
+
+# ----------------------------------------------------------------------------- database
+
+PREDICTION_COLUMNS = (
+    "customer_id", "as_of", "purchases", "frequency", "recency", "age", "time_unit",
+    "probability_alive", "expected_purchases_90d", "expected_purchases_365d",
+    "expected_avg_order_value", "predicted_value_12m",
+)
+
+PREDICT_DDL = f"""
+create schema if not exists marts;
+
+create table if not exists {PREDICTIONS_TABLE} (
+  customer_id text not null,
+  as_of timestamptz not null,
+  purchases integer not null,
+  frequency integer,
+  recency double precision,
+  age double precision,
+  time_unit interval not null,
+  probability_alive double precision,
+  expected_purchases_90d double precision,
+  expected_purchases_365d double precision,
+  expected_avg_order_value double precision,
+  predicted_value_12m double precision,
+  primary key (as_of, customer_id)
+);
+
+create table if not exists {FITS_TABLE} (
+  as_of timestamptz not null,
+  model text not null check (model in ('bgnbd', 'gamma_gamma')),
+  params jsonb not null,
+  log_likelihood double precision not null,
+  customers integer not null,
+  converged boolean not null,
+  fitted_for timestamptz not null,
+  run_id text,
+  time_unit interval not null,
+  distinct_rows integer not null,
+  iterations integer not null,
+  message text,
+  primary key (as_of, model)
+);
+"""
+
+PURCHASES_RELATION = "intermediate.int_purchases_unified"
+
+
+def _copy_out(conn, query) -> io.BytesIO:
+    buf = io.BytesIO()
+    with conn.cursor().copy(query) as copy:
+        for chunk in copy:
+            buf.write(chunk)
+    buf.seek(0)
+    return buf
+
+
+def _read_inputs(conn, as_of: pd.Timestamp) -> tuple[pd.DataFrame, pd.Series]:
+    from psycopg import sql
+
+    purchases_q = sql.SQL(
+        "copy (select customer_id, extract(epoch from purchased_at), coalesce(revenue, 0) "
+        "from {} where customer_id is not null and purchased_at <= {}) "
+        "to stdout with (format csv)"
+    ).format(sql.SQL(PURCHASES_RELATION), sql.Literal(as_of.to_pydatetime()))
+    purchases = pd.read_csv(
+        _copy_out(conn, purchases_q), header=None,
+        names=["customer_id", "epoch", "revenue"],
+        dtype={"customer_id": str, "epoch": float, "revenue": float},
+        keep_default_na=False, na_values={"epoch": [""], "revenue": [""]},
+    )
+    purchases["purchased_at"] = pd.to_datetime(
+        np.round(purchases.pop("epoch").to_numpy() * 1e6).astype("int64"), unit="us", utc=True)
+    customers = pd.read_csv(
+        _copy_out(conn, "copy (select customer_id from raw.customers) to stdout with (format csv)"),
+        header=None, names=["customer_id"], dtype=str, keep_default_na=False,
+    )["customer_id"]
+    return purchases, customers
+
+
+def _fit_row(model: str, fit, as_of: datetime, run_id: str | None, unit: timedelta) -> tuple:
+    return (as_of, model, json.dumps(fit.params), fit.log_likelihood, fit.customers,
+            fit.converged, as_of, run_id, unit, fit.distinct_rows, fit.iterations, fit.message)
+
+
+def write_predictions(
+    url: str | None,
+    as_of: Any,
+    run_id: str | None = None,
+    *,
+    time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+    annual_discount_rate: float = 0.0,
+) -> dict[str, Any]:
+    """Fit both models on the purchases up to `as_of` and publish the predictions.
+
+    Reads intermediate.int_purchases_unified (purchases at or before as_of, the
+    contract's "data after as_of is ignored") and raw.customers; in one transaction
+    replaces the rows of `as_of` in marts.customer_predicted_value (one per customer of
+    raw.customers; purchases 0 and every model column NULL for a customer without a
+    purchase) and marts.predicted_value_fits (one per model fitted). Re-running for the
+    same as_of gives the same rows. Returns a summary of the run.
+    """
+    from psycopg import sql
+
+    from retention import db
+
+    as_of_ts = _utc_timestamp(as_of)
+    as_of_dt = as_of_ts.to_pydatetime()
+    unit = timedelta(days=time_unit_days)
+    with db.connect(url) as conn:
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict.ddl'))")
+        conn.execute(PREDICT_DDL)
+        conn.commit()
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict'), %s)",
+                     (int(as_of_ts.timestamp()) % (2**31),))
+        purchases, customers = _read_inputs(conn, as_of_ts)
+
+        bgnbd = gamma_gamma = None
+        if len(purchases):
+            prediction = predict_customer_value(
+                purchases, as_of_ts, time_unit_days, annual_discount_rate=annual_discount_rate)
+            bgnbd, gamma_gamma = prediction.bgnbd, prediction.gamma_gamma
+            scored = prediction.summary.join(prediction.scores)
+        else:
+            scored = pd.DataFrame(columns=["purchases", "frequency", "recency", "T",
+                                           "monetary_value", "probability_alive"])
+        rows = pd.DataFrame({"customer_id": customers.to_numpy()})
+        rows = rows.merge(scored.rename(columns={"T": "age"}), how="left",
+                          left_on="customer_id", right_index=True)
+        rows["purchases"] = rows["purchases"].fillna(0).astype("int64")
+        rows["frequency"] = rows["frequency"].astype("Int64")
+        rows["as_of"] = as_of_ts.isoformat()
+        rows["time_unit"] = f"{time_unit_days} days"
+        for col in PREDICTION_COLUMNS:
+            if col not in rows:
+                rows[col] = np.nan
+        buf = io.StringIO()
+        rows[list(PREDICTION_COLUMNS)].to_csv(buf, index=False, header=False, na_rep="")
+
+        conn.execute(f"delete from {PREDICTIONS_TABLE} where as_of = %s", (as_of_dt,))
+        copy_sql = sql.SQL("copy {} ({}) from stdin with (format csv)").format(
+            sql.SQL(PREDICTIONS_TABLE), sql.SQL(", ").join(map(sql.Identifier, PREDICTION_COLUMNS)))
+        with conn.cursor().copy(copy_sql) as copy:
+            copy.write(buf.getvalue())
+        conn.execute(f"delete from {FITS_TABLE} where as_of = %s", (as_of_dt,))
+        fit_rows = [_fit_row(name, fit, as_of_dt, run_id, unit)
+                    for name, fit in (("bgnbd", bgnbd), ("gamma_gamma", gamma_gamma))
+                    if fit is not None]
+        if fit_rows:
+            with conn.cursor().copy(
+                f"copy {FITS_TABLE} (as_of, model, params, log_likelihood, customers, "
+                "converged, fitted_for, run_id, time_unit, distinct_rows, iterations, message) "
+                "from stdin"
+            ) as copy:
+                for row in fit_rows:
+                    copy.write_row(row)
+        conn.commit()
+
+    return {
+        "as_of": as_of_ts.isoformat(),
+        "run_id": run_id,
+        "customers": int(len(rows)),
+        "customers_with_purchases": int((rows["purchases"] > 0).sum()),
+        "time_unit_days": time_unit_days,
+        "bgnbd": None if bgnbd is None else {**asdict(bgnbd)},
+        "gamma_gamma": None if gamma_gamma is None else {**asdict(gamma_gamma)},
+    }
