@@ -39,9 +39,6 @@ from retention.schema import ensure_schemas
 
 COPY_CHUNK = 1 << 20
 
-ISO_TIMESTAMP = (
-    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+-]\d{2}(:?\d{2})?)$"
-)
 NUMERIC = r"^[+-]?(\d{1,16}(\.\d*)?|\.\d+)$"
 INTEGER = r"^[+-]?\d{1,9}$"
 BOOLEANS_TRUE = ("true", "t", "1", "yes", "y")
@@ -224,26 +221,32 @@ def discover(path: Path) -> tuple[dict[str, Path], list[str]]:
 # --------------------------------------------------------------------------- SQL
 
 
+STRICT_TIMESTAMP = (
+    r"^[1-9]\d{3}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):[0-5]\d"
+    r"(:([0-5]\d|60)(\.\d{1,6})?)?([Zz]|[+-](0\d|1[0-4])(:?[0-5]\d)?)$"
+)
+
+
 def _ensure_cast_functions(conn: psycopg.Connection) -> None:
-    """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp."""
-    version = conn.info.server_version
-    if version >= 160000:
-        body = f"""
+    """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp with an
+    offset. Pure SQL (inlined, no exception block): a strict pattern, then a day-of-month
+    check against the month's length, then the cast, which can no longer fail."""
+    conn.execute(f"""
         create or replace function ops.try_timestamptz(v text) returns timestamptz
         language sql immutable parallel safe as $$
-          select case when v ~ '{ISO_TIMESTAMP}' and pg_input_is_valid(v, 'timestamptz')
-                      then v::timestamptz end
-        $$;"""
-    else:
-        body = f"""
-        create or replace function ops.try_timestamptz(v text) returns timestamptz
-        language plpgsql immutable parallel safe as $$
-        begin
-          if v !~ '{ISO_TIMESTAMP}' then return null; end if;
-          return v::timestamptz;
-        exception when others then return null;
-        end $$;"""
-    conn.execute(body)
+          select case
+            when v ~ '{STRICT_TIMESTAMP}'
+             and substr(v, 9, 2)::int <= extract(day from (make_date(substr(v, 1, 4)::int,
+                   substr(v, 6, 2)::int, 1) + interval '1 month - 1 day'))
+            then v::timestamptz end
+        $$;""")
+
+
+def _tune_session(conn: psycopg.Connection) -> None:
+    """Set-wise checks over millions of staged rows: sort and hash in memory, no JIT
+    (its compile time dominates on these one-off statements)."""
+    conn.execute("set local jit = off")
+    conn.execute("set local work_mem = '256MB'")
 
 
 def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
@@ -271,9 +274,11 @@ def _reason(cond: sql.Composable, text: sql.Composable | str) -> sql.Composable:
 
 
 def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.Composable:
-    """SELECT producing line_no, typed contract columns, record (jsonb) and reason."""
+    """One pass over the staged text rows: _rec_no, typed contract columns and the reasons
+    a row breaks the contract (NULL when it does not). Duplicates and foreign keys are
+    checked afterwards on the result (see `_mark_duplicates_and_orphans`)."""
     n = sql.Identifier
-    cleaned, typed, base_reasons = [], [], []
+    cleaned, typed, reasons = [], [], []
     for col in table.columns:
         if col.name in header:
             src = sql.SQL("nullif(btrim(s.{}), '')").format(n(col.name))
@@ -288,73 +293,67 @@ def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.
         tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
         vref = sql.SQL("v.{}").format(n(col.name))
         if col.name in table.key:
-            base_reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing key {col.name}"))
+            reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing key {col.name}"))
         elif col.not_null:
-            base_reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing {col.name}"))
+            reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing {col.name}"))
         if col.type != "text":
-            base_reasons.append(_reason(
+            reasons.append(_reason(
                 sql.SQL("{} is not null and {} is null").format(tref, vref),
                 sql.SQL("'unparsable ' || {} || ' ' || quote_literal(left({}, 60))").format(
                     sql.Literal(f"{col.type} in {col.name}:"), tref)))
         if col.enum:
-            base_reasons.append(_reason(
+            reasons.append(_reason(
                 sql.SQL("{} is not null and {} <> all({})").format(
                     tref, tref, sql.Literal(list(col.enum))),
                 sql.SQL("{} || quote_literal({})").format(
                     sql.Literal(f"unknown {col.name} "), tref)))
         if col.non_negative:
-            base_reasons.append(_reason(sql.SQL("{} < 0").format(vref), f"negative {col.name}"))
+            reasons.append(_reason(sql.SQL("{} < 0").format(vref), f"negative {col.name}"))
         if col.type == "timestamptz":
-            base_reasons.append(_reason(
+            reasons.append(_reason(
                 sql.SQL("{} > %(loaded_at)s").format(vref),
                 f"timestamp in the future of the load: {col.name}"))
     if table.currency_column and currency:
         cref = sql.SQL("upper(c.{})").format(n(f"t_{table.currency_column}"))
-        base_reasons.append(_reason(
+        reasons.append(_reason(
             sql.SQL("{} <> {}").format(cref, sql.Literal(currency)),
             sql.SQL("'wrong currency ' || {} || {}").format(
                 cref, sql.Literal(f" (shop currency {currency})"))))
-    record_cols = [c for c in header if c]
-    record = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
-        sql.SQL("{}, s.{}").format(sql.Literal(c), n(c)) for c in record_cols))
-    key_cols = sql.SQL(", ").join(sql.SQL("v.{}").format(n(k)) for k in table.key)
-    fk_reasons = [
-        _reason(
-            sql.SQL("v.{col} is not null and not exists (select 1 from raw.{ref} r "
-                    "where r.{refcol} = v.{col})").format(
-                col=n(fk.column), ref=n(fk.table), refcol=n(fk.ref_column)),
-            f"{fk.reason}: {fk.column}")
-        for fk in table.foreign_keys
-    ]
     return sql.SQL("""
-        with cleaned as (
-          select s._rec_no, {record} as record, {cleaned} from stage s
-        ), typed as (
-          select c._rec_no, c.record, {typed} from cleaned c
-        ), checked as (
-          select v.*, nullif(concat_ws('; ', {base_reasons}), '') as base_reason
-          from typed v join cleaned c using (_rec_no)
-        ), ranked as (
-          select v.*, case when v.base_reason is null then
-                   min(v._rec_no) over (partition by v.base_reason is null, {key_cols})
-                 end as first_line
-          from checked v
-        )
-        select v._rec_no, v.record, {cols},
-               nullif(concat_ws('; ', v.base_reason,
-                 case when v.base_reason is null and v.first_line <> v._rec_no
-                      then 'duplicate key (first at line ' || (v.first_line + 1) || ')' end,
-                 {fk_reasons}), '') as reason
-        from ranked v
+        select s._rec_no, {cols}, nullif(concat_ws('; ', {reasons}), '') as reason
+        from stage s
+        cross join lateral (select {cleaned} offset 0) c
+        cross join lateral (select {typed} offset 0) v
     """).format(
-        record=record,
+        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.columns),
+        reasons=sql.SQL(", ").join(reasons) if reasons else sql.SQL("null"),
         cleaned=sql.SQL(", ").join(cleaned),
         typed=sql.SQL(", ").join(typed),
-        base_reasons=sql.SQL(", ").join(base_reasons) if base_reasons else sql.SQL("null"),
-        key_cols=key_cols,
-        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.columns),
-        fk_reasons=sql.SQL(", ").join(fk_reasons) if fk_reasons else sql.SQL("null"),
     )
+
+
+def _mark_duplicates_and_orphans(conn: psycopg.Connection, table: Table) -> None:
+    """A second row with the key of an earlier valid row is a duplicate; a row whose
+    foreign key points nowhere is an orphan. Both only among rows valid so far."""
+    n = sql.Identifier
+    keys = sql.SQL(", ").join(n(k) for k in table.key)
+    join = sql.SQL(" and ").join(sql.SQL("c.{0} = d.{0}").format(n(k)) for k in table.key)
+    conn.execute(sql.SQL("""
+        with dupes as (
+          select {keys}, min(_rec_no) as first_rec from checked_stage
+          where reason is null group by {keys} having count(*) > 1
+        )
+        update checked_stage c
+        set reason = 'duplicate key (first at line ' || (d.first_rec + 1) || ')'
+        from dupes d where {join} and c.reason is null and c._rec_no <> d.first_rec
+    """).format(keys=keys, join=join))
+    for fk in table.foreign_keys:
+        conn.execute(sql.SQL("""
+            update checked_stage c set reason = {reason}
+            where c.reason is null and c.{col} is not null
+              and not exists (select 1 from raw.{ref} r where r.{refcol} = c.{col})
+        """).format(reason=sql.Literal(f"{fk.reason}: {fk.column}"), col=n(fk.column),
+                    ref=n(fk.table), refcol=n(fk.ref_column)))
 
 
 def _upsert_sql(table: Table) -> sql.Composable:
@@ -418,6 +417,7 @@ def _stage_file(conn: psycopg.Connection, pf: _PlannedFile) -> None:
         with conn.cursor().copy(stmt.format(copy_cols)) as copy:
             for chunk in _stream(pf.path):
                 copy.write(chunk)
+        conn.execute("analyze stage")
     except (psycopg.errors.DataError, psycopg.errors.BadCopyFileFormat,
             psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter,
             gzip.BadGzipFile, EOFError, OSError) as exc:
@@ -436,6 +436,7 @@ def _check_and_write(conn: psycopg.Connection, pf: _PlannedFile, currency: str |
     result = TableResult(table.name, source_file)
     conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
         _validate_sql(table, pf.header, currency)), {"loaded_at": loaded_at})
+    _mark_duplicates_and_orphans(conn, table)
     rows, bad = conn.execute(
         "select count(*), count(*) filter (where reason is not null) from checked_stage"
     ).fetchone()
@@ -452,8 +453,9 @@ def _check_and_write(conn: psycopg.Connection, pf: _PlannedFile, currency: str |
     conn.execute(
         """insert into ops.quarantine as q (table_name, source_file, line_no, reason, record,
                                             load_id, quarantined_at)
-           select %s, %s, _rec_no + 1, reason, record, %s, %s from checked_stage
-           where reason is not null
+           select %s, %s, c._rec_no + 1, c.reason, to_jsonb(s) - '_rec_no', %s, %s
+           from checked_stage c join stage s using (_rec_no)
+           where c.reason is not null
            on conflict (table_name, source_file, line_no) do update
              set reason = excluded.reason, record = excluded.record, load_id = excluded.load_id,
                  quarantined_at = excluded.quarantined_at
@@ -487,6 +489,7 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         ensure_schemas(conn)
         conn.commit()
         _ensure_cast_functions(conn)
+        _tune_session(conn)
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
         for name in REQUIRED_TABLES:
             if name not in files:

@@ -30,6 +30,7 @@ from retention.load import (
     _ensure_cast_functions,
     _PlannedFile,
     _stage_file,
+    _tune_session,
     read_header,
 )
 from retention.schema import ensure_schemas
@@ -77,6 +78,7 @@ def load_rees46(path: Path, url: str | None = None, *, loaded_at: datetime) -> L
         ensure_schemas(conn)
         conn.commit()
         _ensure_cast_functions(conn)
+        _tune_session(conn)
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
         load_id = conn.execute(
             "insert into ops.loads (source, format, loaded_at, status) values "
@@ -87,6 +89,7 @@ def load_rees46(path: Path, url: str | None = None, *, loaded_at: datetime) -> L
         for table, build in ((products, _PRODUCTS_FROM_REES46), (events, _EVENTS_FROM_REES46)):
             conn.execute("drop table if exists stage, checked_stage")
             conn.execute(sql.SQL(build))
+            conn.execute("analyze stage")
             results.append(_check_and_write(conn, _PlannedFile(table, path, table.column_names),
                                             None, loaded_at, load_id, f"{source}#{table.name}"))
         report = LoadReport(load_id, source, loaded_at, None, results)
