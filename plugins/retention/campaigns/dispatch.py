@@ -202,9 +202,14 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
 
 def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
              release_at: datetime, *, url: str | None = None, workers: int = 1,
-             on_batch: Callable[[str, int], None] | None = None) -> dict:
+             on_batch: Callable[[str, int], None] | None = None,
+             extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None = None,
+             ) -> dict:
     """The send loop for any scope (a campaign run's step, or a chain step across its
-    instances): claim, render, send, record; after reconciling orphaned claims."""
+    instances): claim, render, send, record; after reconciling orphaned claims.
+
+    `extra_context(conn, claimed_rows)` may return template variables per message id
+    (a trigger chain's cart, product, search query); they override the defaults."""
     step = campaign.step(step_name)
     scope = {"run_id": None, **scope}
     reconciled = reconcile_orphans(scope, channels, url)
@@ -240,6 +245,7 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
                     "select customer_id, preferred_category from marts.customer_lifetime "
                     "where customer_id = any(%s)", ([r[1] for r in rows],)).fetchall()) \
                     if has_lifetime else {}
+                extras = extra_context(conn, rows) if extra_context else {}
                 messages, sent_at = [], {}
                 for message_id, customer_id, address, variant, not_before, run_id, planned_at in rows:
                     v = variants.get(variant)
@@ -251,6 +257,7 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
                         products=recs.for_category(categories.get(customer_id)),
                         discount_percent=discount,
                         expires_on=(planned_at + timedelta(days=valid_days)).date())
+                    ctx.update(extras.get(message_id, {}))
                     rendered = render(channel_name, template, ctx)
                     subject = (v.subject if v and v.subject and channel_name == "email"
                                else rendered.subject)
