@@ -1,0 +1,232 @@
+"""Mobile and web push through Firebase Cloud Messaging (HTTP v1), with firebase-admin.
+
+`messaging.send_each` takes up to 500 messages and sends each as its own HTTP request
+from a thread pool as wide as the batch (firebase-admin 7.x: `max_workers=len(messages)`),
+so one call is about one round trip long. Per-message answers are mapped:
+
+* success -> sent, provider_message_id = FCM's `projects/<p>/messages/<id>`;
+* `UNREGISTERED` (404), `SENDER_ID_MISMATCH`, or `INVALID_ARGUMENT` on `message.token`
+  -> failed with `deactivate_address=True` (Firebase's advice: drop the token);
+* 429 `QUOTA_EXCEEDED`, 500, 503, timeouts, connection failures -> those messages alone
+  are sent again after a backoff (Retry-After honoured), up to the policy's attempts,
+  then failed `retries exhausted: <status>`;
+* anything else (401, 403, other 400s) -> failed with FCM's status and message.
+
+firebase-admin has no setting for another FCM host (no emulator variable for messaging);
+`configure_fcm_endpoint` points one app's messaging service at a base URL and replaces
+the SDK's own urllib3 retries with none, so every retry is this module's: counted,
+injectable, honouring Retry-After.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import firebase_admin
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+from firebase_admin import credentials, exceptions, messaging
+from urllib3.util.retry import Retry
+
+from retention.channels.base import ChannelStats, OutboundMessage, SendResult
+from retention.channels.retry import RetryPolicy, retry_after_seconds
+
+FCM_BASE_URL = "https://fcm.googleapis.com"
+MAX_SEND_EACH = 500
+_TRANSIENT = (exceptions.ResourceExhaustedError, exceptions.UnavailableError,
+              exceptions.InternalError, exceptions.DeadlineExceededError, messaging.QuotaExceededError)
+
+
+def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL, *,
+                           pool_size: int = MAX_SEND_EACH) -> None:
+    """Send `app`'s FCM requests to `base_url` (e.g. a local server) through a connection
+    pool of `pool_size` with no SDK-level retries.
+
+    firebase-admin 7.x builds the FCM URL once per app, in `_MessagingService.__init__`,
+    from the class constant `FCM_URL`, and exposes no option for it. Rather than change
+    that constant for every app in the process, this sets the one app's service
+    attributes. It touches private names, so it fails loudly if the SDK changes them.
+    """
+    service = messaging._get_messaging_service(app)  # noqa: SLF001 - see docstring
+    base = base_url.rstrip("/")
+    try:
+        project = service._project_id  # noqa: SLF001
+        service._fcm_url = f"{base}/v1/projects/{project}/messages:send"  # noqa: SLF001
+        session = service._client.session  # noqa: SLF001
+    except AttributeError as exc:  # pragma: no cover - only on an SDK upgrade
+        raise RuntimeError(f"firebase-admin {firebase_admin.__version__} changed its messaging "
+                           "internals; update retention.channels.firebase.configure_fcm_endpoint"
+                           ) from exc
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size,
+                                            max_retries=Retry(total=0, connect=0, read=0, status=0,
+                                                              raise_on_status=False))
+    session.mount(base + "/", adapter)
+
+
+def _fcm_code(exc: exceptions.FirebaseError) -> tuple[int | None, str, bool]:
+    """(HTTP status, FCM errorCode or status name, the token field was refused)."""
+    response = exc.http_response
+    status = response.status_code if response is not None else None
+    code = str(exc.code)
+    token_refused = False
+    if response is not None:
+        try:
+            error = response.json().get("error", {})
+        except ValueError:
+            error = {}
+        for detail in error.get("details") or []:
+            if str(detail.get("@type", "")).endswith("FcmError") and detail.get("errorCode"):
+                code = detail["errorCode"]
+            for violation in detail.get("fieldViolations") or []:
+                token_refused = token_refused or violation.get("field") == "message.token"
+    return status, code, token_refused
+
+
+class FirebaseChannel:
+    """Push through FCM; `kind` is the channel name, `mobile_push` or `web_push`."""
+
+    max_batch = MAX_SEND_EACH
+
+    def __init__(self, credentials_info: dict[str, Any], project_id: str | None = None, *,
+                 base_url: str | None = None,
+                 kind: Literal["mobile_push", "web_push"] = "mobile_push",
+                 retry: RetryPolicy | None = None, timeout: float = 30.0,
+                 pool_size: int = MAX_SEND_EACH, ttl_seconds: int | None = None,
+                 app_name: str | None = None) -> None:
+        if kind not in ("mobile_push", "web_push"):
+            raise ValueError(f"kind must be mobile_push or web_push, not {kind!r}")
+        self.name = kind
+        self.retry = retry or RetryPolicy()
+        self.ttl_seconds = ttl_seconds
+        self.stats = ChannelStats()
+        project = project_id or credentials_info.get("project_id")
+        self._app = firebase_admin.initialize_app(
+            credentials.Certificate(credentials_info),
+            {"projectId": project, "httpTimeout": timeout},
+            name=app_name or f"retention-{kind}-{uuid.uuid4().hex[:12]}")
+        configure_fcm_endpoint(self._app, base_url or FCM_BASE_URL, pool_size=pool_size)
+        self._token_lock = threading.Lock()
+
+    def _ensure_token(self) -> None:
+        """Fetch the OAuth2 access token once, before the batch's threads start: each of
+        send_each's threads would otherwise find no token and ask for one itself."""
+        credential = self._app.credential.get_credential()
+        with self._token_lock:
+            if not credential.valid:
+                credential.refresh(google.auth.transport.requests.Request())
+
+    def close(self) -> None:
+        firebase_admin.delete_app(self._app)
+
+    def __enter__(self) -> FirebaseChannel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def build_message(self, m: OutboundMessage) -> messaging.Message:
+        data = {**{k: str(v) for k, v in m.data.items()}, "message_id": m.message_id}
+        if self.name == "web_push":
+            headers = {"Urgency": "normal"}
+            if self.ttl_seconds is not None:
+                headers["TTL"] = str(self.ttl_seconds)
+            return messaging.Message(
+                token=m.address, data=data,
+                webpush=messaging.WebpushConfig(
+                    headers=headers,
+                    notification=messaging.WebpushNotification(title=m.subject, body=m.body_text)))
+        return messaging.Message(
+            token=m.address, data=data,
+            notification=messaging.Notification(title=m.subject, body=m.body_text),
+            android=messaging.AndroidConfig(priority="normal", ttl=self.ttl_seconds))
+
+    def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        results: list[SendResult] = []
+        for start in range(0, len(messages), MAX_SEND_EACH):
+            results += self._send_each(list(messages[start:start + MAX_SEND_EACH]))
+        return results
+
+    def _send_each(self, batch: list[OutboundMessage]) -> list[SendResult]:
+        built = [self.build_message(m) for m in batch]
+        results: list[SendResult | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        attempt = 1
+        while pending:
+            self.stats.count(requests=len(pending))
+            try:
+                self._ensure_token()
+                answers = messaging.send_each([built[i] for i in pending], app=self._app).responses
+            except google.auth.exceptions.GoogleAuthError as exc:
+                label = type(exc).__name__
+                if not getattr(exc, "retryable", False):
+                    detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else label
+                    for i in pending:
+                        results[i] = SendResult.failed(batch[i].message_id,
+                                                       f"fcm auth: {detail}"[:500])
+                    break
+                answers = []
+            except exceptions.FirebaseError as exc:
+                # the whole call failed: the OAuth2 token could not be had (google-auth
+                # says whether that is worth retrying) or the SDK broke
+                cause = getattr(exc, "cause", None)
+                label = f"{type(cause or exc).__name__}"
+                if not getattr(cause, "retryable", False):
+                    for i in pending:
+                        results[i] = SendResult.failed(batch[i].message_id, f"fcm: {label}")
+                    break
+                answers = []
+            retry: list[int] = []
+            labels: dict[int, str] = {}
+            wait: float | None = None
+            if not answers:
+                retry = list(pending)
+                labels = {i: label for i in pending}
+            for i, answer in zip(pending, answers):
+                mid = batch[i].message_id
+                if answer.success:
+                    results[i] = SendResult.sent(mid, answer.message_id)
+                    continue
+                exc = answer.exception
+                status, code, token_refused = _fcm_code(exc)
+                if isinstance(exc, _TRANSIENT) or (status is not None and status >= 500):
+                    retry.append(i)
+                    labels[i] = str(status) if status is not None else (
+                        "timeout" if isinstance(exc, exceptions.DeadlineExceededError)
+                        else "connection error")
+                    after = retry_after_seconds(exc.http_response.headers) \
+                        if exc.http_response is not None else None
+                    if after is not None:
+                        wait = max(wait or 0.0, after)
+                    continue
+                dead = code in ("UNREGISTERED", "SENDER_ID_MISMATCH") or (
+                    code == "INVALID_ARGUMENT" and token_refused)
+                results[i] = SendResult.failed(
+                    mid, f"{status} {code}: {exc}" if status else f"{code}: {exc}", dead)
+            if not retry:
+                break
+            if attempt >= self.retry.max_attempts:
+                for i in retry:
+                    results[i] = SendResult.failed(batch[i].message_id,
+                                                   f"retries exhausted: {labels[i]}")
+                break
+            self.retry.sleep(self.retry.delay(attempt, wait))
+            self.stats.count(retries=len(retry))
+            pending = retry
+            attempt += 1
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+
+def load_credentials_info(text_or_path: str) -> dict[str, Any]:
+    """A service-account JSON given inline or as a file path (for hooks reading a
+    connection's extra)."""
+    text = text_or_path.strip()
+    if not text.startswith("{"):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    return json.loads(text)
