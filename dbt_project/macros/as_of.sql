@@ -1,0 +1,73 @@
+{#-
+    as_of: the moment every model is computed for (CONTRACT.md section 2).
+
+    `as_of()` renders the var `as_of` as a timestamptz literal. The var is required when
+    models execute (there is no default: the wall clock is never read). It must look like
+    an ISO-8601 timestamp with an offset or Z, e.g. 2026-10-31T00:00:00Z; anything else
+    stops the build (it is pasted into SQL).
+
+    Conventions used everywhere:
+    - data stamped at or before as_of counts, data after it is ignored (`<= as_of`);
+    - day and month boundaries are UTC;
+    - "N days" is N * 24 hours (`days_interval(N)`), never a calendar step that moves
+      with daylight saving time.
+-#}
+{% macro as_of() -%}
+    {%- set value = var('as_of', none) -%}
+    {%- if value is none or (value | string | trim) == '' -%}
+        {%- if execute -%}
+            {{ exceptions.raise_compiler_error("var 'as_of' is required, e.g. --vars '{as_of: \"2026-10-31T00:00:00Z\"}'") }}
+        {%- endif -%}
+        {%- set value = '1970-01-01T00:00:00Z' -%}
+    {%- endif -%}
+    {%- set value = value | string | trim -%}
+    {%- if not modules.re.fullmatch('[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?)?(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)?', value) -%}
+        {{ exceptions.raise_compiler_error("var 'as_of' is not an ISO-8601 timestamp: " ~ value) }}
+    {%- endif -%}
+    {%- if value[10:] == '' or not modules.re.search('(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$', value[10:]) -%}
+        {#- a date or a timestamp without offset means UTC -#}
+        {%- set value = value ~ ('T00:00:00' if value | length == 10 else '') ~ '+00:00' -%}
+    {%- endif -%}
+    ('{{ value }}'::timestamptz)
+{%- endmacro %}
+
+
+{#- The UTC calendar day of a timestamptz expression. -#}
+{% macro utc_date(expression) -%}
+    (({{ expression }}) at time zone 'UTC')::date
+{%- endmacro %}
+
+
+{#- The UTC midnight starting a date expression, as timestamptz. -#}
+{% macro utc_midnight(date_expression) -%}
+    (({{ date_expression }})::timestamp at time zone 'UTC')
+{%- endmacro %}
+
+
+{#- N days as an interval of N * 24 hours. -#}
+{% macro days_interval(days) -%}
+    (({{ days }}) * interval '24 hours')
+{%- endmacro %}
+
+
+{#- Decimal days between two timestamptz expressions (seconds / 86400). -#}
+{% macro days_between(start, finish) -%}
+    (extract(epoch from ({{ finish }}) - ({{ start }})) / 86400)
+{%- endmacro %}
+
+
+{#-
+    How many of a daily row's events fall after `boundary` (a timestamptz expression),
+    exact to the second: whole days after the boundary's UTC day count fully, on the
+    boundary day itself the row's time array is checked. Rows of int_events_aggregated_daily
+    only ever hold events up to as_of, so "after boundary" means "in (boundary, as_of]".
+-#}
+{% macro count_after(count_column, times_column, boundary, day_column='event_date') -%}
+    case
+        when {{ day_column }} > {{ utc_date(boundary) }} then {{ count_column }}
+        when {{ day_column }} = {{ utc_date(boundary) }} then (
+            select count(*) from unnest({{ times_column }}) as t(at) where t.at > {{ boundary }}
+        )
+        else 0
+    end
+{%- endmacro %}

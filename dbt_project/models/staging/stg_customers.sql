@@ -1,0 +1,36 @@
+with
+
+source as (
+
+    select * from {{ source('raw', 'customers') }} as customers
+    -- a customer exists as of as_of from sign-up (created_at) or from their first online
+    -- order, whichever is earlier: an account migrated with older orders still counts
+    where customers.created_at is null
+       or customers.created_at <= {{ as_of() }}
+       or exists (
+           select 1
+           from {{ source('raw', 'orders') }} as orders
+           where orders.customer_id = customers.customer_id
+             and orders.ordered_at <= {{ as_of() }}
+       )
+
+),
+
+renamed as (
+
+    select
+        customer_id,
+        nullif(trim(email), '') as email,
+        nullif(trim(phone), '') as phone,
+        {{ normalize_phone('phone') }} as phone_digits,
+        nullif(trim(loyalty_card_id), '') as loyalty_card_id,
+        created_at,
+        timezone,
+        city,
+        upper(country) as country
+
+    from source
+
+)
+
+select * from renamed

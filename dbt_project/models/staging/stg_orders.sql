@@ -1,0 +1,28 @@
+with
+
+source as (
+
+    select * from {{ source('raw', 'orders') }}
+    where ordered_at <= {{ as_of() }}
+
+),
+
+renamed as (
+
+    select
+        order_id,
+        customer_id,
+        ordered_at,
+        status,
+        -- CONTRACT.md section 2: only paid and delivered orders are purchases
+        status in ('paid', 'delivered') as is_purchase,
+        total_amount,
+        currency,
+        payment_method,
+        cancel_reason
+
+    from source
+
+)
+
+select * from renamed
