@@ -110,6 +110,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM this component if the test process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -157,6 +167,10 @@ class AirflowDeployment:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.components: list[_Component] = []
         self.failed = False
+        self.reported = False  # report() was called: its text is in an assertion message
+        #: seconds from start() to each milestone: "migrated", "healthy", "dag <id>"
+        self.timings: dict[str, float] = {}
+        self._t0 = time.monotonic()
         self._session: requests.Session | None = None
         self._password = secrets.token_urlsafe(24)
         # Generated per deployment, shared by all its components, never written to a log.
@@ -237,7 +251,8 @@ class AirflowDeployment:
         return self.home / "simple_auth_manager_passwords.json"
 
     def start(self) -> AirflowDeployment:
-        deadline = time.monotonic() + self.start_timeout
+        self._t0 = time.monotonic()
+        deadline = self._t0 + self.start_timeout
         self.home.mkdir(parents=True, exist_ok=True)
         # The API user's password, generated now; the api-server reads it, never prints it.
         fd = os.open(self._passwords_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -246,6 +261,7 @@ class AirflowDeployment:
         _LIVE.add(self)
         try:
             self._run_cli(["db", "migrate"], "db-migrate", deadline)
+            self.mark("migrated")
             self._spawn("api-server", ["api-server", "--host", "127.0.0.1",
                                        "--port", str(self.port), "--workers", "1"])
             self._spawn("scheduler", ["scheduler"])
@@ -253,6 +269,7 @@ class AirflowDeployment:
             if self.triggerer:
                 self._spawn("triggerer", ["triggerer"])
             self._wait_healthy(deadline)
+            self.mark("healthy")
             self._login()
             for name, slots in self.pools.items():
                 self.set_pool(name, slots)
@@ -313,6 +330,10 @@ class AirflowDeployment:
         if self._own_home and not self.failed:
             shutil.rmtree(self.home, ignore_errors=True)
 
+    def mark(self, milestone: str) -> None:
+        """Record the seconds since start() at `milestone` (first time only) in `timings`."""
+        self.timings.setdefault(milestone, round(time.monotonic() - self._t0, 1))
+
     def _run_cli(self, args: list[str], name: str, deadline: float) -> None:
         log = self.home / f"{name}.log"
         with log.open("wb") as out:
@@ -335,7 +356,8 @@ class AirflowDeployment:
         with log.open("wb") as out:
             popen = subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.environment(),
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=self.home)
+                                     start_new_session=True, cwd=self.home,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.components.append(_Component(name, popen, log))
 
     def _check_alive(self) -> None:
@@ -394,7 +416,8 @@ class AirflowDeployment:
         body = {"name": name, "slots": slots, "description": "test pool", "include_deferred": False}
         resp = self.api("POST", "/pools", json=body, ok=(200, 201, 409))
         if resp.status_code == 409:  # exists (default_pool): set its slots
-            self.api("PATCH", f"/pools/{quote(name, safe='')}", json=body)
+            self.api("PATCH", f"/pools/{quote(name, safe='')}", json={"slots": slots},
+                     params={"update_mask": ["slots"]})
 
     def import_errors(self) -> list[dict]:
         return self.api("GET", "/importErrors", params={"limit": 100}).json()["import_errors"]
@@ -406,6 +429,7 @@ class AirflowDeployment:
             self._check_alive()
             resp = self.api("GET", f"/dags/{quote(dag_id, safe='')}", ok=(200, 404))
             if resp.status_code == 200:
+                self.mark(f"dag {dag_id}")
                 return resp.json()
             errors = self.import_errors()
             if errors:
@@ -475,7 +499,7 @@ class AirflowDeployment:
 
     def logs(self, lines: int = 40) -> str:
         """Tails of the component logs (api-server, scheduler, dag-processor, ...)."""
-        out = [f"\n===== Airflow deployment home: {self.home}"]
+        out = [f"\n===== Airflow deployment home: {self.home}; seconds since start: {self.timings}"]
         for comp in self.components:
             state = comp.popen.poll()
             out.append(f"\n----- {comp.name} ({'running' if state is None else f'exit {state}'}), "
@@ -484,6 +508,7 @@ class AirflowDeployment:
 
     def report(self, dag_id: str, run_id: str) -> str:
         """Run state, task states and log tails: for assertion messages."""
+        self.reported = True
         try:
             run = self.run(dag_id, run_id)
             head = (f"run {dag_id}/{run_id}: {run['state']}; "
@@ -519,7 +544,7 @@ def airflow_deployment(make_database, tmp_path, request) -> Iterator[Callable[..
     finally:
         test_failed = request.session.testsfailed > failed_before
         for deployment in started:
-            if test_failed and not deployment.failed:
+            if test_failed and not (deployment.failed or deployment.reported):
                 with _uncaptured(request):
                     sys.stderr.write(deployment.task_logs() + deployment.logs())
             deployment.stop()
