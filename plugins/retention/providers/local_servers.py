@@ -70,6 +70,7 @@ class RecordedRequest:
     status: int | None  # None: held until the client gave up (a "timeout")
     outcome: Outcome  # what the switches decided: "ok", "timeout" or a status
     response: Any  # the parsed body answered, or None
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -201,7 +202,8 @@ class Provider:
         if reply is not None and isinstance(reply.body, (dict, list)):
             response = reply.body
         rec = RecordedRequest(self.name, inc.method, inc.path, dict(inc.headers), body,
-                              None if reply is None else reply.status, outcome, response)
+                              None if reply is None else reply.status, outcome, response,
+                              dict(reply.headers) if reply is not None else {})
         with self._lock:
             self._received.append(rec)
 
@@ -445,6 +447,29 @@ def _header_errors(headers: Any, where: str) -> list[dict]:
                              f"{where}.{name}")
                    for name in headers if name.lower() in SENDGRID_RESERVED_HEADERS]
     return errors
+
+
+def expand_mail_send(body: dict) -> list[dict]:
+    """What each recipient of a (valid) Mail Send body receives: one dict per
+    personalization with to, subject, text, html, headers and custom_args, after
+    SendGrid's substitutions and the personalization-over-message merge."""
+    content = {c["type"]: c["value"] for c in body.get("content") or []}
+    mails = []
+    for p in body["personalizations"]:
+        subs = p.get("substitutions") or {}
+
+        def fill(value: str | None) -> str | None:
+            if value is None:
+                return None
+            for tag, sub in subs.items():
+                value = value.replace(tag, sub)
+            return value
+        mails.append({"to": [t["email"] for t in p["to"]],
+                      "subject": fill(p.get("subject", body.get("subject"))),
+                      "text": fill(content.get("text/plain")), "html": fill(content.get("text/html")),
+                      "headers": {**(body.get("headers") or {}), **(p.get("headers") or {})},
+                      "custom_args": {**(body.get("custom_args") or {}), **(p.get("custom_args") or {})}})
+    return mails
 
 
 def _is_sandbox(body: dict) -> bool:
@@ -825,6 +850,7 @@ PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' pools expect
+    disable_nagle_algorithm = True  # no Nagle wait on the client's delayed ACK (40 ms a request)
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
