@@ -1,0 +1,190 @@
+"""docker-compose.yaml, Dockerfile and .env.example agree with each other and the repo.
+
+No Docker engine here: the files are parsed and cross-checked.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yaml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+INIT_DIR = ROOT / "docker" / "postgres-init"
+
+AIRFLOW_SERVICES = ["airflow-init", "airflow-api-server", "airflow-scheduler",
+                    "airflow-dag-processor", "airflow-triggerer", "airflow-worker"]
+LONG_RUNNING = [s for s in AIRFLOW_SERVICES if s != "airflow-init"] + ["postgres", "redis"]
+MOUNTED_FOLDERS = ["dags", "plugins", "dbt_project", "include"]
+CHANNEL_CONNECTIONS = ["SENDGRID_DEFAULT", "FCM_DEFAULT", "WEB_PUSH_DEFAULT",
+                       "TELEGRAM_DEFAULT", "SMS_DEFAULT", "VIBER_DEFAULT"]
+
+# ${NAME}, ${NAME:-default}, ${NAME:?message}; "$${...}" is an escaped literal for the container
+VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return COMPOSE_FILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def compose(text) -> dict:
+    return yaml.safe_load(text)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def resolve(value: str) -> str:
+    """Substitute every ${VAR...} with a placeholder, as compose would with a .env."""
+    return VARIABLE.sub(lambda m: f"value-of-{m.group(1).lower()}", value)
+
+
+def strings(node) -> list[str]:
+    """Every string value of the parsed file (what compose interpolates; comments are not)."""
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def env_example() -> dict[str, str]:
+    entries = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            entries[name.strip()] = value.strip()
+    return entries
+
+
+def test_every_required_service_exists(services):
+    assert set(AIRFLOW_SERVICES + ["postgres", "redis"]) <= set(services)
+    assert services["postgres"]["image"].split(":")[1].startswith("16")
+
+
+def test_airflow_services_share_one_image_and_the_celery_executor(services):
+    builds = {repr(services[s].get("build")) for s in AIRFLOW_SERVICES}
+    images = {services[s].get("image") for s in AIRFLOW_SERVICES}
+    assert len(builds) == 1 and len(images) == 1, (builds, images)
+    build = services["airflow-scheduler"]["build"]
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == (
+            "http://airflow-api-server:8080/execution/"), name
+    commands = {services[s].get("command") for s in AIRFLOW_SERVICES}
+    assert {"api-server", "scheduler", "dag-processor", "triggerer", "celery worker"} <= commands
+
+
+def test_urls_point_at_services_and_databases_that_exist(services):
+    env = services["airflow-worker"]["environment"]
+    init_script = "\n".join(p.read_text() for p in sorted(INIT_DIR.iterdir()))
+    created = set(re.findall(r"create database (\w+)", init_script, re.I))
+    assert created == {"airflow", "warehouse"}
+    expectations = {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": ("postgres", "airflow"),
+        "AIRFLOW__CELERY__RESULT_BACKEND": ("postgres", "airflow"),
+        "RETENTION_DATABASE_URL": ("postgres", "warehouse"),
+        "AIRFLOW__CELERY__BROKER_URL": ("redis", "0"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": ("airflow-api-server", "execution"),
+    }
+    for name, (host, path) in expectations.items():
+        url = urlsplit(resolve(env[name]).removeprefix("db+"))
+        assert url.hostname in services and url.hostname == host, name
+        assert url.path.strip("/") == path, name
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+    # the init script is what the postgres image runs on an empty volume
+    mounts = services["postgres"]["volumes"]
+    assert "./docker/postgres-init:/docker-entrypoint-initdb.d:ro" in mounts
+    assert any(m.endswith(":/var/lib/postgresql/data") and not m.startswith(".") for m in mounts)
+
+
+def test_mounted_folders_exist_in_the_repo(compose, services):
+    for name in AIRFLOW_SERVICES + ["postgres"]:
+        for mount in services[name].get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).is_dir(), f"{name} mounts missing folder {source}"
+            else:
+                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
+    targets = {m.split(":")[1]: m.split(":")[0] for m in services["airflow-worker"]["volumes"]}
+    for folder in MOUNTED_FOLDERS:
+        assert targets[f"/opt/airflow/{folder}"] == f"./{folder}"
+
+
+def test_healthchecks_and_start_order(services):
+    for name in LONG_RUNNING:
+        assert services[name]["healthcheck"]["test"], name
+    for name in AIRFLOW_SERVICES:
+        depends = services[name]["depends_on"]
+        assert depends["postgres"]["condition"] == "service_healthy", name
+        assert depends["redis"]["condition"] == "service_healthy", name
+        if name != "airflow-init":
+            assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
+    assert services["airflow-worker"]["depends_on"]["airflow-api-server"]["condition"] == (
+        "service_healthy")
+    init_env = services["airflow-init"]["environment"]
+    assert init_env["_AIRFLOW_DB_MIGRATE"] == "true"
+    assert init_env["_AIRFLOW_WWW_USER_CREATE"] == "true"
+
+
+def test_every_variable_is_documented_in_env_example(compose):
+    used = {m.group(1) for value in strings(compose) for m in VARIABLE.finditer(value)}
+    documented = env_example()
+    assert used, "no ${VAR} found: the pattern is broken"
+    assert sorted(used - set(documented)) == []
+    assert "AIRFLOW_JWT_SECRET" in used
+    for name, value in documented.items():  # placeholders only
+        if re.search(r"PASSWORD|SECRET|FERNET", name):
+            assert value == "change-me", name
+
+
+def test_secrets_come_from_the_environment_only(text, services):
+    assert "${AIRFLOW_JWT_SECRET:?set it in .env}" in text
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        for key, value in env.items():
+            value = str(value)
+            if re.search(r"(PASSWORD|SECRET|SECRET_KEY|FERNET_KEY|TOKEN|API_KEY|_AUTH)$", key):
+                match = VARIABLE.fullmatch(value)
+                assert match and match.group(2) != ":-", f"{name}: {key} is not ${{VAR:?}}"
+            if key.startswith("AIRFLOW_CONN_"):
+                assert VARIABLE.fullmatch(value), f"{name}: {key} is a literal"
+            for credentials in re.findall(r"://([^@/\s]*)@", value):
+                password = credentials.partition(":")[2]
+                assert not password or VARIABLE.fullmatch(password), f"{name}: {key}"
+    literal_secret = re.compile(
+        r"(password|passwd|secret|api[_-]?key|token)\s*[=:]\s*['\"]?(?!\$\{)[A-Za-z0-9+/_.-]{6,}"
+        r"|SG\.[\w-]{16,}|AIza[\w-]{30,}|-----BEGIN|\b\d{8,10}:[\w-]{30,}", re.I)
+    offending = [line for line in text.splitlines()
+                 if not line.lstrip().startswith("#") and literal_secret.search(line)]
+    assert offending == []
+    assert {f"AIRFLOW_CONN_{c}" for c in CHANNEL_CONNECTIONS} <= set(
+        services["airflow-worker"]["environment"])
+
+
+def test_image_matches_the_installed_airflow_and_installs_requirements():
+    dockerfile = DOCKERFILE.read_text()
+    [tag] = re.findall(r"^FROM\s+apache/airflow:(\S+)", dockerfile, re.M)
+    assert tag.split("-")[0] == version("apache-airflow") == "3.3.2"
+    assert tag.endswith("-python3.11")
+    assert re.search(r"^COPY\b.*\brequirements\.txt\b", dockerfile, re.M)
+    assert re.search(r"pip install[^\n]*(\\\n[^\n]*)*-r\s+\S*requirements\.txt", dockerfile)
+    assert re.search(r"pip install[^\n]*-e /opt/airflow", dockerfile)  # the project package
+    requirements = (ROOT / "requirements.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\[\]-]+)==(\S+)", requirements, re.M))
+    assert pins["apache-airflow"] == version("apache-airflow")
+    assert "dbt-postgres" in pins and "dbt-core" in pins and "great-expectations" in pins
