@@ -154,31 +154,39 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
 
 def reconcile_orphans(scope: dict, channels: Mapping[str, Channel],
                       url: str | None = None) -> dict[str, int]:
-    """Settle rows claimed by a worker that died. Call before a pass, with no live worker."""
+    """Settle rows claimed by a worker that died. Call before a pass, with no live worker.
+
+    Where the channel can ask its provider (`lookup_accepted(claim) -> {address:
+    provider id}`), accepted rows become sent and the rest are released for sending;
+    elsewhere the outcome is unknown and the rows fail visibly rather than risk a duplicate.
+    """
     out = {"reconciled_sent": 0, "released": 0, "unknown": 0}
     with db.connect(url) as conn:
         groups = conn.execute(f"""
-            select claim_token, channel, array_agg(message_id order by message_id)
+            select claim_token, channel,
+                   array_agg(message_id order by message_id), array_agg(address order by message_id)
             from ops.messages
             where {SCOPE} and status = 'planned' and claim_token is not null
             group by 1, 2""", scope).fetchall()
-        for token, channel_name, ids in groups:
+        for token, channel_name, ids, addresses in groups:
             channel = channels.get(channel_name)
             lookup = getattr(channel, "lookup_accepted", None)
-            accepted = lookup(token) if lookup else None
-            if lookup and accepted is not None:
-                conn.execute("""update ops.messages set status = 'sent', provider_message_id = %s,
-                                  sent_at = not_before, claim_token = null
-                                where claim_token = %s""", (accepted, token))
-                out["reconciled_sent"] += len(ids)
-            elif lookup:
-                conn.execute("update ops.messages set claim_token = null where claim_token = %s",
-                             (token,))
-                out["released"] += len(ids)
-            else:
+            if lookup is None:
                 conn.execute("update ops.messages set status = 'failed', reason = %s, "
                              "claim_token = null where claim_token = %s", (UNKNOWN_OUTCOME, token))
                 out["unknown"] += len(ids)
+                conn.commit()
+                continue
+            accepted = lookup(token)
+            sent = [(accepted[a], mid) for mid, a in zip(ids, addresses) if a in accepted]
+            with conn.cursor() as cur:
+                cur.executemany("""update ops.messages set status = 'sent', provider_message_id = %s,
+                                     sent_at = greatest(not_before, planned_at), claim_token = null
+                                   where message_id = %s""", sent)
+            conn.execute("update ops.messages set claim_token = null where claim_token = %s "
+                         "and status = 'planned'", (token,))
+            out["reconciled_sent"] += len(sent)
+            out["released"] += len(ids) - len(sent)
             conn.commit()
     return out
 

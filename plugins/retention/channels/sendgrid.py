@@ -149,7 +149,7 @@ class SendGridChannel:
         if same_subject:
             body["subject"] = group[0].subject
         text, text_parts = _factor([m.body_text for m in group], TEXT_TAG)
-        content = [{"type": "text/plain", "value": text}]
+        content = [{"type": "text/plain", "value": text}] if text else []  # SendGrid: no empty block
         html_parts = None
         if group[0].body_html is not None:
             html, html_parts = _factor([m.body_html for m in group], HTML_TAG)
@@ -179,6 +179,18 @@ class SendGridChannel:
             body["categories"] = self.categories
         body["mail_settings"] = {"sandbox_mode": {"enable": self.sandbox}}
         return body
+
+    # reconciliation ---------------------------------------------------------
+    def lookup_accepted(self, claim_token: str) -> dict[str, str]:
+        """Addresses SendGrid accepted from requests whose custom_args.claim is
+        `claim_token`, with the request's X-Message-Id: the dispatcher asks this after a
+        worker died between the provider's answer and the ledger write. Uses the E-mail
+        Activity API (an add-on on real accounts); raises if it cannot tell."""
+        query = f"unique_args['claim']=\"{claim_token}\""
+        response = self.retry.call(lambda: self._sdk.client.messages.get(
+            query_params={"query": query, "limit": self.max_personalizations * 4}))
+        found = json.loads(response.body or b"{}").get("messages", [])
+        return {m["to_email"]: str(m["msg_id"]).split(".", 1)[0] for m in found}
 
     # sending ----------------------------------------------------------------
     def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
@@ -242,7 +254,7 @@ class SendGridChannel:
             return self._sdk.client.mail.send.post(request_body=body, timeout=self.timeout)
         except sg_errors.HTTPError as exc:
             status = int(exc.status_code)
-            if status == 429 or status >= 500:
+            if status == 429 or status >= 500 or status == 401:
                 raise TransientError(str(status), retry_after_seconds(exc.headers)) from None
             errors = _errors(exc.body)
             text = "; ".join(f"{e.get('message')}" + (f" ({e['field']})" if e.get("field") else "")

@@ -478,8 +478,33 @@ def _is_sandbox(body: dict) -> bool:
 
 class SendGridProvider(Provider):
     name = "sendgrid"
-    routes = (Route(("POST",), re.compile(r"/v3/mail/send"), "mail_send", True),)
+    routes = (Route(("POST",), re.compile(r"/v3/mail/send"), "mail_send", True),
+              Route(("GET",), re.compile(r"/v3/messages"), "activity", True))
     OPTIONS = dict(api_keys=None, invalid_addresses=set)
+    _ACTIVITY_QUERY = re.compile(r"""^\(?\s*unique_args\['([\w.-]+)'\]\s*=\s*"([^"]*)"\s*\)?$""")
+
+    def activity(self, inc: Incoming) -> Reply:
+        """E-mail Activity API (`GET /v3/messages?query=unique_args['k']="v"&limit=N`): the
+        messages SendGrid accepted whose custom argument k equals v. The dispatcher asks
+        it after a crash whether a claimed request went out."""
+        m = self._ACTIVITY_QUERY.match(inc.query.get("query", "").strip())
+        if not m:
+            return Reply(400, {"errors": [_sg_error("invalid query", "query")]})
+        key, value = m.groups()
+        limit = int(inc.query.get("limit", "10"))
+        found = []
+        with self._lock:
+            sends = list(getattr(self, "_accepted_sends", []))
+        for x_message_id, body in sends:
+            for i, p in enumerate(body.get("personalizations", [])):
+                if str((p.get("custom_args") or {}).get(key)) == value:
+                    for to in p.get("to", []):
+                        found.append({"msg_id": f"{x_message_id}.local.{i}",
+                                      "from_email": body.get("from", {}).get("email"),
+                                      "subject": p.get("subject", body.get("subject")),
+                                      "to_email": to.get("email"), "status": "processed",
+                                      "opens_count": 0, "clicks_count": 0})
+        return Reply(200, {"messages": found[:limit]})
 
     def authenticate(self, inc: Incoming) -> Reply | None:
         auth = inc.headers.get("authorization", "")
@@ -509,8 +534,13 @@ class SendGridProvider(Provider):
             return Reply(400, {"errors": errors})
         if _is_sandbox(body):
             return Reply(200)
-        return Reply(202, None, {"X-Message-Id": _short_id("sendgrid", self.seed,
-                                                           self.next_number())})
+        x_message_id = _short_id("sendgrid", self.seed, self.next_number())
+        if getattr(self, "record_bodies", True):
+            with self._lock:
+                if not hasattr(self, "_accepted_sends"):
+                    self._accepted_sends = []
+                self._accepted_sends.append((x_message_id, body))
+        return Reply(202, None, {"X-Message-Id": x_message_id})
 
 
 # --------------------------------------------------------------------------- FCM

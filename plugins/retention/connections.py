@@ -1,0 +1,136 @@
+"""Channel clients from connections, one per provider.
+
+The same connection serves Airflow and the command line: Airflow reads it with its own
+secrets backends (see `retention_airflow.hooks`); the CLI reads the `AIRFLOW_CONN_<ID>`
+environment variable in Airflow's JSON form. Secrets live only there.
+
+| connection id | channels | fields |
+|---|---|---|
+| `retention_sendgrid` | email | password = API key; host = API base URL (default SendGrid's); extra: `from_email` (required), `from_name`, `sandbox` |
+| `retention_fcm` | mobile_push, web_push | password or extra `service_account` = service-account JSON (or a path to it); extra `project_id`; host = FCM base URL (default Google's) |
+| `retention_telegram` | telegram | password = bot token; host = Bot API base URL; extra `max_per_second` (default 30) |
+| `retention_sms`, `retention_viber` | sms, viber | extra = the HTTP gateway config (see channels/http_gateway.py); `{password}` in its header values is replaced by the connection's password |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from retention.channels.base import Channel
+
+CONNECTION_FOR = {"email": "retention_sendgrid", "mobile_push": "retention_fcm",
+                  "web_push": "retention_fcm", "telegram": "retention_telegram",
+                  "sms": "retention_sms", "viber": "retention_viber"}
+
+
+class ConnectionError_(RuntimeError):
+    """A channel's connection is missing or incomplete; the message names it (never its secret)."""
+
+
+def _extra(conn: Mapping[str, Any]) -> dict:
+    extra = conn.get("extra") or {}
+    return json.loads(extra) if isinstance(extra, str) else dict(extra)
+
+
+def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
+    conn_id = CONNECTION_FOR[channel]
+    extra = _extra(conn)
+    host = conn.get("host") or None
+    if host and "://" not in host:
+        schema = conn.get("schema") or "https"
+        port = f":{conn['port']}" if conn.get("port") else ""
+        host = f"{schema}://{host}{port}"
+    try:
+        if channel == "email":
+            from retention.channels.sendgrid import SendGridChannel
+
+            if not conn.get("password") or not extra.get("from_email"):
+                raise ConnectionError_(f"connection {conn_id}: needs password (API key) and "
+                                       "extra.from_email")
+            return SendGridChannel(conn["password"], extra["from_email"],
+                                   base_url=host or "https://api.sendgrid.com",
+                                   from_name=extra.get("from_name"),
+                                   sandbox=bool(extra.get("sandbox", False)))
+        if channel in ("mobile_push", "web_push"):
+            from retention.channels.firebase import FirebaseChannel, load_credentials_info
+
+            source = extra.get("service_account") or conn.get("password")
+            if not source:
+                raise ConnectionError_(f"connection {conn_id}: needs the service account JSON in "
+                                       "password or extra.service_account")
+            info = source if isinstance(source, dict) else load_credentials_info(source)
+            return FirebaseChannel(info, extra.get("project_id"), base_url=host, kind=channel)
+        if channel == "telegram":
+            from retention.channels.telegram import TelegramChannel
+
+            if not conn.get("password"):
+                raise ConnectionError_(f"connection {conn_id}: needs password (bot token)")
+            return TelegramChannel(conn["password"], base_url=host or "https://api.telegram.org",
+                                   max_per_second=float(extra.get("max_per_second", 30)))
+        if channel in ("sms", "viber"):
+            from retention.channels.http_gateway import HttpGatewayChannel
+
+            secret = conn.get("password") or ""
+            config = dict(extra, channel=channel)
+            config["headers"] = {k: str(v).replace("{password}", secret)
+                                 for k, v in dict(config.get("headers") or {}).items()}
+            return HttpGatewayChannel(config)
+    except ConnectionError_:
+        raise
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConnectionError_(f"connection {conn_id}: invalid ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
+    raise ConnectionError_(f"unknown channel {channel!r}")
+
+
+def connection_from_env(conn_id: str) -> dict | None:
+    raw = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
+    if not raw:
+        return None
+    if raw.lstrip().startswith("{"):
+        return json.loads(raw)
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    parts = urlsplit(raw)
+    return {"conn_type": parts.scheme, "host": parts.hostname, "port": parts.port,
+            "login": unquote(parts.username or ""), "password": unquote(parts.password or ""),
+            "schema": parts.path.lstrip("/"), "extra": dict(parse_qsl(parts.query))}
+
+
+def channels_from_env(names: Iterable[str]) -> dict[str, Channel]:
+    out: dict[str, Channel] = {}
+    for name in names:
+        conn = connection_from_env(CONNECTION_FOR[name])
+        if conn is None:
+            raise ConnectionError_(f"no connection {CONNECTION_FOR[name]} for channel {name}: set "
+                                   f"AIRFLOW_CONN_{CONNECTION_FOR[name].upper()}")
+        out[name] = build_channel(name, conn)
+    return out
+
+
+def local_connections(base_url: str, *, api_key: str, bot_token: str,
+                      service_account: dict) -> dict[str, str]:
+    """AIRFLOW_CONN_* values pointing every channel at the local provider servers."""
+    gateway = lambda ch: {  # noqa: E731
+        "url": f"{base_url}/gateway/{ch}", "payload_template": {
+            "to": "{address}", "text": "{text}", "client_ref": "{message_id}"},
+        "message_id_path": "message.id", "success_path": "status",
+        "headers": {"Authorization": "Bearer {password}"}}
+    return {
+        "AIRFLOW_CONN_RETENTION_SENDGRID": json.dumps({
+            "conn_type": "http", "host": base_url, "password": api_key,
+            "extra": {"from_email": "shop@example.com", "from_name": "Example Shop"}}),
+        "AIRFLOW_CONN_RETENTION_FCM": json.dumps({
+            "conn_type": "http", "host": base_url,
+            "extra": {"service_account": service_account,
+                      "project_id": service_account["project_id"]}}),
+        "AIRFLOW_CONN_RETENTION_TELEGRAM": json.dumps({
+            "conn_type": "http", "host": base_url, "password": bot_token}),
+        "AIRFLOW_CONN_RETENTION_SMS": json.dumps({
+            "conn_type": "http", "password": api_key, "extra": gateway("sms")}),
+        "AIRFLOW_CONN_RETENTION_VIBER": json.dumps({
+            "conn_type": "http", "password": api_key, "extra": gateway("viber")}),
+    }
