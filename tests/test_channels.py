@@ -191,6 +191,23 @@ def test_oversize_personal_part_is_sent_alone_in_full(sendgrid, api_key, waits):
     assert [r.status for r in results] == ["sent"] * 3
 
 
+def test_shared_body_and_substitutions_rebuild_every_message(sendgrid, api_key, waits):
+    import random
+    rng = random.Random(3)
+    words = ["<p>", "</p>", "sale", "code", "PROMO", "ab", "\n", "é", " "]
+    head, tail = "<html><body>" * 3, "</body></html>"
+    messages = [email(i, body_text="".join(rng.choices(words, k=rng.randint(0, 6))),
+                      body_html=head + "".join(rng.choices(words, k=rng.randint(0, 8))) + tail)
+                for i in range(40)]
+    url, server = sendgrid
+    SendGridChannel(api_key, "shop@example.com", base_url=url, retry=policy(waits)) \
+        .send_batch(messages)
+    [request] = server.accepted
+    assert request.body["content"][1]["value"].startswith(head)
+    assert [(m["text"], m["html"]) for m in expand_mail_send(request.body)] == \
+        [(m.body_text, m.body_html) for m in messages]
+
+
 def test_sendgrid_5xx_storm_then_success_sends_each_message_once(api_key, waits):
     url, server = start("sendgrid", api_keys={api_key}, sequence=[500, 503, 502, "ok"])
     try:

@@ -254,7 +254,7 @@ class SendGridChannel:
             return self._sdk.client.mail.send.post(request_body=body, timeout=self.timeout)
         except sg_errors.HTTPError as exc:
             status = int(exc.status_code)
-            if status == 429 or status >= 500 or status == 401:
+            if status == 429 or status >= 500:
                 raise TransientError(str(status), retry_after_seconds(exc.headers)) from None
             errors = _errors(exc.body)
             text = "; ".join(f"{e.get('message')}" + (f" ({e['field']})" if e.get("field") else "")
