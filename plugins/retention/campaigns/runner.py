@@ -1,0 +1,59 @@
+"""Run a whole campaign in logical time, for the command line and the quick start.
+
+The DAG runs the same steps with real waits; here each step happens at its logical time
+(the run's as_of plus the waits) and the messages deferred by quiet hours are released
+before the next step, as the customers' mornings would come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from retention import db
+from retention.campaigns.dispatch import dispatch_step
+from retention.campaigns.engine import plan_step, start_run, step_counts, step_time
+from retention.campaigns.policy import Policy
+from retention.campaigns.spec import Campaign
+from retention.channels.base import Channel
+
+
+def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Channel],
+                 url: str | None = None, policy: Policy | None = None) -> dict:
+    run = start_run(campaign, as_of, url, policy)
+    waves = []
+    for i, step in enumerate(campaign.steps):
+        plan_step(campaign, run, step.name, url, policy)
+        dispatch_step(campaign, run, step.name, channels, url)
+        at = step_time(campaign, run, step)
+        nxt = (step_time(campaign, run, campaign.steps[i + 1]) if i + 1 < len(campaign.steps)
+               else None)
+        with db.connect(url) as conn:
+            latest = conn.execute(
+                "select max(not_before) from ops.messages where run_id = %s and step = %s "
+                "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
+        if latest is not None and (nxt is None or latest <= nxt):
+            dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at))
+        counts = step_counts(run.run_id, step.name, url)
+        counts["step"] = step.name
+        counts["at"] = at.isoformat()
+        waves.append(counts)
+    return {"run_id": run.run_id, "audience_size": run.audience_size,
+            "holdout_size": run.holdout_size, "reused_frozen_audience": not run.created,
+            "waves": waves}
+
+
+def format_waves(result: dict) -> str:
+    lines = [f"run {result['run_id']}: audience {result['audience_size']:,} "
+             f"(holdout {result['holdout_size']:,})"
+             + (" [frozen audience reused]" if result["reused_frozen_audience"] else "")]
+    lines.append(f"  {'wave':<14}{'audience':>10}{'sent':>9}{'failed':>8}{'holdout':>9}"
+                 f"{'waiting':>9}{'suppressed':>12}  by reason")
+    for w in result["waves"]:
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(w["suppressed_by_reason"].items()))
+        lines.append(f"  {w['step']:<14}{w['audience']:>10,}{w['sent']:>9,}{w['failed']:>8,}"
+                     f"{w['holdout']:>9,}{w['planned']:>9,}{w['suppressed']:>12,}  {reasons}")
+        if w["failed_by_reason"]:
+            lines.append(f"  {'':<14}failed: " + ", ".join(
+                f"{k}: {v:,}" for k, v in w["failed_by_reason"].items()))
+    return "\n".join(lines)
