@@ -23,8 +23,8 @@ AIRFLOW_SERVICES = ["airflow-init", "airflow-api-server", "airflow-scheduler",
                     "airflow-dag-processor", "airflow-triggerer", "airflow-worker"]
 LONG_RUNNING = [s for s in AIRFLOW_SERVICES if s != "airflow-init"] + ["postgres", "redis"]
 MOUNTED_FOLDERS = ["dags", "plugins", "dbt_project", "include"]
-CHANNEL_CONNECTIONS = ["SENDGRID_DEFAULT", "FCM_DEFAULT", "WEB_PUSH_DEFAULT",
-                       "TELEGRAM_DEFAULT", "SMS_DEFAULT", "VIBER_DEFAULT"]
+CHANNEL_CONNECTIONS = ["RETENTION_SENDGRID", "RETENTION_FCM", "RETENTION_TELEGRAM",
+                       "RETENTION_SMS", "RETENTION_VIBER"]  # ids of retention.connections
 
 # ${NAME}, ${NAME:-default}, ${NAME:?message}; "$${...}" is an escaped literal for the container
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
