@@ -7,7 +7,7 @@
                 + affinity_view_weight     * views_90d )
                 * 0.5 ^ (days since last_interaction_at / affinity_half_life_days)
 
-    rounded to 6 decimals. Defaults 5 / 3 / 2 / 1 and a 90-day half-life: a purchase
+    rounded to 6 decimals (double precision). Defaults 5 / 3 / 2 / 1 and a 90-day half-life: a purchase
     weighs as much as five recent views, and interest fades by half every 90 quiet days.
     The windowed counts cover (as_of - affinity_views_window_days, as_of].
 -#}
@@ -23,5 +23,5 @@
             0.5::float8,
             ({{ days_between(last_interaction_at, as_of()) }})::float8 / {{ var('affinity_half_life_days') }}::float8
         )
-    )::numeric, 6)
+    )::numeric, 6)::float8
 {%- endmacro %}

@@ -50,9 +50,9 @@
 {%- endmacro %}
 
 
-{#- Decimal days between two timestamptz expressions (seconds / 86400). -#}
+{#- Decimal days between two timestamptz expressions (seconds / 86400), double precision. -#}
 {% macro days_between(start, finish) -%}
-    (extract(epoch from ({{ finish }}) - ({{ start }})) / 86400)
+    ((extract(epoch from ({{ finish }}) - ({{ start }})) / 86400)::float8)
 {%- endmacro %}
 
 

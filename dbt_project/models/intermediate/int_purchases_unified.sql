@@ -25,7 +25,8 @@ online_purchases as (
         total_amount as revenue
 
     from orders
-    where is_purchase
+    -- placed, cancelled and returned orders are not purchases and carry no revenue
+    where status in ('paid', 'delivered')
 
 ),
 

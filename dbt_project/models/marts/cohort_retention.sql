@@ -29,8 +29,8 @@ cohorts_aggregated as (
         count(*) filter (where days_to_second_purchase <= {{ days }}) as second_purchase_{{ days }}d_customers,
         {%- endfor %}
         count(second_purchase_at) as second_purchase_customers,
-        avg(first_purchase_categories) as avg_first_purchase_categories,
-        avg(second_purchase_categories) as avg_second_purchase_categories,
+        avg(first_purchase_categories)::float8 as avg_first_purchase_categories,
+        avg(second_purchase_categories)::float8 as avg_second_purchase_categories,
         percentile_cont(0.5) within group (order by days_to_second_purchase) as median_days_to_second_purchase,
         avg(days_to_second_purchase) as mean_days_to_second_purchase
 
@@ -45,7 +45,7 @@ final as (
         cohort_month,
         customers,
         {%- for days in windows %}
-        second_purchase_{{ days }}d_customers::numeric / customers as second_purchase_{{ days }}d_rate,
+        second_purchase_{{ days }}d_customers::float8 / customers as second_purchase_{{ days }}d_rate,
         {%- endfor %}
         {%- for days in windows %}
         -- the cohort's last possible first purchase is just before the next month starts

@@ -67,7 +67,7 @@ customers_and_purchases_joined as (
         coalesce(purchases.online_purchases, 0) as online_purchases,
         coalesce(purchases.offline_purchases, 0) as offline_purchases,
         coalesce(purchases.ltv, 0) as ltv,
-        purchases.ltv / purchases.purchases as avg_order_value,
+        round(purchases.ltv / purchases.purchases, 2) as avg_order_value,
         purchases.days_to_second_purchase,
         purchases.avg_days_between_purchases,
         {{ days_between('purchases.last_purchase_at', as_of()) }} as days_since_last_purchase,
@@ -138,9 +138,9 @@ rfm_segmented as (
 one_time_norm as (
 
     select coalesce(
-        {{ one_time_norm_days if one_time_norm_days is not none else 'null' }}::numeric,
-        percentile_cont(0.5) within group (order by days_to_second_purchase)::numeric,
-        {{ var('lifecycle_default_norm_days') }}::numeric
+        {{ one_time_norm_days if one_time_norm_days is not none else 'null' }}::float8,
+        percentile_cont(0.5) within group (order by days_to_second_purchase),
+        {{ var('lifecycle_default_norm_days') }}::float8
     ) as norm_days
     from purchases
 
@@ -154,8 +154,8 @@ clock_added as (
     select
         customers_and_purchases_joined.*,
         case
-            when purchases = 1 then greatest(one_time_norm.norm_days, {{ var('lifecycle_min_gap_days') }})
-            when purchases > 1 then greatest(avg_days_between_purchases, {{ var('lifecycle_min_gap_days') }})
+            when purchases = 1 then greatest(one_time_norm.norm_days, {{ var('lifecycle_min_gap_days') }}::float8)
+            when purchases > 1 then greatest(avg_days_between_purchases, {{ var('lifecycle_min_gap_days') }}::float8)
         end as lifecycle_clock_days
 
     from customers_and_purchases_joined

@@ -14,8 +14,6 @@ renamed as (
         customer_id,
         ordered_at,
         status,
-        -- CONTRACT.md section 2: only paid and delivered orders are purchases
-        status in ('paid', 'delivered') as is_purchase,
         total_amount,
         currency,
         payment_method,
