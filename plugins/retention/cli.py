@@ -72,6 +72,56 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign_channels(campaign, local: bool, stack):
+    from retention.connections import channels_from_env
+
+    names = sorted({ch for step in campaign.steps for ch in step.channels})
+    if local:
+        import os
+
+        handle, env = stack.__enter__()
+        os.environ.update(env)
+        print(f"local provider servers on {handle.base_url}")
+    return channels_from_env(names)
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from retention.campaigns.runner import format_waves, run_campaign
+    from retention.campaigns.spec import load_all, load_campaign
+
+    if args.action == "list":
+        for cid, c in load_all().items():
+            print(f"{cid:<28}{c.kind:<14}{c.schedule or '-':<16}"
+                  f"{' -> '.join('/'.join(s.channels) for s in c.steps)}")
+        return 0
+    if args.action == "validate":
+        campaigns = load_all()
+        print(f"{len(campaigns)} campaign files are valid")
+        return 0
+    if not args.name:
+        raise SystemExit("retention campaign run: give the campaign name")
+    campaign = load_campaign(args.name)
+    as_of = args.as_of or _default_as_of()
+    from retention.providers.stack import local_provider_stack
+
+    stack = local_provider_stack(latency_ms=args.latency_ms)
+    try:
+        channels = _campaign_channels(campaign, args.local_providers, stack)
+        result = run_campaign(campaign, as_of, channels)
+    finally:
+        if args.local_providers:
+            stack.__exit__(None, None, None)
+    print(f"campaign {campaign.id} as of {as_of.isoformat()}")
+    print(format_waves(result))
+    return 0
+
+
+def _default_as_of():
+    from retention.build import default_as_of
+
+    return default_as_of()
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     for name, (default, text) in SETTINGS.items():
         print(f"{name}\n    {text}\n    default: {default or '(none)'}")
@@ -117,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select")
     p.set_defaults(func=cmd_build)
 
+    p = sub.add_parser("campaign", help="run, list or validate campaigns (include/campaigns/)")
+    p.add_argument("action", choices=["run", "list", "validate"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--as-of", type=_timestamp, help="the run's as_of (default: end of the data)")
+    p.add_argument("--local-providers", action="store_true",
+                   help="send to local SendGrid/FCM/Telegram stand-ins started for this run")
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="with --local-providers: latency of each provider request")
+    p.set_defaults(func=cmd_campaign)
+
     p = sub.add_parser("settings", help="list the RETENTION_* settings")
     p.set_defaults(func=cmd_settings)
     return parser
@@ -127,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from retention.campaigns.spec import CampaignError
+    from retention.connections import ConnectionError_
     from retention.load import LoadError
 
     try:
         return args.func(args)
     except LoadError as exc:
         print(f"retention: load failed, nothing was changed: {exc}", file=sys.stderr)
+        return 2
+    except (CampaignError, ConnectionError_) as exc:
+        print(f"retention: {exc}", file=sys.stderr)
         return 2
 
 
