@@ -57,6 +57,11 @@ def test_cdnow_loader_reads_the_sample():
     assert tx["date"].max() == pd.Timestamp("1998-06-30")
 
 
+def test_missing_lifetimes_file_names_the_install_command():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps lifetimes"):
+        P.lifetimes_dataset_path("no_such_file.txt")
+
+
 def test_rfm_summary_matches_the_published_cdnow_summary(cdnow_summary):
     published = pd.read_csv(_lifetimes_file("cdnow_customers_summary_with_transactions.csv"),
                             index_col="ID")

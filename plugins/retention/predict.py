@@ -149,16 +149,22 @@ class Aggregated:
 
 
 def aggregate(*columns: Any) -> Aggregated:
-    """Collapse customers with identical statistics into one weighted row."""
+    """Collapse customers with identical statistics into one weighted row (rows keep
+    the order of their first occurrence)."""
     arrays = [np.asarray(c, dtype=float) for c in columns]
     n = len(arrays[0])
     if n == 0:
         return Aggregated(tuple(np.empty(0) for _ in arrays), np.empty(0), np.empty(0, int))
-    codes, uniques = pd.MultiIndex.from_arrays(arrays).factorize()
-    weights = np.bincount(codes, minlength=len(uniques)).astype(float)
-    distinct = tuple(np.asarray(uniques.get_level_values(i), dtype=float)
-                     for i in range(len(arrays)))
-    return Aggregated(distinct, weights, codes)
+    # hash-factorise column by column, folding the codes into one key that stays < n
+    key, _ = pd.factorize(arrays[0], use_na_sentinel=False)
+    for column in arrays[1:]:
+        codes, uniques = pd.factorize(column, use_na_sentinel=False)
+        key, _ = pd.factorize(key.astype(np.int64) * len(uniques) + codes)
+    groups = int(key.max()) + 1
+    first = np.empty(groups, dtype=np.int64)
+    first[key[::-1]] = np.arange(n - 1, -1, -1)  # the last write wins: first occurrence
+    weights = np.bincount(key, minlength=groups).astype(float)
+    return Aggregated(tuple(a[first] for a in arrays), weights, key)
 
 
 def _minimize(objective, start: np.ndarray) -> optimize.OptimizeResult:
