@@ -1,0 +1,61 @@
+"""
+### Re-engagement sequence, daily
+
+Customers whose silence since their last purchase exceeds `reengage_multiple` times their
+own average gap between purchases (or the cohort norm, for one-time buyers) enter the
+win-back sequence of `include/campaigns/reengagement.yaml`: a reminder, then a personal
+offer with a promo code that expires, then a short request for feedback on why they left.
+Each step goes on the channel where the customer engaged most (opens and clicks),
+falling back to the next channel they have; the sequence ends at once on a purchase or an
+unsubscribe. A campaign holdout measures what it wins back.
+
+as_of is the data interval end; re-running a day plans and sends nothing new. Logic:
+`plugins/retention/triggers/`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+
+def _channels():
+    """Every channel a chain may use, from the Airflow connections; None (plan, do not
+    send) when RETENTION_TRIGGERS_SEND is false."""
+    if os.environ.get("RETENTION_TRIGGERS_SEND", "true").lower() in ("0", "false", "no"):
+        return None
+    from retention.contract import CHANNELS
+    from retention_airflow.hooks import channels_for
+
+    return channels_for(CHANNELS)
+
+
+@dag(
+    dag_id="retention_reengagement",
+    schedule=CronDataIntervalTimetable("0 6 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    tags=["retention", "reengagement", "lifecycle"],
+    doc_md=__doc__,
+)
+def retention_reengagement():
+    @task
+    def run_reengagement() -> dict:
+        from retention.triggers import format_report
+        from retention.triggers import run_reengagement as run
+
+        result = run(get_current_context()["data_interval_end"], channels=_channels())
+        print(format_report(result))
+        return {step: counts["planned"] + counts["sent"]
+                for step, counts in result["steps"]["reengagement"].items()}
+
+    run_reengagement()
+
+
+retention_reengagement()

@@ -1,0 +1,81 @@
+"""
+### Trigger chains and lifecycle flows, every 15 minutes
+
+Each run handles the events of its data interval (plus `lateness`, and any gap left by
+runs that never happened) for every trigger in `include/campaigns/_triggers.yaml`:
+abandoned cart, browse and search abandonment, wishlist reminder, price drop, back in
+stock, category replenished, order cancelled for a stock-out, and the lifecycle flows
+(welcome series, second-purchase nudge timed by the cohort norm, review request).
+
+A trigger moment starts a chain (a campaign of `include/campaigns/<trigger>.yaml`) or
+extends the customer's active chain on the same subject; before every step a chain
+exits on purchase, on the action it asks for, or on unsubscribe; due steps go through the
+campaign engine (consent, shared frequency caps, quiet hours, holdouts, channel
+fallback) into `ops.messages` and out through the providers, exactly once. Per trigger
+the run records chains started against the recent norm in `ops.trigger_health`; a
+trigger that falls silent is flagged (a broken tracker looks like silence) and fails the
+`check_health` task so that someone looks.
+
+as_of is the data interval end, never the wall clock: re-running an interval plans and
+sends nothing new. Logic: `plugins/retention/triggers/`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+
+def _interval():
+    context = get_current_context()
+    return context["data_interval_start"], context["data_interval_end"]
+
+
+def _channels():
+    """Every channel a chain may use, from the Airflow connections; None (plan, do not
+    send) when RETENTION_TRIGGERS_SEND is false."""
+    if os.environ.get("RETENTION_TRIGGERS_SEND", "true").lower() in ("0", "false", "no"):
+        return None
+    from retention.contract import CHANNELS
+    from retention_airflow.hooks import channels_for
+
+    return channels_for(CHANNELS)
+
+
+@dag(
+    dag_id="retention_triggers",
+    schedule=CronDataIntervalTimetable(os.environ.get("RETENTION_TRIGGERS_SCHEDULE", "*/15 * * * *"),
+                                       timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    tags=["retention", "triggers", "lifecycle"],
+    doc_md=__doc__,
+)
+def retention_triggers():
+    @task(execution_timeout=timedelta(minutes=14))
+    def run_triggers() -> dict:
+        from retention.triggers import format_report
+        from retention.triggers import run_triggers as run
+
+        start, end = _interval()
+        result = run(start, end, channels=_channels())
+        print(format_report(result))
+        return {name: {k: t[k] for k in ("started", "extended", "flagged", "note")}
+                for name, t in result["triggers"].items()}
+
+    @task
+    def check_health(triggers: dict) -> None:
+        flagged = {name: t["note"] for name, t in triggers.items() if t["flagged"]}
+        if flagged:
+            raise RuntimeError("trigger health: " + "; ".join(flagged.values()))
+
+    check_health(run_triggers())
+
+
+retention_triggers()

@@ -1,0 +1,260 @@
+"""One run of the triggers (every 15 minutes) or of the re-engagement sequence (daily).
+
+A run is keyed by its data interval (start, end]; `end` is the as_of of everything it
+decides, never the wall clock. In order:
+
+1. exits: active chains whose customer purchased, did what the chain asks, or
+   unsubscribed by `end` end now (before anything else can extend or plan them);
+2. detection, per trigger: the moments in (scan_from, end], where scan_from is the
+   interval start, or the watermark when runs were missed, minus the lateness; new
+   moments start or extend chains (`ops.trigger_hits` makes old ones no-ops); health;
+3. exits again (a chain just started may already be void), then every due step is
+   planned through the campaign engine in the triggers' priority order, so the first
+   chain due for a customer takes the shared frequency cap first;
+4. sending, when channels are given: every planned message of the chains' steps whose
+   quiet hours are over by `end`, exactly once (campaigns.dispatch).
+
+Re-running an interval finds every moment already recorded and every step already
+advanced: it plans and sends nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+import psycopg
+
+from retention import db
+from retention.campaigns.engine import as_utc
+from retention.campaigns.policy import Policy, load_policy
+from retention.campaigns.spec import Campaign, Step, load_campaign
+from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
+                                       record_hits, step_report)
+from retention.triggers.config import REENGAGEMENT, TriggerSettings, load_settings
+from retention.triggers.detect import DETECTORS
+from retention.triggers.health import record_health
+from retention.triggers.norms import cohort_norms, nudge_days
+from retention.triggers.state import ensure_trigger_tables
+
+
+def _has(conn: psycopg.Connection, relation: str) -> bool:
+    return conn.execute("select to_regclass(%s) is not null", (relation,)).fetchone()[0]
+
+
+def _scan_from(conn: psycopg.Connection, trigger: str, start: datetime,
+               settings: TriggerSettings) -> datetime:
+    row = conn.execute("select scanned_until from ops.trigger_watermarks where trigger = %s",
+                       (trigger,)).fetchone()
+    since = start
+    if row and row[0] < start:
+        since = max(row[0], start - settings.max_catchup)
+    return since - settings.lateness
+
+
+def _norm_params(conn: psycopg.Connection, trigger: str, end: datetime,
+                 settings: TriggerSettings, cache: dict) -> dict:
+    if "norms" not in cache:
+        cache["norms"] = cohort_norms(conn, end, settings)
+    norms, default, source = cache["norms"]
+    if trigger == "second_purchase_nudge":
+        return {"norms": {m: nudge_days(v, settings) for m, v in norms.items()},
+                "default_days": nudge_days(default, settings), "norm_source": source}
+    return {"norms": norms, "default_days": default, "norm_source": source}
+
+
+def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: datetime,
+            end: datetime, settings: TriggerSettings, policy: Policy, has_ropo: bool,
+            cache: dict) -> dict:
+    detector = DETECTORS[name]
+    scan_from = _scan_from(conn, name, start, settings)
+    sql, params = detector.build(settings, has_ropo)
+    params = dict(params, lo=scan_from, hi=end)
+    if detector.needs_norms:
+        extra = _norm_params(conn, name, end, settings, cache)
+        from psycopg.types.json import Jsonb
+
+        params.update(norms=Jsonb(extra["norms"]), default_days=extra["default_days"])
+    counts = record_hits(conn, name, campaign, sql, params, end, policy)
+    conn.execute("""
+        insert into ops.trigger_watermarks (trigger, scanned_until) values (%s, %s)
+        on conflict (trigger) do update
+          set scanned_until = greatest(ops.trigger_watermarks.scanned_until, excluded.scanned_until)
+    """, (name, end))
+    source_rows = conn.execute(detector.source_sql, {"start": start, "end": end}).fetchone()[0]
+    health = record_health(conn, name, start, end, source_rows, settings)
+    conn.commit()
+    return {"scanned_from": scan_from.isoformat(), "new_moments": counts["hits"],
+            "started": health["started"], "extended": health["extended"],
+            "source_rows": source_rows, "expected": health["expected"],
+            "flagged": health["flagged"], "note": health["note"]}
+
+
+def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | None) -> dict:
+    from retention.campaigns.dispatch import dispatch
+    from retention.triggers.recommend import chain_context
+
+    sent: dict = {}
+    with db.connect(url) as conn:
+        due = conn.execute("""
+            select distinct campaign_id, step from ops.messages
+            where campaign_id = any(%s) and status = 'planned' and claim_token is null
+              and not_before <= %s""", ([c.id for c in campaigns], end)).fetchall()
+    due = set(due)
+    for campaign in campaigns:
+        for step in campaign.steps:
+            if (campaign.id, step.name) not in due:
+                continue
+            sent[f"{campaign.id}.{step.name}"] = dispatch(
+                campaign, step.name, channels, {"campaign_id": campaign.id, "step": step.name},
+                end, url=url, extra_context=chain_context)
+    return sent
+
+
+def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, channels,
+         policy: Policy | None, settings: TriggerSettings | None,
+         campaigns: Mapping[str, Campaign] | None, lock: str,
+         channel_orders=None) -> dict:
+    start, end = as_utc(start), as_utc(end)
+    if end <= start:
+        raise ValueError(f"empty interval: {start.isoformat()} .. {end.isoformat()}")
+    settings = settings or load_settings()
+    policy = policy or load_policy()
+    loaded = {n: (campaigns or {}).get(n) or load_campaign(n) for n in names}
+    result: dict = {"interval_start": start.isoformat(), "interval_end": end.isoformat(),
+                    "triggers": {}, "exits": {}, "steps": {}, "sent": channels is not None}
+    with db.connect(url) as conn:
+        ensure_trigger_tables(conn)
+        conn.commit()
+        # one run at a time per flow (the DAG has max_active_runs=1; the CLI may overlap it)
+        conn.execute("select pg_advisory_lock(hashtext(%s))", (lock,))
+        try:
+            has_ropo = _has(conn, "marts.ropo_purchases")
+            exits: dict[str, dict[str, int]] = {n: {} for n in names}
+
+            def exit_pass() -> None:
+                active = campaigns_with_active_chains(conn, [loaded[n].id for n in names], end)
+                for n in names:
+                    if loaded[n].id not in active:
+                        continue
+                    for reason, k in apply_exits(conn, loaded[n], end, has_ropo).items():
+                        exits[n][reason] = exits[n].get(reason, 0) + k
+                conn.commit()
+
+            exit_pass()
+            cache: dict = {}
+            for n in names:
+                result["triggers"][n] = _detect(conn, n, loaded[n], start, end, settings, policy,
+                                                has_ropo, cache)
+            if "norms" in cache:
+                result["cohort_norm_source"] = cache["norms"][2]
+            exit_pass()
+            due: dict[str, dict[str, int]] = {}
+            for n in names:
+                due[n] = plan_due_steps(conn, loaded[n], end, policy,
+                                        channel_orders=channel_orders)
+            result["exits"] = exits
+        finally:
+            conn.rollback()
+            conn.execute("select pg_advisory_unlock(hashtext(%s))", (lock,))
+            conn.commit()
+    if channels is not None:
+        result["dispatch"] = _send([loaded[n] for n in names], end, channels, url)
+    with db.connect(url) as conn:
+        report = step_report(conn, [loaded[n] for n in names], end)
+    for n in names:
+        for step_name, counts in report[loaded[n].id].items():
+            counts["due"] = due[n].get(step_name, 0)
+        result["steps"][n] = report[loaded[n].id]
+    return result
+
+
+def run_triggers(interval_start: datetime, interval_end: datetime, url: str | None = None,
+                 channels: Mapping | None = None, *, policy: Policy | None = None,
+                 settings: TriggerSettings | None = None,
+                 triggers: Sequence[str] | None = None,
+                 campaigns: Mapping[str, Campaign] | None = None) -> dict:
+    """One run of every trigger and lifecycle flow over (interval_start, interval_end].
+
+    Without `channels` the run plans (ledger rows) and does not send. Returns, per
+    trigger, the moments found and chains started / extended / exited with the health
+    verdict, and per chain step the messages planned at interval_end by status.
+    """
+    settings = settings or load_settings()
+    names = list(triggers or settings.priority)
+    unknown = [n for n in names if n not in DETECTORS or n == REENGAGEMENT]
+    if unknown:
+        raise ValueError(f"unknown trigger(s): {', '.join(unknown)}")
+    return _run(names, interval_start, interval_end, url, channels, policy, settings, campaigns,
+                "retention.triggers")
+
+
+def channel_orders_by_engagement(conn: psycopg.Connection, chain_ids: Sequence[str], step: Step,
+                                 at: datetime) -> dict[tuple[str, ...], list[str]]:
+    """Split chains by their customer's channel order: the channels the customer has,
+    the one with most opens and clicks (up to `at`) first, ties in the step's order."""
+    rows = conn.execute("""
+        with members as (
+          select chain_id, customer_id from ops.chain_instances where chain_id = any(%(ids)s)
+        ), has as (
+          select distinct s.customer_id, s.channel from raw.channel_subscriptions s
+          where s.customer_id in (select customer_id from members) and s.channel = any(%(order)s)
+        ), engagement as (
+          select msg.customer_id, msg.channel, count(*) as n
+          from ops.messages msg join ops.message_events ev on ev.message_id = msg.message_id
+          where msg.customer_id in (select customer_id from members)
+            and ev.event_type in ('open', 'click') and ev.occurred_at <= %(at)s
+          group by 1, 2
+        )
+        select m.chain_id,
+               array_agg(h.channel order by coalesce(e.n, 0) desc,
+                                            array_position(%(order)s::text[], h.channel))
+                 filter (where h.channel is not null)
+        from members m
+        left join has h on h.customer_id = m.customer_id
+        left join engagement e on e.customer_id = h.customer_id and e.channel = h.channel
+        group by m.chain_id
+    """, {"ids": list(chain_ids), "order": list(step.channels), "at": at}).fetchall()
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for chain_id, order in rows:
+        groups.setdefault(tuple(order) if order else step.channels, []).append(chain_id)
+    return groups
+
+
+def run_reengagement(as_of: datetime, url: str | None = None, channels: Mapping | None = None,
+                     *, policy: Policy | None = None, settings: TriggerSettings | None = None,
+                     campaign: Campaign | None = None) -> dict:
+    """The daily re-engagement run over (as_of - 1 day, as_of]: lapsed customers enter
+    (reminder, then a personal offer with an expiring code, then a feedback request),
+    each step on the channel where the customer engaged most."""
+    as_of = as_utc(as_of)
+    return _run([REENGAGEMENT], as_of - timedelta(days=1), as_of, url, channels, policy,
+                settings, {REENGAGEMENT: campaign} if campaign else None,
+                "retention.reengagement", channel_orders=channel_orders_by_engagement)
+
+
+def format_report(result: dict) -> str:
+    """The run as a table: per trigger, then per chain step."""
+    lines = [f"triggers over {result['interval_start']} .. {result['interval_end']}"
+             + ("" if result.get("sent") else " (planned only, not sent)")]
+    lines.append(f"  {'trigger':<24}{'source':>9}{'moments':>9}{'started':>9}{'extended':>10}"
+                 f"{'exited':>8}{'norm':>8}  health")
+    for name, t in result["triggers"].items():
+        exited = sum(result["exits"].get(name, {}).values())
+        norm = "-" if t["expected"] is None else f"{t['expected']:.1f}"
+        lines.append(f"  {name:<24}{t['source_rows']:>9,}{t['new_moments']:>9,}{t['started']:>9,}"
+                     f"{t['extended']:>10,}{exited:>8,}{norm:>8}  "
+                     + ("FLAGGED: " + t["note"] if t["flagged"] else "ok"))
+    lines.append(f"  {'chain step':<36}{'due':>6}{'planned':>9}{'sent':>7}{'failed':>8}"
+                 f"{'holdout':>9}{'suppressed':>12}  by reason")
+    for name, steps in result["steps"].items():
+        for step, c in steps.items():
+            if not (c["due"] or c["messages"]):
+                continue
+            reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(c["suppressed_by_reason"].items()))
+            lines.append(f"  {name + '.' + step:<36}{c['due']:>6,}{c['planned']:>9,}{c['sent']:>7,}"
+                         f"{c['failed']:>8,}{c['holdout']:>9,}{c['suppressed']:>12,}  {reasons}")
+    exits = {f"{n}: {r}": k for n, rs in result["exits"].items() for r, k in rs.items()}
+    if exits:
+        lines.append("  exits: " + ", ".join(f"{k} {v:,}" for k, v in sorted(exits.items())))
+    return "\n".join(lines)
