@@ -79,6 +79,7 @@ from typing import Any
 from urllib.parse import quote
 
 import psutil
+import psycopg
 import pytest
 import requests
 import sqlalchemy as sa
@@ -94,6 +95,10 @@ _LIVE: set[AirflowDeployment] = set()
 
 class AirflowDeploymentError(RuntimeError):
     """The deployment did not start, or a wait ran out; the message carries log tails."""
+
+
+class ApiUnreachable(AirflowDeploymentError):
+    """A REST call got no answer (timeout, refused connection)."""
 
 
 def metadata_conn(url: str) -> str:
@@ -149,10 +154,11 @@ class AirflowDeployment:
     def __init__(self, dags_folder: Path, metadata_url: str, env: Mapping[str, str] | None = None,
                  pools: Mapping[str, int] | None = None, *, dag_ids: Iterable[str] = (),
                  home: Path | None = None, scheduled_runs: bool = False, triggerer: bool = False,
-                 start_timeout: float = 240.0) -> None:
+                 start_timeout: float = 240.0, fast_commit: bool = True) -> None:
         self.dags_folder = Path(dags_folder).resolve()
         if not self.dags_folder.is_dir():
             raise ValueError(f"dags_folder {self.dags_folder} is not a folder")
+        self.metadata_url = metadata_url
         self.metadata_conn = metadata_conn(metadata_url)
         self.extra_env = dict(env or {})
         self.pools = dict(pools or {})
@@ -162,6 +168,7 @@ class AirflowDeployment:
         self.scheduled_runs = scheduled_runs
         self.triggerer = triggerer
         self.start_timeout = start_timeout
+        self.fast_commit = fast_commit
         self.port = free_port()
         self._log_ports = (free_port(), free_port())
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -171,7 +178,9 @@ class AirflowDeployment:
         #: seconds from start() to each milestone: "migrated", "healthy", "dag <id>"
         self.timings: dict[str, float] = {}
         self._t0 = time.monotonic()
-        self._session: requests.Session | None = None
+        self._session: requests.Session | None = None  # authenticated, after start()
+        self._http = requests.Session()  # unauthenticated: health checks
+        self._http.trust_env = False  # 127.0.0.1 never through a proxy
         self._password = secrets.token_urlsafe(24)
         # Generated per deployment, shared by all its components, never written to a log.
         self._secret_settings = {
@@ -225,10 +234,11 @@ class AirflowDeployment:
             # helpers', parallel sessions) never collide on the 8793/8794 defaults.
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self._log_ports[0]),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self._log_ports[1]),
-            # Fast loops: the DAG folder is listed every 5 s and a file re-parsed at most
-            # every 10 s; heartbeats every second so health turns green quickly.
+            # Fast loops: the DAG folder is listed every 5 s (a new file is parsed at once; a
+            # parsed one again after 60 s, which spares CPU and metadata writes during a
+            # test); heartbeats every second so health turns green quickly.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "120",
             "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "300",
@@ -241,6 +251,10 @@ class AirflowDeployment:
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "60",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            # A loaded 2-core machine can stall the api-server for seconds: the task
+            # supervisor waits up to 30 s per execution-API call (default 5 s) and retries.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+            "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "8",
             **self._secret_settings,
         })
         env.update(self.extra_env)
@@ -260,6 +274,8 @@ class AirflowDeployment:
             json.dump({_API_USER: self._password}, fh)
         _LIVE.add(self)
         try:
+            if self.fast_commit:
+                self._relax_durability()
             self._run_cli(["db", "migrate"], "db-migrate", deadline)
             self.mark("migrated")
             self._spawn("api-server", ["api-server", "--host", "127.0.0.1",
@@ -270,6 +286,8 @@ class AirflowDeployment:
                 self._spawn("triggerer", ["triggerer"])
             self._wait_healthy(deadline)
             self.mark("healthy")
+            self._warm_execution_api(deadline)
+            self.mark("execution api ready")
             self._login()
             for name, slots in self.pools.items():
                 self.set_pool(name, slots)
@@ -281,9 +299,10 @@ class AirflowDeployment:
             raise
         return self
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         """Stop every process this deployment started (idempotent)."""
         _LIVE.discard(self)
+        self._http.close()
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -330,6 +349,14 @@ class AirflowDeployment:
         if self._own_home and not self.failed:
             shutil.rmtree(self.home, ignore_errors=True)
 
+    def _relax_durability(self) -> None:
+        """`synchronous_commit = off` on the (throwaway) metadata database: commits stop
+        waiting for WAL flushes, which other tests' bulk loads can delay for many seconds."""
+        name = sa.engine.make_url(self.metadata_url).database
+        dsn = sa.engine.make_url(self.metadata_url).set(drivername="postgresql")
+        with psycopg.connect(dsn.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute(f'alter database "{name}" set synchronous_commit = off')
+
     def mark(self, milestone: str) -> None:
         """Record the seconds since start() at `milestone` (first time only) in `timings`."""
         self.timings.setdefault(milestone, round(time.monotonic() - self._t0, 1))
@@ -372,7 +399,7 @@ class AirflowDeployment:
         while True:
             self._check_alive()
             try:
-                resp = requests.get(f"{self.base_url}/api/v2/monitor/health", timeout=5)
+                resp = self._http.get(f"{self.base_url}/api/v2/monitor/health", timeout=30)
                 if resp.ok:
                     last = resp.json()
                     if all(last.get(part, {}).get("status") == "healthy"
@@ -388,6 +415,21 @@ class AirflowDeployment:
                     f"{self.logs()}")
             time.sleep(0.5)
 
+    def _warm_execution_api(self, deadline: float) -> None:
+        """The api-server builds its execution API (`/execution/`) on the first request to it,
+        blocking every other request meanwhile: seconds on an idle machine, more than the
+        task supervisor's timeout on a loaded one, where the first task then fails to start.
+        So make that first request here, before anything runs."""
+        try:
+            resp = self._http.get(f"{self.base_url}/execution/health",
+                                timeout=max(deadline - time.monotonic(), 1.0))
+        except requests.RequestException as exc:
+            raise AirflowDeploymentError(
+                f"execution API did not answer: {type(exc).__name__}\n{self.logs()}") from exc
+        if not resp.ok:
+            raise AirflowDeploymentError(
+                f"execution API health: HTTP {resp.status_code} {resp.text[:500]}\n{self.logs()}")
+
     def _login(self) -> None:
         session = requests.Session()
         session.trust_env = False
@@ -401,23 +443,38 @@ class AirflowDeployment:
     # ------------------------------------------------------------------ REST API v2
 
     def api(self, method: str, path: str, *, ok: Iterable[int] = (200, 201, 204),
-            **kwargs) -> requests.Response:
-        """Call the public API (`path` below `/api/v2`, e.g. "/pools"); raise unless `ok`."""
+            retry_for: float = 120.0, **kwargs) -> requests.Response:
+        """Call the public API (`path` below `/api/v2`, e.g. "/pools"); raise unless `ok`.
+
+        An idempotent call (GET, PUT, PATCH, DELETE) that times out or cannot connect is
+        retried for up to `retry_for` seconds (a loaded machine can stall the api-server);
+        a POST is sent once."""
         if self._session is None:
             raise AirflowDeploymentError("the deployment is not running")
-        kwargs.setdefault("timeout", 30)
-        resp = self._session.request(method, f"{self.base_url}/api/v2{path}", **kwargs)
+        kwargs.setdefault("timeout", 60)
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                resp = self._session.request(method, f"{self.base_url}/api/v2{path}", **kwargs)
+                break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                self._check_alive()
+                if method.upper() == "POST" or time.monotonic() > deadline:
+                    raise ApiUnreachable(
+                        f"{method} /api/v2{path}: {type(exc).__name__}: {exc}") from exc
+                time.sleep(1)
         if resp.status_code not in set(ok):
             raise AirflowDeploymentError(
                 f"{method} /api/v2{path} -> HTTP {resp.status_code}: {resp.text[:2000]}")
         return resp
 
     def set_pool(self, name: str, slots: int) -> None:
-        body = {"name": name, "slots": slots, "description": "test pool", "include_deferred": False}
-        resp = self.api("POST", "/pools", json=body, ok=(200, 201, 409))
-        if resp.status_code == 409:  # exists (default_pool): set its slots
-            self.api("PATCH", f"/pools/{quote(name, safe='')}", json={"slots": slots},
-                     params={"update_mask": ["slots"]})
+        path = f"/pools/{quote(name, safe='')}"
+        if self.api("GET", path, ok=(200, 404)).status_code == 200:  # default_pool
+            self.api("PATCH", path, json={"slots": slots}, params={"update_mask": ["slots"]})
+        else:
+            self.api("POST", "/pools", json={"name": name, "slots": slots, "description": "test pool",
+                                             "include_deferred": False})
 
     def import_errors(self) -> list[dict]:
         return self.api("GET", "/importErrors", params={"limit": 100}).json()["import_errors"]
@@ -449,11 +506,17 @@ class AirflowDeployment:
             if logical_date.tzinfo is None:
                 raise ValueError("logical_date must be timezone-aware")
             logical_date = logical_date.isoformat()
-        body: dict[str, Any] = {"logical_date": logical_date, "conf": dict(conf or {})}
-        if run_id:
-            body["dag_run_id"] = run_id
-        resp = self.api("POST", f"/dags/{quote(dag_id, safe='')}/dagRuns", json=body)
-        return resp.json()["dag_run_id"]
+        # Our own run id, so a POST whose answer is lost can be checked instead of repeated.
+        run_id = run_id or f"test__{datetime.now().strftime('%Y%m%dT%H%M%S')}_{secrets.token_hex(3)}"
+        body = {"dag_run_id": run_id, "logical_date": logical_date, "conf": dict(conf or {})}
+        path = f"/dags/{quote(dag_id, safe='')}/dagRuns"
+        try:
+            return self.api("POST", path, json=body).json()["dag_run_id"]
+        except ApiUnreachable:
+            pass
+        if self.api("GET", f"{path}/{quote(run_id, safe='')}", ok=(200, 404)).status_code == 404:
+            return self.api("POST", path, json=body).json()["dag_run_id"]
+        return run_id
 
     def run(self, dag_id: str, run_id: str) -> dict:
         """The DAG run as the REST API returns it (state, data_interval_end, conf, ...)."""
