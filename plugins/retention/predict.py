@@ -460,16 +460,10 @@ def score_customers(
         aov = gamma_gamma.expected_avg_order_value(
             summary["frequency"].to_numpy(), summary["monetary_value"].to_numpy())
     out["expected_avg_order_value"] = aov
-    if annual_discount_rate:
-        months = np.arange(1, 13)
-        cumulative = np.stack([bgnbd.expected_purchases(horizon_365 * k / 12.0, x, tx, t)
-                               for k in months])
-        per_month = np.diff(np.vstack([np.zeros_like(x), cumulative]), axis=0)
-        factors = (1.0 + annual_discount_rate) ** (-months / 12.0)
-        discounted = (factors[:, None] * per_month).sum(axis=0)
-        out["predicted_value_12m"] = discounted[inv] * aov
-    else:
-        out["predicted_value_12m"] = out["expected_purchases_365d"].to_numpy() * aov
+    value_purchases = (_purchases_for_value(bgnbd, x, tx, t, time_unit_days,
+                                            annual_discount_rate)
+                       if annual_discount_rate else purchases_365)
+    out["predicted_value_12m"] = value_purchases[inv] * aov
     return out
 
 
@@ -685,6 +679,48 @@ create table if not exists {FITS_TABLE} (
 
 PURCHASES_RELATION = "intermediate.int_purchases_unified"
 
+# rfm_summary's definition, set-wise and server-side (UTC calendar days, purchases at or
+# before as_of), so that a million customers never cross the wire: Python only reads the
+# distinct (x, t_x, T) and (x, mean value) rows it fits on, and sends back one prediction
+# per distinct (x, t_x, T). tests/test_predict.py checks both paths give the same rows.
+RFM_SQL = """
+create temp table _pv_rfm on commit drop as
+with days as (
+  select customer_id,
+         (purchased_at at time zone 'UTC')::date as day,
+         count(*) as purchases,
+         sum(coalesce(revenue, 0))::float8 as value
+  from {purchases}
+  where customer_id is not null and purchased_at <= {as_of}
+  group by 1, 2
+), flagged as (
+  select *, day = min(day) over (partition by customer_id) as is_first from days
+)
+select customer_id,
+       sum(purchases)::integer as purchases,
+       (count(*) - 1)::integer as frequency,
+       max(day) - min(day) as recency_days,
+       ({as_of} at time zone 'UTC')::date - min(day) as age_days,
+       coalesce(sum(value) filter (where not is_first) / nullif(count(*) - 1, 0), 0)
+         as monetary_value
+from flagged
+group by customer_id
+"""
+
+INSERT_SQL = """
+insert into {table} ({columns})
+select c.customer_id, {as_of}, coalesce(r.purchases, 0), r.frequency,
+       r.recency_days / {unit_days}, r.age_days / {unit_days}, {unit},
+       p.probability_alive, p.expected_purchases_90d, p.expected_purchases_365d,
+       aov.value, p.value_purchases * aov.value
+from raw.customers c
+left join _pv_rfm r on r.customer_id = c.customer_id
+left join _pv_predictions p
+  on p.frequency = r.frequency and p.recency_days = r.recency_days
+  and p.age_days = r.age_days
+cross join lateral (select {aov} as value) aov
+"""
+
 
 def _copy_out(conn, query) -> io.BytesIO:
     buf = io.BytesIO()
@@ -695,27 +731,36 @@ def _copy_out(conn, query) -> io.BytesIO:
     return buf
 
 
-def _read_inputs(conn, as_of: pd.Timestamp) -> tuple[pd.DataFrame, pd.Series]:
-    from psycopg import sql
+def _binary_copy(columns: list[tuple[np.ndarray, str]]) -> bytes:
+    """A PostgreSQL binary COPY payload for non-null int4 ('i') and float8 ('f') columns,
+    built in numpy: no per-value text formatting."""
+    n = len(columns[0][0])
+    fields = [("count", ">i2")]
+    for i, (_, kind) in enumerate(columns):
+        fields += [(f"len{i}", ">i4"), (f"val{i}", ">i4" if kind == "i" else ">f8")]
+    records = np.empty(n, dtype=np.dtype(fields))
+    records["count"] = len(columns)
+    for i, (values, kind) in enumerate(columns):
+        records[f"len{i}"] = 4 if kind == "i" else 8
+        records[f"val{i}"] = values
+    header = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
+    return header + records.tobytes() + b"\xff\xff"
 
-    purchases_q = sql.SQL(
-        "copy (select customer_id, extract(epoch from purchased_at), coalesce(revenue, 0) "
-        "from {} where customer_id is not null and purchased_at <= {}) "
-        "to stdout with (format csv)"
-    ).format(sql.SQL(PURCHASES_RELATION), sql.Literal(as_of.to_pydatetime()))
-    purchases = pd.read_csv(
-        _copy_out(conn, purchases_q), header=None,
-        names=["customer_id", "epoch", "revenue"],
-        dtype={"customer_id": str, "epoch": float, "revenue": float},
-        keep_default_na=False, na_values={"epoch": [""], "revenue": [""]},
-    )
-    purchases["purchased_at"] = pd.to_datetime(
-        np.round(purchases.pop("epoch").to_numpy() * 1e6).astype("int64"), unit="us", utc=True)
-    customers = pd.read_csv(
-        _copy_out(conn, "copy (select customer_id from raw.customers) to stdout with (format csv)"),
-        header=None, names=["customer_id"], dtype=str, keep_default_na=False,
-    )["customer_id"]
-    return purchases, customers
+
+def _purchases_for_value(bgnbd: BGNBDFit, x, tx, t, time_unit_days: float,
+                         annual_discount_rate: float) -> np.ndarray:
+    """Expected purchases in the next 365 days, each month's discounted by
+    (1 + d)^(month / 12) when d > 0."""
+    horizon = DAYS_PER_YEAR / time_unit_days
+    if not annual_discount_rate:
+        return bgnbd.expected_purchases(horizon, x, tx, t)
+    months = np.arange(1, 13)
+    cumulative = np.stack([bgnbd.expected_purchases(horizon * k / 12.0, x, tx, t)
+                           for k in months])
+    per_month = np.diff(np.vstack([np.zeros_like(np.asarray(x, dtype=float)), cumulative]),
+                        axis=0)
+    factors = (1.0 + annual_discount_rate) ** (-months / 12.0)
+    return (factors[:, None] * per_month).sum(axis=0)
 
 
 def _fit_row(model: str, fit, as_of: datetime, run_id: str | None, unit: timedelta) -> tuple:
@@ -733,12 +778,14 @@ def write_predictions(
 ) -> dict[str, Any]:
     """Fit both models on the purchases up to `as_of` and publish the predictions.
 
-    Reads intermediate.int_purchases_unified (purchases at or before as_of, the
-    contract's "data after as_of is ignored") and raw.customers; in one transaction
+    Reads intermediate.int_purchases_unified (purchases at or before as_of: the
+    contract's "data after as_of is ignored") and raw.customers. In one transaction it
     replaces the rows of `as_of` in marts.customer_predicted_value (one per customer of
     raw.customers; purchases 0 and every model column NULL for a customer without a
-    purchase) and marts.predicted_value_fits (one per model fitted). Re-running for the
-    same as_of gives the same rows. Returns a summary of the run.
+    purchase) and in marts.predicted_value_fits (one per model fitted; Gamma-Gamma only
+    when some customer has a repeat purchase of positive value). Re-running for the same
+    as_of gives the same rows. Returns a summary of the run. `url` None: the configured
+    database.
     """
     from psycopg import sql
 
@@ -747,41 +794,74 @@ def write_predictions(
     as_of_ts = _utc_timestamp(as_of)
     as_of_dt = as_of_ts.to_pydatetime()
     unit = timedelta(days=time_unit_days)
+    as_of_sql = sql.Literal(as_of_dt)
     with db.connect(url) as conn:
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict.ddl'))")
         conn.execute(PREDICT_DDL)
         conn.commit()
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict'), %s)",
-                     (int(as_of_ts.timestamp()) % (2**31),))
-        purchases, customers = _read_inputs(conn, as_of_ts)
+        # one run per as_of at a time; different as_of values proceed in parallel
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict'), "
+                     "hashtext(%s))", (as_of_ts.isoformat(),))
+        conn.execute(sql.SQL(RFM_SQL).format(purchases=sql.SQL(PURCHASES_RELATION),
+                                             as_of=as_of_sql))
+        triples = pd.read_csv(_copy_out(conn, (
+            "copy (select frequency, recency_days, age_days, count(*) from _pv_rfm "
+            "group by 1, 2, 3) to stdout with (format csv)")),
+            header=None, names=["x", "recency_days", "age_days", "customers"], dtype="int64")
+        pairs = pd.read_csv(_copy_out(conn, (
+            "copy (select frequency, monetary_value, count(*) from _pv_rfm "
+            "where frequency > 0 and monetary_value > 0 group by 1, 2) "
+            "to stdout with (format csv)")),
+            header=None, names=["x", "m", "customers"],
+            dtype={"x": "int64", "m": float, "customers": "int64"})
 
         bgnbd = gamma_gamma = None
-        if len(purchases):
-            prediction = predict_customer_value(
-                purchases, as_of_ts, time_unit_days, annual_discount_rate=annual_discount_rate)
-            bgnbd, gamma_gamma = prediction.bgnbd, prediction.gamma_gamma
-            scored = prediction.summary.join(prediction.scores)
-        else:
-            scored = pd.DataFrame(columns=["purchases", "frequency", "recency", "T",
-                                           "monetary_value", "probability_alive"])
-        rows = pd.DataFrame({"customer_id": customers.to_numpy()})
-        rows = rows.merge(scored.rename(columns={"T": "age"}), how="left",
-                          left_on="customer_id", right_index=True)
-        rows["purchases"] = rows["purchases"].fillna(0).astype("int64")
-        rows["frequency"] = rows["frequency"].astype("Int64")
-        rows["as_of"] = as_of_ts.isoformat()
-        rows["time_unit"] = f"{time_unit_days} days"
-        for col in PREDICTION_COLUMNS:
-            if col not in rows:
-                rows[col] = np.nan
-        buf = io.StringIO()
-        rows[list(PREDICTION_COLUMNS)].to_csv(buf, index=False, header=False, na_rep="")
+        conn.execute("create temp table _pv_predictions (frequency integer, "
+                     "recency_days integer, age_days integer, probability_alive float8, "
+                     "expected_purchases_90d float8, expected_purchases_365d float8, "
+                     "value_purchases float8) on commit drop")
+        if len(triples):
+            x = triples["x"].to_numpy(dtype=float)
+            tx = triples["recency_days"].to_numpy() / time_unit_days
+            t = triples["age_days"].to_numpy() / time_unit_days
+            bgnbd = fit_bgnbd(x, tx, t, weights=triples["customers"].to_numpy(dtype=float))
+            payload = _binary_copy([
+                (triples["x"].to_numpy(), "i"),
+                (triples["recency_days"].to_numpy(), "i"),
+                (triples["age_days"].to_numpy(), "i"),
+                (bgnbd.probability_alive(x, tx, t), "f"),
+                (bgnbd.expected_purchases(90.0 / time_unit_days, x, tx, t), "f"),
+                (bgnbd.expected_purchases(DAYS_PER_YEAR / time_unit_days, x, tx, t), "f"),
+                (_purchases_for_value(bgnbd, x, tx, t, time_unit_days,
+                                      annual_discount_rate), "f"),
+            ])
+            with conn.cursor().copy("copy _pv_predictions from stdin with (format binary)"
+                                    ) as copy:
+                copy.write(payload)
+        if len(pairs):
+            gamma_gamma = fit_gamma_gamma(pairs["x"], pairs["m"],
+                                          weights=pairs["customers"].to_numpy(dtype=float))
 
+        if gamma_gamma is not None and gamma_gamma.q > 1.0:
+            g_p, g_q, g_gamma = (sql.Literal(v) for v in
+                                 (gamma_gamma.p, gamma_gamma.q, gamma_gamma.gamma))
+            aov = sql.SQL(
+                "case when r.customer_id is not null then ({p}::float8 * ({g}::float8 "
+                "+ r.frequency * r.monetary_value)) / ({p}::float8 * r.frequency "
+                "+ {q}::float8 - 1) end").format(p=g_p, q=g_q, g=g_gamma)
+        else:
+            aov = sql.SQL("null::float8")
         conn.execute(f"delete from {PREDICTIONS_TABLE} where as_of = %s", (as_of_dt,))
-        copy_sql = sql.SQL("copy {} ({}) from stdin with (format csv)").format(
-            sql.SQL(PREDICTIONS_TABLE), sql.SQL(", ").join(map(sql.Identifier, PREDICTION_COLUMNS)))
-        with conn.cursor().copy(copy_sql) as copy:
-            copy.write(buf.getvalue())
+        inserted = conn.execute(sql.SQL(INSERT_SQL).format(
+            table=sql.SQL(PREDICTIONS_TABLE),
+            columns=sql.SQL(", ").join(map(sql.Identifier, PREDICTION_COLUMNS)),
+            as_of=as_of_sql, unit_days=sql.Literal(float(time_unit_days)),
+            unit=sql.Literal(unit), aov=aov,
+        )).rowcount
+        with_purchases = conn.execute(
+            f"select count(*) from {PREDICTIONS_TABLE} where as_of = %s and purchases > 0",
+            (as_of_dt,)).fetchone()[0]
+
         conn.execute(f"delete from {FITS_TABLE} where as_of = %s", (as_of_dt,))
         fit_rows = [_fit_row(name, fit, as_of_dt, run_id, unit)
                     for name, fit in (("bgnbd", bgnbd), ("gamma_gamma", gamma_gamma))
@@ -799,9 +879,9 @@ def write_predictions(
     return {
         "as_of": as_of_ts.isoformat(),
         "run_id": run_id,
-        "customers": int(len(rows)),
-        "customers_with_purchases": int((rows["purchases"] > 0).sum()),
+        "customers": int(inserted),
+        "customers_with_purchases": int(with_purchases),
         "time_unit_days": time_unit_days,
-        "bgnbd": None if bgnbd is None else {**asdict(bgnbd)},
-        "gamma_gamma": None if gamma_gamma is None else {**asdict(gamma_gamma)},
+        "bgnbd": None if bgnbd is None else asdict(bgnbd),
+        "gamma_gamma": None if gamma_gamma is None else asdict(gamma_gamma),
     }
