@@ -16,6 +16,12 @@ firebase-admin has no setting for another FCM host (no emulator variable for mes
 `configure_fcm_endpoint` points one app's messaging service at a base URL and replaces
 the SDK's own urllib3 retries with none, so every retry is this module's: counted,
 injectable, honouring Retry-After.
+
+Throughput (bench/bench_channels.py, 20 ms latency, 2 shared cores): about 550-600
+pushes/s per process, whether one or two send_each calls are in flight. The wide thread
+pool hides the latency; the limit is the client's CPU, about 1.5 ms per push in
+requests/urllib3/google-auth under the GIL. More rate takes more processes (the
+dispatcher's claims let several run side by side), not more threads.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ _TRANSIENT = (exceptions.ResourceExhaustedError, exceptions.UnavailableError,
 
 
 def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL, *,
-                           pool_size: int = MAX_SEND_EACH) -> None:
+                           pool_size: int = MAX_SEND_EACH, proxies_from_env: bool = True) -> None:
     """Send `app`'s FCM requests to `base_url` (e.g. a local server) through a connection
     pool of `pool_size` with no SDK-level retries.
 
@@ -51,6 +57,9 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
     from the class constant `FCM_URL`, and exposes no option for it. Rather than change
     that constant for every app in the process, this sets the one app's service
     attributes. It touches private names, so it fails loudly if the SDK changes them.
+
+    `proxies_from_env=False` stops `requests` from reading the proxy variables and .netrc
+    on every request: about 25% less CPU per push (measured), for hosts that need no proxy.
     """
     service = messaging._get_messaging_service(app)  # noqa: SLF001 - see docstring
     base = base_url.rstrip("/")
@@ -66,6 +75,7 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
                                             max_retries=Retry(total=0, connect=0, read=0, status=0,
                                                               raise_on_status=False))
     session.mount(base + "/", adapter)
+    session.trust_env = proxies_from_env
 
 
 def _fcm_code(exc: exceptions.FirebaseError) -> tuple[int | None, str, bool]:
@@ -97,7 +107,7 @@ class FirebaseChannel:
                  kind: Literal["mobile_push", "web_push"] = "mobile_push",
                  retry: RetryPolicy | None = None, timeout: float = 30.0,
                  pool_size: int = MAX_SEND_EACH, ttl_seconds: int | None = None,
-                 app_name: str | None = None) -> None:
+                 app_name: str | None = None, proxies_from_env: bool = True) -> None:
         if kind not in ("mobile_push", "web_push"):
             raise ValueError(f"kind must be mobile_push or web_push, not {kind!r}")
         self.name = kind
@@ -109,7 +119,8 @@ class FirebaseChannel:
             credentials.Certificate(credentials_info),
             {"projectId": project, "httpTimeout": timeout},
             name=app_name or f"retention-{kind}-{uuid.uuid4().hex[:12]}")
-        configure_fcm_endpoint(self._app, base_url or FCM_BASE_URL, pool_size=pool_size)
+        configure_fcm_endpoint(self._app, base_url or FCM_BASE_URL, pool_size=pool_size,
+                               proxies_from_env=proxies_from_env)
         self._token_lock = threading.Lock()
 
     def _ensure_token(self) -> None:
