@@ -187,8 +187,22 @@ class SendGridChannel:
         worker died between the provider's answer and the ledger write. Uses the E-mail
         Activity API (an add-on on real accounts); raises if it cannot tell."""
         query = f"unique_args['claim']=\"{claim_token}\""
-        response = self.retry.call(lambda: self._sdk.client.messages.get(
-            query_params={"query": query, "limit": self.max_personalizations * 4}))
+
+        def get():
+            try:
+                return self._sdk.client.messages.get(
+                    query_params={"query": query, "limit": self.max_personalizations * 4},
+                    timeout=self.timeout)
+            except sg_errors.HTTPError as exc:
+                status = int(exc.status_code)
+                if status == 429 or status >= 500:
+                    raise TransientError(str(status), retry_after_seconds(exc.headers)) from None
+                raise PermanentError(f"{status}: activity lookup refused", status) from None
+            except (TimeoutError, socket.timeout, urllib.error.URLError,
+                    http.client.HTTPException, ConnectionError) as exc:
+                raise TransientError("connection error") from exc
+
+        response = self.retry.call(get)
         found = json.loads(response.body or b"{}").get("messages", [])
         return {m["to_email"]: str(m["msg_id"]).split(".", 1)[0] for m in found}
 
