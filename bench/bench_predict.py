@@ -8,7 +8,8 @@ times each step of a real run on it: rfm_summary (log -> one row per customer),
 aggregation (customers -> distinct (x, t_x, T) rows), the BG/NBD fit, the Gamma-Gamma
 fit, and scoring (p_alive, 90/365-day purchases, order value, 12-month value). Peak
 memory is the process's resident high-water mark within each step (reset between steps
-through /proc/self/clear_refs), and the process peak overall. Fitted parameters are
+through /proc/self/clear_refs, so it includes what the process already holds, e.g. the
+simulated log), and the process peak overall. Fitted parameters are
 printed next to the true ones.
 
 With --database the same log is also written, in a fresh database on the configured

@@ -383,3 +383,8 @@ def test_write_predictions_without_purchases_writes_unmodelled_rows(database_url
     assert rows["purchases"].tolist() == [0, 0] and rows["probability_alive"].isna().all()
     fits = _table(database_url, "select count(*) as n from marts.predicted_value_fits")
     assert fits["n"][0] == 0
+
+
+def test_write_predictions_names_the_missing_purchases_relation(database_url):
+    with pytest.raises(LookupError, match="intermediate.int_purchases_unified"):
+        P.write_predictions(database_url, AS_OF)

@@ -799,6 +799,9 @@ def write_predictions(
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict.ddl'))")
         conn.execute(PREDICT_DDL)
         conn.commit()
+        if conn.execute("select to_regclass(%s)", (PURCHASES_RELATION,)).fetchone()[0] is None:
+            raise LookupError(f"{PURCHASES_RELATION} does not exist: build the dbt models "
+                              "before predicting customer value")
         # one run per as_of at a time; different as_of values proceed in parallel
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict'), "
                      "hashtext(%s))", (as_of_ts.isoformat(),))
