@@ -36,7 +36,7 @@ def _channels():
 
 @dag(
     dag_id="retention_reengagement",
-    schedule=CronDataIntervalTimetable("0 6 * * *", timezone="UTC"),
+    schedule=CronDataIntervalTimetable("0 8 * * *", timezone="UTC"),  # after 09:00 in Kyiv
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

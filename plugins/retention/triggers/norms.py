@@ -2,12 +2,14 @@
 
 The second-purchase nudge is timed by it and the re-engagement sequence uses it as the
 expected gap of one-time buyers. Read from the marts when they are built
-(`marts.cohort_retention`'s median column, else `marts.customer_lifetime`'s
-days_to_second_purchase), else computed from raw orders up to as_of.
+(`marts.cohort_retention.median_days_to_second_purchase`, else
+`marts.customer_lifetime.days_to_second_purchase`), else computed from raw orders up to
+as_of (the marts are as of their last build; raw is as of this run).
 
 A cohort (customers whose first purchase falls in one calendar month, UTC) with fewer
 than `cohort_min_repeaters` second purchases borrows the repeater-weighted norm of the
-twelve cohorts before it: a cohort that is still young has only its fastest repeaters.
+twelve cohorts before it (a cohort that is still young has only its fastest repeaters);
+when those have too few as well, the configured default applies.
 """
 
 from __future__ import annotations
@@ -48,36 +50,33 @@ _FROM_RAW = """
 """
 
 
-def _median_column(conn: psycopg.Connection) -> str | None:
-    rows = conn.execute("""
-        select column_name from information_schema.columns
-        where table_schema = 'marts' and table_name = 'cohort_retention'
-          and column_name like '%%median%%' and column_name like '%%second%%'
-        order by column_name""").fetchall()
-    return rows[0][0] if rows else None
+def _has_columns(conn: psycopg.Connection, table: str, columns: tuple[str, ...]) -> bool:
+    found = {r[0] for r in conn.execute(
+        "select column_name from information_schema.columns "
+        "where table_schema = 'marts' and table_name = %s", (table,)).fetchall()}
+    return set(columns) <= found
 
 
 def cohort_medians(conn: psycopg.Connection, as_of: datetime) -> tuple[dict[date, tuple[float, int]], str]:
-    """cohort month -> (median days to second purchase, repeaters), and the source used."""
-    column = _median_column(conn)
-    lifetime = conn.execute("select to_regclass('marts.customer_lifetime') is not null").fetchone()[0]
-    counts: dict[date, tuple[float, int]] = {}
-    if lifetime:
-        for cohort, median, n in conn.execute(_FROM_LIFETIME, {"as_of": as_of}).fetchall():
-            counts[cohort] = (float(median) if median is not None else None, int(n))
-        source = "marts.customer_lifetime"
+    """cohort month -> (median days to second purchase, second purchases), and the source:
+    marts.cohort_retention, else marts.customer_lifetime, else raw orders up to as_of."""
+    if _has_columns(conn, "cohort_retention", ("cohort_month", "median_days_to_second_purchase",
+                                                "second_purchase_customers")):
+        sql, source = ("select cohort_month, median_days_to_second_purchase, "
+                       "second_purchase_customers from marts.cohort_retention",
+                       "marts.cohort_retention")
+    elif _has_columns(conn, "customer_lifetime", ("first_purchase_at", "second_purchase_at",
+                                                   "days_to_second_purchase")):
+        sql, source = _FROM_LIFETIME, "marts.customer_lifetime"
     else:
-        for cohort, median, n in conn.execute(_FROM_RAW, {"as_of": as_of}).fetchall():
-            counts[cohort] = (float(median) if median is not None else None, int(n))
-        source = "raw.orders"
-    if column:
-        # the published cohort table's median wins where it has one
-        for cohort, median in conn.execute(
-                f'select cohort_month, "{column}" from marts.cohort_retention').fetchall():
-            if median is not None:
-                key = cohort if isinstance(cohort, date) else cohort.date()
-                counts[key] = (float(median), counts.get(key, (None, 0))[1] or 10**6)
-        source = f"marts.cohort_retention.{column}"
+        sql, source = _FROM_RAW, "raw.orders"
+    counts: dict[date, tuple[float, int]] = {}
+    params = {"as_of": as_of} if "%(as_of)s" in sql else None
+    for cohort, median, n in conn.execute(sql, params).fetchall():
+        if cohort is None:
+            continue
+        key = cohort if type(cohort) is date else cohort.date()
+        counts[key] = (float(median) if median is not None else None, int(n or 0))
     return counts, source
 
 
@@ -104,7 +103,7 @@ def cohort_norms(conn: psycopg.Connection, as_of: datetime,
         pool = [(m, c) for m, c in medians.items()
                 if idx - 12 <= _month_index(m) < idx and c[0] is not None and c[1] > 0]
         weight = sum(c[1] for _, c in pool)
-        if weight:
+        if weight >= settings.cohort_min_repeaters:
             norms[month.isoformat()] = sum(c[0] * c[1] for _, c in pool) / weight
     default = settings.second_purchase_default_days
     if norms:

@@ -114,7 +114,7 @@ def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | Non
 def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, channels,
          policy: Policy | None, settings: TriggerSettings | None,
          campaigns: Mapping[str, Campaign] | None, lock: str,
-         channel_orders=None) -> dict:
+         channel_orders=None, release_also: Sequence[str] = ()) -> dict:
     start, end = as_utc(start), as_utc(end)
     if end <= start:
         raise ValueError(f"empty interval: {start.isoformat()} .. {end.isoformat()}")
@@ -159,7 +159,12 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
             conn.execute("select pg_advisory_unlock(hashtext(%s))", (lock,))
             conn.commit()
     if channels is not None:
-        result["dispatch"] = _send([loaded[n] for n in names], end, channels, url)
+        senders = [loaded[n] for n in names]
+        if release_also:
+            # messages of other flows that waited for the customer's morning go out with
+            # the next 15-minute run, not the next day's
+            senders += [load_campaign(n) for n in release_also if n not in loaded]
+        result["dispatch"] = _send(senders, end, channels, url)
     with db.connect(url) as conn:
         report = step_report(conn, [loaded[n] for n in names], end)
     for n in names:
@@ -176,7 +181,8 @@ def run_triggers(interval_start: datetime, interval_end: datetime, url: str | No
                  campaigns: Mapping[str, Campaign] | None = None) -> dict:
     """One run of every trigger and lifecycle flow over (interval_start, interval_end].
 
-    Without `channels` the run plans (ledger rows) and does not send. Returns, per
+    Without `channels` the run plans (ledger rows) and does not send; with them it also
+    releases re-engagement messages whose quiet hours ended. Returns, per
     trigger, the moments found and chains started / extended / exited with the health
     verdict, and per chain step the messages planned at interval_end by status.
     """
@@ -186,7 +192,7 @@ def run_triggers(interval_start: datetime, interval_end: datetime, url: str | No
     if unknown:
         raise ValueError(f"unknown trigger(s): {', '.join(unknown)}")
     return _run(names, interval_start, interval_end, url, channels, policy, settings, campaigns,
-                "retention.triggers")
+                "retention.triggers", release_also=() if triggers else (REENGAGEMENT,))
 
 
 def channel_orders_by_engagement(conn: psycopg.Connection, chain_ids: Sequence[str], step: Step,
