@@ -12,14 +12,17 @@
     came between. These rows never take credit away from a real message; they exist so
     that campaign_results can show the holdout's conversions next to the variants'.
 
-    Windows: var `attribution_window_hours` (hours per channel, e.g. {email: 48}) over
-    the defaults below; any other channel gets `attribution_default_window_hours`.
-    plugins/retention/results/uplift.py uses the same defaults.
+    Windows, hours per channel: the defaults below, overridden by the environment variable
+    RETENTION_ATTRIBUTION_WINDOWS (JSON, e.g. {"email": 48}; the uplift measurement in
+    plugins/retention/results/uplift.py reads the same), then by the var
+    `attribution_window_hours`; any other channel gets `attribution_default_window_hours`.
 -#}
 {%- set default_windows = {'email': 72, 'mobile_push': 24, 'web_push': 24,
                            'telegram': 48, 'sms': 24, 'viber': 24} -%}
 {%- set windows = {} -%}
 {%- do windows.update(default_windows) -%}
+{%- set from_env = env_var('RETENTION_ATTRIBUTION_WINDOWS', '') | trim -%}
+{%- if from_env -%}{%- do windows.update(fromjson(from_env)) -%}{%- endif -%}
 {%- do windows.update(var('attribution_window_hours', none) or {}) -%}
 {%- set fallback_hours = var('attribution_default_window_hours', 24) -%}
 

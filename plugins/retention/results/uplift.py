@@ -29,14 +29,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from scipy import stats
 
 from retention import db
 
 #: hours after a message within which a purchase is credited to it, per channel; the same
-#: defaults as the dbt var `attribution_window_hours` (models/marts/message_attribution.sql)
+#: defaults as models/marts/message_attribution.sql
 DEFAULT_WINDOW_HOURS: dict[str, float] = {"email": 72, "mobile_push": 24, "web_push": 24,
                                           "telegram": 48, "sms": 24, "viber": 24}
 WINDOWS_ENV = "RETENTION_ATTRIBUTION_WINDOWS"
@@ -45,8 +45,8 @@ NOT_SIGNIFICANT = "not significant yet"
 
 def attribution_windows() -> dict[str, float]:
     """Per-channel windows in hours: the defaults, overridden by RETENTION_ATTRIBUTION_WINDOWS
-    (JSON, e.g. `{"email": 48}`). Pass the same to dbt as the var `attribution_window_hours`
-    (`dbt_vars()`), so attribution and uplift measure the same window."""
+    (JSON, e.g. `{"email": 48}`), which models/marts/message_attribution.sql reads too, so
+    attribution and uplift measure the same windows."""
     windows = dict(DEFAULT_WINDOW_HOURS)
     raw = os.environ.get(WINDOWS_ENV, "").strip()
     if raw:
@@ -56,10 +56,6 @@ def attribution_windows() -> dict[str, float]:
         except (ValueError, AttributeError, TypeError) as exc:
             raise ValueError(f"{WINDOWS_ENV} must be a JSON object of channel: hours") from exc
     return windows
-
-
-def dbt_vars() -> dict:
-    return {"attribution_window_hours": attribution_windows()}
 
 
 @dataclass(frozen=True)
@@ -287,8 +283,10 @@ def measure_runs(as_of: datetime, *, run_ids: list[str] | None = None,
             order by r.as_of, o.run_id, o.variant""", params).fetchall()
     runs: dict[str, RunUplift] = {}
     for run_id, campaign_id, run_as_of, window_end, variant, n, conv, revenue, revenue_sq in rows:
+        run_as_of = run_as_of.astimezone(timezone.utc)
+        window_end = window_end.astimezone(timezone.utc)
         run = runs.setdefault(run_id, RunUplift(run_id, campaign_id, run_as_of, window_end,
-                                                min(window_end, as_of), {}))
+                                                min(window_end, as_of.astimezone(timezone.utc)), {}))
         run.arms[variant] = ArmStats(variant, int(n), int(conv), float(revenue or 0),
                                      float(revenue_sq or 0))
     for run in runs.values():

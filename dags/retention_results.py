@@ -1,0 +1,66 @@
+"""
+### Results back: provider events and attribution
+
+Every hour (`RETENTION_RESULTS_SCHEDULE`), as of the run's data interval end:
+
+1. `load_results`: SendGrid Event Webhook batches still waiting in the webhook landing
+   folder (`RETENTION_WEBHOOK_DIR`, default `RETENTION_HOME/webhooks/incoming`) go into
+   `ops.message_events`, deduplicated on `sg_event_id`, with unsubscribes, spam reports
+   and hard bounces written to `ops.consent_changes`. The receiver
+   (`python -m retention.results.receiver`) lands every batch there durably and ingests
+   it at once, so this step only catches what it could not ingest (database down). Then
+   the send results of push, Telegram, SMS and Viber become `delivered` / `failed` events.
+2. `build_attribution`: dbt builds `marts.message_attribution` (last touch within each
+   channel's window, offline receipts included, holdout counterfactuals) and
+   `marts.campaign_results`, and marks both Assets updated.
+
+Both steps are idempotent: a re-run for the same interval writes the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+
+from retention_airflow.assets import table_asset
+
+MESSAGE_ATTRIBUTION = table_asset("marts", "message_attribution")
+CAMPAIGN_RESULTS = table_asset("marts", "campaign_results")
+
+
+def _as_of():
+    context = get_current_context()
+    return (context.get("data_interval_end") or context.get("logical_date")
+            or context["dag_run"].run_after)
+
+
+@dag(
+    dag_id="retention_results",
+    schedule=os.environ.get("RETENTION_RESULTS_SCHEDULE", "@hourly"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    tags=["retention", "results"],
+    doc_md=__doc__,
+)
+def retention_results():
+    @task
+    def load_results() -> dict:
+        from retention.results.pipeline import load_results as load
+
+        return load(as_of=_as_of())
+
+    @task(outlets=[MESSAGE_ATTRIBUTION, CAMPAIGN_RESULTS])
+    def build_attribution(loaded: dict) -> dict:
+        from retention.results.pipeline import build_attribution as build
+
+        return build(_as_of())
+
+    build_attribution(load_results())
+
+
+retention_results()

@@ -1,0 +1,86 @@
+"""
+### Weekly marketer report
+
+Mondays at 08:00 UTC, an hour after the weekly promo cascade starts
+(`RETENTION_REPORT_SCHEDULE`), for the ISO week that has just ended:
+
+1. `load_results`: webhook batches still in the landing folder and the send results of
+   push and Telegram into `ops.message_events` (as the `retention_results` DAG does);
+2. `build_attribution`: `marts.message_attribution` and `marts.campaign_results` as of
+   the run's time, so the report sees every event and purchase until then;
+3. `write_report`: the self-contained HTML report (inline SVG charts) of the week:
+   cascade funnel by wave and channel, each campaign's revenue online and offline,
+   A/B and holdout results with 95% intervals ("not significant yet" where they are
+   not), trigger chain revenue and its share of retention revenue, cohort retention
+   curves and new-customer 30-day RPR, ROPO share of offline revenue. It is kept as
+   `RETENTION_HOME/reports/weekly_report_<YYYY>-W<WW>.html`;
+4. `send_report`: e-mails it through the e-mail channel to `RETENTION_REPORT_RECIPIENTS`
+   (comma-separated; none: the step is skipped), once per recipient and week
+   (`ops.report_deliveries`), so a retry does not send it twice.
+
+The same report from the command line: `retention report [--week 2026-W45]`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+
+def _as_of():
+    context = get_current_context()
+    return (context.get("data_interval_end") or context.get("logical_date")
+            or context["dag_run"].run_after)
+
+
+@dag(
+    dag_id="retention_weekly_report",
+    schedule=os.environ.get("RETENTION_REPORT_SCHEDULE", "0 8 * * 1"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    tags=["retention", "results", "report"],
+    doc_md=__doc__,
+)
+def retention_weekly_report():
+    @task
+    def load_results() -> dict:
+        from retention.results.pipeline import load_results as load
+
+        return load(as_of=_as_of())
+
+    @task
+    def build_attribution(loaded: dict) -> dict:
+        from retention.results.pipeline import build_attribution as build
+
+        return build(_as_of())
+
+    @task
+    def write_report(built: dict) -> str:
+        from retention.results.report import previous_week, write_report as write
+
+        as_of = _as_of()
+        return str(write(previous_week(as_of), as_of=as_of))
+
+    @task
+    def send_report(path: str) -> dict:
+        from retention.results.report import configured_recipients, send_report as send
+
+        recipients = configured_recipients()
+        if not recipients:
+            raise AirflowSkipException("RETENTION_REPORT_RECIPIENTS is empty: report kept, not sent")
+        try:  # the retention_sendgrid connection through Airflow's secrets backends
+            from retention_airflow.hooks import channels_for
+        except ImportError:  # the same connection from AIRFLOW_CONN_RETENTION_SENDGRID
+            return send(path, recipients)
+        return send(path, recipients, channels_for(["email"])["email"])
+
+    send_report(write_report(build_attribution(load_results())))
+
+
+retention_weekly_report()

@@ -1,0 +1,60 @@
+"""The results-back steps the DAGs run, as plain functions (no Airflow import).
+
+* `load_results`: webhook batches still in the landing folder, then the send results of
+  push, Telegram, SMS and Viber, into `ops.message_events` (both idempotent);
+* `build_attribution`: dbt builds marts.message_attribution and marts.campaign_results
+  (with the staging and intermediate models they read) as of a timestamp. The windows
+  come from the same place as the uplift's (`RETENTION_ATTRIBUTION_WINDOWS`, read by the
+  model itself).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from retention.results.webhook import load_landed_batches, record_send_results
+
+ATTRIBUTION_SELECT = ("+message_attribution", "+campaign_results")
+#: send results older than this are settled already; the scan stays small
+SEND_RESULTS_LOOKBACK = timedelta(days=14)
+
+
+class AttributionBuildError(RuntimeError):
+    pass
+
+
+def load_results(as_of: datetime | None = None, url: str | None = None,
+                 root: Path | None = None) -> dict:
+    webhook = load_landed_batches(root, url)
+    since = as_of - SEND_RESULTS_LOOKBACK if as_of else None
+    sends = record_send_results(url, since)
+    return {"webhook": webhook, "send_results": sends}
+
+
+def build_attribution(as_of: datetime, url: str | None = None) -> dict:
+    """`dbt build` of the two results marts and their parents as of `as_of`.
+
+    Only tests whose every parent is built run (`--indirect-selection buildable`): a test
+    that also reads a mart this selection leaves alone (a lifetime mart) waits for the
+    full build."""
+    from retention.build import as_of_literal, run_dbt
+    from retention.results.webhook import ensure_results_tables
+    from retention import db
+    from retention.schema import ensure_schemas
+
+    with db.connect(url) as conn:
+        ensure_schemas(conn)
+        ensure_results_tables(conn)
+        conn.commit()
+    result = run_dbt(["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)}),
+                      "--select", *ATTRIBUTION_SELECT, "--indirect-selection", "buildable"], url)
+    nodes = getattr(result.result, "results", None) or []
+    failed = [f"{r.node.name}: {getattr(r.status, 'value', r.status)}" for r in nodes
+              if str(getattr(r.status, "value", r.status)) in ("error", "fail")]
+    if not result.success or result.exception is not None:
+        detail = str(result.exception) if result.exception else "; ".join(failed[:10])
+        raise AttributionBuildError(f"dbt build of the results marts as of "
+                                    f"{as_of_literal(as_of)} failed: {detail}")
+    return {"as_of": as_of_literal(as_of), "nodes": len(nodes), "failed": failed}

@@ -1,0 +1,282 @@
+"""The weekly marketer report on a generated shop with real campaign runs, opened in headless
+Chromium; its delivery through the e-mail channel; the report DAG run for real.
+
+The screenshot is kept next to the report: RETENTION_HOME/reports/weekly_report_2026-W43.png
+(RETENTION_HOME defaults to .retention/ in the checkout); the test prints both paths.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from datetime import date, datetime, timedelta, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from retention import db
+from retention.config import paths
+from retention.results.report import (
+    CHARTS, SECTIONS, collect, parse_week, previous_week, render, send_report, week_label,
+    write_report,
+)
+
+END = datetime(2026, 10, 31, tzinfo=timezone.utc)
+WEEK = date(2026, 10, 19)  # ISO week 2026-W43
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--hide-scrollbars"]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise AssertionError("Chromium is not installed: apt-get install -y chromium (bin/setup does)")
+
+
+def _sent(url: str, run_id: str, step: str) -> list[tuple]:
+    """What dispatch records once a step went out (the channels are tested elsewhere)."""
+    with db.connect(url) as conn:
+        conn.execute("update ops.messages set status = 'sent', sent_at = greatest(not_before, planned_at), "
+                     "provider_message_id = 'x' || left(md5(run_id || step), 12) "
+                     "where run_id = %s and step = %s and status = 'planned'", (run_id, step))
+        rows = conn.execute("select message_id, address, sent_at, channel from ops.messages "
+                            "where run_id = %s and step = %s and status = 'sent'",
+                            (run_id, step)).fetchall()
+        conn.commit()
+    return rows
+
+
+def _sendgrid_events(url: str, rows: list[tuple], rng: random.Random) -> None:
+    from retention.results.webhook import ingest_sendgrid_events
+
+    events = []
+    for mid, address, at, channel in rows:
+        if channel != "email":
+            continue
+        ts = int(at.timestamp())
+        base = {"message_id": mid, "email": address}
+        events.append({**base, "event": "processed", "sg_event_id": f"p-{mid}", "timestamp": ts})
+        if rng.random() < 0.04:
+            events.append({**base, "event": "bounce", "type": "bounce", "sg_event_id": f"b-{mid}",
+                           "timestamp": ts + 5})
+            continue
+        events.append({**base, "event": "delivered", "sg_event_id": f"d-{mid}", "timestamp": ts + 5})
+        if rng.random() < 0.25:
+            events.append({**base, "event": "open", "sg_event_id": f"o-{mid}",
+                           "timestamp": ts + rng.randint(60, 20000)})
+            if rng.random() < 0.3:
+                events.append({**base, "event": "click", "sg_event_id": f"c-{mid}",
+                               "timestamp": ts + rng.randint(20000, 30000)})
+    with db.connect(url) as conn:
+        ingest_sendgrid_events(conn, events, received_at=END, batch_id=f"test-{rows[0][0]}",
+                               verified=True)
+        conn.commit()
+
+
+def _make_shop(url: str, folder: Path) -> None:
+    """A generated shop; the weekly cascade and a cross-sell run in week 43; trigger chains."""
+    from retention.build import build
+    from retention.campaigns.engine import plan_step, start_run
+    from retention.campaigns.spec import load_campaign
+    from retention.generate import generate_shop
+    from retention.load import load_folder
+    from retention.results.webhook import record_send_results
+
+    generate_shop(folder, customers=1500, seed=11, end=END)
+    load_folder(folder, url, loaded_at=END)
+    build(as_of=END, url=url)
+    rng = random.Random(43)
+    for campaign_id, start in (("weekly_promo", datetime(2026, 10, 19, 7, tzinfo=timezone.utc)),
+                               ("smartphone_accessories", datetime(2026, 10, 22, 8, tzinfo=timezone.utc))):
+        campaign = load_campaign(campaign_id)
+        run = start_run(campaign, start, url=url)
+        for step in campaign.steps:
+            plan_step(campaign, run, step.name, url=url)
+            rows = _sent(url, run.run_id, step.name)
+            if rows:
+                _sendgrid_events(url, rows, rng)
+    with db.connect(url) as conn:  # trigger chains: one message an hour after a cart
+        carts = conn.execute("""
+            select distinct on (customer_id) customer_id, occurred_at from raw.events
+            where event_type = 'cart' and customer_id is not null
+              and occurred_at >= '2026-10-19Z' and occurred_at < '2026-10-26Z'
+            order by customer_id, occurred_at""").fetchall()
+        rows = []
+        for customer, at in carts:
+            chain, step, channel = (("abandoned_cart", "reminder", "mobile_push")
+                                    if rng.random() < 0.5 else ("browse_abandonment", "nudge", "email"))
+            rows.append((f"t_{chain}_{customer}", chain, f"{chain}:{customer}", step, channel,
+                         customer, at + timedelta(hours=1)))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "insert into ops.messages (message_id, campaign_id, run_id, step, channel, "
+                "customer_id, variant, status, planned_at, sent_at, cap_class) values "
+                "(%s, %s, %s, %s, %s, %s, 'A', 'sent', %s, %s, 'trigger')",
+                [r + (r[-1],) for r in rows])
+        conn.commit()
+    record_send_results(url)
+    build(as_of=END, url=url, select="+message_attribution +campaign_results")
+
+
+@pytest.fixture(scope="module")
+def shop_url(make_database):
+    url = make_database("rt_report")
+    with db.connect(url) as conn:
+        from retention.schema import ensure_schemas
+
+        ensure_schemas(conn)
+        conn.commit()
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as folder:
+        mp.setenv("RETENTION_DATABASE_URL", url)
+        mp.setenv("RETENTION_CURRENCY", "UAH")
+        _make_shop(url, Path(folder))
+        yield url
+
+
+class _Dom(HTMLParser):
+    """Ids, chart point counts, and anything that would load from outside the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.points: dict[str, int] = {}
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "svg" and a.get("id"):
+            self.points[a["id"]] = int(a.get("data-points", "0"))
+        if tag in ("script", "link", "img", "iframe", "object"):
+            self.external.append(tag)
+        for name in ("src", "href"):
+            if a.get(name) and not a[name].startswith("#"):
+                self.external.append(a[name])
+
+
+def _parse(html: str) -> _Dom:
+    dom = _Dom()
+    dom.feed(html)
+    return dom
+
+
+def test_weeks():
+    assert parse_week("2026-W43") == WEEK == parse_week("2026-10-22") == parse_week("2026w43")
+    assert week_label(WEEK) == "2026-W43"
+    assert previous_week(datetime(2026, 10, 26, 8, tzinfo=timezone.utc)) == WEEK
+    with pytest.raises(ValueError, match="not a week"):
+        parse_week("last week")
+
+
+def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_path):
+    path = write_report("2026-W43", url=shop_url)
+    assert path == paths().reports / "weekly_report_2026-W43.html"
+    dom = subprocess.run(
+        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-dom'}",
+         "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    rendered = _parse(dom)
+    assert set(SECTIONS) <= rendered.ids, set(SECTIONS) - rendered.ids
+    assert set(CHARTS) <= rendered.ids, set(CHARTS) - rendered.ids
+    empty = [c for c in CHARTS if rendered.points.get(c, 0) == 0]
+    assert not empty, f"charts drawn without data: {empty}"
+    assert rendered.external == [], "the report must be self-contained"
+    screenshot = path.with_suffix(".png")
+    subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
+                    "--window-size=1100,5600", f"--screenshot={screenshot}", path.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert screenshot.stat().st_size > 100_000
+    print(f"\nweekly report: {path}\nscreenshot:    {screenshot}")
+
+
+def test_report_figures_match_the_marts(shop_url):
+    data = collect(WEEK, shop_url)
+    with db.connect(shop_url) as conn:
+        revenue, offline, converted = conn.execute("""
+            select sum(revenue), sum(offline_revenue), sum(converted) from marts.campaign_results
+            where variant <> 'holdout' and cap_class in ('promo', 'trigger')""").fetchone()
+        waves = conn.execute("""
+            select step, sum(sent) from marts.campaign_results
+            where campaign_id = 'weekly_promo' and variant <> 'holdout' group by step""").fetchall()
+        chains = conn.execute("select sum(revenue) from marts.campaign_results "
+                              "where cap_class = 'trigger'").fetchone()[0]
+    assert data.retention_revenue == pytest.approx(float(revenue))
+    assert sum(c["offline_revenue"] for c in data.retention) == pytest.approx(float(offline))
+    assert offline > 0, "the generated shop's store receipts reach the campaigns"
+    assert {r["step"]: r["sent"] for r in data.funnel if r["campaign_id"] == "weekly_promo"} \
+        == {s: float(n) for s, n in waves}
+    assert data.chain_share == pytest.approx(float(chains) / float(revenue))
+    (weekly,) = [r for r in data.experiments if r.campaign_id == "weekly_promo"]
+    assert set(weekly.arms) == {"A", "B", "holdout"} and len(weekly.holdout) == 2
+    assert len(weekly.ab) == 2
+    html = render(data)
+    for diff in weekly.holdout + weekly.ab:
+        assert diff.verdict in html
+    # an unsent campaign is no experiment: both arms equal, so never "significant"
+    assert all(d.verdict == "not significant yet" for r in data.experiments for d in r.ab
+               if d.difference == 0)
+    assert data.ropo_weeks[-1]["week_start"] == WEEK and data.ropo_weeks[-1]["ropo_revenue"] > 0
+    assert 0 < converted
+
+
+def test_empty_warehouse_still_renders_every_section(database_url, tmp_path):
+    path = write_report(WEEK, url=database_url, out_dir=tmp_path)
+    dom = _parse(path.read_text())
+    assert set(SECTIONS) <= dom.ids and set(CHARTS) <= dom.ids
+    assert all(dom.points[c] == 0 for c in CHARTS)
+    assert "not built yet" in path.read_text()
+
+
+def test_send_report_emails_each_marketer_once(shop_url, tmp_path):
+    from retention.channels import SendGridChannel
+    from retention.providers.local_servers import start
+
+    path = write_report(WEEK, url=shop_url, out_dir=tmp_path)
+    base, server = start("sendgrid", api_keys={"SG.test"})
+    try:
+        channel = SendGridChannel("SG.test", "reports@shop.example", base_url=base)
+        first = send_report(path, ["anna@shop.example", "max@shop.example"], channel, url=shop_url)
+        again = send_report(path, ["anna@shop.example", "max@shop.example", "new@shop.example"],
+                            channel, url=shop_url)
+        requests = server.accepted
+    finally:
+        server.stop()
+    assert first == {"week": "2026-W43", "sent": 2, "already_sent": 0, "failed": {}}
+    assert again == {"week": "2026-W43", "sent": 1, "already_sent": 2, "failed": {}}
+    recipients = [p["to"][0]["email"] for r in requests for p in r.body["personalizations"]]
+    assert recipients == ["anna@shop.example", "max@shop.example", "new@shop.example"]
+    body = requests[0].body
+    assert "Weekly retention report 2026-W43" in str(body.get("subject")) + str(
+        body["personalizations"][0].get("subject"))
+    html = next(c["value"] for c in body["content"] if c["type"] == "text/html")
+    assert "id=\"experiments\"" in html and "id='chart-cascade-funnel'" in html
+    with db.connect(shop_url) as conn:
+        assert conn.execute("select count(*) from ops.report_deliveries").fetchone()[0] == 3
+        conn.execute("delete from ops.report_deliveries")
+        conn.commit()
+
+
+def test_weekly_report_dag_writes_the_past_week(shop_url, airflow_db, tmp_path, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("RETENTION_DATABASE_URL", shop_url)
+    monkeypatch.setenv("RETENTION_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RETENTION_REPORT_RECIPIENTS", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    dag = DagBag(dag_folder=str(root / "dags" / "retention_weekly_report.py")).dags[
+        "retention_weekly_report"]
+    run = dag.test(logical_date=datetime(2026, 10, 26, 8, tzinfo=timezone.utc))
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states == {"load_results": "success", "build_attribution": "success",
+                      "write_report": "success", "send_report": "skipped"}, states
+    report = tmp_path / "home" / "reports" / "weekly_report_2026-W43.html"
+    assert report.exists() and "Results as of 2026-10-26 08:00 UTC" in report.read_text()
