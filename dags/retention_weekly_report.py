@@ -74,10 +74,8 @@ def retention_weekly_report():
         recipients = configured_recipients()
         if not recipients:
             raise AirflowSkipException("RETENTION_REPORT_RECIPIENTS is empty: report kept, not sent")
-        try:  # the retention_sendgrid connection through Airflow's secrets backends
-            from retention_airflow.hooks import channels_for
-        except ImportError:  # the same connection from AIRFLOW_CONN_RETENTION_SENDGRID
-            return send(path, recipients)
+        from retention_airflow.hooks import channels_for  # the retention_sendgrid connection
+
         return send(path, recipients, channels_for(["email"])["email"])
 
     send_report(write_report(build_attribution(load_results())))
