@@ -10,9 +10,11 @@ Every hour (`RETENTION_RESULTS_SCHEDULE`), as of the run's data interval end:
    (`python -m retention.results.receiver`) lands every batch there durably and ingests
    it at once, so this step only catches what it could not ingest (database down). Then
    the send results of push, Telegram, SMS and Viber become `delivered` / `failed` events.
-2. `build_attribution`: dbt builds `marts.message_attribution` (last touch within each
+2. `build_attribution`: dbt rebuilds `marts.message_attribution` (last touch within each
    channel's window, offline receipts included, holdout counterfactuals) and
-   `marts.campaign_results`, and marks both Assets updated.
+   `marts.campaign_results` over the purchases of the last `retention_dbt_build` run (which
+   rebuilds them too after every ingest), so the marts follow new events and sends within
+   the hour; both Assets are marked updated.
 
 Both steps are idempotent: a re-run for the same interval writes the same rows.
 """
@@ -58,7 +60,8 @@ def retention_results():
     def build_attribution(loaded: dict) -> dict:
         from retention.results.pipeline import build_attribution as build
 
-        return build(_as_of())
+        # purchases come with the dbt build after each ingest; here new events and sends
+        return build(_as_of(), with_parents=False)
 
     build_attribution(load_results())
 

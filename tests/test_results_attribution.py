@@ -110,3 +110,34 @@ def test_attribution_of_the_hand_made_scenario(database_url, monkeypatch):
         telegram = conn.execute("select conversion_id, window_hours from marts.message_attribution "
                                 "where message_id = 'm3_telegram'").fetchall()
     assert telegram == [("o3", 72.0)]
+
+
+def test_results_dag_loads_landed_batches_and_rebuilds_the_marts(database_url, airflow_db,
+                                                                 tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from retention.results.webhook import land_batch
+
+    _scenario(database_url)
+    monkeypatch.setenv("RETENTION_WEBHOOK_DIR", str(tmp_path / "webhooks"))
+    # the receiver landed this batch but the database was down: it waits in incoming/
+    batch = [{"event": "delivered", "sg_event_id": "late-1", "message_id": "m2_email",
+              "email": "c2@example.com", "timestamp": int(T.timestamp()) + 9}]
+    land_batch(json.dumps(batch).encode(), T + timedelta(minutes=1), verified=True,
+               root=tmp_path / "webhooks")
+    root = Path(__file__).resolve().parents[1]
+    dag = DagBag(dag_folder=str(root / "dags" / "retention_results.py")).dags["retention_results"]
+    run = dag.test(logical_date=AS_OF)
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states == {"load_results": "success", "build_attribution": "success"}, states
+    assert not list((tmp_path / "webhooks" / "incoming").glob("*.json"))
+    with db.connect(database_url) as conn:
+        results = dict(conn.execute("select variant || ':' || step, delivered + 10 * sent "
+                                    "from marts.campaign_results"))
+        as_of = conn.execute("select distinct as_of from marts.campaign_results").fetchall()
+    # m2's delivery from the landed file; the push and Telegram sends as delivered events
+    assert results == {"A:email": 10, "B:email": 11, "holdout:email": 0,
+                       "A:mobile_push": 11, "A:telegram": 11}
+    assert as_of == [(AS_OF,)]

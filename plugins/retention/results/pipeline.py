@@ -16,7 +16,7 @@ from pathlib import Path
 
 from retention.results.webhook import load_landed_batches, record_send_results
 
-ATTRIBUTION_SELECT = ("+message_attribution", "+campaign_results")
+ATTRIBUTION_MODELS = ("message_attribution", "campaign_results")
 #: send results older than this are settled already; the scan stays small
 SEND_RESULTS_LOOKBACK = timedelta(days=14)
 
@@ -33,23 +33,31 @@ def load_results(as_of: datetime | None = None, url: str | None = None,
     return {"webhook": webhook, "send_results": sends}
 
 
-def build_attribution(as_of: datetime, url: str | None = None) -> dict:
-    """`dbt build` of the two results marts and their parents as of `as_of`.
+def build_attribution(as_of: datetime, url: str | None = None, *,
+                      with_parents: bool = True) -> dict:
+    """`dbt build` of the two results marts as of `as_of`, by default with the staging and
+    intermediate models they read (purchases up to as_of); `with_parents=False` rebuilds
+    only the two marts over the purchases of the last full build (new events and sends
+    between builds), unless that build has not happened yet.
 
     Only tests whose every parent is built run (`--indirect-selection buildable`): a test
     that also reads a mart this selection leaves alone (a lifetime mart) waits for the
     full build."""
+    from retention import db
     from retention.build import as_of_literal, run_dbt
     from retention.results.webhook import ensure_results_tables
-    from retention import db
     from retention.schema import ensure_schemas
 
     with db.connect(url) as conn:
         ensure_schemas(conn)
         ensure_results_tables(conn)
         conn.commit()
+        parents_built = conn.execute(
+            "select to_regclass('intermediate.int_purchases_unified') is not null").fetchone()[0]
+    prefix = "+" if with_parents or not parents_built else ""
     result = run_dbt(["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)}),
-                      "--select", *ATTRIBUTION_SELECT, "--indirect-selection", "buildable"], url)
+                      "--select", *(prefix + m for m in ATTRIBUTION_MODELS),
+                      "--indirect-selection", "buildable"], url)
     nodes = getattr(result.result, "results", None) or []
     failed = [f"{r.node.name}: {getattr(r.status, 'value', r.status)}" for r in nodes
               if str(getattr(r.status, "value", r.status)) in ("error", "fail")]
@@ -57,4 +65,5 @@ def build_attribution(as_of: datetime, url: str | None = None) -> dict:
         detail = str(result.exception) if result.exception else "; ".join(failed[:10])
         raise AttributionBuildError(f"dbt build of the results marts as of "
                                     f"{as_of_literal(as_of)} failed: {detail}")
-    return {"as_of": as_of_literal(as_of), "nodes": len(nodes), "failed": failed}
+    return {"as_of": as_of_literal(as_of), "nodes": len(nodes), "failed": failed,
+            "with_parents": bool(prefix)}
