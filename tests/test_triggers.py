@@ -7,8 +7,12 @@ ops.trigger_hits and ops.messages.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime, time, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -340,6 +344,7 @@ def test_category_replenished(shop):
     run_every_15(shop, at(10), at(10, 30), ["category_replenished"])
     (chain,) = chains(shop)
     assert (chain["customer_id"], chain["subject"]) == ("browser", "category:beauty.skin.cream")
+    assert chain["context"]["products"] == ["new2", "new1"]  # both arrivals, newest first
     hits = shop.rows("select event_key, outcome from ops.trigger_hits order by event_key")
     assert hits == [("new:new1", "started"), ("new:new2", "started")]
 
@@ -347,6 +352,8 @@ def test_category_replenished(shop):
 def test_order_cancelled_out_of_stock_is_transactional(shop):
     shop.customer("c1")
     shop.customer("nochannel", channels=())
+    shop.customer("unsubscribed", channels=())
+    shop.subscribe("unsubscribed", "email", at(0, day=-300), unsubscribed_at=at(0, day=-30))
     shop.product("gone", "toys.lego", price=50, in_stock=False)
     shop.product("alike", "toys.lego", price=55, in_stock=True)
     shop.order("c1", at(10, 5), status="cancelled", products=["gone"], cancel_reason="out_of_stock")
@@ -361,11 +368,15 @@ def test_order_cancelled_out_of_stock_is_transactional(shop):
                          "(%s, 'promo', 'r', 's', 'mobile_push', 'c1', 'A', 'sent', %s, 'promo')",
                          (f"old{i}", at(9, day=-i)))
         conn.commit()
+    shop.order("unsubscribed", at(10, 8), status="cancelled", products=["gone"],
+               cancel_reason="out-of-stock")
     run(shop, at(10), at(10, 15), ["order_cancelled_oos"])
     assert sorted((c["customer_id"], c["subject"]) for c in chains(shop)) == [
-        ("c1", "order:o00001"), ("nochannel", "order:o00003")]
-    (msg,) = messages(shop, "order_cancelled_oos")
-    assert msg[3:7] == ("c1", "mobile_push", "planned", None)  # no consent, no row for the other
+        ("c1", "order:o00001"), ("nochannel", "order:o00003"), ("unsubscribed", "order:o00004")]
+    # exempt from caps, never from consent (no subscription at all: no row)
+    assert [m[3:7] for m in messages(shop, "order_cancelled_oos")] == [
+        ("c1", "mobile_push", "planned", None),
+        ("unsubscribed", "mobile_push", "suppressed", "no consent")]
 
 
 def test_welcome_series_on_first_subscription_only(shop):
@@ -547,3 +558,28 @@ def test_gap_in_runs_misses_nothing(shop):
     # interval is (12:45, 13:00], but the watermark says the last scan ended at 08:15
     result = run(shop, at(12, 45), at(13), ["abandoned_cart"])
     assert result["triggers"]["abandoned_cart"]["started"] == 1
+
+
+def test_a_run_killed_midway_is_completed_by_its_retry(shop):
+    shop.customer("c1")
+    shop.product("p1", "home.kitchen.kettle")
+    shop.event("c1", "cart", at(10), "p1")
+    script = (
+        "import sys; sys.path.insert(0, 'plugins');"
+        "from datetime import datetime, time, timezone;"
+        "from retention.campaigns.policy import Policy;"
+        "from retention.triggers import run_triggers;"
+        "p = Policy(3, 7, 2, 7, time(21), time(9), 'UTC', 0.0);"
+        "run_triggers(datetime(2026, 11, 2, 10, 45, tzinfo=timezone.utc),"
+        " datetime(2026, 11, 2, 11, tzinfo=timezone.utc), sys.argv[1], policy=p,"
+        " triggers=['abandoned_cart'])")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, RETENTION_FAILPOINT="triggers.after_detect:1")
+    died = subprocess.run([sys.executable, "-c", script, shop.url], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert died.returncode == 137, died.stderr
+    (chain,) = chains(shop)  # detection was committed, the step was not planned
+    assert chain["next_step"] == 0 and messages(shop) == []
+    run(shop, at(10, 45), at(11), ["abandoned_cart"])  # Airflow's retry of the same interval
+    (chain,) = chains(shop)
+    assert chain["next_step"] == 1 and len(messages(shop)) == 1

@@ -172,7 +172,16 @@ def test_chain_messages_are_sent_once_with_their_products(shop, monkeypatch):
     shop.customer("c1", channels=("email",))
     shop.product("p1", "home.kitchen.kettle", name="Bosch Kettle K100", price=49.9)
     shop.product("p2", "home.kitchen.kettle", name="Tefal Kettle T2", price=39.9)
+    shop.product("p3", "home.kitchen.descaler", name="Descaler D5", price=5.5)
     shop.event("c1", "cart", at(10), "p1")
+    # the recommendations mart (dbt model product_recommendations): kettle buyers then
+    # looked at the descaler
+    with db.connect(shop.url) as conn:
+        conn.execute("create schema if not exists marts")
+        conn.execute("create table marts.product_recommendations (product_id text, "
+                     "recommended_product_id text, rank integer, score numeric, customers integer)")
+        conn.execute("insert into marts.product_recommendations values ('p1', 'p3', 1, 0.5, 4)")
+        conn.commit()
     shop.customer("c2", channels=("mobile_push",))
     shop.event("c2", "search", at(10, 20), query="tefal kettle")
     channels = recorders("email", "mobile_push")
@@ -182,6 +191,7 @@ def test_chain_messages_are_sent_once_with_their_products(shop, monkeypatch):
     assert mail.subject == "You left something in your cart"
     assert "Bosch Kettle K100" in mail.body_text and "Bosch Kettle K100" in mail.body_html
     assert "/cart?m=" in mail.body_text and mail.unsubscribe_url
+    assert "You may also like:\n- Descaler D5" in mail.body_text
     (push,) = channels["mobile_push"].sent
     assert push.subject == "Results for \u201ctefal kettle\u201d"
     assert push.body_text.startswith("Tefal Kettle T2")

@@ -72,9 +72,14 @@ def _waits(campaign: Campaign) -> list[float]:
 
 
 def record_hits(conn: psycopg.Connection, trigger: str, campaign: Campaign, detect_sql: str,
-                params: dict, run_end: datetime, policy: Policy) -> dict[str, int]:
+                params: dict, run_end: datetime, policy: Policy,
+                merge_products: bool = False) -> dict[str, int]:
     """Start or extend chains for the detector's new moments (one transaction, the
-    caller's). Returns counts: hits (new moments), started, extended."""
+    caller's). Returns counts: hits (new moments), started, extended.
+
+    The newest moment's context describes the chain (a cart's contents are complete in
+    its last moment); with `merge_products` the products of all its moments add up,
+    newest first (several new arrivals in one category)."""
     conn.execute("drop table if exists trg_new_hits, trg_groups")
     conn.execute(f"""
         create temp table trg_new_hits on commit drop as
@@ -105,12 +110,27 @@ def record_hits(conn: psycopg.Connection, trigger: str, campaign: Campaign, dete
           as s(session) on true
         group by h.customer_id, h.subject
     """, {"trigger": trigger})
+    if merge_products:
+        conn.execute("""
+            update trg_groups g set context = g.context || jsonb_build_object('products', (
+              select coalesce(jsonb_agg(p.product_id order by p.last_hit desc, p.product_id),
+                              '[]'::jsonb)
+              from (select e.product_id, max(h.hit_at) as last_hit
+                    from trg_new_hits h
+                    cross join lateral jsonb_array_elements_text(
+                      coalesce(h.context -> 'products', '[]'::jsonb)) as e(product_id)
+                    where h.customer_id = g.customer_id and h.subject = g.subject
+                    group by e.product_id) p))
+        """)
     waits = _waits(campaign)
-    extended = conn.execute("""
+    merge = ("|| jsonb_build_object('products', (select coalesce(jsonb_agg(distinct x), '[]'::jsonb) "
+             "from jsonb_array_elements(coalesce(g.context -> 'products', '[]'::jsonb) "
+             "|| coalesce(ci.context -> 'products', '[]'::jsonb)) as x))") if merge_products else ""
+    extended = conn.execute(f"""
         update ops.chain_instances ci set
           anchor_at = greatest(ci.anchor_at, g.anchor_at),
           context = ci.context || g.context || jsonb_build_object(
-            'sessions', coalesce(ci.context -> 'sessions', '[]'::jsonb) || g.sessions),
+            'sessions', coalesce(ci.context -> 'sessions', '[]'::jsonb) || g.sessions) {merge},
           extensions = ci.extensions + g.hits,
           next_step_at = greatest(ci.next_step_at,
                                   g.last_hit + make_interval(secs => (%(waits)s::float8[])[ci.next_step + 1])),

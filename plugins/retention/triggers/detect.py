@@ -483,6 +483,8 @@ class Detector:
     #: a broken tracker shows as no input at all)
     source_sql: str
     needs_norms: bool = False
+    #: products of several moments on one subject add up (new arrivals in a category)
+    merge_products: bool = False
 
 
 _EVENTS = ("select count(*) from raw.events where event_type = '{}' "
@@ -499,7 +501,7 @@ DETECTORS: dict[str, Detector] = {d.name: d for d in (
     Detector("wishlist_reminder", wishlist_reminder, _EVENTS.format("wishlist")),
     Detector("browse_abandonment", browse_abandonment, _EVENTS.format("view")),
     Detector("search_abandonment", search_abandonment, _EVENTS.format("search")),
-    Detector("category_replenished", category_replenished, _CHANGES),
+    Detector("category_replenished", category_replenished, _CHANGES, merge_products=True),
     Detector("welcome_series", welcome_series,
              "select count(*) from raw.channel_subscriptions "
              "where subscribed_at > %(start)s and subscribed_at <= %(end)s"),

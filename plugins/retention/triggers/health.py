@@ -2,9 +2,9 @@
 
 A broken tracker looks like silence, not like an error: the abandoned-cart trigger just
 starts nothing. Each run records, per trigger, the chains it started and extended and the
-raw rows the trigger feeds on; the norm is the mean rate (per hour) of the runs in the
+raw rows the trigger feeds on; the norm is the median rate (per hour) of the runs in the
 last `health_days`, from the same hour of the day when there are enough of those (shops
-are quiet at night). A run is flagged when the norm expects at least
+are quiet at night; the median ignores a first run that caught up on a backlog). A run is flagged when the norm expects at least
 `health_min_expected` chains, the count is at most `health_max_ratio` of it, and a
 Poisson count that low has probability below `health_p_value`.
 
@@ -50,8 +50,10 @@ def record_health(conn: psycopg.Connection, trigger: str, start: datetime, end: 
     basis = same_hour if len(same_hour) >= 3 else history
     expected = None
     if basis:
-        rates = [n / max((e - s).total_seconds() / 3600.0, 1e-9) for s, e, n in basis]
-        expected = sum(rates) / len(rates) * hours
+        rates = sorted(n / max((e - s).total_seconds() / 3600.0, 1e-9) for s, e, n in basis)
+        mid = len(rates) // 2
+        median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+        expected = median * hours
     flagged = bool(
         expected is not None and len(history) >= settings.health_min_history
         and expected >= settings.health_min_expected

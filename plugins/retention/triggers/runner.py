@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from retention import db
+from retention.campaigns.dispatch import _failpoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, load_campaign
@@ -75,7 +76,8 @@ def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: date
         from psycopg.types.json import Jsonb
 
         params.update(norms=Jsonb(extra["norms"]), default_days=extra["default_days"])
-    counts = record_hits(conn, name, campaign, sql, params, end, policy)
+    counts = record_hits(conn, name, campaign, sql, params, end, policy,
+                         merge_products=detector.merge_products)
     conn.execute("""
         insert into ops.trigger_watermarks (trigger, scanned_until) values (%s, %s)
         on conflict (trigger) do update
@@ -124,6 +126,9 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
     result: dict = {"interval_start": start.isoformat(), "interval_end": end.isoformat(),
                     "triggers": {}, "exits": {}, "steps": {}, "sent": channels is not None}
     with db.connect(url) as conn:
+        # many small lookups whose row estimates can look huge: compiling them with JIT
+        # costs far more (~0.5 s each) than running them
+        conn.execute("set jit = off")
         ensure_trigger_tables(conn)
         conn.commit()
         # one run at a time per flow (the DAG has max_active_runs=1; the CLI may overlap it)
@@ -143,16 +148,19 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
 
             exit_pass()
             cache: dict = {}
+            failpoints: dict = {}
             for n in names:
                 result["triggers"][n] = _detect(conn, n, loaded[n], start, end, settings, policy,
                                                 has_ropo, cache)
             if "norms" in cache:
                 result["cohort_norm_source"] = cache["norms"][2]
+            _failpoint("triggers.after_detect", failpoints)
             exit_pass()
             due: dict[str, dict[str, int]] = {}
             for n in names:
                 due[n] = plan_due_steps(conn, loaded[n], end, policy,
                                         channel_orders=channel_orders)
+                _failpoint("triggers.after_plan", failpoints)
             result["exits"] = exits
         finally:
             conn.rollback()
