@@ -9,6 +9,7 @@ only the environment the deployment passes, XComs between tasks, and Asset event
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +55,11 @@ def test_scheduler_runs_ingest_dag(airflow_deployment, database_url, tmp_path): 
     }, af.report(DAG_ID, run_id)
     run = af.run(DAG_ID, run_id)
     assert run["run_type"] == "manual" and run["dag_versions"], run
+    # Each task ran in its own process, queued by the scheduler: not in this test process.
+    tis = af.task_instances(DAG_ID, run_id)
+    pids = {ti["pid"] for ti in tis}
+    assert len(pids) == 3 and os.getpid() not in pids and None not in pids, tis
+    assert all(ti["queued_when"] for ti in tis), tis
 
     with db.connect(database_url) as conn:
         assert conn.execute("select order_id from raw.orders").fetchall() == [("o1",)]
