@@ -1,0 +1,289 @@
+"""Build the customer lifetime tables: `dbt build` of dbt_project/ as of a moment.
+
+`build()` runs dbt in-process (dbtRunner) with the connection of `retention.db` and the
+var `as_of`, then reads the headline numbers back from the marts (`summary()`).
+
+as_of (CONTRACT.md section 2) is the end of the data the build may see. When it is not
+given, it is the latest timestamp in raw (orders.ordered_at, offline_receipts.purchased_at,
+events.occurred_at) rounded up to the next UTC midnight (a timestamp at exactly midnight
+stays), i.e. "the end of the last day with data". Every model ignores rows after it, so
+building again for the same as_of gives the same rows, and building for an earlier as_of
+gives the numbers of the data up to it: the one incremental model
+(int_events_aggregated_daily) rewrites every day from that as_of's day on by itself
+(dbt_project/macros/incremental_replace_window.sql), no full refresh needed.
+
+dbt's target and logs go to dbt_project/target (gitignored). Builds in one checkout are
+serialised (a file lock on the target folder): dbt keeps its manifest there, and
+dbtRunner is not safe to run twice at once in one process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from retention import db
+from retention.config import setting
+
+_PROFILE_ENV = {
+    "host": "RETENTION_DBT_HOST",
+    "port": "RETENTION_DBT_PORT",
+    "user": "RETENTION_DBT_USER",
+    "password": "RETENTION_DBT_PASSWORD",
+    "dbname": "RETENTION_DBT_DBNAME",
+}
+_process_lock = threading.Lock()
+
+
+class BuildError(RuntimeError):
+    """dbt failed (a model, test or unit test failed, or the project did not compile).
+
+    `summary` holds what `build` would have returned (dbt results, and the marts' numbers
+    when they exist)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def project_dir() -> Path:
+    return Path(setting("RETENTION_DBT_PROJECT_DIR") or "dbt_project").resolve()
+
+
+def target_dir() -> Path:
+    return project_dir() / "target"
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive datetimes are UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def as_of_literal(as_of: datetime) -> str:
+    """The var value dbt gets: ISO-8601 in UTC with offset, microseconds kept."""
+    return _utc(as_of).isoformat()
+
+
+def default_as_of(url: str | None = None) -> datetime:
+    """The latest timestamp in raw orders, offline receipts and events, rounded up to the
+    next UTC midnight (unchanged when it is exactly midnight). Falls back to the latest
+    customers.created_at; raises ValueError when raw holds no timestamp at all."""
+    with db.connect(url) as conn:
+        exists = {
+            name for (name,) in conn.execute(
+                "select table_name from information_schema.tables where table_schema = 'raw'")
+        }
+        parts = [f"select max({col}) from raw.{table}" for table, col in (
+            ("orders", "ordered_at"), ("offline_receipts", "purchased_at"),
+            ("events", "occurred_at")) if table in exists]
+        latest = None
+        if parts:
+            latest = conn.execute(
+                "select max(m) from (" + " union all ".join(parts) + ") as t(m)").fetchone()[0]
+        if latest is None and "customers" in exists:
+            latest = conn.execute("select max(created_at) from raw.customers").fetchone()[0]
+    if latest is None:
+        raise ValueError("raw holds no orders, receipts, events or customers: pass as_of")
+    latest = _utc(latest)
+    midnight = latest.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight if midnight == latest else midnight + timedelta(days=1)
+
+
+@contextmanager
+def _profile_env(url: str | None) -> Iterator[None]:
+    """The RETENTION_DBT_* variables profiles.yml reads, for the duration of one build."""
+    params = db.connection_params(url)
+    saved = {name: os.environ.get(name) for name in _PROFILE_ENV.values()}
+    saved["RETENTION_DBT_THREADS"] = os.environ.get("RETENTION_DBT_THREADS")
+    try:
+        for key, name in _PROFILE_ENV.items():
+            os.environ[name] = str(params[key])
+        os.environ["RETENTION_DBT_THREADS"] = setting("RETENTION_DBT_THREADS") or "2"
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _exclusive_build() -> Iterator[None]:
+    target = target_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    with _process_lock, open(target / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _dbt_results(result: Any) -> dict[str, Any]:
+    """Counts per resource type and status from a dbtRunnerResult."""
+    counts: Counter[tuple[str, str]] = Counter()
+    failed: list[str] = []
+    for node_result in getattr(result.result, "results", None) or []:
+        node = node_result.node
+        kind = str(getattr(node.resource_type, "value", node.resource_type))
+        status = str(getattr(node_result.status, "value", node_result.status))
+        counts[(kind, status)] += 1
+        if status in ("error", "fail"):
+            failed.append(f"{kind} {node.name}: {status}")
+    by_kind: dict[str, dict[str, int]] = {}
+    for (kind, status), n in sorted(counts.items()):
+        by_kind.setdefault(kind, {})[status] = n
+    models = by_kind.get("model", {})
+    return {
+        "success": bool(result.success),
+        "models": sum(models.values()),
+        "models_built": models.get("success", 0),
+        "tests": sum(by_kind.get("test", {}).values()),
+        "unit_tests": sum(by_kind.get("unit_test", {}).values()),
+        "failures": len(failed),
+        "warnings": sum(s.get("warn", 0) for s in by_kind.values()),
+        "skipped": sum(s.get("skipped", 0) for s in by_kind.values()),
+        "failed": failed,
+        "by_type": by_kind,
+    }
+
+
+def run_dbt(args: list[str], url: str | None = None) -> Any:
+    """Run one dbt command against the project with the profile of `url` (dbtRunner).
+    Returns the dbtRunnerResult."""
+    from dbt.cli.main import dbtRunner
+
+    project = project_dir()
+    target = target_dir()
+    full_args = [
+        *args,
+        "--project-dir", str(project),
+        "--profiles-dir", str(project),
+        "--target-path", str(target),
+        "--log-path", str(target / "logs"),
+    ]
+    with _exclusive_build(), _profile_env(url):
+        return dbtRunner().invoke(full_args)
+
+
+def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
+          full_refresh: bool = False, *, raise_on_failure: bool = True) -> dict[str, Any]:
+    """`dbt build` as of `as_of` (default: `default_as_of(url)`), then the headline numbers.
+
+    `select` is passed to dbt `--select` (space-separated selection, e.g.
+    "customer_lifetime+"), or names a YAML selector as "selector:lifetime".
+    `full_refresh` rebuilds the incremental model from scratch (only needed after data
+    arrived more than `incremental_lookback_days` late). Raises BuildError when dbt
+    fails, unless raise_on_failure is False; the summary then reports the failures.
+
+    Returns: as_of, customers, buyers, rpr, new_customer_rpr_30d (over all complete
+    cohorts), new_customer_rpr_30d_latest_cohort (+ _month), median_days_to_second_purchase,
+    ropo_share_of_offline_revenue, and `dbt` (models, tests, failures, ...).
+    """
+    url = url or db.database_url()
+    from retention.schema import ensure_schemas
+
+    with db.connect(url) as conn:
+        ensure_schemas(conn)
+        conn.commit()
+    as_of = _utc(as_of) if as_of is not None else default_as_of(url)
+    args = ["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)})]
+    if select:
+        if select.startswith("selector:"):
+            args += ["--selector", select.split(":", 1)[1]]
+        else:
+            args += ["--select", *select.split()]
+    if full_refresh:
+        args.append("--full-refresh")
+    result = run_dbt(args, url)
+    dbt_summary = _dbt_results(result)
+    if result.exception is not None:
+        dbt_summary["error"] = str(result.exception)
+        dbt_summary["success"] = False
+    out: dict[str, Any] = {"as_of": as_of.isoformat()}
+    try:
+        out.update(summary(url, as_of))
+    except LookupError as exc:  # the marts were not (all) built by this selection
+        out["summary_error"] = str(exc)
+    out["dbt"] = dbt_summary
+    if raise_on_failure and not dbt_summary["success"]:
+        detail = dbt_summary.get("error") or "; ".join(dbt_summary["failed"][:10])
+        raise BuildError(f"dbt build as of {as_of.isoformat()} failed: {detail}", out)
+    return out
+
+
+def _relation_exists(conn, name: str) -> bool:
+    return conn.execute("select to_regclass(%s) is not null", (name,)).fetchone()[0]
+
+
+def summary(url: str | None = None, as_of: datetime | None = None) -> dict[str, Any]:
+    """The headline numbers of the built marts.
+
+    - customers: rows of marts.customer_lifetime; buyers: those with a purchase.
+    - rpr: customers with at least two purchases / customers with at least one.
+    - new_customer_rpr_30d: over every cohort whose 30-day window is complete
+      (is_complete_30d), the share of their customers with a second purchase within 30
+      days (cohorts weighted by size). new_customer_rpr_30d_latest_cohort is the same for
+      the latest complete cohort alone (its month in ..._month).
+    - median_days_to_second_purchase: median of days_to_second_purchase over customers
+      with two purchases.
+    - ropo_share_of_offline_revenue: revenue of ROPO receipts / revenue of all offline
+      receipts up to as_of (matched or not); ropo_share_of_matched_offline_revenue
+      divides by the matched receipts only.
+
+    `as_of`, when given, must be the as_of the marts were built for (LookupError
+    otherwise). Ratios are None when their denominator is zero.
+    """
+    needed = ("marts.customer_lifetime", "marts.cohort_retention", "marts.ropo_purchases",
+              "intermediate.int_receipts_matched")
+    with db.connect(url) as conn:
+        missing = [name for name in needed if not _relation_exists(conn, name)]
+        if missing:
+            raise LookupError(f"not built: {', '.join(missing)} (run retention build)")
+        built_as_of, customers, buyers, repeaters, median_days = conn.execute(
+            """select max(as_of), count(*), count(*) filter (where purchases > 0),
+                      count(*) filter (where purchases > 1),
+                      percentile_cont(0.5) within group (order by days_to_second_purchase)
+               from marts.customer_lifetime""").fetchone()
+        if as_of is not None and built_as_of is not None and _utc(built_as_of) != _utc(as_of):
+            raise LookupError(f"the marts are built as of {built_as_of.isoformat()}, "
+                              f"not {_utc(as_of).isoformat()}")
+        complete_customers, complete_second = conn.execute(
+            """select sum(customers), sum(second_purchase_30d_customers)
+               from marts.cohort_retention where is_complete_30d""").fetchone()
+        latest = conn.execute(
+            """select cohort_month, second_purchase_30d_rate from marts.cohort_retention
+               where is_complete_30d order by cohort_month desc limit 1""").fetchone()
+        ropo_revenue, matched_revenue = conn.execute(
+            """select coalesce(sum(total_amount) filter (where is_ropo), 0),
+                      coalesce(sum(total_amount), 0)
+               from marts.ropo_purchases""").fetchone()
+        offline_revenue = conn.execute(
+            "select coalesce(sum(total_amount), 0) from intermediate.int_receipts_matched"
+        ).fetchone()[0]
+
+    def ratio(num, den) -> float | None:
+        return float(num) / float(den) if den else None
+
+    return {
+        "as_of": _utc(built_as_of).isoformat() if built_as_of else None,
+        "customers": int(customers),
+        "buyers": int(buyers),
+        "rpr": ratio(repeaters, buyers),
+        "new_customer_rpr_30d": ratio(complete_second, complete_customers),
+        "new_customer_rpr_30d_latest_cohort": float(latest[1]) if latest else None,
+        "new_customer_rpr_30d_latest_cohort_month": latest[0].isoformat() if latest else None,
+        "median_days_to_second_purchase": float(median_days) if median_days is not None else None,
+        "ropo_share_of_offline_revenue": ratio(ropo_revenue, offline_revenue),
+        "ropo_share_of_matched_offline_revenue": ratio(ropo_revenue, matched_revenue),
+    }
