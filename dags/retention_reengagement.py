@@ -24,14 +24,14 @@ from airflow.timetables.interval import CronDataIntervalTimetable
 
 
 def _channels():
-    """Every channel a chain may use, from the Airflow connections; None (plan, do not
-    send) when RETENTION_TRIGGERS_SEND is false."""
+    """The channels' clients from their Airflow connections, each built when a message
+    for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
     if os.environ.get("RETENTION_TRIGGERS_SEND", "true").lower() in ("0", "false", "no"):
         return None
-    from retention.contract import CHANNELS
-    from retention_airflow.hooks import channels_for
+    from retention.triggers.runner import LazyChannels
+    from retention_airflow.hooks import ChannelHook
 
-    return channels_for(CHANNELS)
+    return LazyChannels(lambda name: ChannelHook(name).get_conn())
 
 
 @dag(

@@ -278,3 +278,57 @@ def test_every_trigger_has_settings_and_a_campaign():
         assert campaign.exit_on and campaign.schedule is None
         assert campaign.kind in ("trigger", "lifecycle", "reengagement", "transactional")
 
+
+
+def test_chains_go_out_through_the_real_clients_to_local_providers(shop, monkeypatch):
+    """The channel clients (SendGrid, FCM, Telegram SDK calls) built from connections, as
+    the DAG builds them, against the local provider servers: the wire payloads carry the
+    chain's products, and a re-run sends nothing twice."""
+    import json as _json
+
+    from retention.connections import build_channel
+    from retention.providers.local_servers import fake_service_account, start
+    from retention.triggers.runner import LazyChannels
+
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
+    sg_url, sendgrid = start("sendgrid", api_keys={"SG.test"})
+    fcm_url, fcm = start("fcm", project_id="shop-push")
+    tg_url, telegram = start("telegram", bot_tokens={"123:abc"})
+    try:
+        info, public_pem = fake_service_account(f"{fcm_url}/token", project_id="shop-push")
+        fcm.configure(public_keys=[public_pem])
+        connections = {
+            "email": {"host": sg_url, "password": "SG.test",
+                      "extra": {"from_email": "shop@example.com"}},
+            "mobile_push": {"host": fcm_url, "extra": {"service_account": info,
+                                                       "project_id": "shop-push"}},
+            "telegram": {"host": tg_url, "password": "123:abc"},
+        }
+        built: list[str] = []
+
+        def factory(name: str):
+            built.append(name)
+            return build_channel(name, connections[name])
+
+        shop.customer("pushy", channels=("mobile_push", "email"))
+        shop.customer("mailer", channels=("email",))
+        shop.customer("chatty", channels=("telegram",))
+        shop.product("p1", "home.kitchen.kettle", name="Bosch Kettle K100")
+        for cid in ("pushy", "mailer", "chatty"):
+            shop.event(cid, "cart", at(10), "p1")
+        for _ in range(2):
+            run(shop, at(10, 45), at(11), ["abandoned_cart"], channels=LazyChannels(factory))
+        assert sorted(set(built)) == ["email", "mobile_push", "telegram"]
+        (push,) = [r.body for r in fcm.accepted if "messages:send" in r.path]
+        assert push["message"]["token"] == "token-pushy"
+        assert push["message"]["notification"]["title"] == "You left something in your cart"
+        assert "Bosch Kettle K100" in push["message"]["notification"]["body"]
+        (mail,) = sendgrid.accepted
+        assert "mailer@example.com" in _json.dumps(mail.body)
+        assert "Bosch Kettle K100" in _json.dumps(mail.body)
+        (chat,) = [r.body for r in telegram.accepted if r.path.endswith("/sendMessage")]
+        assert str(chat["chat_id"]) == "chat-chatty" and "Bosch Kettle K100" in chat["text"]
+        assert sorted(m[5] for m in messages(shop)) == ["sent", "sent", "sent"]
+    finally:
+        for handle in (sendgrid, fcm, telegram):
+            handle.stop()

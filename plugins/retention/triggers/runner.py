@@ -20,7 +20,7 @@ advanced: it plans and sends nothing new.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import psycopg
@@ -30,6 +30,7 @@ from retention.campaigns.dispatch import _failpoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, load_campaign
+from retention.contract import CHANNELS
 from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
                                        record_hits, step_report)
 from retention.triggers.config import REENGAGEMENT, TriggerSettings, load_settings
@@ -37,6 +38,27 @@ from retention.triggers.detect import DETECTORS
 from retention.triggers.health import record_health
 from retention.triggers.norms import cohort_norms, nudge_days
 from retention.triggers.state import ensure_trigger_tables
+
+
+class LazyChannels(Mapping):
+    """Channel clients built on first use, so a shop without, say, a Viber connection
+    only fails if a Viber message is actually due. `factory(name)` builds one."""
+
+    def __init__(self, factory: Callable[[str], object], names: Sequence[str] = CHANNELS) -> None:
+        self._factory, self._names, self._built = factory, tuple(names), {}
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._built:
+            self._built[name] = self._factory(name)
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _has(conn: psycopg.Connection, relation: str) -> bool:
