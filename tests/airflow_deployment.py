@@ -67,8 +67,9 @@ Without pytest, use the class as a context manager:
 `with AirflowDeployment(dags, metadata_url, env, pools) as af: ...`.
 
 Wall time on the shared 2-core machine: 20-30 s to start (migration, api-server import,
-first parse; `af.timings` records each milestone), then a few seconds per task; up to
-twice that under heavy load, which the deadlines (start 240 s, wait 240 s) absorb.
+execution-API warm-up, first parse; `af.timings` records each milestone), then a few
+seconds per task, and about 6 s to stop. Under heavy load (load average 5 on 2 cores)
+it doubles, which the deadlines (start 240 s, wait 240 s, REST retries 120 s) absorb.
 """
 
 from __future__ import annotations
@@ -404,14 +405,18 @@ class AirflowDeployment:
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.environment(),
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.home)
+                                    start_new_session=True, cwd=self.home,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             try:
                 code = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            except BaseException as exc:  # timeout, Ctrl-C: never leave it running
+                _killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise AirflowDeploymentError(
-                    f"`airflow {' '.join(args)}` did not finish in time\n{_tail(log, 60)}") from None
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise AirflowDeploymentError(
+                        f"`airflow {' '.join(args)}` did not finish in time\n{_tail(log, 60)}"
+                    ) from None
+                raise
         if code != 0:
             raise AirflowDeploymentError(
                 f"`airflow {' '.join(args)}` exited with {code}\n{_tail(log, 60)}")
