@@ -88,6 +88,7 @@ def _make_shop(url: str, folder: Path) -> None:
     from retention.campaigns.spec import load_campaign
     from retention.generate import generate_shop
     from retention.load import load_folder
+    from retention.results.pipeline import build_attribution
     from retention.results.webhook import record_send_results
 
     generate_shop(folder, customers=1500, seed=11, end=END)
@@ -123,7 +124,7 @@ def _make_shop(url: str, folder: Path) -> None:
                 [r + (r[-1],) for r in rows])
         conn.commit()
     record_send_results(url)
-    build(as_of=END, url=url, select="+message_attribution +campaign_results")
+    build_attribution(END, url=url, with_parents=False)  # the purchases are built already
 
 
 @pytest.fixture(scope="module")
