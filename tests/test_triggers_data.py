@@ -163,3 +163,73 @@ def test_generated_shop_chains_match_an_independent_computation(generated_shop, 
         again = conn.execute("select message_id, status, reason from ops.messages "
                              "order by message_id").fetchall()
     assert again == ledger
+
+
+def _expected_recommendations(items: pd.DataFrame, views: pd.DataFrame, window_days: int = 90,
+                              weight: int = 2, per_product: int = 20) -> pd.DataFrame:
+    """marts.product_recommendations by its definition, in pandas."""
+    bought = items.groupby(["customer_id", "product_id"], as_index=False).t.min()
+    interactions = pd.concat([items.assign(is_purchase=True)[["customer_id", "product_id", "t", "is_purchase"]],
+                              views.assign(is_purchase=False)[["customer_id", "product_id", "t", "is_purchase"]]])
+    pairs = bought.merge(interactions, on="customer_id", suffixes=("", "_y"))
+    pairs = pairs[(pairs.product_id_y != pairs.product_id) & (pairs.t_y > pairs.t)
+                  & (pairs.t_y <= pairs.t + pd.Timedelta(days=window_days))]
+    per_customer = pairs.groupby(["product_id", "product_id_y", "customer_id"]).is_purchase.any().reset_index()
+    agg = per_customer.groupby(["product_id", "product_id_y"]).agg(
+        customers=("customer_id", "size"), customers_bought=("is_purchase", "sum")).reset_index()
+    buyers = bought.groupby("product_id").size().rename("buyers").reset_index()
+    agg = agg.merge(buyers, on="product_id")
+    agg["score"] = (agg.customers + weight * agg.customers_bought) / (agg.buyers + 1)
+    agg = agg.sort_values(["product_id", "score", "customers", "product_id_y"],
+                          ascending=[True, False, False, True])
+    agg["rank"] = agg.groupby("product_id").cumcount() + 1
+    agg = agg[agg["rank"] <= per_product].rename(columns={"product_id_y": "recommended_product_id"})
+    return agg[["product_id", "recommended_product_id", "rank", "customers", "customers_bought",
+                "buyers"]].reset_index(drop=True)
+
+
+def test_recommendations_model_and_marts_feed_the_chains(generated_shop, database_url, monkeypatch):
+    from retention.build import build
+
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
+    end = datetime(2026, 10, 31, tzinfo=UTC)
+    load_folder(generated_shop, database_url, loaded_at=end, currency="UAH")
+    result = build(as_of=end, url=database_url, raise_on_failure=False,
+                   select="+product_recommendations +cohort_retention +customer_category_affinity "
+                          "+ropo_purchases")
+    mine = [f for f in result["dbt"]["failed"] if "product_recommendations" in f]
+    assert mine == [], mine
+    with db.connect(database_url) as conn:
+        got = pd.DataFrame(conn.execute(
+            "select product_id, recommended_product_id, rank, customers, customers_bought, buyers "
+            "from marts.product_recommendations").fetchall(),
+            columns=["product_id", "recommended_product_id", "rank", "customers",
+                     "customers_bought", "buyers"])
+        items = pd.DataFrame(conn.execute(
+            "select customer_id, product_id, purchased_at from intermediate.int_purchase_items_categorized "
+            "where customer_id is not null and product_id is not null").fetchall(),
+            columns=["customer_id", "product_id", "t"])
+        views = pd.DataFrame(conn.execute(
+            "select customer_id, product_id, occurred_at from raw.events where event_type = 'view' "
+            "and customer_id is not null and product_id is not null and occurred_at <= %s",
+            (end,)).fetchall(), columns=["customer_id", "product_id", "t"])
+    expected = _expected_recommendations(items, views)
+    assert len(got) > 1000
+    key = ["product_id", "rank"]
+    got = got.sort_values(key).reset_index(drop=True).astype({"rank": int, "customers": int,
+                                                              "customers_bought": int, "buyers": int})
+    expected = expected.sort_values(key).reset_index(drop=True).astype(got.dtypes.to_dict())
+    pd.testing.assert_frame_equal(got, expected)
+
+    # with the marts built, a day of triggers reads them: the cohort norm, ROPO purchases,
+    # and the recommendations in the messages
+    from test_triggers_flows import Recorder
+
+    channels = {n: Recorder(n) for n in ("mobile_push", "web_push", "email", "telegram")}
+    noon = end - timedelta(hours=12)  # 14:00 in Kyiv: outside quiet hours
+    day = run_triggers(noon - timedelta(days=1), noon, database_url, channels, policy=POLICY,
+                       settings=SETTINGS, campaigns={n: load_campaign(n) for n in TRIGGERS})
+    assert day["cohort_norm_source"] == "marts.cohort_retention"
+    mails = [m for m in channels["email"].sent]
+    assert sum(day["triggers"][n]["started"] for n in TRIGGERS) > 10
+    assert any("You may also like" in m.body_text for m in mails), len(mails)

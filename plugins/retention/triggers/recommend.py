@@ -155,6 +155,15 @@ def top_affinity_category(conn: psycopg.Connection, customer_id: str) -> str | N
     return row[0] if row else None
 
 
+def _category_of(conn: psycopg.Connection, product_ids: Sequence[str]) -> str | None:
+    if not product_ids:
+        return None
+    row = conn.execute("select category_path from raw.products where product_id = any(%s) "
+                       "and category_path is not null order by category_path limit 1",
+                       (list(product_ids),)).fetchone()
+    return row[0] if row else None
+
+
 def chain_context(conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, dict]:
     """The dispatcher's extra_context hook: template variables per claimed message."""
     ids = [r[0] for r in rows]
@@ -173,12 +182,18 @@ def chain_context(conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, 
         elif trigger == "search_abandonment":
             products = search_results(conn, context.get("query", ""))
         elif trigger in ("second_purchase_nudge", "reengagement", "welcome_series"):
+            # the customer's strongest category (marts.customer_category_affinity, else
+            # the category of what they bought), what they have not bought yet there;
+            # then what buyers of their products went on to buy
             bought = product_ids or purchased_products(conn, customer_id)
-            products = also_bought(conn, bought, 3)
-            if not products:
-                category = top_affinity_category(conn, customer_id)
-                cards = product_cards(conn, best_sellers(conn, [category] if category else [], 3))
-                products = list(cards.values())
+            category = top_affinity_category(conn, customer_id) or _category_of(conn, bought)
+            picks = [p for p in best_sellers(conn, [category] if category else [], 3 + len(bought))
+                     if p not in bought][:3]
+            cards = product_cards(conn, picks)
+            products = [cards[p] for p in picks if p in cards]
+            if len(products) < 3:
+                products += [p for p in also_bought(conn, bought, 3, exclude=picks)][: 3 - len(products)]
+            product_ids = bought
         else:
             cards = product_cards(conn, product_ids[:3])
             products = [cards[p] for p in product_ids[:3] if p in cards]
