@@ -15,7 +15,7 @@ from retention.channels.base import SendResult
 from retention.triggers import run_reengagement, run_triggers
 from retention.triggers.config import REENGAGEMENT, TRIGGERS, TriggerSettings
 from retention.triggers.health import poisson_cdf, record_health
-from test_triggers import CAMPAIGNS, POLICY, SETTINGS, Shop, at, chains, messages, run  # noqa: F401
+from test_triggers import POLICY, SETTINGS, Shop, at, chains, messages, run
 from test_triggers import shop  # noqa: F401  (fixture)
 
 UTC = timezone.utc

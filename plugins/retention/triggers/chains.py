@@ -132,8 +132,9 @@ def record_hits(conn: psycopg.Connection, trigger: str, campaign: Campaign, dete
           context = ci.context || g.context || jsonb_build_object(
             'sessions', coalesce(ci.context -> 'sessions', '[]'::jsonb) || g.sessions) {merge},
           extensions = ci.extensions + g.hits,
-          next_step_at = greatest(ci.next_step_at,
-                                  g.last_hit + make_interval(secs => (%(waits)s::float8[])[ci.next_step + 1])),
+          next_step_at = greatest(
+            ci.next_step_at,
+            g.last_hit + make_interval(secs => (%(waits)s::float8[])[ci.next_step + 1])),
           updated_at = %(run_end)s
         from trg_groups g
         where g.active_chain is not null and ci.chain_id = g.active_chain

@@ -71,7 +71,8 @@ def _later(alias: str, other: str, types: str, until: str) -> str:
     return f"""exists (select 1 from raw.events {other}
                 where {other}.customer_id = {alias}.customer_id and {other}.event_type in ({types})
                   and {other}.occurred_at >= {alias}.occurred_at and {other}.occurred_at <= {until}
-                  and ({other}.occurred_at > {alias}.occurred_at or {other}.event_id > {alias}.event_id))"""
+                  and ({other}.occurred_at > {alias}.occurred_at
+                       or {other}.event_id > {alias}.event_id))"""
 
 
 def abandoned_cart(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
@@ -374,7 +375,8 @@ def second_purchase_nudge(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict
     before it, offline included). The first step is due after the cohort's norm
     (`%(norms)s`: cohort month -> days, see lifecycle.nudge_days)."""
     ropo = ("""and not exists (select 1 from marts.ropo_purchases rp
-                               where rp.customer_id = o.customer_id and rp.purchased_at < o.ordered_at)"""
+                               where rp.customer_id = o.customer_id
+                                 and rp.purchased_at < o.ordered_at)"""
             if has_ropo else "")
     sql = f"""
     with firsts as (
@@ -389,9 +391,10 @@ def second_purchase_nudge(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict
       order by o.customer_id, o.ordered_at, o.order_id
     ),
     timed as (
-      select f.*, coalesce((%(norms)s::jsonb ->> to_char(date_trunc('month', f.ordered_at at time zone 'UTC'),
-                                                         'YYYY-MM-DD'))::float8,
-                           %(default_days)s) as days
+      select f.*,
+             coalesce((%(norms)s::jsonb ->> to_char(
+                         date_trunc('month', f.ordered_at at time zone 'UTC'), 'YYYY-MM-DD'))::float8,
+                      %(default_days)s) as days
       from firsts f
     )
     select t.customer_id, 'first:' || t.order_id as event_key, 'second_purchase' as subject,
@@ -447,10 +450,12 @@ def reengagement(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     gaps as (
       select pc.*,
              extract(epoch from %(hi)s - pc.last_at) / 86400.0 as silence_days,
-             case when pc.n >= 2 then extract(epoch from pc.last_at - pc.first_at) / 86400.0 / (pc.n - 1) end
-               as own_gap,
-             coalesce((%(norms)s::jsonb ->> to_char(date_trunc('month', pc.first_at at time zone 'UTC'),
-                                                    'YYYY-MM-DD'))::float8, %(default_days)s) as cohort_gap
+             case when pc.n >= 2
+                  then extract(epoch from pc.last_at - pc.first_at) / 86400.0 / (pc.n - 1)
+             end as own_gap,
+             coalesce((%(norms)s::jsonb ->> to_char(
+                         date_trunc('month', pc.first_at at time zone 'UTC'), 'YYYY-MM-DD'))::float8,
+                      %(default_days)s) as cohort_gap
       from per_customer pc
     ),
     lapsed as (

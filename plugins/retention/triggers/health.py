@@ -2,11 +2,12 @@
 
 A broken tracker looks like silence, not like an error: the abandoned-cart trigger just
 starts nothing. Each run records, per trigger, the chains it started and extended and the
-raw rows the trigger feeds on; the norm is the median rate (per hour) of the runs in the
+raw rows the trigger feeds on. The norm is the median rate (per hour) of the runs in the
 last `health_days`, from the same hour of the day when there are enough of those (shops
-are quiet at night; the median ignores a first run that caught up on a backlog). A run is flagged when the norm expects at least
-`health_min_expected` chains, the count is at most `health_max_ratio` of it, and a
-Poisson count that low has probability below `health_p_value`.
+are quiet at night; the median ignores a first run that caught up on a backlog). A run
+is flagged when the norm expects at least `health_min_expected` chains, the count is at
+most `health_max_ratio` of it, and a Poisson count that low has probability below
+`health_p_value`.
 
 Counts come from `ops.trigger_hits` rows of this interval, so re-running an interval
 rewrites the same row.

@@ -43,7 +43,8 @@ _FROM_RAW = """
       from numbered where rn <= 2 group by customer_id
     )
     select date_trunc('month', first_at at time zone 'UTC')::date as cohort,
-           percentile_cont(0.5) within group (order by extract(epoch from second_at - first_at) / 86400.0)
+           percentile_cont(0.5) within group (
+             order by extract(epoch from second_at - first_at) / 86400.0)
              filter (where second_at is not null) as median_days,
            count(second_at) as repeaters
     from firsts group by 1
@@ -57,7 +58,8 @@ def _has_columns(conn: psycopg.Connection, table: str, columns: tuple[str, ...])
     return set(columns) <= found
 
 
-def cohort_medians(conn: psycopg.Connection, as_of: datetime) -> tuple[dict[date, tuple[float, int]], str]:
+def cohort_medians(conn: psycopg.Connection,
+                   as_of: datetime) -> tuple[dict[date, tuple[float | None, int]], str]:
     """cohort month -> (median days to second purchase, second purchases), and the source:
     marts.cohort_retention, else marts.customer_lifetime, else raw orders up to as_of."""
     if _has_columns(conn, "cohort_retention", ("cohort_month", "median_days_to_second_purchase",

@@ -192,7 +192,7 @@ def chain_context(conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, 
             cards = product_cards(conn, picks)
             products = [cards[p] for p in picks if p in cards]
             if len(products) < 3:
-                products += [p for p in also_bought(conn, bought, 3, exclude=picks)][: 3 - len(products)]
+                products += also_bought(conn, bought, 3, exclude=picks)[: 3 - len(products)]
             product_ids = bought
         else:
             cards = product_cards(conn, product_ids[:3])
