@@ -145,7 +145,8 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
     settings = settings or load_settings()
     policy = policy or load_policy()
     loaded = {n: (campaigns or {}).get(n) or load_campaign(n) for n in names}
-    result: dict = {"interval_start": start.isoformat(), "interval_end": end.isoformat(),
+    result: dict = {"flow": "re-engagement" if names == [REENGAGEMENT] else "triggers",
+                    "interval_start": start.isoformat(), "interval_end": end.isoformat(),
                     "triggers": {}, "exits": {}, "steps": {}, "sent": channels is not None}
     with db.connect(url) as conn:
         # many small lookups whose row estimates can look huge: compiling them with JIT
@@ -271,7 +272,8 @@ def run_reengagement(as_of: datetime, url: str | None = None, channels: Mapping 
 
 def format_report(result: dict) -> str:
     """The run as a table: per trigger, then per chain step."""
-    lines = [f"triggers over {result['interval_start']} .. {result['interval_end']}"
+    lines = [f"{result.get('flow', 'triggers')} over {result['interval_start']} .. "
+             f"{result['interval_end']}"
              + ("" if result.get("sent") else " (planned only, not sent)")]
     lines.append(f"  {'trigger':<24}{'source':>9}{'moments':>9}{'started':>9}{'extended':>10}"
                  f"{'exited':>8}{'norm':>8}  health")
