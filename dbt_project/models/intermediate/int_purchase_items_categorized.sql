@@ -27,25 +27,63 @@ products as (
 
 ),
 
-items_unioned as (
-
-    select order_id as purchase_id, 'online' as source, line_no, product_id, quantity, unit_price
-    from order_items
-    union all
-    select receipt_id as purchase_id, 'offline' as source, line_no, product_id, quantity, unit_price
-    from receipt_items
-
-),
-
-items_and_purchases_joined as (
+online_items as (
 
     select
         purchases.purchase_id,
         purchases.source,
-        items_unioned.line_no,
+        order_items.line_no,
         purchases.customer_id,
         purchases.purchased_at,
         purchases.purchase_number,
+        order_items.product_id,
+        order_items.quantity,
+        order_items.unit_price
+
+    from order_items
+    inner join purchases
+        on purchases.purchase_id = order_items.order_id
+        and purchases.source = 'online'
+
+),
+
+offline_items as (
+
+    select
+        purchases.purchase_id,
+        purchases.source,
+        receipt_items.line_no,
+        purchases.customer_id,
+        purchases.purchased_at,
+        purchases.purchase_number,
+        receipt_items.product_id,
+        receipt_items.quantity,
+        receipt_items.unit_price
+
+    from receipt_items
+    inner join purchases
+        on purchases.purchase_id = receipt_items.receipt_id
+        and purchases.source = 'offline'
+
+),
+
+items_unioned as (
+
+    select * from online_items
+    union all
+    select * from offline_items
+
+),
+
+categorized as (
+
+    select
+        items_unioned.purchase_id,
+        items_unioned.source,
+        items_unioned.line_no,
+        items_unioned.customer_id,
+        items_unioned.purchased_at,
+        items_unioned.purchase_number,
         items_unioned.product_id,
         products.category_path,
         products.top_category,
@@ -54,12 +92,9 @@ items_and_purchases_joined as (
         items_unioned.quantity * items_unioned.unit_price as item_revenue
 
     from items_unioned
-    inner join purchases
-        on purchases.purchase_id = items_unioned.purchase_id
-        and purchases.source = items_unioned.source
     left join products
         on products.product_id = items_unioned.product_id
 
 )
 
-select * from items_and_purchases_joined
+select * from categorized

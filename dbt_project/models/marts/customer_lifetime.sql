@@ -19,8 +19,7 @@ purchases as (
 
 categories as (
 
-    select * from {{ ref('int_customer_categories_aggregated') }}
-    where purchases > 0
+    select * from {{ ref('int_customer_category_purchases') }}
 
 ),
 

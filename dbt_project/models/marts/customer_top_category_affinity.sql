@@ -19,12 +19,11 @@ items as (
 purchases_per_top_category as (
 
     -- a purchase with two categories of one top category counts once
-    select
-        customer_id,
-        top_category,
-        count(distinct (source, purchase_id)) as purchases
-
-    from items
+    select customer_id, top_category, count(*) as purchases
+    from (
+        select distinct customer_id, top_category, source, purchase_id
+        from items
+    ) as purchase_top_categories
     group by customer_id, top_category
 
 ),

@@ -1,0 +1,32 @@
+{#-
+    Incremental strategy `replace_partitions`: replace every row of the partitions (e.g.
+    customers) a run recomputed.
+
+    The model, when is_incremental(), selects the complete new rows of each partition it
+    recomputes, plus one "tombstone" row per recomputed partition whose
+    `meta.row_key_column` is NULL, so that a partition that has no rows any more (e.g.
+    after a build for an earlier as_of) is emptied too. The strategy then
+      1. deletes every target row whose `meta.partition_column` occurs in the temp table,
+      2. inserts the temp rows that are not tombstones.
+    A full build (first run, --full-refresh) emits no tombstones.
+-#}
+{% macro get_incremental_replace_partitions_sql(arg_dict) %}
+    {%- set meta = config.get("meta") or {} -%}
+    {%- set partition_column = meta.get("partition_column") -%}
+    {%- set row_key_column = meta.get("row_key_column") -%}
+    {%- if not partition_column or not row_key_column -%}
+        {{ exceptions.raise_compiler_error("incremental_strategy replace_partitions needs meta.partition_column and meta.row_key_column") }}
+    {%- endif -%}
+    {%- set target_relation = arg_dict["target_relation"] -%}
+    {%- set temp_relation = arg_dict["temp_relation"] -%}
+    {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
+    delete from {{ target_relation }}
+    where {{ adapter.quote(partition_column) }} in (
+        select {{ adapter.quote(partition_column) }} from {{ temp_relation }}
+    );
+
+    insert into {{ target_relation }} ({{ columns }})
+    select {{ columns }}
+    from {{ temp_relation }}
+    where {{ adapter.quote(row_key_column) }} is not null;
+{% endmacro %}

@@ -1,0 +1,43 @@
+-- One row per customer and category_path the customer bought as of as_of: revenue of
+-- their lines in it (quantity * unit_price), how many purchases had such a line, and the
+-- last of them. Feeds the preferred category and the affinity marts.
+with
+
+items as (
+
+    select * from {{ ref('int_purchase_items_categorized') }}
+    where category_path is not null
+
+),
+
+purchase_categories as (
+
+    -- one row per purchase and category, so purchases count once per category
+    select
+        customer_id,
+        category_path,
+        source,
+        purchase_id,
+        sum(item_revenue) as revenue,
+        max(purchased_at) as purchased_at
+
+    from items
+    group by customer_id, category_path, source, purchase_id
+
+),
+
+aggregated as (
+
+    select
+        customer_id,
+        category_path,
+        sum(revenue) as purchase_revenue,
+        count(*) as purchases,
+        max(purchased_at) as last_purchased_at
+
+    from purchase_categories
+    group by customer_id, category_path
+
+)
+
+select * from aggregated
