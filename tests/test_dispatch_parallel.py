@@ -1,0 +1,198 @@
+"""Sending with several worker processes, exactly once, against the local provider servers.
+
+The workers are real "spawn" processes that build their channels from the connections
+(the AIRFLOW_CONN_* variables of the local stack), so the SDKs, the ledger and the
+servers are the same as in production; a worker killed by a failpoint leaves its claimed
+batch behind and the retry settles it without a duplicate.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from datetime import datetime, time, timezone
+
+import pytest
+
+from retention import db
+from retention.campaigns.dispatch import WorkerProcessError, dispatch_step
+from retention.campaigns.engine import plan_step, start_run
+from retention.campaigns.policy import Policy
+from retention.campaigns.spec import parse_campaign
+from retention.connections import channels_from_env
+from retention.providers.stack import local_provider_stack
+
+AS_OF = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # noon in Kyiv: no quiet hours
+POLICY = Policy(global_cap=100, global_cap_days=7, channel_cap=100, channel_cap_days=7,
+                quiet_start=time(21), quiet_end=time(9), default_timezone="Europe/Kyiv",
+                global_holdout=0.0)
+
+
+def _campaign(channel: str):
+    return parse_campaign(textwrap.dedent(f"""\
+        id: wave_{channel}
+        kind: promo
+        audience: {{include_any: [{{all_customers: true}}]}}
+        steps:
+          - {{name: wave, channel: {channel}, template: weekly_promo}}
+        holdout: 0
+        """), f"wave_{channel}.yaml")
+
+
+def _shop(url: str, n: int) -> None:
+    """n customers in Kyiv, each with an e-mail address and a push token (set-wise)."""
+    with db.connect(url) as conn:
+        conn.execute("""insert into raw.customers (customer_id, timezone)
+                        select 'c' || lpad(i::text, 6, '0'), 'Europe/Kyiv'
+                        from generate_series(1, %s) i""", (n,))
+        conn.execute("""insert into raw.channel_subscriptions (customer_id, channel, address,
+                                                               subscribed_at)
+                        select 'c' || lpad(i::text, 6, '0'), ch,
+                               case ch when 'email' then 'c' || lpad(i::text, 6, '0') || '@example.com'
+                                       else 'token-' || lpad(i::text, 6, '0') end,
+                               '2025-01-01Z'
+                        from generate_series(1, %s) i, unnest(array['email', 'mobile_push']) ch""",
+                     (n,))
+        conn.commit()
+
+
+@pytest.fixture()
+def providers(monkeypatch, request):
+    """The local stack; its connections in the environment, which spawned workers inherit."""
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
+    monkeypatch.delenv("RETENTION_FAILPOINT", raising=False)
+    monkeypatch.delenv("RETENTION_FAILPOINT_PROCESS", raising=False)
+    latency = getattr(request, "param", 0)
+    with local_provider_stack(latency_ms=latency) as (handle, env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield handle
+
+
+def _accepted(handle) -> Counter:
+    """Message ids the servers accepted, from the wire (SendGrid custom_args, FCM data)."""
+    ids: Counter = Counter()
+    for r in handle.providers["sendgrid"].accepted:
+        if r.path.endswith("/mail/send"):
+            for p in r.body["personalizations"]:
+                ids[p["custom_args"]["message_id"]] += 1
+    for r in handle.providers["fcm"].accepted:
+        if r.path.endswith(":send"):
+            ids[r.body["message"]["data"]["message_id"]] += 1
+    return ids
+
+
+def _statuses(url: str, campaign_id: str) -> dict[str, str]:
+    with db.connect(url) as conn:
+        return dict(conn.execute("select message_id, status from ops.messages "
+                                 "where campaign_id = %s", (campaign_id,)).fetchall())
+
+
+def _plan(url: str, channel: str):
+    campaign = _campaign(channel)
+    run = start_run(campaign, AS_OF, url, POLICY)
+    plan_step(campaign, run, "wave", url, POLICY)
+    return campaign, run
+
+
+def test_two_processes_send_3000_emails_each_exactly_once(database_url, providers):
+    _shop(database_url, 3000)
+    campaign, run = _plan(database_url, "email")
+    batches: list[tuple[str, int]] = []
+    counts = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
+                           processes=2, on_batch=lambda name, n: batches.append((name, n)))
+    statuses = _statuses(database_url, campaign.id)
+    accepted = _accepted(providers)
+    assert len(statuses) == 3000 and set(statuses.values()) == {"sent"}
+    assert set(accepted) == set(statuses) and max(accepted.values()) == 1
+    assert counts["sent"] == 3000 and counts["reconciled"] == {
+        "reconciled_sent": 0, "released": 0, "unknown": 0}
+    # the workers' batches reach the parent's on_batch, and their timings add up
+    assert sum(n for _, n in batches) == 3000 and {name for name, _ in batches} == {"email"}
+    assert counts["timings"]["messages"] == 3000 and counts["timings"]["batches"] == len(batches)
+    # a second pass finds nothing to send
+    requests_before = len(providers.received)
+    again = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
+                          processes=2)
+    assert again["sent"] == 3000 and len(providers.received) == requests_before
+
+
+def test_two_processes_send_pushes_each_exactly_once(database_url, providers):
+    _shop(database_url, 1200)
+    campaign, run = _plan(database_url, "mobile_push")
+    dispatch_step(campaign, run, "wave", channels_from_env(["mobile_push"]), database_url,
+                  processes=2, workers=2)
+    statuses = _statuses(database_url, campaign.id)
+    accepted = _accepted(providers)
+    assert len(statuses) == 1200 and set(statuses.values()) == {"sent"}
+    assert set(accepted) == set(statuses) and max(accepted.values()) == 1
+
+
+@pytest.mark.parametrize("providers", [300], indirect=True)  # ms a request: both workers get work
+@pytest.mark.parametrize("failpoint", ["dispatch.after_claim:1", "dispatch.after_send:1"])
+def test_one_worker_process_killed_then_retried_sends_each_email_once(
+        failpoint, database_url, providers, monkeypatch):
+    _shop(database_url, 6000)
+    campaign, run = _plan(database_url, "email")
+    monkeypatch.setenv("RETENTION_FAILPOINT", failpoint)
+    monkeypatch.setenv("RETENTION_FAILPOINT_PROCESS", "1")  # only worker 1 dies
+    with pytest.raises(WorkerProcessError, match="worker 1: exited with code 137"):
+        dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
+                      processes=2)
+    monkeypatch.delenv("RETENTION_FAILPOINT")
+    with db.connect(database_url) as conn:
+        claimed, sent = conn.execute(
+            "select count(*) filter (where claim_token is not null), "
+            "count(*) filter (where status = 'sent') from ops.messages").fetchone()
+    assert claimed == 1000  # the dead worker's batch; its sibling sent the rest
+    assert sent == 5000
+    accepted_before = _accepted(providers)
+    assert len(accepted_before) == (6000 if failpoint.endswith("after_send:1") else 5000)
+
+    counts = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
+                           processes=2)
+    statuses = _statuses(database_url, campaign.id)
+    accepted = _accepted(providers)
+    assert set(statuses.values()) == {"sent"} and len(statuses) == 6000
+    assert set(accepted) == set(statuses) and max(accepted.values()) == 1  # nothing twice
+    reconciled = counts["reconciled"]
+    if failpoint.endswith("after_send:1"):  # the provider had taken it: recorded, not resent
+        assert reconciled == {"reconciled_sent": 1000, "released": 0, "unknown": 0}
+    else:  # never sent: released and sent by the retry
+        assert reconciled == {"reconciled_sent": 0, "released": 1000, "unknown": 0}
+
+
+def test_several_processes_need_each_channels_connection(database_url, providers, monkeypatch):
+    _shop(database_url, 10)
+    campaign, run = _plan(database_url, "email")
+    channels = channels_from_env(["email"])
+    monkeypatch.delenv("AIRFLOW_CONN_RETENTION_SENDGRID")
+    with pytest.raises(RuntimeError, match="AIRFLOW_CONN_RETENTION_SENDGRID"):
+        dispatch_step(campaign, run, "wave", channels, database_url, processes=2)
+    assert not providers.received
+
+
+def test_a_worker_leaves_a_live_siblings_claim_alone(database_url, providers):
+    """Workers run with reconcile=False: rows another worker has claimed (and may be
+    sending right now) are neither released, resent nor failed."""
+    from retention.campaigns.dispatch import dispatch
+
+    _shop(database_url, 1500)
+    campaign, run = _plan(database_url, "email")
+    with db.connect(database_url) as conn:
+        sibling = [r[0] for r in conn.execute(
+            "update ops.messages set claim_token = 'live-sibling', claimed_at = now() "
+            "where message_id in (select message_id from ops.messages order by message_id "
+            "limit 400) returning message_id").fetchall()]
+        conn.commit()
+    scope = {"campaign_id": campaign.id, "step": "wave", "run_id": run.run_id}
+    result = dispatch(campaign, "wave", channels_from_env(["email"]), scope, AS_OF,
+                      url=database_url, reconcile=False)
+    statuses = _statuses(database_url, campaign.id)
+    accepted = _accepted(providers)
+    assert result["reconciled"] == {"reconciled_sent": 0, "released": 0, "unknown": 0}
+    assert {statuses[m] for m in sibling} == {"planned"}
+    assert set(accepted) == set(statuses) - set(sibling) and max(accepted.values()) == 1
+    with db.connect(database_url) as conn:
+        assert conn.execute("select count(*) from ops.messages where claim_token = 'live-sibling'"
+                            ).fetchone()[0] == 400
