@@ -155,6 +155,15 @@ class Servers:
         import requests
         return requests.get(f"{self.url}/bench/counts", timeout=30).json()
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the servers' process so far (Linux /proc; 0 elsewhere)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -281,16 +290,26 @@ def run_wave(url: str, servers: Servers, label: str, c, channels: dict, *, proce
     from retention.campaigns.dispatch import dispatch_step
     from retention.campaigns.engine import plan_step, start_run
 
+    import resource
+
+    def own_cpu() -> float:  # this process and its reaped children (the dispatch workers)
+        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
     before = servers.counts()
     load = os.getloadavg()
+    server_cpu0 = servers.cpu_seconds()
     t0 = time.perf_counter()
     run = start_run(c, AS_OF, url, policy())
     t1 = time.perf_counter()
     planned = plan_step(c, run, "wave", url, policy())
     t2 = time.perf_counter()
+    cpu0 = own_cpu()
     counts = dispatch_step(c, run, "wave", channels, url, processes=processes, workers=workers,
                            connections=connections)
     t3 = time.perf_counter()
+    dispatch_cpu = own_cpu() - cpu0
+    server_cpu = servers.cpu_seconds() - server_cpu0
     after = servers.counts()
     with db.connect(url) as conn:
         rows, sent = conn.execute(
@@ -303,7 +322,8 @@ def run_wave(url: str, servers: Servers, label: str, c, channels: dict, *, proce
     return {"label": label, "recipients": run.audience_size, "start_s": t1 - t0,
             "plan_s": t2 - t0, "send_s": t3 - t2, "total_s": t3 - t0, "rows": rows, "sent": sent,
             "accepted": accepted, "requests": requests, "ok": ok, "load": load,
-            "timings": counts.get("timings", {}), "plan_only_s": t2 - t1}
+            "timings": counts.get("timings", {}), "plan_only_s": t2 - t1,
+            "dispatch_cpu_s": dispatch_cpu, "server_cpu_s": server_cpu}
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -424,7 +444,9 @@ def main() -> int:
     server = (os.environ.get("RETENTION_TEST_DATABASE_URL")
               or os.environ.get("RETENTION_DATABASE_URL") or db.database_url())
     n = args.recipients
-    results, notes = [], []
+    results = []
+    notes = [f"load average before the benchmark: "
+             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     admin, name, url = create_database(server)
     workdir = tempfile.mkdtemp(prefix="bench-dispatch-")
     servers = None
@@ -464,11 +486,16 @@ def main() -> int:
                                 processes=1, workers=1, connections=None)
             results.append(measured)
             if sample < n:
+                # the ledger work of N recipients is the e-mail wave's; the sending scales
                 scale = n / sample
-                results.append(dict(measured, label=f"  the same extrapolated x{scale:g}",
-                                    recipients=n, plan_s=measured["plan_s"] * scale,
-                                    send_s=measured["send_s"] * scale,
-                                    total_s=measured["total_s"] * scale, extrapolated=True))
+                email = next((r for r in results if r["label"].startswith("e-mail (")), None)
+                plan_s = email["plan_s"] if email else measured["plan_s"] * scale
+                send_s = measured["send_s"] * scale
+                results.append(dict(
+                    measured, recipients=n, plan_s=plan_s, send_s=send_s, total_s=plan_s + send_s,
+                    extrapolated=True,
+                    label=(f"  the same extrapolated to {n:,}: send {sample:,} measured x "
+                           f"{scale:g}, plan " + ("of the e-mail wave" if email else f"x {scale:g}"))))
         if args.compare_fcm_async:
             print("send_each vs send_each_async ...", flush=True)
             for label, rate, cpu in compare_fcm_async(servers, args.compare_fcm_async):
@@ -506,7 +533,10 @@ def main() -> int:
             print(f"{r['label']}: start_run {r['start_s']:.1f} s, plan_step {r['plan_only_s']:.1f} s; "
                   f"{r['requests']:,} provider requests; in the send loop (seconds summed over "
                   f"workers) claim {t['claim_s']:.1f}, render {t['render_s']:.1f}, send "
-                  f"{t['send_s']:.1f}, record {t['record_s']:.1f}")
+                  f"{t['send_s']:.1f}, record {t['record_s']:.1f}; CPU while sending: "
+                  f"dispatcher {r['dispatch_cpu_s']:.0f} s "
+                  f"({r['dispatch_cpu_s'] * 1e6 / r['recipients']:,.0f} us/message), provider "
+                  f"servers {r['server_cpu_s']:.0f} s")
     for note in notes:
         print(note)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
