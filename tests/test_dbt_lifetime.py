@@ -295,11 +295,12 @@ def test_hand_made_shop_exact_values_and_as_of(database_url):
     assert (android["purchases"], android["purchase_revenue"], android["views_90d"]) == (
         1, Decimal("90.00"), 1)
     assert android["last_interaction_at"] == ts("2026-02-27T18:00:00Z")  # a view; e5 is after as_of
-    assert android["affinity_score"] == pytest.approx((5 + 3 + 1) * _decay(1.25), abs=1e-6)
+    # decay relative to anna's latest interaction (the view on Feb 27, 18:00)
+    assert android["affinity_score"] == pytest.approx(5 + 3 + 1, abs=1e-6)
     assert (case["purchases"], case["purchase_revenue"], case["views_90d"]) == (2, Decimal("60.00"), 0)
-    assert case["affinity_score"] == pytest.approx(10 * _decay(58 + 14 / 24), abs=1e-6)
+    assert case["affinity_score"] == pytest.approx(10 * _decay(57 + 8 / 24), abs=1e-6)
     assert (tv["purchases"], tv["purchase_revenue"], tv["views_90d"]) == (1, Decimal("90.00"), 2)
-    assert tv["affinity_score"] == pytest.approx(7 * _decay(39.5), abs=1e-6)
+    assert tv["affinity_score"] == pytest.approx(7 * _decay(38.25), abs=1e-6)
     assert [android["affinity_rank"], case["affinity_rank"], tv["affinity_rank"]] == [1, 2, 3]
     vera_tv = marts["customer_category_affinity"][("vera", "tv.oled")]
     assert vera_tv["views_90d"] == 0  # viewed at exactly as_of - 90 days: outside
@@ -611,26 +612,32 @@ def reference(raw: dict[str, pd.DataFrame], as_of: datetime) -> dict[str, pd.Dat
     clicks = events[events.category_path.notna()]
     view_stats = clicks[clicks.event_type == "view"].groupby(["customer_id", "category_path"]).agg(
         views=("event_id", "size"), last_view_at=("occurred_at", "max"))
+    last_events = clicks.groupby(["customer_id", "category_path"]).occurred_at.max().rename(
+        "last_event_at")
     recent = recent[recent.category_path.notna()]
     windowed = recent.groupby(["customer_id", "category_path", "event_type"]).size().unstack(fill_value=0)
     for kind in ("view", "cart", "wishlist"):
         if kind not in windowed:
             windowed[kind] = 0
     affinity = by_category.set_index(["customer_id", "category_path"]).join(
-        view_stats, how="outer").join(windowed[["view", "cart", "wishlist"]], how="left")
+        view_stats, how="outer").join(windowed[["view", "cart", "wishlist"]], how="left").join(
+        last_events, how="left")
     affinity = affinity.reset_index()
     affinity = affinity[affinity.customer_id.isin(known)]
     for col in ("revenue", "purchases", "views", "view", "cart", "wishlist"):
         affinity[col] = affinity[col].fillna(0).astype(int)
     affinity = affinity[(affinity.purchases > 0) | (affinity.views > 0)].copy()
-    affinity["last_interaction_at"] = affinity[["last", "last_view_at"]].max(axis=1)
+    affinity = affinity.rename(columns={"last": "last_purchased_at"})
+    affinity["last_interaction_at"] = affinity[["last_purchased_at", "last_view_at"]].max(axis=1)
     affinity["top_category"] = affinity.category_path.str.split(".").str[0]
 
     def scored(frame: pd.DataFrame, name_col: str) -> pd.DataFrame:
         frame = frame.copy()
+        latest = frame.groupby("customer_id").last_interaction_at.transform("max")
         frame["affinity_score"] = [
-            _score(p, c, w, v, _days(as_of_ts - t)) for p, c, w, v, t in zip(
-                frame.purchases, frame.cart, frame.wishlist, frame.view, frame.last_interaction_at)]
+            _score(p, c, w, v, _days(top - t)) for p, c, w, v, t, top in zip(
+                frame.purchases, frame.cart, frame.wishlist, frame.view,
+                frame.last_interaction_at, latest)]
         frame = frame.sort_values(["customer_id", "affinity_score", "last_interaction_at", name_col],
                                   ascending=[True, False, False, True])
         frame["affinity_rank"] = frame.groupby("customer_id").cumcount() + 1
@@ -644,7 +651,9 @@ def reference(raw: dict[str, pd.DataFrame], as_of: datetime) -> dict[str, pd.Dat
     top = affinity.groupby(["customer_id", "top_category"]).agg(
         revenue=("revenue", "sum"), view=("view", "sum"), cart=("cart", "sum"),
         wishlist=("wishlist", "sum"), views=("views", "sum"), categories=("category_path", "size"),
-        last_interaction_at=("last_interaction_at", "max")).reset_index()
+        last_interaction_at=("last_interaction_at", "max"),
+        last_purchased_at=("last_purchased_at", "max"), last_view_at=("last_view_at", "max"),
+    ).reset_index()
     top["purchases"] = [int(top_purchases.get((c, t), 0))
                         for c, t in zip(top.customer_id, top.top_category)]
     top_affinity = scored(top, "top_category")
@@ -719,7 +728,7 @@ COHORT_COLUMNS = [
     "median_days_to_second_purchase", "mean_days_to_second_purchase"]
 AFFINITY_COLUMNS = [
     "purchase_revenue", "purchases", "views_90d", "last_interaction_at", "affinity_score",
-    "affinity_rank", "carts_90d", "wishlists_90d", "views"]
+    "affinity_rank", "carts_90d", "wishlists_90d", "views", "last_purchased_at", "last_view_at"]
 ROPO_COLUMNS = ["customer_id", "matched_by", "purchased_at", "total_amount", "is_ropo",
                 "last_online_view_at"]
 
@@ -730,7 +739,7 @@ def _check_against_reference(url: str, raw: dict[str, pd.DataFrame], as_of: date
     _compare(url, "customer_lifetime", ref["customer_lifetime"], LIFETIME_COLUMNS)
     _compare(url, "cohort_retention", ref["cohort_retention"], COHORT_COLUMNS)
     _compare(url, "customer_category_affinity", ref["customer_category_affinity"],
-             AFFINITY_COLUMNS + ["top_category"])
+             AFFINITY_COLUMNS + ["top_category", "last_event_at"])
     _compare(url, "customer_top_category_affinity", ref["customer_top_category_affinity"],
              AFFINITY_COLUMNS + ["categories"])
     _compare(url, "ropo_purchases", ref["ropo_purchases"], ROPO_COLUMNS)
@@ -788,6 +797,11 @@ def test_same_as_of_twice_gives_identical_marts(generated_shop):
     shop = generated_shop
     again = _build(shop["url"], shop["as_of"])
     assert _all_marts(shop["url"]) == shop["marts"]
+    # the affinity marts were maintained per changed customer: only those with
+    # clickstream on the re-aggregated last days, not everyone
+    changed = _query(shop["url"], "select reason, count(*) as n from intermediate.int_affinity_customers_changed group by reason")
+    assert {r["reason"] for r in changed} <= {"clickstream changed", "90-day window moved"}
+    assert 0 < sum(r["n"] for r in changed) < GENERATED_CUSTOMERS * 0.2
     assert {k: v for k, v in again.items() if k != "dbt"} == {
         k: v for k, v in shop["result"].items() if k != "dbt"}
 

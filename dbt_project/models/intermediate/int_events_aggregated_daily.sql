@@ -60,7 +60,11 @@ aggregated as (
         array_agg(occurred_at order by occurred_at) filter (where event_type = 'cart') as cart_times,
         array_agg(occurred_at order by occurred_at) filter (where event_type = 'wishlist') as wishlist_times,
         min(occurred_at) as first_event_at,
-        max(occurred_at) as last_event_at
+        max(occurred_at) as last_event_at,
+        -- the dbt invocation that (re)wrote the row: tells later models which customers'
+        -- clickstream this build changed (int_affinity_customers_changed). Bookkeeping,
+        -- the only column that differs between two builds for the same as_of.
+        '{{ invocation_id }}'::text as aggregated_in
 
     from events_categorized
     group by customer_id, event_date, product_id, category_path

@@ -1,11 +1,15 @@
 -- One row per customer and top category (the first segment of category_path) the
 -- customer bought or viewed, as of as_of: customer_category_affinity rolled up, scored
--- with the same formula and ranked (1 = strongest).
+-- with the same formula and ranked (1 = strongest). Incremental per customer like it.
+-- depends_on: {{ ref('int_affinity_customers_changed') }}
 with
 
 categories as (
 
-    select * from {{ ref('int_customer_categories_aggregated') }}
+    select * from {{ ref('customer_category_affinity') }}
+    {% if is_incremental() %}
+    where customer_id in (select customer_id from {{ ref('int_affinity_customers_changed') }})
+    {% endif %}
 
 ),
 
@@ -13,6 +17,9 @@ items as (
 
     select * from {{ ref('int_purchase_items_categorized') }}
     where top_category is not null
+    {% if is_incremental() %}
+      and customer_id in (select customer_id from {{ ref('int_affinity_customers_changed') }})
+    {% endif %}
 
 ),
 
@@ -52,7 +59,9 @@ purchases_joined as (
 
     select
         rolled_up.*,
-        coalesce(purchases_per_top_category.purchases, 0) as purchases
+        coalesce(purchases_per_top_category.purchases, 0) as purchases,
+        max(rolled_up.last_interaction_at) over (partition by rolled_up.customer_id)
+            as latest_interaction_at
 
     from rolled_up
     left join purchases_per_top_category
@@ -65,7 +74,7 @@ scored as (
 
     select
         *,
-        {{ affinity_score('purchases', 'carts_90d', 'wishlists_90d', 'views_90d', 'last_interaction_at') }}
+        {{ affinity_score('purchases', 'carts_90d', 'wishlists_90d', 'views_90d', 'last_interaction_at', 'latest_interaction_at') }}
             as affinity_score
 
     from purchases_joined
@@ -91,11 +100,22 @@ ranked as (
         wishlists_90d,
         views,
         last_purchased_at,
-        last_view_at,
-        {{ as_of() }} as as_of
+        last_view_at
 
     from scored
 
 )
 
+{% if is_incremental() %}
+select
+    changed.customer_id,
+    ranked.top_category, ranked.purchase_revenue, ranked.purchases, ranked.views_90d,
+    ranked.last_interaction_at, ranked.affinity_score, ranked.affinity_rank,
+    ranked.categories, ranked.carts_90d, ranked.wishlists_90d, ranked.views,
+    ranked.last_purchased_at, ranked.last_view_at
+from {{ ref('int_affinity_customers_changed') }} as changed
+left join ranked
+    on ranked.customer_id = changed.customer_id
+{% else %}
 select * from ranked
+{% endif %}

@@ -1,0 +1,27 @@
+{#-
+    intermediate.incremental_state: the as_of each incremental mart was last built for.
+
+    The affinity marts are maintained per customer; to know which customers' 90-day
+    windows moved, int_affinity_customers_changed needs the as_of of the previous build.
+    Each such mart creates the table in a pre-hook and records its as_of in a post-hook,
+    inside the mart's own transaction, so the record and the data never disagree.
+-#}
+{% macro incremental_state_relation() -%}
+    {{ return(api.Relation.create(database=target.database, schema=generate_schema_name('intermediate', none) | trim, identifier='incremental_state')) }}
+{%- endmacro %}
+
+
+{% macro create_incremental_state() -%}
+    create schema if not exists {{ incremental_state_relation().schema }};
+    create table if not exists {{ incremental_state_relation() }} (
+        model_name text primary key,
+        as_of timestamptz not null
+    )
+{%- endmacro %}
+
+
+{% macro record_incremental_state() -%}
+    insert into {{ incremental_state_relation() }} (model_name, as_of)
+    values ('{{ this.identifier }}', {{ as_of() }})
+    on conflict (model_name) do update set as_of = excluded.as_of
+{%- endmacro %}
