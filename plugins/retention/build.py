@@ -110,10 +110,11 @@ def _profile_env(url: str | None) -> Iterator[None]:
             os.environ[name] = str(params[key])
         os.environ["RETENTION_DBT_THREADS"] = setting("RETENTION_DBT_THREADS") or "2"
         # JIT compiles every large query anew (0.3-0.5 s each, ~200 statements per build)
-        # and never pays off for these one-pass queries; UTC keeps any implicit
+        # and never pays off for these one-pass queries; sorts and hashes of a few
+        # hundred thousand rows fit in 64MB instead of spilling; UTC keeps any implicit
         # timestamp rendering stable (the models themselves never depend on it)
-        os.environ["PGOPTIONS"] = " ".join(
-            part for part in (saved["PGOPTIONS"], "-c jit=off -c timezone=UTC") if part)
+        os.environ["PGOPTIONS"] = " ".join(part for part in (
+            saved["PGOPTIONS"], "-c jit=off -c work_mem=64MB -c timezone=UTC") if part)
         yield
     finally:
         for name, value in saved.items():

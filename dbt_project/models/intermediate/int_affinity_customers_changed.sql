@@ -42,19 +42,6 @@ changed as (
 
 )
 {% else %}
-daily_events as (
-
-    select customer_id, event_date, category_path, aggregated_in
-    from {{ ref('int_events_aggregated_daily') }}
-
-),
-
-stored as (
-
-    select * from {{ affinity }}
-
-),
-
 purchased as (
 
     select * from {{ ref('int_customer_category_purchases') }}
@@ -65,7 +52,7 @@ clickstream_rewritten as (
 
     -- days the daily model (re)aggregated in this build: new, late or removed events
     select distinct customer_id, 'clickstream changed' as reason
-    from daily_events
+    from {{ ref('int_events_aggregated_daily') }}
     where aggregated_in = '{{ invocation_id }}'
 
 ),
@@ -74,7 +61,7 @@ clickstream_after_as_of as (
 
     -- an earlier as_of than the previous build: their later events no longer count
     select distinct customer_id, 'activity after as_of' as reason
-    from stored
+    from {{ affinity }}
     where last_event_at > {{ as_of() }}
 
 ),
@@ -86,7 +73,7 @@ purchases_changed as (
     select distinct coalesce(purchased.customer_id, bought.customer_id) as customer_id,
            'purchases changed' as reason
     from purchased
-    full outer join (select * from stored where purchases > 0) as bought
+    full outer join (select * from {{ affinity }} where purchases > 0) as bought
         on bought.customer_id = purchased.customer_id
         and bought.category_path = purchased.category_path
     where purchased.customer_id is null
@@ -101,7 +88,7 @@ window_moved as (
     -- clickstream on the days between the previous and this window start: their
     -- 90-day counts change although nothing new happened
     select distinct customer_id, '90-day window moved' as reason
-    from daily_events
+    from {{ ref('int_events_aggregated_daily') }}
     where category_path is not null
       and event_date between {{ utc_date('least(' ~ previous_as_of ~ ', ' ~ as_of() ~ ') - ' ~ window_days) }}
                          and {{ utc_date('greatest(' ~ previous_as_of ~ ', ' ~ as_of() ~ ') - ' ~ window_days) }}
@@ -111,8 +98,10 @@ window_moved as (
 no_longer_customers as (
 
     select distinct customer_id, 'not a customer as of as_of' as reason
-    from stored
-    where customer_id not in (select customer_id from customers)
+    from {{ affinity }} as stored
+    where not exists (
+        select 1 from customers where customers.customer_id = stored.customer_id
+    )
 
 ),
 
