@@ -60,15 +60,57 @@ aggregated as (
         array_agg(occurred_at order by occurred_at) filter (where event_type = 'cart') as cart_times,
         array_agg(occurred_at order by occurred_at) filter (where event_type = 'wishlist') as wishlist_times,
         min(occurred_at) as first_event_at,
-        max(occurred_at) as last_event_at,
-        -- the dbt invocation that (re)wrote the row: tells later models which customers'
-        -- clickstream this build changed (int_affinity_customers_changed). Bookkeeping,
-        -- the only column that differs between two builds for the same as_of.
-        '{{ invocation_id }}'::text as aggregated_in
+        max(occurred_at) as last_event_at
 
     from events_categorized
     group by customer_id, event_date, product_id, category_path
 
+),
+
+{% if is_incremental() %}
+previous as (
+
+    select * from {{ this }}
+    where event_date >= {{ incremental_window_start(this, 'event_date') }}
+
+),
+{% endif %}
+
+marked as (
+
+    select
+        aggregated.*,
+        -- the dbt invocation that last changed the row: tells later models which
+        -- customers' clickstream this build changed (int_affinity_customers_changed).
+        -- A recomputed row equal to the stored one keeps its mark. Bookkeeping, the only
+        -- column that differs between two builds for the same as_of.
+        {% if is_incremental() %}
+        case
+            when (aggregated.events, aggregated.views, aggregated.carts,
+                  aggregated.removes_from_cart, aggregated.wishlists, aggregated.purchase_events,
+                  aggregated.first_event_at, aggregated.last_event_at, aggregated.view_times,
+                  aggregated.cart_times, aggregated.wishlist_times)
+                 is not distinct from
+                 (previous.events, previous.views, previous.carts,
+                  previous.removes_from_cart, previous.wishlists, previous.purchase_events,
+                  previous.first_event_at, previous.last_event_at, previous.view_times,
+                  previous.cart_times, previous.wishlist_times)
+                then previous.aggregated_in
+            else '{{ invocation_id }}'
+        end::text as aggregated_in
+        {% else %}
+        '{{ invocation_id }}'::text as aggregated_in
+        {% endif %}
+
+    from aggregated
+    {% if is_incremental() %}
+    left join previous
+        on previous.customer_id = aggregated.customer_id
+        and previous.event_date = aggregated.event_date
+        and coalesce(previous.product_id, '') = coalesce(aggregated.product_id, '')
+        and coalesce(previous.category_path, '') = coalesce(aggregated.category_path, '')
+    {% endif %}
+
 )
 
-select * from aggregated
+select * from marked
