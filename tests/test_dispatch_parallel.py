@@ -239,3 +239,25 @@ def test_push_channel_applies_the_environments_proxy_resolved_when_built(monkeyp
         for channel in channels:
             channel.close()
         handle.stop()
+
+
+def test_worker_processes_share_a_providers_rate_limit():
+    """Telegram's 30 messages/s (or a gateway's max_per_second) hold for the wave: with
+    4 worker processes each builds its channel with a quarter of it."""
+    import json
+
+    from retention.campaigns.dispatch import _connections_for
+    from retention.connections import build_channel
+
+    gateway = {"url": "http://127.0.0.1:9/gateway/sms", "payload_template": {"to": "{address}"},
+               "max_per_second": 50}
+    conns = _connections_for(
+        ["telegram", "sms", "email"],
+        {"telegram": {"password": "123:abc"}, "sms": {"extra": json.dumps(gateway)},
+         "email": {"password": "SG.x", "extra": {"from_email": "shop@example.com"}}},
+        processes=4)
+    assert conns["telegram"]["extra"]["max_per_second"] == 7.5  # the default 30, shared
+    assert conns["sms"]["extra"]["max_per_second"] == 12.5
+    assert "max_per_second" not in conns["email"]["extra"]
+    assert build_channel("telegram", conns["telegram"]).limiter.rate == 7.5
+    assert build_channel("sms", conns["sms"]).limiter.rate == 12.5

@@ -21,7 +21,8 @@ provider is (FCM pushes cost about 1 ms of client CPU each), so a wave can be se
 worker processes ("spawn"). The parent reconciles orphaned claims once, then starts the
 workers with picklable arguments only (the campaign, the scope, the connections as dicts);
 each builds its own channels with `build_channel` and runs the same claim/send/record loop
-without reconciling, since a live sibling's claims are not orphans. A worker that dies
+without reconciling, since a live sibling's claims are not orphans. A provider rate limit
+in a connection (`max_per_second`) is shared out among the workers. A worker that dies
 leaves its claimed batch for the next pass, like a killed single-process worker; the
 others finish the wave, then the parent raises. Workers die with the parent (Linux
 `PR_SET_PDEATHSIG`), so a retry never reconciles the claims of a worker still sending.
@@ -34,6 +35,7 @@ recorded with one UPDATE per batch from arrays instead of one per message.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -278,7 +280,8 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
     if processes > 1 and channel_names:
         timings = _send_in_processes(
             processes, campaign, step_name, scope, release_at, url=url, workers=workers,
-            connections=_connections_for(channel_names, connections), on_batch=on_batch,
+            connections=_connections_for(channel_names, connections, processes),
+            on_batch=on_batch,
             extra_context=extra_context)
     else:
         timings = _send(campaign, step_name, {n: channels[n] for n in channel_names}, scope,
@@ -394,8 +397,16 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
 
 # --------------------------------------------------------------------------- processes
 
+#: `max_per_second` when a connection's extra names none (retention.connections)
+DEFAULT_MAX_PER_SECOND = {"telegram": 30.0}
+
+
 def _connections_for(channel_names: Sequence[str],
-                     connections: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+                     connections: Mapping[str, Mapping[str, Any]] | None,
+                     processes: int = 1) -> dict[str, dict]:
+    """Each channel's connection for the worker processes. A provider's rate limit
+    (extra `max_per_second`: Telegram, SMS/Viber gateways) holds for the whole wave, so
+    each of the `processes` workers gets its share of it."""
     from retention.connections import CONNECTION_FOR, connection_from_env
 
     out = {}
@@ -407,7 +418,13 @@ def _connections_for(channel_names: Sequence[str],
             raise RuntimeError(f"sending {name} with several processes needs its connection: "
                                f"pass connections={{{name!r}: ...}} or set "
                                f"AIRFLOW_CONN_{CONNECTION_FOR[name].upper()}")
-        out[name] = dict(conn)
+        conn = dict(conn)
+        extra = conn.get("extra") or {}
+        extra = json.loads(extra) if isinstance(extra, str) else dict(extra)
+        rate = extra.get("max_per_second", DEFAULT_MAX_PER_SECOND.get(name))
+        if rate:
+            conn["extra"] = dict(extra, max_per_second=float(rate) / max(1, processes))
+        out[name] = conn
     return out
 
 
