@@ -73,16 +73,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _campaign_channels(campaign, local: bool, stack):
-    from retention.connections import channels_from_env
-
-    names = sorted({ch for step in campaign.steps for ch in step.channels})
-    if local:
-        import os
-
-        handle, env = stack.__enter__()
-        os.environ.update(env)
-        print(f"local provider servers on {handle.base_url}")
-    return channels_from_env(names)
+    return _channels_for(sorted({ch for step in campaign.steps for ch in step.channels}),
+                         local, stack)
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
@@ -113,6 +105,84 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             stack.__exit__(None, None, None)
     print(f"campaign {campaign.id} as of {as_of.isoformat()}")
     print(format_waves(result))
+    return 0
+
+
+def _channels_for(names, local: bool, stack):
+    """Channel clients from the retention_* connections, or from local provider stand-ins
+    started for this command (`--local-providers`)."""
+    from retention.connections import channels_from_env
+
+    if local:
+        import os
+
+        handle, env = stack.__enter__()
+        os.environ.update(env)
+        print(f"local provider servers on {handle.base_url}")
+    return channels_from_env(names)
+
+
+def cmd_triggers(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from retention.providers.stack import local_provider_stack
+    from retention.triggers import run_reengagement, run_triggers
+    from retention.triggers.runner import format_report
+
+    end = args.until or _default_as_of()
+    stack = local_provider_stack()
+    try:
+        channels = None
+        if args.send or args.local_providers:
+            from retention.connections import channels_from_env
+            from retention.triggers.runner import LazyChannels
+
+            _channels_for([], args.local_providers, stack)
+            # a missing connection fails only when a message for that channel is due
+            channels = LazyChannels(lambda name: channels_from_env([name])[name])
+        if args.command == "reengagement":
+            result = run_reengagement(end, channels=channels)
+        else:
+            start = end - timedelta(minutes=args.minutes)
+            result = run_triggers(start, end, channels=channels,
+                                  triggers=args.trigger or None)
+    finally:
+        if args.local_providers:
+            stack.__exit__(None, None, None)
+    print(format_report(result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from retention.predict import write_predictions
+
+    as_of = args.as_of or _default_as_of()
+    print(json.dumps(write_predictions(None, as_of), indent=2, default=str))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from retention.results.pipeline import build_attribution, load_results
+
+    as_of = args.as_of or _default_as_of()
+    loaded = load_results(as_of)
+    print(json.dumps(loaded, indent=2, default=str))
+    if not args.no_build:
+        built = build_attribution(as_of, with_parents=not args.narrow)
+        print(json.dumps(built, indent=2, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from retention.results.report import configured_recipients, send_report, write_report
+
+    path = write_report(args.week, out_dir=args.out_dir)
+    print(path)
+    if args.send:
+        recipients = configured_recipients()
+        if not recipients:
+            raise SystemExit("retention report --send: RETENTION_REPORT_RECIPIENTS is empty")
+        print(json.dumps(send_report(path, recipients), indent=2))
     return 0
 
 
@@ -176,6 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="with --local-providers: latency of each provider request")
     p.set_defaults(func=cmd_campaign)
+
+    for name, text in (("triggers", "one run of the trigger chains and lifecycle flows"),
+                       ("reengagement", "one daily run of the re-engagement sequence")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--until", type=_timestamp,
+                       help="end of the run's interval (default: end of the data)")
+        if name == "triggers":
+            p.add_argument("--minutes", type=float, default=15,
+                           help="length of the interval (default 15, the DAG's schedule)")
+            p.add_argument("--trigger", action="append",
+                           help="only this trigger (repeatable; default: all)")
+        p.add_argument("--send", action="store_true",
+                       help="send due messages through the retention_* connections "
+                            "(default: plan ledger rows only)")
+        p.add_argument("--local-providers", action="store_true",
+                       help="send to local SendGrid/FCM/Telegram stand-ins started for this run")
+        p.set_defaults(func=cmd_triggers)
+
+    p = sub.add_parser("predict", help="fit BG/NBD + Gamma-Gamma and write "
+                                       "marts.customer_predicted_value")
+    p.add_argument("--as-of", type=_timestamp, help="default: end of the data")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("results", help="load landed webhook batches and send results, "
+                                       "then build the attribution marts")
+    p.add_argument("--as-of", type=_timestamp, help="default: end of the data")
+    p.add_argument("--no-build", action="store_true", help="only load the results")
+    p.add_argument("--narrow", action="store_true",
+                   help="rebuild only the two results marts over the last full build")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="write the weekly marketer report (HTML) and print its path")
+    p.add_argument("--week", help="2026-W43 or a date in the week (default: the latest "
+                                  "week with messages)")
+    p.add_argument("--out-dir", help="default: RETENTION_HOME/reports")
+    p.add_argument("--send", action="store_true",
+                   help="also e-mail it to RETENTION_REPORT_RECIPIENTS (once per week each)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("settings", help="list the RETENTION_* settings")
     p.set_defaults(func=cmd_settings)

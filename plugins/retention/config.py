@@ -50,6 +50,37 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "https://shop.example/unsubscribe",
         "Base of the one-click unsubscribe link put in every message.",
     ),
+    "RETENTION_SHOP_URL": (
+        "https://shop.example",
+        "Base of product links in messages (recommendations, carts).",
+    ),
+    "RETENTION_INGEST_SCHEDULE": ("@hourly", "Schedule of the ingest DAG (landing folder)."),
+    "RETENTION_TRIGGERS_SCHEDULE": ("*/15 * * * *", "Schedule of the trigger-chain DAG."),
+    "RETENTION_TRIGGERS_SEND": (
+        "true",
+        "false: the trigger and re-engagement DAGs plan ledger rows but do not send.",
+    ),
+    "RETENTION_SENDGRID_WEBHOOK_KEY": (
+        None,
+        "SendGrid Event Webhook verification key (PEM or base64 DER). Set: unsigned or "
+        "forged batches get 403 and nothing is written.",
+    ),
+    "RETENTION_WEBHOOK_DIR": (
+        None,
+        "Where webhook batches land before they are loaded. Unset: RETENTION_HOME/webhooks.",
+    ),
+    "RETENTION_ATTRIBUTION_WINDOWS": (
+        None,
+        "Per-channel attribution windows in hours, JSON, e.g. `{\"email\": 48}`. Unset: "
+        "email 72, mobile and web push 24, telegram 48, sms and viber 24.",
+    ),
+    "RETENTION_RESULTS_SCHEDULE": ("@hourly", "Schedule of the results (attribution) DAG."),
+    "RETENTION_REPORT_SCHEDULE": ("0 8 * * 1", "Schedule of the weekly marketer report DAG."),
+    "RETENTION_REPORT_RECIPIENTS": (
+        None,
+        "Marketers who get the weekly report (comma-separated e-mail addresses). Unset: "
+        "the report is written and kept, not sent.",
+    ),
 }
 
 

@@ -7,7 +7,7 @@ before the next step, as the customers' mornings would come.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from retention import db
@@ -19,7 +19,12 @@ from retention.channels.base import Channel
 
 
 def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Channel],
-                 url: str | None = None, policy: Policy | None = None) -> dict:
+                 url: str | None = None, policy: Policy | None = None,
+                 after_step: Callable[[str, str], object] | None = None) -> dict:
+    """Every step of a campaign in order, as the DAG runs them but without waiting: each
+    step is planned at its own time (as_of + waits), so a later wave sees what the
+    earlier ones reached. `after_step(run_id, step)` runs between steps (the demo feeds
+    the readers' webhook events there, as they would arrive during the wait)."""
     run = start_run(campaign, as_of, url, policy)
     waves = []
     for i, step in enumerate(campaign.steps):
@@ -34,6 +39,8 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
                 "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
         if latest is not None and (nxt is None or latest <= nxt):
             dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at))
+        if after_step is not None:
+            after_step(run.run_id, step.name)
         counts = step_counts(run.run_id, step.name, url)
         counts["step"] = step.name
         counts["at"] = at.isoformat()

@@ -1,0 +1,165 @@
+"""Simulated e-mail readers for the quick start: SendGrid Event Webhook batches for the
+e-mails a campaign step sent, signed and posted to the webhook receiver the way SendGrid
+posts them.
+
+The local SendGrid stand-in accepts mail, but nobody reads it. This plays the readers so
+that the demo's cascade (a later wave skips members who engaged), attribution and report
+have deliveries, bounces, opens, clicks and unsubscribes to work with. Purchases are not
+simulated: they are the generated shop's own orders and receipts.
+
+Every outcome is a pure function of the message id (a digest), and every event has a
+deterministic `sg_event_id`, so a re-run posts the same events and the receiver counts
+them once. Event times follow the message's logical send time (`sent_at`), never the wall
+clock. Nothing here is used outside demos and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib import request as urlrequest
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from retention import db
+
+#: share of sent e-mails that bounce, are opened (of delivered), clicked (of opened),
+#: unsubscribed (of opened) and reported as spam (of delivered): a typical promo list
+RATES = {"bounce": 0.012, "open": 0.28, "click": 0.18, "unsubscribe": 0.01, "spamreport": 0.0008}
+BATCH_SIZE = 1_000
+
+
+def _uniform(message_id: str, what: str) -> float:
+    digest = hashlib.sha256(f"{message_id}|{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _event(kind: str, message_id: str, address: str, at: datetime, sg_message_id: str | None,
+           **extra) -> dict:
+    event = {"email": address, "timestamp": int(at.timestamp()), "event": kind,
+             "sg_event_id": hashlib.sha256(f"{message_id}|{kind}".encode()).hexdigest()[:22],
+             "sg_message_id": f"{sg_message_id or 'local'}.filter0001.{message_id[:12]}",
+             "message_id": message_id}
+    event.update(extra)
+    return event
+
+
+def email_events(message_id: str, address: str, sent_at: datetime,
+                 provider_message_id: str | None) -> list[dict]:
+    """What SendGrid would report for one sent e-mail, given its simulated reader."""
+    at = sent_at.astimezone(timezone.utc)
+    out = [_event("processed", message_id, address, at, provider_message_id)]
+    if _uniform(message_id, "bounce") < RATES["bounce"]:
+        out.append(_event("bounce", message_id, address, at + timedelta(seconds=20),
+                          provider_message_id, type="bounce",
+                          reason="550 5.1.1 The email account that you tried to reach does "
+                                 "not exist", status="5.1.1"))
+        return out
+    out.append(_event("delivered", message_id, address, at + timedelta(seconds=8),
+                      provider_message_id, response="250 OK"))
+    if _uniform(message_id, "spam") < RATES["spamreport"]:
+        out.append(_event("spamreport", message_id, address, at + timedelta(hours=2),
+                          provider_message_id))
+        return out
+    if _uniform(message_id, "open") >= RATES["open"]:
+        return out
+    opened = at + timedelta(minutes=5 + 600 * _uniform(message_id, "open_delay"))
+    out.append(_event("open", message_id, address, opened, provider_message_id))
+    if _uniform(message_id, "click") < RATES["click"]:
+        out.append(_event("click", message_id, address, opened + timedelta(seconds=40),
+                          provider_message_id, url="https://shop.example/promo"))
+    if _uniform(message_id, "unsubscribe") < RATES["unsubscribe"]:
+        out.append(_event("unsubscribe", message_id, address, opened + timedelta(minutes=1),
+                          provider_message_id))
+    return out
+
+
+@dataclass
+class Receiver:
+    url: str
+    private_key: ec.EllipticCurvePrivateKey
+    public_key_pem: str
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass
+
+
+@contextmanager
+def webhook_receiver(root: Path | None = None, url: str | None = None) -> Iterator[Receiver]:
+    """The project's webhook receiver (`retention.results.receiver.make_app`) on a free
+    local port, verifying signatures with a key pair made for this run."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer
+
+    from retention.results.receiver import EVENT_PATHS, make_app
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    public = private_key.public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    server = make_server("127.0.0.1", 0, make_app(key=public, root=root, url=url),
+                         server_class=Server, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Receiver(f"http://127.0.0.1:{server.server_address[1]}{EVENT_PATHS[0]}",
+                       private_key, pem)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def post_batches(receiver: Receiver, events: Sequence[dict], signed_at: datetime) -> dict:
+    """POST events in batches as SendGrid does (signed: timestamp + body, ECDSA P-256)."""
+    from retention.results.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_batch
+
+    totals = {"batches": 0, "events": 0, "inserted": 0, "duplicates": 0, "consent_changes": 0}
+    stamp = str(int(signed_at.timestamp()))
+    for i in range(0, len(events), BATCH_SIZE):
+        body = json.dumps(list(events[i:i + BATCH_SIZE])).encode()
+        req = urlrequest.Request(receiver.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
+            SIGNATURE_HEADER: sign_batch(receiver.private_key, body, stamp)})
+        with urlrequest.urlopen(req, timeout=60) as resp:  # a non-2xx raises HTTPError
+            answer = json.loads(resp.read())
+        totals["batches"] += 1
+        totals["events"] += answer["events"]
+        ingested = answer.get("ingested") or {}
+        for key in ("inserted", "duplicates", "consent_changes"):
+            totals[key] += int(ingested.get(key, 0))
+    return totals
+
+
+def simulate_step(receiver: Receiver, run_id: str | None = None, step: str | None = None,
+                  url: str | None = None) -> dict:
+    """Post the readers' events for the e-mails `step` of `run_id` sent (None: every sent
+    e-mail; events already posted count as duplicates); counts by event type."""
+    with db.connect(url) as conn:
+        rows = conn.execute(
+            "select message_id, address, sent_at, provider_message_id from ops.messages "
+            "where (%(run)s::text is null or run_id = %(run)s) "
+            "and (%(step)s::text is null or step = %(step)s) "
+            "and channel = 'email' and status = 'sent' order by message_id",
+            {"run": run_id, "step": step}).fetchall()
+    events = [e for row in rows for e in email_events(*row)]
+    if not events:
+        return {"emails": 0}
+    latest = max(datetime.fromtimestamp(e["timestamp"], timezone.utc) for e in events)
+    totals = post_batches(receiver, events, latest)
+    by_type: dict[str, int] = {}
+    for e in events:
+        by_type[e["event"]] = by_type.get(e["event"], 0) + 1
+    return {"emails": len(rows), **by_type, **totals}
