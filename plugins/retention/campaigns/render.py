@@ -18,16 +18,16 @@ the message, keyed by RETENTION_PROMO_SECRET, so a re-run renders the same code.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
+import time
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlencode
 
-from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
 from retention.config import PROJECT_ROOT
@@ -68,11 +68,12 @@ def promo_secret() -> bytes:
 
 
 def _mac(*parts: str) -> bytes:
-    return hmac.new(promo_secret(), "|".join(parts).encode(), hashlib.sha256).digest()
+    return hmac.digest(promo_secret(), "|".join(parts).encode(), "sha256")
 
 
 def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = "") -> str:
-    code = base64.b32encode(_mac("promo", campaign_id, run_id, customer_id)).decode()[:8]
+    # the first 8 base32 characters are the first 5 bytes' (40 bits): no need to encode all 32
+    code = base64.b32encode(_mac("promo", campaign_id, run_id, customer_id)[:5]).decode()
     return f"{prefix}{code}"
 
 
@@ -107,12 +108,29 @@ def template_files(channel: str, template: str) -> list[Path]:
     return [TEMPLATES_DIR / channel / f"{template}.{part}.j2" for part in FILES[channel]]
 
 
+#: templates looked up in the last second: the loader checks a template file's mtime on
+#: every `get_template` (a stat per message part); a wave renders thousands a second
+_RECHECK_SECONDS = 1.0
+_recent: dict[tuple[int, str], tuple[Template, float]] = {}
+
+
+def _template(env: SandboxedEnvironment, name: str) -> Template:
+    now = time.monotonic()
+    key = (id(env), name)
+    hit = _recent.get(key)
+    if hit is not None and now - hit[1] < _RECHECK_SECONDS:
+        return hit[0]
+    found = env.get_template(name)
+    _recent[key] = (found, now)
+    return found
+
+
 def render(channel: str, template: str, context: dict) -> Rendered:
     env = environment()
 
     def part(name: str) -> str:
         try:
-            return env.get_template(f"{channel}/{template}.{name}.j2").render(**context).strip()
+            return _template(env, f"{channel}/{template}.{name}.j2").render(**context).strip()
         except Exception as exc:  # jinja2 raises several types; name the file
             raise TemplateError(f"{TEMPLATES_DIR / channel / f'{template}.{name}.j2'}: {exc}") from exc
 
