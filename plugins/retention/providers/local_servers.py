@@ -1038,11 +1038,14 @@ class _Connection(asyncio.Protocol):
         if wait:
             self.busy = True
             self.timer = self.server.loop.call_later(wait, self._respond, provider, route, inc,
-                                                     close)
+                                                     close, True)
         else:
-            self._respond(provider, route, inc, close)
+            self._respond(provider, route, inc, close, False)
 
-    def _respond(self, provider: Provider, route: Route, inc: Incoming, close: bool) -> None:
+    def _respond(self, provider: Provider, route: Route, inc: Incoming, close: bool,
+                 waited: bool) -> None:
+        """Answer `inc`; after a wait (`waited`), go on with requests that came meanwhile
+        (otherwise `_next`'s loop does)."""
         self.timer = None
         if self.transport is None:
             return
@@ -1056,7 +1059,7 @@ class _Connection(asyncio.Protocol):
             return
         self._write(reply, close)  # type: ignore[arg-type]
         self.busy = False
-        if self.buffer and not close:
+        if waited and self.buffer and not close:
             self._next()
 
 
