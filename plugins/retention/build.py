@@ -184,11 +184,14 @@ def run_dbt(args: list[str], url: str | None = None) -> Any:
 
 
 def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
-          full_refresh: bool = False, *, raise_on_failure: bool = True) -> dict[str, Any]:
+          full_refresh: bool = False, *, raise_on_failure: bool = True,
+          indirect_selection: str | None = None) -> dict[str, Any]:
     """`dbt build` as of `as_of` (default: `default_as_of(url)`), then the headline numbers.
 
     `select` is passed to dbt `--select` (space-separated selection, e.g.
     "customer_lifetime+"), or names a YAML selector as "selector:lifetime".
+    `indirect_selection` is dbt's `--indirect-selection` for the tests of `select`
+    ("buildable": only tests whose every parent is selected or upstream of the selection).
     `full_refresh` rebuilds the incremental model from scratch (only needed after data
     arrived more than `incremental_lookback_days` late). Raises BuildError when dbt
     fails, unless raise_on_failure is False; the summary then reports the failures.
@@ -210,6 +213,8 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
             args += ["--selector", select.split(":", 1)[1]]
         else:
             args += ["--select", *select.split()]
+    if indirect_selection:
+        args += ["--indirect-selection", indirect_selection]
     if full_refresh:
         args.append("--full-refresh")
     result = run_dbt(args, url)
