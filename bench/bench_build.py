@@ -556,7 +556,7 @@ def table(size: int, info: dict, res: dict, orch_size: int, concurrent: list[str
 
 def busy() -> str:
     out = subprocess.run(["pgrep", "-af", "bench_|prof.py|pytest"], capture_output=True, text=True).stdout
-    mine = {str(os.getpid())}
+    mine = {str(os.getpid()), str(os.getppid())}  # this run and what started it
     others = [ln[:90] for ln in out.splitlines()
               if ln.split()[0] not in mine and "bench_build" not in ln]
     load = open("/proc/loadavg").read().split()[:3]
