@@ -15,9 +15,13 @@ purchase_items as (
 
 ),
 
-events as (
+product_views_daily as (
 
-    select * from {{ ref('stg_events') }}
+    -- the clickstream through its one pass (int_events_aggregated_daily), never the
+    -- events: per customer, UTC day and product, the first and last view of the day
+    select customer_id, product_id, first_view_at, last_view_at
+    from {{ ref('int_events_aggregated_daily') }}
+    where views > 0 and product_id is not null
 
 ),
 
@@ -34,35 +38,42 @@ first_purchases_of_product as (
 
 ),
 
-interactions_unioned as (
+later_interactions as (
 
-    select customer_id, product_id, purchased_at as interacted_at, true as is_purchase
-    from purchase_items
-    where customer_id is not null and product_id is not null
+    select bought.product_id, later.product_id as recommended_product_id, bought.customer_id,
+           true as is_purchase
+    from first_purchases_of_product as bought
+    inner join purchase_items as later
+        on later.customer_id = bought.customer_id
+        and later.product_id <> bought.product_id
+        and later.purchased_at > bought.first_bought_at
+        and later.purchased_at <= bought.first_bought_at + {{ days_interval(window_days) }}
 
     union all
 
-    select customer_id, product_id, occurred_at as interacted_at, false as is_purchase
-    from events
-    where event_type = 'view' and customer_id is not null and product_id is not null
+    -- a day with a view in (first_bought_at, first_bought_at + window]: exact at the
+    -- second, because the window is longer than a day (its first day needs a view after
+    -- the purchase, its last day a view before the end, the days between any view)
+    select bought.product_id, later.product_id, bought.customer_id, false
+    from first_purchases_of_product as bought
+    inner join product_views_daily as later
+        on later.customer_id = bought.customer_id
+        and later.product_id <> bought.product_id
+        and later.last_view_at > bought.first_bought_at
+        and later.first_view_at <= bought.first_bought_at + {{ days_interval(window_days) }}
 
 ),
 
 purchases_and_later_interactions_joined as (
 
     select
-        bought.product_id,
-        later.product_id as recommended_product_id,
-        bought.customer_id,
-        bool_or(later.is_purchase) as bought_after
+        product_id,
+        recommended_product_id,
+        customer_id,
+        bool_or(is_purchase) as bought_after
 
-    from first_purchases_of_product as bought
-    inner join interactions_unioned as later
-        on later.customer_id = bought.customer_id
-        and later.product_id <> bought.product_id
-        and later.interacted_at > bought.first_bought_at
-        and later.interacted_at <= bought.first_bought_at + {{ days_interval(window_days) }}
-    group by bought.product_id, later.product_id, bought.customer_id
+    from later_interactions
+    group by product_id, recommended_product_id, customer_id
 
 ),
 
