@@ -17,10 +17,11 @@ and the models run one at a time. bench/bench_build.py measured, at 1,000,000 cu
 on 2 cores (bench/RESULTS.md), against a plain `dbt build` of the same project (313 s,
 tests included): these four layer tasks 423 s (1.35x), a Cosmos DbtDag (a run and a test
 task per model, 50 tasks) 579 s (1.85x), both with `dag.test()`. The layers are 1.4x
-faster than Cosmos but not yet within the 25% target, and not because of start-up
+faster than Cosmos but were not within the 25% target, and not because of start-up
 (Airflow import and DAG parse 2 s, one dbt parse per layer): a layer waits for the one
-before it, so product_recommendations (a campaign mart that reads only intermediate
-models, 172 s) no longer runs beside the affinity marts as in `dbt build`'s two threads.
+before it, and product_recommendations (reads only intermediate models, 172 s) was then
+in the last layer, so it no longer ran beside the affinity marts as in `dbt build`'s two
+threads. That measurement predates moving it into the marts layer (LAYERS below).
 """
 
 from __future__ import annotations
