@@ -160,7 +160,10 @@ def prepare_base(customers: int) -> tuple[str, dict]:
         if row:
             log(f"reusing {name}")
             return name, row[0]
-        drop(name)
+        # no hold-back recorded: another run is preparing it (or one died doing so); never
+        # drop a database another run may be loading
+        sys.exit(f"{name} exists but is not prepared: another bench_build may be loading it; "
+                 f"if none runs, drop it (drop database \"{name}\") and start again")
     folder = shop_folder(customers)
     _admin(f'create database "{name}"')
     log(f"loading {folder} into {name}")
@@ -587,7 +590,7 @@ def main() -> None:
 
     base, info = prepare_base(args.customers)
     cutoff, end = datetime.fromisoformat(info["cutoff"]), datetime.fromisoformat(info["end"])
-    work = f"bench_build_run_{args.customers}"
+    work = f"bench_build_run_{args.customers}_{os.getpid()}"  # two runs may share a base
     bases = [base]
     try:
         if steps & {"plain", "incremental", "floor"}:
