@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,11 +73,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _campaign_channels(campaign, local: bool, stack):
-    return _channels_for(sorted({ch for step in campaign.steps for ch in step.channels}),
-                         local, stack)
-
-
 def cmd_campaign(args: argparse.Namespace) -> int:
     from retention.campaigns.runner import format_waves, run_campaign
     from retention.campaigns.spec import load_all, load_campaign
@@ -94,50 +90,47 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         raise SystemExit("retention campaign run: give the campaign name")
     campaign = load_campaign(args.name)
     as_of = args.as_of or _default_as_of()
-    from retention.providers.stack import local_provider_stack
+    from retention.connections import channels_from_env
 
-    stack = local_provider_stack(latency_ms=args.latency_ms)
-    try:
-        channels = _campaign_channels(campaign, args.local_providers, stack)
-        result = run_campaign(campaign, as_of, channels)
-    finally:
-        if args.local_providers:
-            stack.__exit__(None, None, None)
+    with _local_providers(args.local_providers, latency_ms=args.latency_ms):
+        names = sorted({ch for step in campaign.steps for ch in step.channels})
+        result = run_campaign(campaign, as_of, channels_from_env(names))
     print(f"campaign {campaign.id} as of {as_of.isoformat()}")
     print(format_waves(result))
     return 0
 
 
-def _channels_for(names, local: bool, stack):
-    """Channel clients from the retention_* connections, or from local provider stand-ins
-    started for this command (`--local-providers`)."""
-    from retention.connections import channels_from_env
+@contextmanager
+def _local_providers(local: bool, **options):
+    """With `local`, local SendGrid/FCM/Telegram/gateway stand-ins for the command's
+    duration, the AIRFLOW_CONN_RETENTION_* variables pointing at them (`--local-providers`);
+    otherwise the connections as configured."""
+    if not local:
+        yield
+        return
+    import os
 
-    if local:
-        import os
+    from retention.providers.stack import local_provider_stack
 
-        handle, env = stack.__enter__()
+    with local_provider_stack(**options) as (handle, env):
         os.environ.update(env)
         print(f"local provider servers on {handle.base_url}")
-    return channels_from_env(names)
+        yield
 
 
 def cmd_triggers(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from retention.providers.stack import local_provider_stack
     from retention.triggers import run_reengagement, run_triggers
     from retention.triggers.runner import format_report
 
     end = args.until or _default_as_of()
-    stack = local_provider_stack()
-    try:
+    with _local_providers(args.local_providers):
         channels = None
         if args.send or args.local_providers:
             from retention.connections import channels_from_env
             from retention.triggers.runner import LazyChannels
 
-            _channels_for([], args.local_providers, stack)
             # a missing connection fails only when a message for that channel is due
             channels = LazyChannels(lambda name: channels_from_env([name])[name])
         if args.command == "reengagement":
@@ -146,9 +139,6 @@ def cmd_triggers(args: argparse.Namespace) -> int:
             start = end - timedelta(minutes=args.minutes)
             result = run_triggers(start, end, channels=channels,
                                   triggers=args.trigger or None)
-    finally:
-        if args.local_providers:
-            stack.__exit__(None, None, None)
     print(format_report(result))
     return 0
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib import request as urlrequest
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import make_server
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -89,29 +89,20 @@ class Receiver:
     public_key_pem: str
 
 
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
-        pass
-
-
 @contextmanager
 def webhook_receiver(root: Path | None = None, url: str | None = None) -> Iterator[Receiver]:
     """The project's webhook receiver (`retention.results.receiver.make_app`) on a free
     local port, verifying signatures with a key pair made for this run."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIServer
-
-    from retention.results.receiver import EVENT_PATHS, make_app
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
+    from retention.results.receiver import (
+        EVENT_PATHS, _QuietHandler, _ThreadingWSGIServer, make_app,
+    )
 
     private_key = ec.generate_private_key(ec.SECP256R1())
     public = private_key.public_key()
     pem = public.public_bytes(serialization.Encoding.PEM,
                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     server = make_server("127.0.0.1", 0, make_app(key=public, root=root, url=url),
-                         server_class=Server, handler_class=_Quiet)
+                         server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
