@@ -22,7 +22,8 @@ Waves, each a campaign run of its own:
 After each wave every ledger row of the run must be `sent` and the servers must have
 accepted exactly its number of messages. `--compare-recording` times recording 1,000
 outcomes the old way (executemany) and the new (one UPDATE from arrays);
-`--compare-fcm-async` times firebase-admin's send_each_async against send_each.
+`--compare-fcm-async N` times send_each on the lean transport and on the SDK's requests
+session, and firebase-admin's send_each_async, on N pushes.
 """
 
 from __future__ import annotations
@@ -361,7 +362,8 @@ def compare_recording(url: str, run_label: str, batches: int = 20) -> dict:
 
 
 def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]]:
-    """send_each (a thread per message) against send_each_async (httpx), client CPU."""
+    """send_each (a thread per message) on the lean and on the SDK's requests transport,
+    against send_each_async (httpx): throughput and client CPU per push."""
     import asyncio
 
     import httpx
@@ -383,7 +385,11 @@ def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]
             assert ok == n, (label, ok)
             out.append((label, n / seconds, cpu * 1e6 / n))
 
-        measure("send_each (FirebaseChannel)",
+        with FirebaseChannel(servers.service_account, base_url=servers.url,
+                             transport="requests") as sdk_session:
+            measure("send_each, SDK's requests session",
+                    lambda batch: sum(r.status == "sent" for r in sdk_session.send_batch(batch)))
+        measure("send_each, lean transport (FirebaseChannel default)",
                 lambda batch: sum(r.status == "sent" for r in channel.send_batch(batch)))
         service = messaging._get_messaging_service(channel._app)  # noqa: SLF001
         loop = asyncio.new_event_loop()
@@ -433,7 +439,7 @@ def main() -> int:
     parser.add_argument("--skip-per-message", action="store_true")
     parser.add_argument("--compare-recording", action="store_true")
     parser.add_argument("--compare-fcm-async", type=int, default=0, metavar="PUSHES",
-                        help="also time send_each_async on this many pushes")
+                        help="also time the FCM transports (lean, requests, async) on this many pushes")
     parser.add_argument("--keep-database", action="store_true")
     args = parser.parse_args()
 
@@ -497,7 +503,7 @@ def main() -> int:
                     label=(f"  the same extrapolated to {n:,}: send {sample:,} measured x "
                            f"{scale:g}, plan " + ("of the e-mail wave" if email else f"x {scale:g}"))))
         if args.compare_fcm_async:
-            print("send_each vs send_each_async ...", flush=True)
+            print("FCM transports: send_each (lean, requests) vs send_each_async ...", flush=True)
             for label, rate, cpu in compare_fcm_async(servers, args.compare_fcm_async):
                 notes.append(f"{label}: {rate:,.0f} pushes/s, {cpu:,.0f} us client CPU per push")
     finally:

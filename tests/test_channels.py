@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 from collections import Counter
 
 import pytest
@@ -324,7 +325,8 @@ def fcm(fcm_server, waits):
 
     def make(**kw) -> FirebaseChannel:
         kw.setdefault("retry", policy(waits))
-        channel = FirebaseChannel(info, base_url=url, timeout=5, **kw)
+        kw.setdefault("timeout", 5)
+        channel = FirebaseChannel(info, base_url=url, **kw)
         channels.append(channel)
         return channel
     yield make, server
@@ -336,10 +338,11 @@ def _fcm_sends(server) -> list:
     return [r for r in server.received if r.path.endswith("/messages:send")]
 
 
-def test_fcm_501_pushes_in_batches_of_500_with_unregistered_mapped(fcm):
+@pytest.mark.parametrize("transport", ["lean", "requests"])
+def test_fcm_501_pushes_in_batches_of_500_with_unregistered_mapped(fcm, transport):
     make, server = fcm
     server.configure(unregistered_tokens={"token-7", "token-500"}, invalid_tokens={"token-9"})
-    channel = make()
+    channel = make(transport=transport)
     messages = [push(i) for i in range(501)]  # send_each refuses more than 500 at once
 
     results = channel.send_batch(messages)
@@ -379,11 +382,12 @@ def test_web_push_payload(fcm):
         "projects/shop-push/messages/")
 
 
-def test_fcm_5xx_storm_then_success_delivers_each_once(fcm, waits):
+@pytest.mark.parametrize("transport", ["lean", "requests"])
+def test_fcm_5xx_storm_then_success_delivers_each_once(fcm, waits, transport):
     make, server = fcm
     messages = [push(i) for i in range(10)]
     server.configure(sequence=[503] * 10 + [500] * 4)  # round 1: all fail; round 2: four fail
-    channel = make()
+    channel = make(transport=transport)
 
     results = channel.send_batch(messages)
 
@@ -404,6 +408,63 @@ def test_fcm_429_waits_retry_after_then_exhausts(fcm, waits):
     assert waits.calls == [4.0, 4.0]
     assert [(r.status, r.reason) for r in results] == [("failed", "retries exhausted: 429")] * 2
     server.configure(rate_limit_fraction=0.0)
+
+
+@pytest.mark.parametrize("transport", ["lean", "requests"])
+def test_fcm_timeout_is_retried_and_sent_once(fcm, waits, transport):
+    make, server = fcm
+    server.configure(sequence=["timeout", "ok"], hang_seconds=10)
+    channel = make(transport=transport, timeout=0.5)
+    [result] = channel.send_batch([push(1)])
+    assert result.status == "sent"
+    assert [r.outcome for r in _fcm_sends(server)] == ["timeout", "ok"]
+    assert channel.stats.retries == 1 and len(waits.calls) == 1
+
+
+@pytest.mark.parametrize("transport", ["lean", "requests"])
+def test_fcm_revoked_access_token_is_refreshed_once(fcm, transport):
+    make, server = fcm
+    channel = make(transport=transport)
+    assert channel.send_batch([push(1)])[0].status == "sent"
+    server.provider.revoke_tokens()
+    results = channel.send_batch([push(2), push(3)])
+    assert [r.status for r in results] == ["sent", "sent"]
+    statuses = [r.status for r in _fcm_sends(server)]
+    assert statuses.count(200) == 3 and set(statuses) <= {200, 401}
+    tokens = [r for r in server.received if r.path == "/token"]
+    # the first token and one refresh however many threads saw 401 (the SDK's own
+    # AuthorizedSession refreshes once per thread that did)
+    assert len(tokens) == 2 if transport == "lean" else 2 <= len(tokens) <= 3
+
+
+def test_fcm_connection_refused_is_retried_then_failed(fcm_server, waits):
+    url, _, info = fcm_server
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with FirebaseChannel(info, base_url=closed, retry=policy(waits, attempts=2)) as channel:
+        [result] = channel.send_batch([push(1)])
+    assert (result.status, result.reason) == ("failed", "retries exhausted: connection error")
+
+
+def test_fcm_proxy_in_environment_keeps_the_sdk_session(fcm_server, monkeypatch):
+    from firebase_admin import messaging
+
+    from retention.channels.fcm_transport import LeanFcmSession
+
+    url, _, info = fcm_server
+
+    def session_of(channel):
+        return messaging._get_messaging_service(channel._app)._client.session  # noqa: SLF001
+
+    with FirebaseChannel(info, base_url=url) as channel:
+        assert isinstance(session_of(channel), LeanFcmSession)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with FirebaseChannel(info, base_url=url) as channel:
+        assert not isinstance(session_of(channel), LeanFcmSession)
+        assert session_of(channel).proxies["http"] == "http://127.0.0.1:9"
 
 
 def test_fcm_unknown_access_token_is_401(fcm_server):

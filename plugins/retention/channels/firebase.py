@@ -64,6 +64,7 @@ from firebase_admin import credentials, exceptions, messaging
 from urllib3.util.retry import Retry
 
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
+from retention.channels.fcm_transport import LeanFcmSession, lean_transport_applies
 from retention.channels.retry import RetryPolicy, retry_after_seconds
 
 FCM_BASE_URL = "https://fcm.googleapis.com"
@@ -73,7 +74,8 @@ _TRANSIENT = (exceptions.ResourceExhaustedError, exceptions.UnavailableError,
 
 
 def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL, *,
-                           pool_size: int = MAX_SEND_EACH, proxies_from_env: bool = True) -> None:
+                           pool_size: int = MAX_SEND_EACH, proxies_from_env: bool = True,
+                           transport: Literal["lean", "requests"] = "lean") -> None:
     """Send `app`'s FCM requests to `base_url` (e.g. a local server) through a connection
     pool of `pool_size` with no SDK-level retries.
 
@@ -85,6 +87,10 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
     `proxies_from_env=True` applies the environment's proxies and CA bundle, resolved
     once here (see `_environment_once`) instead of on every request, which cost about 25%
     of the CPU of a push; `False` ignores the environment (hosts that need no proxy).
+
+    `transport="lean"` (the default) puts `LeanFcmSession` (fcm_transport.py: urllib3
+    without requests on top) under the SDK's JSON client when no proxy or .netrc entry
+    applies to the host; `"requests"` keeps the SDK's AuthorizedSession.
     """
     service = messaging._get_messaging_service(app)  # noqa: SLF001 - see docstring
     base = base_url.rstrip("/")
@@ -96,6 +102,18 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
         raise RuntimeError(f"firebase-admin {firebase_admin.__version__} changed its messaging "
                            "internals; update retention.channels.firebase.configure_fcm_endpoint"
                            ) from exc
+    if transport not in ("lean", "requests"):
+        raise ValueError(f"transport must be 'lean' or 'requests', not {transport!r}")
+    if transport == "lean" and (not proxies_from_env or lean_transport_applies(base + "/")):
+        try:
+            client, credential = service._client, service._credential  # noqa: SLF001
+            client._session = LeanFcmSession(base, credential,  # noqa: SLF001
+                                             maxsize=pool_size)
+        except AttributeError as exc:  # pragma: no cover - only on an SDK upgrade
+            raise RuntimeError(f"firebase-admin {firebase_admin.__version__} changed its "
+                               "JSON client; update configure_fcm_endpoint") from exc
+        session.close()
+        return
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size,
                                             max_retries=Retry(total=0, connect=0, read=0, status=0,
                                                               raise_on_status=False))
@@ -149,7 +167,8 @@ class FirebaseChannel:
                  kind: Literal["mobile_push", "web_push"] = "mobile_push",
                  retry: RetryPolicy | None = None, timeout: float = 30.0,
                  pool_size: int = MAX_SEND_EACH, ttl_seconds: int | None = None,
-                 app_name: str | None = None, proxies_from_env: bool = True) -> None:
+                 app_name: str | None = None, proxies_from_env: bool = True,
+                 transport: Literal["lean", "requests"] = "lean") -> None:
         if kind not in ("mobile_push", "web_push"):
             raise ValueError(f"kind must be mobile_push or web_push, not {kind!r}")
         self.name = kind
@@ -162,7 +181,7 @@ class FirebaseChannel:
             {"projectId": project, "httpTimeout": timeout},
             name=app_name or f"retention-{kind}-{uuid.uuid4().hex[:12]}")
         configure_fcm_endpoint(self._app, base_url or FCM_BASE_URL, pool_size=pool_size,
-                               proxies_from_env=proxies_from_env)
+                               proxies_from_env=proxies_from_env, transport=transport)
         self._token_lock = threading.Lock()
 
     def _ensure_token(self) -> None:

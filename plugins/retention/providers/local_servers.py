@@ -587,6 +587,12 @@ class FcmProvider(Provider):
         self._issued: set[str] = set()
         super().__init__(**options)
 
+    def revoke_tokens(self) -> None:
+        """Forget every access token issued so far, as when they expire or are revoked
+        early: the next request with one of them gets 401 UNAUTHENTICATED."""
+        with self._lock:
+            self._issued.clear()
+
     # OAuth2 token endpoint used by service-account credentials (JWT-bearer grant)
     def token(self, inc: Incoming) -> Reply:
         form = inc.parsed() if isinstance(inc.parsed(), dict) else {}
