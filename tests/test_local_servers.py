@@ -112,3 +112,54 @@ def test_held_request_times_out_client_and_stop_releases_it():
         t = time.perf_counter()
         server.stop()
         assert time.perf_counter() - t < 5
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def test_chunked_close_and_drop_outcomes():
+    """The framing switches HTTP clients are tested with: a chunked answer (several
+    chunks, an extension, a trailer), an answer with Connection: close (then closed), a
+    connection closed without an answer."""
+    url, server = start("gateway", sequence=["chunked", "close", "drop"])
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(_post("/gateway/x", {"to": "1"}, host))
+            buffer = bytearray()
+            while not buffer.endswith(b"0\r\nX-Trailer: 1\r\n\r\n"):
+                chunk = sock.recv(65536)
+                assert chunk, "closed before the last chunk"
+                buffer += chunk
+            head, _, body = bytes(buffer).partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+            assert body.split(b"\r\n")[0] == b"7" and b"7;ext=1\r\n" in body
+            decoded, rest = b"", body
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    break
+                decoded, rest = decoded + rest[:size], rest[size + 2:]
+            assert json.loads(decoded)["message"]["id"] == "gw-1"
+            # the connection is kept: the next answer comes on it, then it is closed
+            sock.sendall(_post("/gateway/x", {"to": "2"}, host))
+            answer = _read_until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["message"]["id"] == "gw-2"
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(_post("/gateway/x", {"to": "3"}, host))
+            assert _read_until_closed(sock) == b""
+        # a client that decodes chunked bodies reads the same JSON
+        server.configure(sequence=["chunked"])
+        response = requests.post(f"{url}/gateway/x", json={"to": "4"}, timeout=5)
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.json()["message"]["id"] == "gw-3"
+        assert [(r.outcome, r.status) for r in server.received] == [
+            ("chunked", 200), ("close", 200), ("drop", None), ("chunked", 200)]
+    finally:
+        server.stop()

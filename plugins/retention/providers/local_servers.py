@@ -17,7 +17,10 @@ Every provider has switches, given to `start(...)` or changed at runtime with
 seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`),
 `retry_after` seconds for 429s, and the provider's invalid credentials, addresses and
 tokens. A "timeout" holds the request without answering for `hang_seconds` (or until the
-server stops) so the client's own timeout fires. Everything is deterministic: a sequence
+server stops) so the client's own timeout fires. Outcomes for HTTP clients' framing:
+`"chunked"` answers as "ok" with a chunked body (`Transfer-Encoding: chunked`, several
+chunks), `"close"` as "ok" with `Connection: close` and then closes the connection,
+`"drop"` closes the connection without answering (recorded with status None). Everything is deterministic: a sequence
 is exact; fractions draw from `random.Random(seed)` in arrival order.
 
 `handle.received` lists every request (method, path, headers, parsed body, status);
@@ -81,6 +84,7 @@ class Reply:
     status: int
     body: Any = None  # dict/list -> JSON; bytes/str as is; None -> empty
     headers: dict[str, str] = field(default_factory=dict)
+    framing: str = "length"  # "length" (Content-Length), "chunked" or "close" (see _outcome)
 
     def encoded(self) -> bytes:
         if self.body is None:
@@ -93,6 +97,8 @@ class Reply:
 
 
 HANG = object()  # a handler's answer meaning: hold the connection, answer nothing
+DROP = object()  # a handler's answer meaning: close the connection, answer nothing
+FRAMINGS = ("chunked", "close")  # outcomes answered as "ok", framed differently
 
 
 @dataclass
@@ -232,7 +238,8 @@ class Provider:
 
     def respond(self, route: Route, inc: Incoming) -> Reply | object:
         """The answer once the latency is over: authentication, the switches' outcome, the
-        handler; recorded. `HANG` means: answer nothing, hold the connection."""
+        handler; recorded. `HANG` means: answer nothing, hold the connection; `DROP`:
+        close it without an answer."""
         handler: Callable[[Incoming], Reply] = getattr(self, route.handler)
         if not route.faulty:
             reply = handler(inc)
@@ -243,10 +250,15 @@ class Provider:
             self._record(inc, route, "ok", denied)
             return denied
         outcome = self._draw()
-        if outcome == "timeout":
+        if outcome in ("timeout", "drop"):
             self._record(inc, route, outcome, None)
-            return HANG
-        reply = handler(inc) if outcome == "ok" else self.fault_reply(int(outcome))
+            return HANG if outcome == "timeout" else DROP
+        if outcome == "ok" or outcome in FRAMINGS:
+            reply = handler(inc)
+            if outcome in FRAMINGS:
+                reply.framing = outcome
+        else:
+            reply = self.fault_reply(int(outcome))
         self._record(inc, route, outcome, reply)
         return reply
 
@@ -261,8 +273,9 @@ class Provider:
 def _outcome(value: Any) -> Outcome:
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    if value not in ("ok", "timeout") and not isinstance(value, int):
-        raise ValueError(f"an outcome is 'ok', 'timeout' or an HTTP status, not {value!r}")
+    if value not in ("ok", "timeout", "drop", *FRAMINGS) and not isinstance(value, int):
+        raise ValueError("an outcome is 'ok', 'timeout', 'chunked', 'close', 'drop' or an "
+                         f"HTTP status, not {value!r}")
     return value
 
 
@@ -933,10 +946,18 @@ def _encode_response(reply: Reply, close: bool, date: _Date) -> bytes:
     if reply.body is not None:
         head.append(f"Content-Type: {JSON if isinstance(reply.body, (dict, list)) else 'text/plain'}\r\n")
     head += [f"{name}: {value}\r\n" for name, value in reply.headers.items()]
-    head.append(f"Content-Length: {len(payload)}\r\n")
+    if reply.framing == "chunked":
+        head.append("Transfer-Encoding: chunked\r\n")
+    else:
+        head.append(f"Content-Length: {len(payload)}\r\n")
     if close:
         head.append("Connection: close\r\n")
     head.append("\r\n")
+    if reply.framing == "chunked":  # chunks of 7 bytes, one with an extension, a trailer
+        chunks = [payload[i:i + 7] for i in range(0, len(payload), 7)]
+        body = b"".join(b"%x%s\r\n%s\r\n" % (len(c), b";ext=1" if i == 1 else b"", c)
+                        for i, c in enumerate(chunks))
+        return "".join(head).encode("latin-1") + body + b"0\r\nX-Trailer: 1\r\n\r\n"
     return "".join(head).encode("latin-1") + payload
 
 
@@ -1063,6 +1084,11 @@ class _Connection(asyncio.Protocol):
             self.busy = True
             self.timer = self.server.loop.call_later(provider.hang_seconds, self._close)
             return
+        if reply is DROP:  # close the connection without an answer
+            self.busy = True
+            self._close()
+            return
+        close = close or reply.framing == "close"  # type: ignore[union-attr]
         self._write(reply, close)  # type: ignore[arg-type]
         self.busy = False
         if waited and self.buffer and not close:
