@@ -29,13 +29,18 @@ entry names it (FirebaseChannel falls back to the SDK's own session otherwise).
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import gzip
 import json as _json
 import os
+import ssl
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 import google.auth.transport.requests
+import httpx
 import requests
 import urllib3
 from requests.structures import CaseInsensitiveDict
@@ -143,3 +148,429 @@ def _response(raw: urllib3.BaseHTTPResponse, url: str) -> requests.Response:
     resp.reason = raw.reason or ""
     resp.url = url
     return resp
+
+
+# --------------------------------------------------------------------------- asyncio
+
+class ConnectionLost(httpx.ConnectError):
+    """The connection broke (closed, reset, or answered something that is not HTTP)
+    before the whole answer came. A ConnectError, so firebase-admin maps it to
+    UnavailableError, as requests' ConnectionError is on the other transports: the
+    channel's retry policy decides whether to send again (the request may have reached
+    the server)."""
+
+
+class _Answer:
+    """A 2xx answer: what firebase-admin's send_each_async reads of an httpx.Response."""
+
+    __slots__ = ("status_code", "headers", "content")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers  # lower-cased names
+        self.content = content
+
+    def json(self) -> Any:
+        return _json.loads(self.content)
+
+
+_MAX_HEAD = 64 * 1024
+_UNSET = object()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: one request at a time, its answer parsed from
+    the byte stream (Content-Length, chunked, or until the connection closes)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.alive = False
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.got_bytes = False  # any byte of the current answer arrived
+        self._head: tuple[int, dict[str, str], bool] | None = None  # status, headers, keep-alive
+        self._framing = ""  # "length", "chunked" or "close"
+        self._length = 0  # bytes of body (length) or of the current chunk (chunked)
+        self._chunks: list[bytes] = []
+        self._chunk_state = 0  # 0: size line, 1: chunk data + CRLF, 2: trailers
+
+    # asyncio.Protocol ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.alive = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if self._head is not None and self._framing == "close":
+            body = bytes(self.buffer)
+            self.buffer.clear()
+            self._finish(body)
+            return
+        what = "before an answer" if not self.got_bytes else "in the middle of an answer"
+        waiter.set_exception(ConnectionLost(
+            f"the server closed the connection {what}" + (f": {exc}" if exc else "")))
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():  # nothing was asked: not HTTP as we know it
+            self.close()
+            return
+        self.got_bytes = True
+        self.buffer += data
+        try:
+            self._parse()
+        except ValueError as exc:
+            self.close()
+            if not waiter.done():
+                waiter.set_exception(ConnectionLost(f"malformed HTTP answer: {exc}"))
+
+    # a request ------------------------------------------------------------------
+    def send(self, data: bytes, waiter: asyncio.Future) -> None:
+        self.waiter, self.got_bytes, self._head = waiter, False, None
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.alive = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _finish(self, body: bytes) -> None:
+        status, headers, keep_alive = self._head  # type: ignore[misc]
+        self._head = None
+        if not keep_alive or self.buffer:  # bytes beyond the answer: not to be trusted
+            self.alive = False
+            self.transport.close()  # type: ignore[union-attr]
+        waiter, self.waiter = self.waiter, None
+        waiter.set_result((status, headers, body))  # type: ignore[union-attr]
+
+    def _parse(self) -> None:
+        buf = self.buffer
+        while self._head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise ValueError("header too large")
+                return
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            del buf[:end + 4]
+            version, _, rest = lines[0].partition(" ")
+            if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+                raise ValueError(f"status line {lines[0][:80]!r}")
+            status = int(rest[:3])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise ValueError(f"header line {line[:80]!r}")
+                name = name.strip().lower()
+                value = value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            if status < 200:  # 1xx: an interim answer, the real one follows
+                continue
+            connection = headers.get("connection", "").lower()
+            keep_alive = "close" not in connection and (
+                version != "HTTP/1.0" or "keep-alive" in connection)
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                self._framing, self._chunk_state, self._chunks = "chunked", 0, []
+            elif "content-length" in headers:
+                self._framing, self._length = "length", int(headers["content-length"])
+                if self._length < 0:
+                    raise ValueError("negative Content-Length")
+            elif status in (204, 304):
+                self._framing, self._length = "length", 0
+            else:
+                self._framing, keep_alive = "close", False
+            self._head = (status, headers, keep_alive)
+        if self._framing == "length":
+            if len(buf) >= self._length:
+                body = bytes(buf[:self._length])
+                del buf[:self._length]
+                self._finish(body)
+        elif self._framing == "chunked":
+            self._parse_chunks()
+
+    def _parse_chunks(self) -> None:
+        buf = self.buffer
+        while True:
+            if self._chunk_state == 0:  # size line
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_HEAD:
+                        raise ValueError("chunk size line too long")
+                    return
+                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
+                del buf[:end + 2]
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                self._length, self._chunk_state = size, (1 if size else 2)
+            elif self._chunk_state == 1:  # data and its CRLF
+                if len(buf) < self._length + 2:
+                    return
+                if buf[self._length:self._length + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                self._chunks.append(bytes(buf[:self._length]))
+                del buf[:self._length + 2]
+                self._chunk_state = 0
+            else:  # trailers, up to an empty line
+                if buf[:2] == b"\r\n":
+                    del buf[:2]
+                else:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        if len(buf) > _MAX_HEAD:
+                            raise ValueError("trailers too large")
+                        return
+                    del buf[:end + 4]
+                self._finish(b"".join(self._chunks))
+                return
+
+
+def _ssl_context() -> ssl.SSLContext:
+    import certifi
+
+    return ssl.create_default_context(cafile=os.environ.get("REQUESTS_CA_BUNDLE")
+                                      or os.environ.get("CURL_CA_BUNDLE") or certifi.where())
+
+
+class LeanAsyncFcmClient:
+    """What firebase-admin's `send_each_async` needs of its `HttpxAsyncClient`
+    (`await request('post', url=..., headers=..., json=...)` returning something with
+    `.json()`, raising httpx errors), on a pool of keep-alive HTTP/1.1 connections to the
+    one FCM origin, in the event loop that first uses it.
+
+    * at most `pool_size` connections open; a request waits for one when all are busy;
+    * one request at a time on a connection; an answer with `Connection: close` (or
+      without a length) closes it, an idle connection the server closed is not reused;
+    * `timeout` seconds (or a request's `timeout=`) to connect and, separately, for the
+      answer once the request is written; httpx.ConnectTimeout / httpx.ReadTimeout
+      (firebase-admin: DeadlineExceededError) after which the connection is dropped;
+    * a refused connection is httpx.ConnectError, one that breaks before the whole answer
+      came `ConnectionLost` (a ConnectError too), both UnavailableError: never sent again
+      here (the channel's retry policy does that);
+    * a 2xx answer is returned as `_Answer`; any other status raises
+      httpx.HTTPStatusError with a real httpx.Response (status, headers, body), which
+      firebase-admin maps to its FCM errors exactly as from its own client;
+    * the app credential's bearer token; after a 401 it is refreshed once (in a thread,
+      one refresh however many requests saw the stale token) and the request sent once
+      more.
+    """
+
+    def __init__(self, base_url: str, credential: Any, *, pool_size: int = 500,
+                 timeout: float | None = 30.0, headers: dict[str, str] | None = None) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"FCM base URL must be http(s)://host[:port], not {base_url!r}")
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl = _ssl_context() if parts.scheme == "https" else None
+        self._host_header = f"Host: {parts.netloc}\r\n"
+        self._fixed = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self._credential = credential
+        self._pool_size = pool_size
+        self.timeout = timeout
+        self._idle: list[_Connection] = []
+        self._open = 0  # connections open or being opened
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._auth_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.refreshes = 0  # tokens fetched after a 401
+
+    # ------------------------------------------------------------------ pool
+    async def _acquire(self, connect_timeout: float | None) -> _Connection:
+        while True:
+            if self._closed:
+                raise httpx.ConnectError("the FCM client is closed")
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.alive:
+                    return conn
+                self._open -= 1
+            if self._open < self._pool_size:
+                self._open += 1
+                try:
+                    return await self._connect(connect_timeout)
+                except BaseException:
+                    self._open -= 1
+                    self._wake()
+                    raise
+            waiter = self._loop.create_future()  # type: ignore[union-attr]
+            self._waiters.append(waiter)
+            try:
+                conn = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._release(waiter.result())
+                raise
+            if conn is not None:
+                return conn
+
+    def _wake(self, conn: _Connection | None = None) -> bool:
+        """Hand `conn` (or, with None, the right to open one) to the first waiter."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.alive and not self._closed:
+            if not self._wake(conn):
+                self._idle.append(conn)
+            return
+        conn.close()
+        self._open -= 1
+        self._wake()
+
+    async def _connect(self, timeout: float | None) -> _Connection:
+        loop = self._loop
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(  # type: ignore[union-attr]
+                _Connection, self._host, self._port, ssl=self._ssl,
+                server_hostname=self._host if self._ssl else None), timeout)
+        except asyncio.TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {self._origin} took over {timeout} s"
+                                       ) from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(f"connecting to {self._origin}: {exc}") from exc
+        return conn
+
+    # ------------------------------------------------------------------ auth
+    async def _refresh(self, stale: str | None) -> str:
+        """A fresh token, fetched (in a thread) only if nobody did since `stale` was read."""
+        async with self._auth_lock:  # type: ignore[union-attr]
+            credential = self._credential
+            if not credential.valid or credential.token == stale:
+                await self._loop.run_in_executor(  # type: ignore[union-attr]
+                    None, credential.refresh, google.auth.transport.requests.Request())
+                if stale is not None:
+                    self.refreshes += 1
+            return credential.token
+
+    # ------------------------------------------------------------------ httpx API
+    async def request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                      json: Any = None, content: bytes | None = None,
+                      timeout: float | tuple[float, float] | None | object = _UNSET,
+                      **_: Any) -> _Answer:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._auth_lock = asyncio.Lock()
+        if self._closed:
+            raise httpx.ConnectError("the FCM client is closed")
+        if not url.startswith(self._origin + "/"):
+            raise ValueError(f"LeanAsyncFcmClient serves {self._origin}, not {url}")
+        if timeout is _UNSET:
+            timeout = self.timeout
+        connect_timeout, read_timeout = timeout if isinstance(timeout, tuple) else (timeout,
+                                                                                      timeout)
+        if json is not None:
+            body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"),
+                               allow_nan=False).encode("utf-8")
+        else:
+            body = content or b""
+        head = (f"{method.upper()} {url[len(self._origin):]} HTTP/1.1\r\n{self._host_header}"
+                f"{self._fixed}"
+                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+                + ("Content-Type: application/json\r\n" if json is not None else "")
+                + f"Content-Length: {len(body)}\r\nAuthorization: Bearer ")
+        credential = self._credential
+        token = credential.token if credential.valid else await self._refresh(None)
+        status, answer_headers, answer = await self._exchange(
+            f"{head}{token}\r\n\r\n".encode("latin-1") + body, connect_timeout, read_timeout)
+        if status == _REFRESH_STATUS:
+            token = await self._refresh(token)
+            status, answer_headers, answer = await self._exchange(
+                f"{head}{token}\r\n\r\n".encode("latin-1") + body, connect_timeout,
+                read_timeout)
+        if answer_headers.get("content-encoding", "").lower() == "gzip":
+            answer = gzip.decompress(answer)
+        if 200 <= status < 300:
+            return _Answer(status, answer_headers, answer)
+        request = httpx.Request(method.upper(), url)
+        response = httpx.Response(status, headers=answer_headers, content=answer,
+                                  request=request)
+        raise httpx.HTTPStatusError(f"{status} from {url}", request=request, response=response)
+
+    async def _exchange(self, data: bytes, connect_timeout: float | None,
+                        read_timeout: float | None) -> tuple[int, dict[str, str], bytes]:
+        conn = await self._acquire(connect_timeout)
+        loop = self._loop
+        waiter = loop.create_future()  # type: ignore[union-attr]
+        timer = None
+        if read_timeout is not None:
+            timer = loop.call_later(read_timeout, _expire, conn, waiter,  # type: ignore[union-attr]
+                                    read_timeout)
+        try:
+            if not conn.alive:
+                raise ConnectionLost("the server closed the connection before the request")
+            conn.send(data, waiter)
+            return await waiter
+        except BaseException:
+            conn.close()  # whatever the state of the answer, the connection is done
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            conn.waiter = None
+            self._release(conn)
+
+    async def aclose(self) -> None:
+        """Close every connection; requests in flight fail with ConnectionLost. Safe to
+        call again, from any loop."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        while self._wake():
+            pass
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+
+def _expire(conn: _Connection, waiter: asyncio.Future, seconds: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout(f"no answer within {seconds} s"))
+    conn.close()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with Airflow's uvicorn
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class LoopThread:
+    """An event loop run by a daemon thread; `run(coro)` waits for a coroutine from
+    another thread."""
+
+    def __init__(self, name: str = "fcm-async") -> None:
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()

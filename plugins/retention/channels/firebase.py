@@ -60,22 +60,25 @@ import firebase_admin
 import google.auth.exceptions
 import google.auth.transport.requests
 import requests
-from firebase_admin import credentials, exceptions, messaging
+from firebase_admin import _http_client, credentials, exceptions, messaging
 from urllib3.util.retry import Retry
 
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
-from retention.channels.fcm_transport import LeanFcmSession, lean_transport_applies
+from retention.channels.fcm_transport import (LeanAsyncFcmClient, LeanFcmSession, LoopThread,
+                                              lean_transport_applies)
 from retention.channels.retry import RetryPolicy, retry_after_seconds
 
 FCM_BASE_URL = "https://fcm.googleapis.com"
 MAX_SEND_EACH = 500
+TRANSPORTS = ("async", "lean", "requests")
+Transport = Literal["async", "lean", "requests"]
 _TRANSIENT = (exceptions.ResourceExhaustedError, exceptions.UnavailableError,
               exceptions.InternalError, exceptions.DeadlineExceededError, messaging.QuotaExceededError)
 
 
 def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL, *,
                            pool_size: int = MAX_SEND_EACH, proxies_from_env: bool = True,
-                           transport: Literal["lean", "requests"] = "lean") -> None:
+                           transport: Transport = "async") -> Transport:
     """Send `app`'s FCM requests to `base_url` (e.g. a local server) through a connection
     pool of `pool_size` with no SDK-level retries.
 
@@ -88,9 +91,12 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
     once here (see `_environment_once`) instead of on every request, which cost about 25%
     of the CPU of a push; `False` ignores the environment (hosts that need no proxy).
 
-    `transport="lean"` (the default) puts `LeanFcmSession` (fcm_transport.py: urllib3
-    without requests on top) under the SDK's JSON client when no proxy or .netrc entry
-    applies to the host; `"requests"` keeps the SDK's AuthorizedSession.
+    When no proxy or .netrc entry applies to the host: `transport="async"` (the default)
+    puts `LeanAsyncFcmClient` (fcm_transport.py: asyncio HTTP/1.1) in place of the SDK's
+    httpx client, for `messaging.send_each_async`; `"lean"` puts `LeanFcmSession`
+    (urllib3 without requests on top) under the SDK's JSON client, for `send_each`.
+    `"requests"`, or a proxy or .netrc entry for the host, keeps the SDK's
+    AuthorizedSession. Returns the transport in effect.
     """
     service = messaging._get_messaging_service(app)  # noqa: SLF001 - see docstring
     base = base_url.rstrip("/")
@@ -102,18 +108,28 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
         raise RuntimeError(f"firebase-admin {firebase_admin.__version__} changed its messaging "
                            "internals; update retention.channels.firebase.configure_fcm_endpoint"
                            ) from exc
-    if transport not in ("lean", "requests"):
-        raise ValueError(f"transport must be 'lean' or 'requests', not {transport!r}")
-    if transport == "lean" and (not proxies_from_env or lean_transport_applies(base + "/")):
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+    if transport != "requests" and proxies_from_env and not lean_transport_applies(base + "/"):
+        transport = "requests"
+    if transport != "requests":
         try:
-            client, credential = service._client, service._credential  # noqa: SLF001
-            client._session = LeanFcmSession(base, credential,  # noqa: SLF001
-                                             maxsize=pool_size)
+            if transport == "async":
+                service._async_client = LeanAsyncFcmClient(  # noqa: SLF001
+                    base, service._credential, pool_size=pool_size,  # noqa: SLF001
+                    timeout=service._async_client.timeout,  # noqa: SLF001
+                    headers=_http_client.METRICS_HEADERS)
+            else:
+                service._client._session = LeanFcmSession(  # noqa: SLF001
+                    base, service._credential, maxsize=pool_size)  # noqa: SLF001
+                session.close()
         except AttributeError as exc:  # pragma: no cover - only on an SDK upgrade
             raise RuntimeError(f"firebase-admin {firebase_admin.__version__} changed its "
-                               "JSON client; update configure_fcm_endpoint") from exc
-        session.close()
-        return
+                               "HTTP clients; update configure_fcm_endpoint") from exc
+        if transport == "lean":
+            return transport
+    # the SDK's requests session: every FCM call with "requests", the synchronous ones
+    # (send, send_each) with "async"
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size,
                                             max_retries=Retry(total=0, connect=0, read=0, status=0,
                                                               raise_on_status=False))
@@ -122,6 +138,7 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
         _environment_once(session, service._fcm_url)  # noqa: SLF001
     else:
         session.trust_env = False
+    return transport
 
 
 def _environment_once(session: requests.Session, url: str) -> None:
@@ -168,7 +185,7 @@ class FirebaseChannel:
                  retry: RetryPolicy | None = None, timeout: float = 30.0,
                  pool_size: int = MAX_SEND_EACH, ttl_seconds: int | None = None,
                  app_name: str | None = None, proxies_from_env: bool = True,
-                 transport: Literal["lean", "requests"] = "lean") -> None:
+                 transport: Transport = "async") -> None:
         if kind not in ("mobile_push", "web_push"):
             raise ValueError(f"kind must be mobile_push or web_push, not {kind!r}")
         self.name = kind
@@ -180,8 +197,17 @@ class FirebaseChannel:
             credentials.Certificate(credentials_info),
             {"projectId": project, "httpTimeout": timeout},
             name=app_name or f"retention-{kind}-{uuid.uuid4().hex[:12]}")
-        configure_fcm_endpoint(self._app, base_url or FCM_BASE_URL, pool_size=pool_size,
-                               proxies_from_env=proxies_from_env, transport=transport)
+        self._loop: LoopThread | None = None
+        try:
+            #: the transport in effect: "requests" where a proxy or .netrc applies
+            self.transport = configure_fcm_endpoint(
+                self._app, base_url or FCM_BASE_URL, pool_size=pool_size,
+                proxies_from_env=proxies_from_env, transport=transport)
+            if self.transport == "async":
+                self._loop = LoopThread(name=f"fcm-{self._app.name}")
+        except BaseException:
+            firebase_admin.delete_app(self._app)
+            raise
         self._token_lock = threading.Lock()
 
     def _ensure_token(self) -> None:
@@ -193,7 +219,21 @@ class FirebaseChannel:
                 credential.refresh(google.auth.transport.requests.Request())
 
     def close(self) -> None:
-        firebase_admin.delete_app(self._app)
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            client = messaging._get_messaging_service(self._app)._async_client  # noqa: SLF001
+            try:
+                loop.run(client.aclose())
+            finally:
+                loop.stop()
+        firebase_admin.delete_app(self._app)  # closes the SDK's clients (ours: already)
+
+    def _send_each_call(self, messages: list[messaging.Message]) -> messaging.BatchResponse:
+        """One firebase-admin call for up to 500 messages: send_each_async on the channel's
+        event loop (transport "async"), else send_each (a thread per message)."""
+        if self._loop is not None:
+            return self._loop.run(messaging.send_each_async(messages, app=self._app))
+        return messaging.send_each(messages, app=self._app)
 
     def __enter__(self) -> FirebaseChannel:
         return self
@@ -232,7 +272,7 @@ class FirebaseChannel:
             self.stats.count(requests=len(pending))
             try:
                 self._ensure_token()
-                answers = messaging.send_each([built[i] for i in pending], app=self._app).responses
+                answers = self._send_each_call([built[i] for i in pending]).responses
             except google.auth.exceptions.GoogleAuthError as exc:
                 label = type(exc).__name__
                 if not getattr(exc, "retryable", False):

@@ -981,6 +981,7 @@ class _Connection(asyncio.Protocol):
             except OSError:  # pragma: no cover - not TCP
                 pass
         self.server.connections.add(self)
+        self.server.connections_accepted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -1109,6 +1110,7 @@ class _Server:
     def __init__(self, address: tuple[str, int], providers: list[Provider]) -> None:
         self.providers = providers
         self.connections: set[_Connection] = set()
+        self.connections_accepted = 0  # since the server started
         self.date = _Date()
         self.loop = _new_event_loop()
         # hundreds of concurrent connects from send_each's thread pool
@@ -1157,6 +1159,11 @@ class ServerHandle:
     @property
     def received(self) -> list[RecordedRequest]:
         return [r for p in self.providers.values() for r in p.received]
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since the server started (keep-alive reuse shows)."""
+        return self._server.connections_accepted
 
     @property
     def accepted(self) -> list[RecordedRequest]:
