@@ -13,7 +13,8 @@ count of the messages they accepted, which each wave is checked against.
 Waves, each a campaign run of its own:
 
 * e-mail: SendGridChannel, 1,000 personalizations per request;
-* push: FirebaseChannel, firebase-admin send_each, 500 per call, one HTTP request each;
+* push: FirebaseChannel, firebase-admin send_each_async on the lean asyncio client (the
+  channel's default transport), 500 per call, one HTTP request each;
 * e-mail one request per message, as the Airflow SendGrid provider sends
   (`airflow.providers.sendgrid.utils.emailer.send_email`: a Mail with one personalization
   and a new SendGridAPIClient per call, run one after the other by a task): measured on
@@ -23,7 +24,8 @@ After each wave every ledger row of the run must be `sent` and the servers must 
 accepted exactly its number of messages. `--compare-recording` times recording 1,000
 outcomes the old way (executemany) and the new (one UPDATE from arrays);
 `--compare-fcm-async N` times send_each on the lean transport and on the SDK's requests
-session, and firebase-admin's send_each_async, on N pushes.
+session, and firebase-admin's send_each_async on the lean asyncio client and on the SDK's
+httpx client, on N pushes.
 """
 
 from __future__ import annotations
@@ -363,7 +365,8 @@ def compare_recording(url: str, run_label: str, batches: int = 20) -> dict:
 
 def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]]:
     """send_each (a thread per message) on the lean and on the SDK's requests transport,
-    against send_each_async (httpx): throughput and client CPU per push."""
+    against send_each_async on the lean asyncio client (FirebaseChannel's default) and on
+    the SDK's httpx client: throughput and client CPU per push."""
     import asyncio
 
     import httpx
@@ -375,7 +378,7 @@ def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]
                             "10% off in phones", f"Code WK{i:07d} until 2026-12-01", None,
                             {"campaign_id": "weekly", "step": "push"}, None) for i in range(n)]
     out = []
-    channel = FirebaseChannel(servers.service_account, base_url=servers.url)
+    channel = FirebaseChannel(servers.service_account, base_url=servers.url, transport="lean")
     try:
         def measure(label, send):
             send(msgs[:500])  # warm: token, connections
@@ -389,8 +392,13 @@ def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]
                              transport="requests") as sdk_session:
             measure("send_each, SDK's requests session",
                     lambda batch: sum(r.status == "sent" for r in sdk_session.send_batch(batch)))
-        measure("send_each, lean transport (FirebaseChannel default)",
+        measure("send_each, lean transport",
                 lambda batch: sum(r.status == "sent" for r in channel.send_batch(batch)))
+        with FirebaseChannel(servers.service_account, base_url=servers.url,
+                             transport="async") as lean_async:
+            assert lean_async.transport == "async"
+            measure("send_each_async, lean asyncio client (FirebaseChannel default)",
+                    lambda batch: sum(r.status == "sent" for r in lean_async.send_batch(batch)))
         service = messaging._get_messaging_service(channel._app)  # noqa: SLF001
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -476,7 +484,7 @@ def main() -> int:
             print("push wave ...", flush=True)
             push = build_channel("mobile_push", conns["mobile_push"])
             try:
-                results.append(run_wave(url, servers, "push (FCM send_each, 500/call)",
+                results.append(run_wave(url, servers, "push (FCM send_each_async, 500/call)",
                                         campaign("bench_push", "mobile_push"),
                                         {"mobile_push": push}, processes=args.processes,
                                         workers=args.workers, connections=conns))
@@ -503,7 +511,8 @@ def main() -> int:
                     label=(f"  the same extrapolated to {n:,}: send {sample:,} measured x "
                            f"{scale:g}, plan " + ("of the e-mail wave" if email else f"x {scale:g}"))))
         if args.compare_fcm_async:
-            print("FCM transports: send_each (lean, requests) vs send_each_async ...", flush=True)
+            print("FCM transports: send_each (lean, requests) vs send_each_async (lean asyncio, "
+                  "httpx) ...", flush=True)
             for label, rate, cpu in compare_fcm_async(servers, args.compare_fcm_async):
                 notes.append(f"{label}: {rate:,.0f} pushes/s, {cpu:,.0f} us client CPU per push")
     finally:
