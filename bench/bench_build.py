@@ -630,9 +630,10 @@ def main() -> None:
 
     text = table(args.customers, info, res, orch_size, concurrent)
     print(text)
-    if "plain" in res:
-        print("\nslowest nodes of the plain build (s):",
-              ", ".join(f"{k} {v:.1f}" for v, k in res["plain"]["slowest"]))
+    for step in ("plain", "incremental"):
+        if step in res and res[step].get("slowest"):
+            print(f"\nslowest nodes of the {step} build (s):",
+                  ", ".join(f"{k} {v:.1f}" for v, k in res[step]["slowest"]))
     if args.results:
         with open(args.results, "a") as f:
             f.write(f"\n## dbt build (bench/bench_build.py)\n\n{started:%Y-%m-%d %H:%M} UTC, "
