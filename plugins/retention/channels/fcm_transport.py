@@ -176,6 +176,9 @@ class _Answer:
 
 _MAX_HEAD = 64 * 1024
 _UNSET = object()
+# what httpx sends for json= (compact, UTF-8), built once
+_JSON_ENCODER = _json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_TOKEN_CHECK_SECONDS = 1.0  # credential.valid (a clock read and datetime sums) at most this often
 
 
 class _Connection(asyncio.Protocol):
@@ -378,6 +381,8 @@ class LeanAsyncFcmClient:
         self._auth_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._token_checked_until = 0.0  # loop time
+        self._heads: dict[tuple, str] = {}  # (method, url, headers) -> request head up to the token
         self.refreshes = 0  # tokens fetched after a 401
 
     # ------------------------------------------------------------------ pool
@@ -468,18 +473,25 @@ class LeanAsyncFcmClient:
             timeout = self.timeout
         connect_timeout, read_timeout = timeout if isinstance(timeout, tuple) else (timeout,
                                                                                       timeout)
-        if json is not None:
-            body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"),
-                               allow_nan=False).encode("utf-8")
-        else:
-            body = content or b""
-        head = (f"{method.upper()} {url[len(self._origin):]} HTTP/1.1\r\n{self._host_header}"
-                f"{self._fixed}"
-                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-                + ("Content-Type: application/json\r\n" if json is not None else "")
-                + f"Content-Length: {len(body)}\r\nAuthorization: Bearer ")
+        body = _JSON_ENCODER.encode(json).encode("utf-8") if json is not None else content or b""
+        key = (method, url, json is not None, *(headers.items() if headers else ()))
+        head = self._heads.get(key)
+        if head is None:
+            head = (f"{method.upper()} {url[len(self._origin):]} HTTP/1.1\r\n"
+                    f"{self._host_header}{self._fixed}"
+                    + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+                    + ("Content-Type: application/json\r\n" if json is not None else "")
+                    + "Content-Length: ")
+            if len(self._heads) < 64:
+                self._heads[key] = head
+        head = f"{head}{len(body)}\r\nAuthorization: Bearer "
         credential = self._credential
-        token = credential.token if credential.valid else await self._refresh(None)
+        now = self._loop.time()
+        if now >= self._token_checked_until:
+            if not credential.valid:
+                await self._refresh(None)
+            self._token_checked_until = now + _TOKEN_CHECK_SECONDS
+        token = credential.token
         status, answer_headers, answer = await self._exchange(
             f"{head}{token}\r\n\r\n".encode("latin-1") + body, connect_timeout, read_timeout)
         if status == _REFRESH_STATUS:
