@@ -3,8 +3,9 @@
 
     The affinity marts are maintained per customer; to know which customers' 90-day
     windows moved, int_affinity_customers_changed needs the as_of of the previous build.
-    Each such mart creates the table in a pre-hook and records its as_of in a post-hook,
-    inside the mart's own transaction, so the record and the data never disagree.
+    The project's on-run-start hook creates the table (once, before any model: two models
+    creating it at once would race); each such model records its as_of in a post-hook,
+    inside the model's own transaction, so the record and the data never disagree.
 -#}
 {% macro incremental_state_relation() -%}
     {{ return(api.Relation.create(database=target.database, schema=generate_schema_name('intermediate', none) | trim, identifier='incremental_state')) }}

@@ -15,7 +15,6 @@
     meta={'partition_column': 'customer_id', 'row_key_column': 'row_kind'},
     on_schema_change='fail',
     tags=['intermediate', 'incremental'],
-    pre_hook=["{{ create_incremental_state() }}"],
     post_hook=["analyze {{ this }}", "{{ record_incremental_state() }}"],
     indexes=[{'columns': ['customer_id']}],
 ) }}

@@ -7,6 +7,8 @@
 {%- set min_customers = var('recommendations_min_customers', 1) %}
 {%- set per_product = var('recommendations_per_product', 20) %}
 {%- set purchase_weight = var('recommendations_purchase_weight', 2) %}
+-- about 1.5 pairs per customer to count and rank: room to do it in memory
+{{ config(pre_hook="set local work_mem = '256MB'") }}
 with
 
 buyers_counted as (
@@ -35,39 +37,41 @@ pairs_aggregated as (
 
 ),
 
-pairs_scored as (
-
-    select
-        pairs_aggregated.*,
-        buyers_counted.buyers,
-        -- a later purchase weighs more than a later view; +1 damps products bought once
-        (pairs_aggregated.customers + {{ purchase_weight }} * pairs_aggregated.customers_bought)::numeric
-            / (buyers_counted.buyers + 1) as score
-
-    from pairs_aggregated
-    inner join buyers_counted
-        on buyers_counted.product_id = pairs_aggregated.product_id
-    where pairs_aggregated.customers >= {{ min_customers }}
-
-),
-
 ranked as (
 
+    -- within one X, buyers is the same on every row, so ordering by the integer
+    -- numerator orders by score (and sorts far faster than numeric); ids compare by
+    -- code point (collate "C"), whatever the database's locale. Only the keys are
+    -- sorted; the score is computed for the rows kept.
     select
         product_id,
         recommended_product_id,
-        row_number() over (
-            partition by product_id
-            order by score desc, customers desc, recommended_product_id
-        ) as rank,
-        score,
         customers,
         customers_bought,
-        buyers
+        row_number() over (
+            partition by product_id collate "C"
+            order by customers + {{ purchase_weight }} * customers_bought desc,
+                     customers desc,
+                     recommended_product_id collate "C"
+        ) as rank
 
-    from pairs_scored
+    from pairs_aggregated
+    where customers >= {{ min_customers }}
 
 )
 
-select * from ranked
-where rank <= {{ per_product }}
+select
+    ranked.product_id,
+    ranked.recommended_product_id,
+    ranked.rank,
+    -- a later purchase weighs more than a later view; +1 damps products bought once
+    (ranked.customers + {{ purchase_weight }} * ranked.customers_bought)::numeric
+        / (buyers_counted.buyers + 1) as score,
+    ranked.customers,
+    ranked.customers_bought,
+    buyers_counted.buyers
+
+from ranked
+inner join buyers_counted
+    on buyers_counted.product_id = ranked.product_id
+where ranked.rank <= {{ per_product }}
