@@ -1,8 +1,21 @@
 """Mobile and web push through Firebase Cloud Messaging (HTTP v1), with firebase-admin.
 
-`messaging.send_each` takes up to 500 messages and sends each as its own HTTP request
-from a thread pool as wide as the batch (firebase-admin 7.x: `max_workers=len(messages)`),
-so one call is about one round trip long. Per-message answers are mapped:
+Each `send_batch` goes to FCM in calls of up to 500 messages, each message its own HTTP
+request, all of a call in flight at once, so one call is about one round trip long. The
+calls are firebase-admin's own (it builds and encodes each message, maps FCM's answers to
+its exceptions); the channel's transport decides how the bytes move:
+
+* `"async"` (the default): `messaging.send_each_async` on the channel's event loop (one
+  thread per channel, uvloop when installed), with `LeanAsyncFcmClient`
+  (fcm_transport.py: keep-alive HTTP/1.1 connections, at most `pool_size`) in place of
+  the SDK's httpx client;
+* `"lean"`: `messaging.send_each` (a thread per message: firebase-admin 7.x starts a
+  `ThreadPoolExecutor(max_workers=len(messages))` per call) on `LeanFcmSession` (urllib3
+  without requests on top);
+* `"requests"`: `send_each` on the SDK's own AuthorizedSession. Used whatever the choice
+  when the environment puts a proxy in front of the FCM host or .netrc names it.
+
+Per-message answers are mapped alike on every transport:
 
 * success -> sent, provider_message_id = FCM's `projects/<p>/messages/<id>`;
 * `UNREGISTERED` (404), `SENDER_ID_MISMATCH`, or `INVALID_ARGUMENT` on `message.token`
@@ -14,37 +27,36 @@ so one call is about one round trip long. Per-message answers are mapped:
 
 firebase-admin has no setting for another FCM host (no emulator variable for messaging);
 `configure_fcm_endpoint` points one app's messaging service at a base URL and replaces
-the SDK's own urllib3 retries with none, so every retry is this module's: counted,
-injectable, honouring Retry-After.
+the SDK's own retries with none, so every retry is this module's: counted, injectable,
+honouring Retry-After.
 
-Throughput (bench/bench_channels.py, 20 ms latency, 2 shared cores): about 550-600
-pushes/s per process, whether one or two send_each calls are in flight. The wide thread
-pool hides the latency; the limit is the client's CPU, about 1.2-1.5 ms per push in
-requests/urllib3/google-auth under the GIL. More rate takes more processes (the
-dispatcher's `processes=N`), not more threads.
+Client CPU per push (bench/bench_dispatch.py --compare-fcm-async 10000: 20 ms latency,
+the FCM server in another process, 2 cores shared with other work, load average 2-3.5,
+three runs, 2026-12):
 
-Where a push's client CPU goes (py-spy, samples holding the GIL, 10,000 pushes at 20 ms
-latency, 2026-12): about 0.8-0.95 ms a push, two thirds of it in requests/urllib3/
-http.client for the one HTTP request (`Session.prepare_request` about a quarter: header,
-cookie and setting merges, URL parsing with typing-Protocol isinstance checks on Python
-3.11; the adapter, the connection pool and response parsing the rest), about 5% in
-firebase-admin's message encoding, 3% in google-auth, the rest thread pool and GIL
-hand-offs. Sequential sends from one thread cost about as much (0.7-0.8 ms), a persistent
-thread pool and smaller send_each calls do not help (the calls reuse about 110 keep-alive
-connections, no churn). None of it can be skipped without leaving the SDK.
+| transport | client CPU per push | pushes/s, one process |
+|---|---:|---:|
+| async: send_each_async, LeanAsyncFcmClient | 190-215 us | 1,700-2,600 |
+| lean: send_each, LeanFcmSession | 1,150-1,450 us | 610-730 |
+| requests: send_each, the SDK's session | 2,350-2,550 us | 350-415 |
+| send_each_async on the SDK's httpx client | 6,900-7,950 us | 85-125 |
 
-`messaging.send_each_async` (firebase-admin 7.7, httpx) was measured against it and is
-slower (bench/bench_dispatch.py --compare-fcm-async, 2,000-10,000 pushes, 20 ms latency):
-4.4-7 ms of client CPU per push as the SDK configures it (httpcore's pool scans its queue
-of 500 waiting requests on every assignment, and the SDK's auth flow builds a
-requests.Session per request), still 1.5-5 ms with a plain bearer header and a bounded
-pool, against 1.0-1.25 ms for send_each. send_each stays.
+With threads the limit is the client's CPU: a blocking HTTP stack per request, in a
+thread per message, the GIL handed among up to 500 threads; more threads do not help.
+On the event loop a push is one asyncio task (send_each_async's gather), one write and
+one read on a kept-alive connection. Where its CPU goes (py-spy, the loop thread, 20,000
+pushes): about half in uvloop's and asyncio's C code (tasks, futures, socket reads and
+writes), a fifth in LeanAsyncFcmClient.request (half of that the body's JSON encoding),
+a tenth in firebase-admin's message encoding, the rest its gather and answers. The
+SDK's httpx client costs far more (httpcore's pool scans its queue of 500 waiting
+requests on every assignment, and the SDK's auth flow builds a requests.Session per
+request).
 
 The environment's proxy settings (`proxies_from_env=True`) are looked up once, when the
 channel is built, rather than by `requests` on every push (its `trust_env` reads the
 proxy variables, .netrc and the CA bundle variables per request: 15-25% of the CPU of a
-push). Same proxies, same CA bundle; a .netrc entry for the FCM host keeps the
-per-request lookup, since requests would apply its credentials.
+push on the requests transport). Same proxies, same CA bundle; a .netrc entry for the
+FCM host keeps the per-request lookup, since requests would apply its credentials.
 """
 
 from __future__ import annotations
@@ -211,8 +223,9 @@ class FirebaseChannel:
         self._token_lock = threading.Lock()
 
     def _ensure_token(self) -> None:
-        """Fetch the OAuth2 access token once, before the batch's threads start: each of
-        send_each's threads would otherwise find no token and ask for one itself."""
+        """Fetch the OAuth2 access token once, before the batch's requests start: each of
+        send_each's threads would otherwise find no token and ask for one itself (the
+        async client would fetch it once, but in a thread of the loop's executor)."""
         credential = self._app.credential.get_credential()
         with self._token_lock:
             if not credential.valid:
