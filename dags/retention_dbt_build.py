@@ -34,15 +34,24 @@ from airflow.sdk import dag, get_current_context, task
 from retention_airflow.assets import MARTS, PREDICTED_VALUE, RAW_TABLES
 
 LAYERS = {
-    "staging": "path:models/staging",
-    "intermediate": "path:models/intermediate",
-    # product_recommendations reads only intermediate models: in this layer dbt's threads
-    # run it beside the lifetime marts, as a plain `dbt build` would (a layer is a barrier)
-    "lifetime_marts": ("customer_lifetime cohort_retention customer_category_affinity "
-                       "customer_top_category_affinity ropo_purchases product_recommendations"),
+    # staging views and the intermediate tables in one dbt invocation: the tests of raw and
+    # staging run beside the intermediate models (as in a plain `dbt build`), not before
+    # them behind a barrier
+    "staging_and_intermediate": {
+        "select": "path:models/staging path:models/intermediate",
+        # the recommendation pairs read only intermediate tables: run with the marts, so
+        # dbt's threads build them beside the lifetime marts instead of alone at the end
+        # of this layer
+        "exclude": "int_recommendation_interactions",
+    },
+    "lifetime_marts": {
+        "select": ("customer_lifetime cohort_retention customer_category_affinity "
+                   "customer_top_category_affinity ropo_purchases "
+                   "int_recommendation_interactions product_recommendations"),
+    },
     # source:ops: the tests of the ops sources the campaign marts read, which no model
-    # selection picks up (so the four layers run exactly the tests of a plain `dbt build`)
-    "campaign_marts": "message_attribution campaign_results source:ops",
+    # selection picks up (so the layers run exactly the tests of a plain `dbt build`)
+    "campaign_marts": {"select": "message_attribution campaign_results source:ops"},
 }
 
 
@@ -65,7 +74,8 @@ def build_layer(layer: str) -> dict:
     ctx = get_current_context()
     if ctx["ti"].try_number > 1:
         return retry_failed(_as_of())
-    return build(as_of=_as_of(), select=LAYERS[layer], indirect_selection="buildable")
+    return build(as_of=_as_of(), select=LAYERS[layer]["select"],
+                 exclude=LAYERS[layer].get("exclude"), indirect_selection="buildable")
 
 
 @dag(

@@ -185,11 +185,12 @@ def run_dbt(args: list[str], url: str | None = None) -> Any:
 
 def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
           full_refresh: bool = False, *, raise_on_failure: bool = True,
-          indirect_selection: str | None = None) -> dict[str, Any]:
+          indirect_selection: str | None = None, exclude: str | None = None) -> dict[str, Any]:
     """`dbt build` as of `as_of` (default: `default_as_of(url)`), then the headline numbers.
 
     `select` is passed to dbt `--select` (space-separated selection, e.g.
-    "customer_lifetime+"), or names a YAML selector as "selector:lifetime".
+    "customer_lifetime+"), or names a YAML selector as "selector:lifetime"; `exclude`
+    is passed to `--exclude`.
     `indirect_selection` is dbt's `--indirect-selection` for the tests of `select`
     ("buildable": only tests whose every parent is selected or upstream of the selection).
     `full_refresh` rebuilds the incremental model from scratch (only needed after data
@@ -213,6 +214,8 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
             args += ["--selector", select.split(":", 1)[1]]
         else:
             args += ["--select", *select.split()]
+    if exclude:
+        args += ["--exclude", *exclude.split()]
     if indirect_selection:
         args += ["--indirect-selection", indirect_selection]
     if full_refresh:
