@@ -2,26 +2,28 @@
 ### dbt build: customer lifetime tables, after every ingest
 
 Scheduled on the raw Assets the ingest DAG emits. One task per dbt layer, in order:
-staging, intermediate, the marts (lifetime marts and product recommendations), the
-campaign marts (attribution, results); then the predicted customer value (BG/NBD + Gamma-Gamma) and the dbt
-docs. A data engineer sees which layer failed in the grid and its failing models in the
-log; a retry re-runs only the nodes that failed or were skipped (`dbt retry`), not the
-whole layer. The lifetime marts are published as Assets for the campaign DAGs.
+staging with intermediate, the marts (lifetime marts, the recommendation pairs and
+product recommendations), the campaign marts (attribution, results); then the predicted
+customer value (BG/NBD + Gamma-Gamma) and the dbt docs. A data engineer sees which layer
+failed in the grid and its failing models in the log; a retry re-runs only the nodes that
+failed or were skipped (`dbt retry`), not the whole layer. The lifetime marts are
+published as Assets for the campaign DAGs.
 
 Everything is built as of the run's data interval end (dbt var `as_of`), so a re-run or a
 backfill for a past date gives what that date would have given.
 
 Why per layer and not one task per model (as astronomer-cosmos renders it): every task
 starts dbt and loads the project; with one task per model that cost is paid per model,
-and the models run one at a time. bench/bench_build.py measured, at 1,000,000 customers
-on 2 cores (bench/RESULTS.md), against a plain `dbt build` of the same project (313 s,
-tests included): these four layer tasks 423 s (1.35x), a Cosmos DbtDag (a run and a test
-task per model, 50 tasks) 579 s (1.85x), both with `dag.test()`. The layers are 1.4x
-faster than Cosmos but were not within the 25% target, and not because of start-up
-(Airflow import and DAG parse 2 s, one dbt parse per layer): a layer waits for the one
-before it, and product_recommendations (reads only intermediate models, 172 s) was then
-in the last layer, so it no longer ran beside the affinity marts as in `dbt build`'s two
-threads. That measurement predates moving it into the marts layer (LAYERS below).
+and the models run one at a time. At 1,000,000 customers on 2 cores (bench/bench_build.py,
+bench/RESULTS.md, code of stop 9) four layer tasks took 1.35x a plain `dbt build` of the
+same project and a Cosmos DbtDag (a run and a test task per model) 1.85x, both with
+`dag.test()`. The cost of layers is not start-up (Airflow import and DAG parse a few
+seconds, one dbt parse per layer) but the barriers: a layer waits for its slowest model
+while dbt's other thread idles. Hence three layers, not four: the staging views and their
+tests go with the intermediate models (their tests of raw then run beside the
+intermediate models, as in `dbt build`), and the recommendation pairs (they read only
+intermediate tables) go with the marts, so they run beside the lifetime marts instead of
+alone at the end of the intermediate layer. bench/RESULTS.md has the current ratios.
 """
 
 from __future__ import annotations
