@@ -37,6 +37,11 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "The dbt project the build runs.",
     ),
     "RETENTION_DBT_THREADS": ("2", "dbt threads."),
+    "RETENTION_DISPATCH_THREADS": (
+        "2",
+        "Sending threads per channel in a campaign step (each claims, renders, sends and "
+        "records its own batches): one batch is rendered while another is on the wire.",
+    ),
     "RETENTION_WAIT_SCALE": (
         "1",
         "Multiplier for every wait between campaign steps (tests and demos shorten them, "

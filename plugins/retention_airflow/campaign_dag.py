@@ -94,17 +94,19 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
 
             @task(task_id=f"send_{step.name}", **_pool(campaign, step.index))
             def send(run: dict, step_name: str, planned: dict) -> dict:
-                from retention.campaigns.dispatch import dispatch_step
+                from retention.campaigns.dispatch import dispatch_step, dispatch_threads
                 from retention_airflow.hooks import channels_for
 
                 c = load_campaign(campaign_id)
                 return dispatch_step(c, _run_info(run), step_name,
-                                     channels_for(c.step(step_name).channels))
+                                     channels_for(c.step(step_name).channels),
+                                     workers=dispatch_threads())
 
             @task.sensor(task_id=f"deliver_deferred_{step.name}", mode="reschedule",
                          poke_interval=300, timeout=2 * 86400, **_pool(campaign, step.index))
             def deliver_deferred(run: dict, step_name: str, sent: dict) -> PokeReturnValue:
-                from retention.campaigns.dispatch import dispatch_step, pending_releases
+                from retention.campaigns.dispatch import (dispatch_step, dispatch_threads,
+                                                          pending_releases)
                 from retention_airflow.hooks import channels_for
 
                 c = load_campaign(campaign_id)
@@ -116,7 +118,7 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
                 if due is None:
                     return PokeReturnValue(is_done=False)
                 counts = dispatch_step(c, info, step_name, channels_for(c.step(step_name).channels),
-                                       release_at=due)
+                                       release_at=due, workers=dispatch_threads())
                 return PokeReturnValue(is_done=counts["waiting"] == 0, xcom_value=counts)
 
             planned = plan(run, step.name)

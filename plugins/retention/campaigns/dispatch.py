@@ -224,6 +224,20 @@ def reconcile_orphans(scope: dict, channels: Mapping[str, Channel],
     return out
 
 
+def dispatch_threads() -> int:
+    """RETENTION_DISPATCH_THREADS: sending threads per channel (at least 1)."""
+    from retention.config import setting
+
+    value = setting("RETENTION_DISPATCH_THREADS") or "1"
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"RETENTION_DISPATCH_THREADS must be a whole number, not {value!r}") from None
+    if threads < 1:
+        raise ValueError(f"RETENTION_DISPATCH_THREADS must be at least 1, not {threads}")
+    return threads
+
+
 def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                   channels: Mapping[str, Channel], url: str | None = None, *,
                   release_at: datetime | None = None, workers: int = 1, processes: int = 1,

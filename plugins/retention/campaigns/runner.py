@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from retention import db
-from retention.campaigns.dispatch import dispatch_step
+from retention.campaigns.dispatch import dispatch_step, dispatch_threads
 from retention.campaigns.engine import plan_step, start_run, step_counts, step_time
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign
@@ -26,10 +26,11 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
     earlier ones reached. `after_step(run_id, step)` runs between steps (the demo feeds
     the readers' webhook events there, as they would arrive during the wait)."""
     run = start_run(campaign, as_of, url, policy)
+    threads = dispatch_threads()
     waves = []
     for i, step in enumerate(campaign.steps):
         plan_step(campaign, run, step.name, url, policy)
-        dispatch_step(campaign, run, step.name, channels, url)
+        dispatch_step(campaign, run, step.name, channels, url, workers=threads)
         at = step_time(campaign, run, step)
         nxt = (step_time(campaign, run, campaign.steps[i + 1]) if i + 1 < len(campaign.steps)
                else None)
@@ -38,7 +39,8 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
                 "select max(not_before) from ops.messages where run_id = %s and step = %s "
                 "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
         if latest is not None and (nxt is None or latest <= nxt):
-            dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at))
+            dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at),
+                          workers=threads)
         if after_step is not None:
             after_step(run.run_id, step.name)
         counts = step_counts(run.run_id, step.name, url)
