@@ -127,6 +127,4 @@ def test_dbt_build_dag_builds_the_marts_as_of_the_interval_end(airflow_db, datab
         for mart in ("customer_lifetime", "customer_category_affinity", "product_recommendations"):
             assert conn.execute(f"select count(*) from marts.{mart}").fetchone()[0] > 0, mart
         as_of, = conn.execute("select max(as_of) from marts.customer_lifetime").fetchone()
-        assert conn.execute("select count(*) from intermediate.int_recommendation_interactions"
-                            ).fetchone()[0] > 0
     assert as_of == end  # dag.test's data interval end for a schedule on Assets

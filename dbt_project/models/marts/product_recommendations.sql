@@ -2,23 +2,87 @@
 -- (within var recommendations_window_days of their first purchase of X): "customers who
 -- bought X then viewed or bought Y". Every trigger chain that shows products reads it
 -- (plugins/retention/triggers/recommend.py), best rank first. Rules in
--- product_recommendations.yml. The per-customer pairs come from
--- int_recommendation_interactions (maintained per changed customer); this model counts them.
+-- product_recommendations.yml.
+{%- set window_days = var('recommendations_window_days', 90) %}
 {%- set min_customers = var('recommendations_min_customers', 1) %}
 {%- set per_product = var('recommendations_per_product', 20) %}
 {%- set purchase_weight = var('recommendations_purchase_weight', 2) %}
--- about 1.5 pairs per customer to count and rank: room to do it in memory
+-- millions of (X, Y, customer) rows to group and rank: work_mem for this statement only
 {{ config(pre_hook="set local work_mem = '256MB'") }}
 with
+
+purchase_items as (
+
+    select * from {{ ref('int_purchase_items_categorized') }}
+
+),
+
+product_views_daily as (
+
+    -- the clickstream through its one pass (int_events_aggregated_daily), never the
+    -- events: per customer, UTC day and product, the first and last view of the day
+    select customer_id, product_id, first_view_at, last_view_at
+    from {{ ref('int_events_aggregated_daily') }}
+    where views > 0 and product_id is not null
+
+),
+
+first_purchases_of_product as (
+
+    select
+        customer_id,
+        product_id,
+        min(purchased_at) as first_bought_at
+
+    from purchase_items
+    where customer_id is not null and product_id is not null
+    group by customer_id, product_id
+
+),
+
+later_interactions as (
+
+    select bought.product_id, later.product_id as recommended_product_id, bought.customer_id,
+           true as is_purchase
+    from first_purchases_of_product as bought
+    inner join purchase_items as later
+        on later.customer_id = bought.customer_id
+        and later.product_id <> bought.product_id
+        and later.purchased_at > bought.first_bought_at
+        and later.purchased_at <= bought.first_bought_at + {{ days_interval(window_days) }}
+
+    union all
+
+    -- a day with a view in (first_bought_at, first_bought_at + window]: exact at the
+    -- second, because the window is longer than a day (its first day needs a view after
+    -- the purchase, its last day a view before the end, the days between any view)
+    select bought.product_id, later.product_id, bought.customer_id, false
+    from first_purchases_of_product as bought
+    inner join product_views_daily as later
+        on later.customer_id = bought.customer_id
+        and later.product_id <> bought.product_id
+        and later.last_view_at > bought.first_bought_at
+        and later.first_view_at <= bought.first_bought_at + {{ days_interval(window_days) }}
+
+),
+
+purchases_and_later_interactions_joined as (
+
+    select
+        product_id,
+        recommended_product_id,
+        customer_id,
+        bool_or(is_purchase) as bought_after
+
+    from later_interactions
+    group by product_id, recommended_product_id, customer_id
+
+),
 
 buyers_counted as (
 
     select product_id, count(*) as buyers
-    from (
-        select distinct customer_id, product_id
-        from {{ ref('int_purchase_items_categorized') }}
-        where customer_id is not null and product_id is not null
-    ) as bought
+    from first_purchases_of_product
     group by product_id
 
 ),
@@ -31,8 +95,7 @@ pairs_aggregated as (
         count(*) as customers,
         count(*) filter (where bought_after) as customers_bought
 
-    from {{ ref('int_recommendation_interactions') }}
-    where row_kind = 'pair'
+    from purchases_and_later_interactions_joined
     group by product_id, recommended_product_id
 
 ),
