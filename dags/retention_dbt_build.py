@@ -23,7 +23,9 @@ while dbt's other thread idles. Hence three layers, not four: the staging views 
 tests go with the intermediate models (their tests of raw then run beside the
 intermediate models, as in `dbt build`), and product_recommendations (it reads only
 intermediate tables) goes with the lifetime marts, so it runs beside them. At 100,000
-customers that is 1.15x a plain `dbt build` (four layers: 1.56x); bench/RESULTS.md.
+customers the three layers took 1.08x and 1.15x a plain `dbt build` in two runs (four
+layers: 1.56x); bench/RESULTS.md has them, and a third run on a machine that slowed down
+mid-run.
 """
 
 from __future__ import annotations
