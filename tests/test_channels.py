@@ -545,6 +545,17 @@ def test_fcm_unknown_access_token_is_401(fcm_server):
     assert response.json()["error"]["status"] == "UNAUTHENTICATED"
 
 
+def _sent_request(loop):
+    """A _Connection on a fake transport with one request sent: (conn, transport, waiter)."""
+    from retention.channels.fcm_transport import _Connection
+
+    conn, transport = _Connection(), _FakeTransport()
+    conn.connection_made(transport)
+    waiter = loop.create_future()
+    conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
+    return conn, transport, waiter
+
+
 class _FakeTransport:
     def __init__(self) -> None:
         self.written, self.closed = b"", False
@@ -573,14 +584,9 @@ class _FakeTransport:
 def test_fcm_async_connection_parses_answers_fed_byte_by_byte(raw, status, body, kept):
     import asyncio
 
-    from retention.channels.fcm_transport import _Connection
-
     loop = asyncio.new_event_loop()
     try:
-        conn, transport = _Connection(), _FakeTransport()
-        conn.connection_made(transport)
-        waiter = loop.create_future()
-        conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
+        conn, transport, waiter = _sent_request(loop)
         for i in range(len(raw)):
             assert not waiter.done(), raw[:i]
             conn.data_received(raw[i:i + 1])
@@ -605,14 +611,11 @@ def test_fcm_async_connection_lost_or_malformed_is_a_connection_error(raw, lost)
 
     import httpx
 
-    from retention.channels.fcm_transport import ConnectionLost, _Connection
+    from retention.channels.fcm_transport import ConnectionLost
 
     loop = asyncio.new_event_loop()
     try:
-        conn, transport = _Connection(), _FakeTransport()
-        conn.connection_made(transport)
-        waiter = loop.create_future()
-        conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
+        conn, transport, waiter = _sent_request(loop)
         if raw:
             conn.data_received(raw)
         if not waiter.done():

@@ -62,6 +62,8 @@ import requests
 import urllib3
 from requests.structures import CaseInsensitiveDict
 
+from retention.aio import new_event_loop
+
 _REFRESH_STATUS = 401
 
 
@@ -569,15 +571,6 @@ def _expire(conn: _Connection, waiter: asyncio.Future, seconds: float) -> None:
     if not waiter.done():
         waiter.set_exception(httpx.ReadTimeout(f"no answer within {seconds} s"))
     conn.close()
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop when installed, else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop comes with Airflow's uvicorn
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class LoopThread:

@@ -54,6 +54,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
+from retention.aio import new_event_loop
+
 Outcome = Any  # "ok" | "timeout" | int (an HTTP status)
 
 JSON = "application/json"
@@ -1096,14 +1098,6 @@ class _Connection(asyncio.Protocol):
             self._next()
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop comes with Airflow's uvicorn
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class _Server:
     """The listening socket and its connections, on an event loop run by a thread."""
 
@@ -1112,7 +1106,7 @@ class _Server:
         self.connections: set[_Connection] = set()
         self.connections_accepted = 0  # since the server started
         self.date = _Date()
-        self.loop = _new_event_loop()
+        self.loop = new_event_loop()
         # hundreds of concurrent connects from send_each's thread pool
         self.listener = self.loop.run_until_complete(self.loop.create_server(
             lambda: _Connection(self), address[0], address[1], backlog=1024,
