@@ -14,11 +14,12 @@ that base (`create database ... template`), with a fresh copy of dbt_project/ (n
 partial-parse state, as after a change of as_of), the same PGOPTIONS and threads as
 `retention build` (plugins/retention/build.py), and builds as of the cut-off C:
 
-- plain: `dbt build` (models, data tests and unit tests of the whole project), the dbt CLI
-  in a subprocess; wall time of the process.
+- plain: `dbt build --exclude-resource-type unit_test` (models and data tests of the
+  whole project; unit tests have fixed inputs and run in CI, and `retention build` and
+  the DAG leave them out too), the dbt CLI in a subprocess; wall time of the process.
 - incremental: the held-back rows go back into raw (then `analyze`, untimed), and
-  `dbt build` as of the end of the data: the daily events model and the two affinity
-  marts are incremental, everything else is rebuilt.
+  `dbt build` as of the end of the data, on the tables of the full build (the incremental
+  models: dbt_project/README.md).
 - floor: bench/customer_lifetime_floor.sql, one hand-written statement computing the
   columns of marts.customer_lifetime from raw (`create temp table ... as`), checked equal
   to the mart row for row; compared with the customer_lifetime model's own time and the
@@ -282,7 +283,9 @@ def plain_build(name: str, as_of: datetime, label: str, project: Path | None = N
     env = dbt_env(url, project)
     cmd = [DBT, "build", "--project-dir", str(project), "--profiles-dir", str(project),
            "--target-path", str(project / "target"), "--log-path", str(project / "target" / "logs"),
-           "--vars", json.dumps({"as_of": as_of.isoformat()})]
+           "--vars", json.dumps({"as_of": as_of.isoformat()}),
+           # as `retention build` and the DAG: unit tests belong to CI, not to production
+           "--exclude-resource-type", "unit_test"]
     log(f"{label}: dbt build as of {as_of.isoformat()} on {name}")
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -105,7 +105,7 @@ def test_attribution_of_the_hand_made_scenario(database_url, monkeypatch):
     monkeypatch.setenv("RETENTION_ATTRIBUTION_WINDOWS", '{"telegram": 72}')
     from retention.build import build
 
-    build(as_of=AS_OF, url=database_url, select="message_attribution")
+    build(as_of=AS_OF, url=database_url, select="message_attribution", unit_tests=True)
     with db.connect(database_url) as conn:
         telegram = conn.execute("select conversion_id, window_hours from marts.message_attribution "
                                 "where message_id = 'm3_telegram'").fetchall()

@@ -194,12 +194,16 @@ def test_recommendations_model_and_marts_feed_the_chains(generated_shop, databas
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
     end = datetime(2026, 10, 31, tzinfo=UTC)
     load_folder(generated_shop, database_url, loaded_at=end, currency="UAH")
-    result = build(as_of=end, url=database_url, raise_on_failure=False,
+    result = build(as_of=end, url=database_url, raise_on_failure=False, unit_tests=True,
                    select="+product_recommendations +cohort_retention +customer_category_affinity "
                           "+ropo_purchases")
     mine = [f for f in result["dbt"]["failed"] if "product_recommendations" in f]
     assert mine == [], mine
+    # the weekly snapshot: Saturday 2026-10-31 00:00 UTC -> Monday 2026-10-26 00:00 UTC
+    snapshot = datetime(2026, 10, 26, tzinfo=UTC)
     with db.connect(database_url) as conn:
+        assert conn.execute("select array_agg(distinct as_of) from marts.product_recommendations"
+                            ).fetchone()[0] == [snapshot]
         got = pd.DataFrame(conn.execute(
             "select product_id, recommended_product_id, rank, customers, customers_bought, buyers "
             "from marts.product_recommendations").fetchall(),
@@ -207,12 +211,13 @@ def test_recommendations_model_and_marts_feed_the_chains(generated_shop, databas
                      "customers_bought", "buyers"])
         items = pd.DataFrame(conn.execute(
             "select customer_id, product_id, purchased_at from intermediate.int_purchase_items_categorized "
-            "where customer_id is not null and product_id is not null").fetchall(),
+            "where customer_id is not null and product_id is not null and purchased_at <= %s",
+            (snapshot,)).fetchall(),
             columns=["customer_id", "product_id", "t"])
         views = pd.DataFrame(conn.execute(
             "select customer_id, product_id, occurred_at from raw.events where event_type = 'view' "
             "and customer_id is not null and product_id is not null and occurred_at <= %s",
-            (end,)).fetchall(), columns=["customer_id", "product_id", "t"])
+            (snapshot,)).fetchall(), columns=["customer_id", "product_id", "t"])
     expected = _expected_recommendations(items, views)
     assert len(got) > 1000
     key = ["product_id", "rank"]
@@ -233,3 +238,18 @@ def test_recommendations_model_and_marts_feed_the_chains(generated_shop, databas
     mails = [m for m in channels["email"].sent]
     assert sum(day["triggers"][n]["started"] for n in TRIGGERS) > 10
     assert any("You may also like" in m.body_text for m in mails), len(mails)
+
+    # the snapshot is rebuilt only when its moment moves: Sunday's build (same week)
+    # leaves every row as it was, Monday's computes the week that has passed
+    def rows_and_versions():
+        with db.connect(database_url) as conn:
+            return conn.execute("select count(*), sum(xmin::text::bigint), min(as_of), max(as_of) "
+                                "from marts.product_recommendations").fetchone()
+
+    before = rows_and_versions()
+    build(as_of=end + timedelta(days=1), url=database_url, select="product_recommendations")
+    assert rows_and_versions() == before
+    build(as_of=end + timedelta(days=2), url=database_url, select="product_recommendations")
+    after = rows_and_versions()
+    assert after[1] != before[1] and after[2] == after[3] == end + timedelta(days=2)
+    assert after[0] >= before[0]  # six more days of views and purchases

@@ -71,3 +71,21 @@
         else 0
     end
 {%- endmacro %}
+
+
+{#-
+    The moment product_recommendations is computed for: as_of rounded down to the grid
+    of var recommendations_refresh_days (default 7) days that starts on Monday
+    1970-01-05 00:00 UTC, so with 7 the Monday 00:00 UTC at or before as_of. 0 means
+    as_of itself (recomputed whenever as_of moves).
+-#}
+{% macro recommendations_as_of() -%}
+    {%- set days = var('recommendations_refresh_days', 7) | int -%}
+    {%- if days < 0 -%}
+        {{ exceptions.raise_compiler_error("var recommendations_refresh_days must be 0 or more, got " ~ days) }}
+    {%- elif days == 0 -%}
+        {{ as_of() }}
+    {%- else -%}
+        to_timestamp(floor((extract(epoch from {{ as_of() }}) - 345600) / {{ days * 86400 }}) * {{ days * 86400 }} + 345600)
+    {%- endif -%}
+{%- endmacro %}

@@ -1,6 +1,8 @@
 {#-
     intermediate.incremental_state: the as_of each incremental mart was last built for.
 
+    product_recommendations records the moment of its snapshot (recommendations_as_of()),
+    and recomputes only when that moment moves.
     The affinity marts are maintained per customer; to know which customers' 90-day
     windows moved, int_affinity_customers_changed needs the as_of of the previous build.
     The project's on-run-start hook creates the table (once, before any model: two models
@@ -21,8 +23,8 @@
 {%- endmacro %}
 
 
-{% macro record_incremental_state() -%}
+{% macro record_incremental_state(value=none) -%}
     insert into {{ incremental_state_relation() }} (model_name, as_of)
-    values ('{{ this.identifier }}', {{ as_of() }})
+    values ('{{ this.identifier }}', {{ value if value is not none else as_of() }})
     on conflict (model_name) do update set as_of = excluded.as_of
 {%- endmacro %}

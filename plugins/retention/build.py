@@ -185,7 +185,8 @@ def run_dbt(args: list[str], url: str | None = None) -> Any:
 
 def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
           full_refresh: bool = False, *, raise_on_failure: bool = True,
-          indirect_selection: str | None = None, exclude: str | None = None) -> dict[str, Any]:
+          indirect_selection: str | None = None, exclude: str | None = None,
+          unit_tests: bool = False) -> dict[str, Any]:
     """`dbt build` as of `as_of` (default: `default_as_of(url)`), then the headline numbers.
 
     `select` is passed to dbt `--select` (space-separated selection, e.g.
@@ -193,6 +194,10 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
     is passed to `--exclude`.
     `indirect_selection` is dbt's `--indirect-selection` for the tests of `select`
     ("buildable": only tests whose every parent is selected or upstream of the selection).
+    `unit_tests`: also run the dbt unit tests (`unit_tests:` in the model YAML). Off by
+    default, as dbt advises for production: their inputs are fixed rows, so they prove
+    the SQL, not the data, and cost the same on every build; the test suite and CI run
+    them (tests/test_dbt_lifetime.py), and `retention build --unit-tests` does.
     `full_refresh` rebuilds the incremental model from scratch (only needed after data
     arrived more than `incremental_lookback_days` late). Raises BuildError when dbt
     fails, unless raise_on_failure is False; the summary then reports the failures.
@@ -218,6 +223,8 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
         args += ["--exclude", *exclude.split()]
     if indirect_selection:
         args += ["--indirect-selection", indirect_selection]
+    if not unit_tests:
+        args += ["--exclude-resource-type", "unit_test"]
     if full_refresh:
         args.append("--full-refresh")
     result = run_dbt(args, url)

@@ -68,7 +68,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from retention.build import build
 
-    summary = build(as_of=args.as_of, full_refresh=args.full_refresh, select=args.select)
+    summary = build(as_of=args.as_of, full_refresh=args.full_refresh, select=args.select,
+                    unit_tests=args.unit_tests)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", type=_timestamp, help="default: end of the latest raw day")
     p.add_argument("--full-refresh", action="store_true")
     p.add_argument("--select")
+    p.add_argument("--unit-tests", action="store_true",
+                   help="also run the dbt unit tests (fixed inputs: CI runs them, production need not)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("campaign", help="run, list or validate campaigns (include/campaigns/)")
