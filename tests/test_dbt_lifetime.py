@@ -806,6 +806,9 @@ def test_same_as_of_twice_gives_identical_marts(generated_shop):
     changed = _query(shop["url"], "select reason, count(*) as n from intermediate.int_affinity_customers_changed group by reason")
     assert {r["reason"] for r in changed} <= {"clickstream changed", "90-day window moved"}
     assert 0 < sum(r["n"] for r in changed) < GENERATED_CUSTOMERS * 0.2
+    # the purchase tables were maintained per changed customer: nobody's purchases changed
+    assert _query(shop["url"], "select count(*) as n from intermediate.int_purchases_customers_changed"
+                  ) == [{"n": 0}]
     assert {k: v for k, v in again.items() if k != "dbt"} == {
         k: v for k, v in shop["result"].items() if k != "dbt"}
 
@@ -824,5 +827,84 @@ def test_earlier_as_of_gives_the_numbers_of_the_data_before_it(generated_shop):
     assert days["newest"] == date(2026, 6, 15) and days["last_event"] <= EARLY_AS_OF
     _check_against_reference(url, shop["raw"], EARLY_AS_OF, early)
 
+    # the purchase tables recomputed only the customers with purchases after mid-June
+    reasons = _query(url, "select reason, count(*) as n from intermediate.int_purchases_customers_changed group by 1")
+    assert [r["reason"] for r in reasons] == ["purchases changed"]
+    assert 0 < reasons[0]["n"] < GENERATED_CUSTOMERS
+
     _build(url, shop["as_of"])
     assert _all_marts(url) == shop["marts"]
+
+
+PER_CUSTOMER = {  # the incremental per-customer purchase tables and their keys
+    "int_purchases_numbered": ["source", "purchase_id"],
+    "int_purchase_items_categorized": ["source", "purchase_id", "line_no"],
+    "int_customer_purchases_aggregated": ["customer_id"],
+    "int_customer_category_purchases": ["customer_id", "category_path"],
+}
+
+
+def _tables(url: str) -> dict[str, Any]:
+    out: dict[str, Any] = _all_marts(url)
+    for name, keys in PER_CUSTOMER.items():
+        out[name] = {tuple(r[k] for k in keys): r
+                     for r in _query(url, f"select * from intermediate.{name}")}
+    return out
+
+
+def test_changed_purchases_recompute_only_their_customers(generated_shop):
+    """Raw changes in place, as a shop's systems make them: an order is returned, a
+    receipt's loyalty card moves to another customer, a product changes category, an
+    order arrives. The incremental build recomputes exactly those customers' purchase
+    rows, and every table equals a --full-refresh build of the same data. Runs last: it
+    changes the module's shop."""
+    url = generated_shop["url"]
+    as_of = generated_shop["as_of"]
+    with db.connect(url) as conn:
+        returned, returner = conn.execute(
+            "select order_id, customer_id from raw.orders where status = 'delivered' "
+            "order by order_id limit 1").fetchone()
+        conn.execute("update raw.orders set status = 'returned' where order_id = %s", (returned,))
+        receipt, old_holder, card = conn.execute(
+            """select r.receipt_id, c.customer_id, r.loyalty_card_id from raw.offline_receipts r
+               join raw.customers c on c.loyalty_card_id = r.loyalty_card_id
+               where r.purchased_at <= %s and (select count(*) from raw.customers h
+                                               where h.loyalty_card_id = r.loyalty_card_id) = 1
+               order by r.receipt_id limit 1""", (as_of,)).fetchone()
+        new_holder = conn.execute(
+            "select customer_id from raw.customers where loyalty_card_id is null and customer_id <> %s "
+            "and created_at < %s order by customer_id limit 1", (returner, as_of)).fetchone()[0]
+        conn.execute("update raw.customers set loyalty_card_id = null where customer_id = %s", (old_holder,))
+        conn.execute("update raw.customers set loyalty_card_id = %s where customer_id = %s", (card, new_holder))
+        product, = conn.execute(
+            """select i.product_id from intermediate.int_purchase_items_categorized i
+               group by 1 having count(distinct customer_id) between 2 and 5 order by 1 limit 1""").fetchone()
+        buyers = {r[0] for r in conn.execute(
+            "select distinct customer_id from intermediate.int_purchase_items_categorized "
+            "where product_id = %s", (product,))}
+        conn.execute("update raw.products set category_path = 'moved.elsewhere' where product_id = %s", (product,))
+        conn.execute("""insert into raw.orders (order_id, customer_id, ordered_at, status, total_amount, currency)
+                        values ('o_new_today', %s, %s, 'paid', 12.34, 'UAH')""",
+                     (returner, as_of - timedelta(hours=1)))
+        # every receipt on the moved card follows it (unless a phone still matches the old holder)
+        card_receipts = {r[0] for r in conn.execute(
+            "select receipt_id from raw.offline_receipts where loyalty_card_id = %s and purchased_at <= %s",
+            (card, as_of))}
+        conn.commit()
+    assert receipt in card_receipts
+
+    _build(url, as_of)
+    changed = {r["customer_id"]: r["reason"] for r in _query(
+        url, "select * from intermediate.int_purchases_customers_changed")}
+    assert changed[returner] == "purchases changed"
+    assert changed[old_holder] == changed[new_holder] == "purchases changed"
+    assert buyers <= set(changed) and all(changed[b] in ("product category changed", "purchases changed")
+                                           for b in buyers)
+    assert len(changed) <= len(buyers) + 3  # nobody else
+    incremental = _tables(url)
+    assert incremental["int_customer_purchases_aggregated"][(new_holder,)]["purchases"] >= 1
+
+    _build(url, as_of, full_refresh=True)
+    full = _tables(url)
+    for name in full:
+        assert incremental[name] == full[name], name

@@ -1,12 +1,18 @@
+-- depends_on: {{ ref('int_purchases_customers_changed') }}
 -- One row per customer and category_path the customer bought as of as_of: revenue of
 -- their lines in it (quantity * unit_price), how many purchases had such a line, and the
 -- last of them. Feeds the preferred category and the affinity marts.
+-- Incremental per customer (strategy replace_partitions): a build recomputes the
+-- customers of int_purchases_customers_changed.
 with
 
 items as (
 
     select * from {{ ref('int_purchase_items_categorized') }}
     where category_path is not null
+    {% if is_incremental() %}
+      and customer_id in (select customer_id from {{ ref('int_purchases_customers_changed') }})
+    {% endif %}
 
 ),
 
@@ -40,4 +46,14 @@ aggregated as (
 
 )
 
+{% if is_incremental() %}
+-- every recomputed customer is listed, with a NULL row for one who has no category any more
+select
+    changed.customer_id, aggregated.category_path, aggregated.purchase_revenue,
+    aggregated.purchases, aggregated.last_purchased_at
+from {{ ref('int_purchases_customers_changed') }} as changed
+left join aggregated
+    on aggregated.customer_id = changed.customer_id
+{% else %}
 select * from aggregated
+{% endif %}

@@ -1,16 +1,46 @@
+-- depends_on: {{ ref('int_purchases_customers_changed') }}
 -- One row per customer with at least one purchase as of as_of: counts, LTV and the
--- timing of first, second and last purchase (CONTRACT.md section 2).
+-- timing of first, second and last purchase (CONTRACT.md section 2), and the preferred
+-- category. Incremental per customer (strategy replace_partitions): a build recomputes
+-- the customers of int_purchases_customers_changed.
+{%- set changed_only %}
+    {% if is_incremental() %}
+    where customer_id in (select customer_id from {{ ref('int_purchases_customers_changed') }})
+    {% endif %}
+{%- endset %}
 with
 
 purchases as (
 
     select * from {{ ref('int_purchases_numbered') }}
+    {{ changed_only }}
 
 ),
 
 items as (
 
     select * from {{ ref('int_purchase_items_categorized') }}
+    {{ changed_only }}
+
+),
+
+categories as (
+
+    select * from {{ ref('int_customer_category_purchases') }}
+    {{ changed_only }}
+
+),
+
+preferred_categories as (
+
+    -- the category of the most purchase-line revenue; ties: the latest purchase, then
+    -- the category_path
+    select distinct on (customer_id)
+        customer_id,
+        category_path as preferred_category
+
+    from categories
+    order by customer_id, purchase_revenue desc, last_purchased_at desc, category_path
 
 ),
 
@@ -56,12 +86,29 @@ timing_added as (
         end as avg_days_between_purchases,
         -- NULL when the purchase has no line with a known category
         nullif(categories_in_early_purchases.first_purchase_categories, 0) as first_purchase_categories,
-        nullif(categories_in_early_purchases.second_purchase_categories, 0) as second_purchase_categories
+        nullif(categories_in_early_purchases.second_purchase_categories, 0) as second_purchase_categories,
+        preferred_categories.preferred_category
 
     from purchases_aggregated
     left join categories_in_early_purchases
         on categories_in_early_purchases.customer_id = purchases_aggregated.customer_id
+    left join preferred_categories
+        on preferred_categories.customer_id = purchases_aggregated.customer_id
 
 )
 
+{% if is_incremental() %}
+-- every recomputed customer is listed, with a NULL row for one who has no purchase any more
+select
+    changed.customer_id,
+    timing_added.purchases, timing_added.online_purchases, timing_added.offline_purchases,
+    timing_added.ltv, timing_added.first_purchase_at, timing_added.second_purchase_at,
+    timing_added.last_purchase_at, timing_added.days_to_second_purchase,
+    timing_added.avg_days_between_purchases, timing_added.first_purchase_categories,
+    timing_added.second_purchase_categories, timing_added.preferred_category
+from {{ ref('int_purchases_customers_changed') }} as changed
+left join timing_added
+    on timing_added.customer_id = changed.customer_id
+{% else %}
 select * from timing_added
+{% endif %}

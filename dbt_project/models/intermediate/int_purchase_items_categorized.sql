@@ -1,11 +1,18 @@
+-- depends_on: {{ ref('int_purchases_customers_changed') }}
 -- One row per line of a purchase (online order line or matched receipt line), with the
 -- product's category. Item revenue = quantity * unit_price; it feeds category revenue
 -- (preferred category, affinity), not LTV, which is the purchases' total_amount.
+-- Incremental per customer (strategy replace_partitions): a build recomputes the lines
+-- of the customers of int_purchases_customers_changed (their purchases come from
+-- int_purchases_numbered, already rewritten for them in this build).
 with
 
 purchases as (
 
     select * from {{ ref('int_purchases_numbered') }}
+    {% if is_incremental() %}
+    where customer_id in (select customer_id from {{ ref('int_purchases_customers_changed') }})
+    {% endif %}
 
 ),
 
@@ -97,4 +104,16 @@ categorized as (
 
 )
 
+{% if is_incremental() %}
+-- every recomputed customer is listed, with a NULL row for one who has no line any more
+select
+    categorized.purchase_id, categorized.source, categorized.line_no, changed.customer_id,
+    categorized.purchased_at, categorized.purchase_number, categorized.product_id,
+    categorized.category_path, categorized.top_category, categorized.quantity,
+    categorized.unit_price, categorized.item_revenue
+from {{ ref('int_purchases_customers_changed') }} as changed
+left join categorized
+    on categorized.customer_id = changed.customer_id
+{% else %}
 select * from categorized
+{% endif %}

@@ -1,11 +1,17 @@
+-- depends_on: {{ ref('int_purchases_customers_changed') }}
 -- One row per purchase with its number in the customer's history (1 = first purchase).
 -- Two purchases at the same moment are ordered by source ('offline' before 'online'),
 -- then by purchase_id, so the numbering never depends on the query plan.
+-- Incremental per customer (strategy replace_partitions): a build renumbers the
+-- customers of int_purchases_customers_changed, from all their purchases.
 with
 
 purchases as (
 
     select * from {{ ref('int_purchases_unified') }}
+    {% if is_incremental() %}
+    where customer_id in (select customer_id from {{ ref('int_purchases_customers_changed') }})
+    {% endif %}
 
 ),
 
@@ -38,4 +44,20 @@ gaps_added as (
 
 )
 
-select * from gaps_added
+{% if is_incremental() %}
+-- every recomputed customer is listed, with a NULL row for one who has no purchase any
+-- more, so the strategy replaces (or removes) all their rows
+select
+    gaps_added.purchase_id, gaps_added.source, changed.customer_id, gaps_added.purchased_at,
+    gaps_added.revenue,
+    gaps_added.purchase_number, gaps_added.previous_purchased_at,
+    gaps_added.days_since_previous_purchase
+from {{ ref('int_purchases_customers_changed') }} as changed
+left join gaps_added
+    on gaps_added.customer_id = changed.customer_id
+{% else %}
+select
+    purchase_id, source, customer_id, purchased_at, revenue, purchase_number,
+    previous_purchased_at, days_since_previous_purchase
+from gaps_added
+{% endif %}

@@ -32,7 +32,10 @@ cohorts_aggregated as (
         avg(first_purchase_categories)::float8 as avg_first_purchase_categories,
         avg(second_purchase_categories)::float8 as avg_second_purchase_categories,
         percentile_cont(0.5) within group (order by days_to_second_purchase) as median_days_to_second_purchase,
-        avg(days_to_second_purchase) as mean_days_to_second_purchase
+        -- summed exactly (numeric seconds), so the mean never depends on the order the
+        -- rows are read in (the per-customer tables are rewritten in place)
+        (avg(extract(epoch from second_purchase_at - first_purchase_at)) / 86400)::float8
+            as mean_days_to_second_purchase
 
     from cohorts_assigned
     group by cohort_month

@@ -17,32 +17,9 @@ purchases as (
 
 ),
 
-categories as (
-
-    select * from {{ ref('int_customer_category_purchases') }}
-
-),
-
 subscriptions as (
 
     select * from {{ ref('stg_channel_subscriptions') }}
-
-),
-
-preferred_categories as (
-
-    select customer_id, category_path as preferred_category
-    from (
-        select
-            customer_id,
-            category_path,
-            row_number() over (
-                partition by customer_id
-                order by purchase_revenue desc, last_purchased_at desc, category_path
-            ) as revenue_rank
-        from categories
-    ) as ranked
-    where revenue_rank = 1
 
 ),
 
@@ -70,14 +47,12 @@ customers_and_purchases_joined as (
         purchases.days_to_second_purchase,
         purchases.avg_days_between_purchases,
         {{ days_between('purchases.last_purchase_at', as_of()) }} as days_since_last_purchase,
-        preferred_categories.preferred_category,
+        purchases.preferred_category,
         active_subscribers.customer_id is not null as is_subscribed
 
     from customers
     left join purchases
         on purchases.customer_id = customers.customer_id
-    left join preferred_categories
-        on preferred_categories.customer_id = customers.customer_id
     left join active_subscribers
         on active_subscribers.customer_id = customers.customer_id
 
