@@ -218,4 +218,12 @@ def raw_ddl() -> str:
         ]
         cols.append(f"  primary key ({', '.join(table.key)})")
         parts.append(f"create table if not exists raw.{table.name} (\n" + ",\n".join(cols) + "\n);")
+    parts.append(RAW_INDEXES)
     return "\n".join(parts)
+
+
+#: Indexes the pipeline's own reads need on raw, beyond the keys: the daily dbt build
+#: reads only the last days of raw.events (int_events_aggregated_daily, incremental), which
+#: without this index is a scan of the whole clickstream. The name is the one the trigger
+#: tables have always used (retention.triggers.state), so no index is made twice.
+RAW_INDEXES = "create index if not exists trg_events_time on raw.events (occurred_at);"
