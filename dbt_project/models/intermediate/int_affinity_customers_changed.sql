@@ -60,9 +60,11 @@ clickstream_rewritten as (
 clickstream_after_as_of as (
 
     -- an earlier as_of than the previous build: their later events no longer count
+    -- (a constant condition first: a build going forward does not scan the mart)
     select distinct customer_id, 'activity after as_of' as reason
     from {{ affinity }}
-    where last_event_at > {{ as_of() }}
+    where {{ as_of() }} < {{ previous_as_of }}
+      and last_event_at > {{ as_of() }}
 
 ),
 

@@ -15,8 +15,11 @@
 {%- set purchase_weight = var('recommendations_purchase_weight', 2) %}
 {%- set snapshot = recommendations_as_of() %}
 {%- set snapshot_date = utc_date(snapshot) %}
--- millions of (X, Y, customer) rows to group and rank: work_mem for this statement only
-{{ config(pre_hook="set local work_mem = '256MB'",
+-- millions of (X, Y, customer) rows to group and rank: work_mem for this statement only.
+-- No merge joins: the planner takes the first purchases (a CTE read three times) for a
+-- tenth of their rows and merge-joins them with the daily views, rescanning them once
+-- per view row (100,000 customers: 26.0 s for the statement, 19.5 s with hash joins).
+{{ config(pre_hook=["set local work_mem = '256MB'", "set local enable_mergejoin = off"],
           post_hook="{{ record_incremental_state(recommendations_as_of()) }}") }}
 with
 
@@ -53,7 +56,9 @@ first_purchases_of_product as (
     select
         customer_id,
         product_id,
-        min(purchased_at) as first_bought_at
+        min(purchased_at) as first_bought_at,
+        -- the window's end, computed once per first purchase, not once per pair
+        min(purchased_at) + {{ days_interval(window_days) }} as window_ends_at
 
     from purchase_items
     where customer_id is not null and product_id is not null
@@ -70,7 +75,7 @@ later_interactions as (
         on later.customer_id = bought.customer_id
         and later.product_id <> bought.product_id
         and later.purchased_at > bought.first_bought_at
-        and later.purchased_at <= bought.first_bought_at + {{ days_interval(window_days) }}
+        and later.purchased_at <= bought.window_ends_at
 
     union all
 
@@ -83,7 +88,7 @@ later_interactions as (
         on later.customer_id = bought.customer_id
         and later.product_id <> bought.product_id
         and later.last_view_at > bought.first_bought_at
-        and later.first_view_at <= bought.first_bought_at + {{ days_interval(window_days) }}
+        and later.first_view_at <= bought.window_ends_at
 
 ),
 

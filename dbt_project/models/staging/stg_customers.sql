@@ -1,3 +1,7 @@
+-- A table, not a view like the rest of staging: a dozen models and tests read the
+-- customers, and as a view each of them would normalise every phone again (regular
+-- expressions over every customer) and re-check the migrated accounts against orders.
+{{ config(materialized='table', post_hook='analyze {{ this }}') }}
 with
 
 source as (
