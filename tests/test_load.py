@@ -237,3 +237,17 @@ def test_cli_reports_a_failed_load(tmp_path, database_url):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "customers.csv: required column 'customer_id' is missing" in proc.stderr
+
+
+def test_raw_schema_indexes_events_by_time(good_shop, database_url):
+    """The daily dbt build reads only the last days of raw.events: the raw schema itself
+    (not only the trigger tables) gives it an index on occurred_at, which a time-range
+    read can use."""
+    with db.connect(database_url) as conn:
+        indexes = [r[0] for r in conn.execute(
+            "select indexdef from pg_indexes where schemaname = 'raw' and tablename = 'events'")]
+        assert any(d.endswith("(occurred_at)") for d in indexes), indexes
+        conn.execute("set enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "explain select * from raw.events where occurred_at >= '2026-10-28T00:00:00Z'"))
+    assert "trg_events_time" in plan, plan

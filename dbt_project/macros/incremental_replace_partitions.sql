@@ -30,3 +30,21 @@
     from {{ temp_relation }}
     where {{ adapter.quote(row_key_column) }} is not null;
 {% endmacro %}
+
+
+{#-
+    The select of an incremental run of a replace_partitions model: every partition listed
+    in `changed` (a relation with the partition column), joined to its new rows in the CTE
+    `rows`, so a partition without rows any more comes back as one tombstone (NULL in
+    every other column). `columns`: the model's columns in order; the partition column
+    is taken from `changed`.
+-#}
+{% macro replace_partitions_select(rows, columns, changed, partition_column='customer_id') -%}
+select
+    {%- for column in columns %}
+    {{ 'changed.' ~ column if column == partition_column else rows ~ '.' ~ column }}{{ ',' if not loop.last }}
+    {%- endfor %}
+from {{ changed }} as changed
+left join {{ rows }}
+    on {{ rows }}.{{ partition_column }} = changed.{{ partition_column }}
+{%- endmacro %}

@@ -28,3 +28,28 @@
     values ('{{ this.identifier }}', {{ value if value is not none else as_of() }})
     on conflict (model_name) do update set as_of = excluded.as_of
 {%- endmacro %}
+
+
+{#-
+    The as_of the given models were last built for, as a timestamptz literal, when every
+    one of them has a record and the records agree; else none (first build,
+    --full-refresh, one model built without the others). Read when the model runs
+    (`execute`), before this build writes any of the records.
+-#}
+{% macro recorded_incremental_as_of(model_names) -%}
+    {%- if not execute or flags.FULL_REFRESH -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set state = adapter.get_relation(database=target.database, schema=incremental_state_relation().schema, identifier=incremental_state_relation().identifier) -%}
+    {%- if state is none -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set recorded = run_query(
+        "select count(*) as models, count(distinct as_of) as as_ofs, "
+        ~ "to_char(min(as_of) at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') as as_of "
+        ~ "from " ~ state ~ " where model_name in ('" ~ model_names | join("', '") ~ "')") -%}
+    {%- if recorded.rows[0][0] == model_names | length and recorded.rows[0][1] == 1 -%}
+        {{ return("('" ~ recorded.rows[0][2] ~ "'::timestamptz)") }}
+    {%- endif -%}
+    {{ return(none) }}
+{%- endmacro %}

@@ -10,15 +10,8 @@
 {%- if execute %}
     {%- set affinity = adapter.get_relation(database=target.database, schema=marts_schema, identifier='customer_category_affinity') %}
     {%- set top = adapter.get_relation(database=target.database, schema=marts_schema, identifier='customer_top_category_affinity') %}
-    {%- set state = adapter.get_relation(database=target.database, schema=incremental_state_relation().schema, identifier=incremental_state_relation().identifier) %}
-    {%- if affinity is not none and top is not none and state is not none and not flags.FULL_REFRESH %}
-        {%- set recorded = run_query(
-            "select count(*) as marts, count(distinct as_of) as as_ofs, "
-            ~ "to_char(min(as_of) at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') as as_of "
-            ~ "from " ~ state ~ " where model_name in ('customer_category_affinity', 'customer_top_category_affinity')") %}
-        {%- if recorded.rows[0][0] == 2 and recorded.rows[0][1] == 1 %}
-            {%- set previous_as_of = "('" ~ recorded.rows[0][2] ~ "'::timestamptz)" %}
-        {%- endif %}
+    {%- if affinity is not none and top is not none %}
+        {%- set previous_as_of = recorded_incremental_as_of(['customer_category_affinity', 'customer_top_category_affinity']) %}
     {%- endif %}
 {%- endif %}
 {%- set window_days = days_interval(var('affinity_views_window_days')) %}

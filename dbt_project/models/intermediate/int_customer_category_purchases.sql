@@ -48,12 +48,7 @@ aggregated as (
 
 {% if is_incremental() %}
 -- every recomputed customer is listed, with a NULL row for one who has no category any more
-select
-    changed.customer_id, aggregated.category_path, aggregated.purchase_revenue,
-    aggregated.purchases, aggregated.last_purchased_at
-from {{ ref('int_purchases_customers_changed') }} as changed
-left join aggregated
-    on aggregated.customer_id = changed.customer_id
+{{ replace_partitions_select('aggregated', ['customer_id', 'category_path', 'purchase_revenue', 'purchases', 'last_purchased_at'], ref('int_purchases_customers_changed')) }}
 {% else %}
 select * from aggregated
 {% endif %}

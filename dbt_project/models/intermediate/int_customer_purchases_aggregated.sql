@@ -99,16 +99,7 @@ timing_added as (
 
 {% if is_incremental() %}
 -- every recomputed customer is listed, with a NULL row for one who has no purchase any more
-select
-    changed.customer_id,
-    timing_added.purchases, timing_added.online_purchases, timing_added.offline_purchases,
-    timing_added.ltv, timing_added.first_purchase_at, timing_added.second_purchase_at,
-    timing_added.last_purchase_at, timing_added.days_to_second_purchase,
-    timing_added.avg_days_between_purchases, timing_added.first_purchase_categories,
-    timing_added.second_purchase_categories, timing_added.preferred_category
-from {{ ref('int_purchases_customers_changed') }} as changed
-left join timing_added
-    on timing_added.customer_id = changed.customer_id
+{{ replace_partitions_select('timing_added', ['customer_id', 'purchases', 'online_purchases', 'offline_purchases', 'ltv', 'first_purchase_at', 'second_purchase_at', 'last_purchase_at', 'days_to_second_purchase', 'avg_days_between_purchases', 'first_purchase_categories', 'second_purchase_categories', 'preferred_category'], ref('int_purchases_customers_changed')) }}
 {% else %}
 select * from timing_added
 {% endif %}

@@ -106,14 +106,7 @@ categorized as (
 
 {% if is_incremental() %}
 -- every recomputed customer is listed, with a NULL row for one who has no line any more
-select
-    categorized.purchase_id, categorized.source, categorized.line_no, changed.customer_id,
-    categorized.purchased_at, categorized.purchase_number, categorized.product_id,
-    categorized.category_path, categorized.top_category, categorized.quantity,
-    categorized.unit_price, categorized.item_revenue
-from {{ ref('int_purchases_customers_changed') }} as changed
-left join categorized
-    on categorized.customer_id = changed.customer_id
+{{ replace_partitions_select('categorized', ['purchase_id', 'source', 'line_no', 'customer_id', 'purchased_at', 'purchase_number', 'product_id', 'category_path', 'top_category', 'quantity', 'unit_price', 'item_revenue'], ref('int_purchases_customers_changed')) }}
 {% else %}
 select * from categorized
 {% endif %}

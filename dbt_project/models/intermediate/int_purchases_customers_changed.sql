@@ -15,13 +15,8 @@
 {%- if execute %}
     {%- set numbered = adapter.get_relation(database=target.database, schema=schema, identifier='int_purchases_numbered') %}
     {%- set items = adapter.get_relation(database=target.database, schema=schema, identifier='int_purchase_items_categorized') %}
-    {%- set state = adapter.get_relation(database=target.database, schema=incremental_state_relation().schema, identifier=incremental_state_relation().identifier) %}
-    {%- if numbered is not none and items is not none and state is not none and not flags.FULL_REFRESH %}
-        {%- set recorded = run_query(
-            "select count(*) as tables, count(distinct as_of) as as_ofs from " ~ state
-            ~ " where model_name in ('" ~ chain | join("', '") ~ "')") %}
-        {%- set consistent = recorded.rows[0][0] == chain | length and recorded.rows[0][1] == 1 %}
-    {%- endif %}
+    {%- set consistent = numbered is not none and items is not none
+                         and recorded_incremental_as_of(chain) is not none %}
 {%- endif %}
 with
 

@@ -47,14 +47,7 @@ gaps_added as (
 {% if is_incremental() %}
 -- every recomputed customer is listed, with a NULL row for one who has no purchase any
 -- more, so the strategy replaces (or removes) all their rows
-select
-    gaps_added.purchase_id, gaps_added.source, changed.customer_id, gaps_added.purchased_at,
-    gaps_added.revenue,
-    gaps_added.purchase_number, gaps_added.previous_purchased_at,
-    gaps_added.days_since_previous_purchase
-from {{ ref('int_purchases_customers_changed') }} as changed
-left join gaps_added
-    on gaps_added.customer_id = changed.customer_id
+{{ replace_partitions_select('gaps_added', ['purchase_id', 'source', 'customer_id', 'purchased_at', 'revenue', 'purchase_number', 'previous_purchased_at', 'days_since_previous_purchase'], ref('int_purchases_customers_changed')) }}
 {% else %}
 select
     purchase_id, source, customer_id, purchased_at, revenue, purchase_number,

@@ -123,15 +123,7 @@ ranked as (
 {% if is_incremental() %}
 -- every recomputed customer is listed, with NULL rows for those who have none any more,
 -- so the strategy replaces (or removes) all their rows
-select
-    changed.customer_id,
-    ranked.category_path, ranked.purchase_revenue, ranked.purchases, ranked.views_90d,
-    ranked.last_interaction_at, ranked.affinity_score, ranked.affinity_rank,
-    ranked.top_category, ranked.carts_90d, ranked.wishlists_90d, ranked.views,
-    ranked.last_purchased_at, ranked.last_view_at, ranked.last_event_at
-from {{ ref('int_affinity_customers_changed') }} as changed
-left join ranked
-    on ranked.customer_id = changed.customer_id
+{{ replace_partitions_select('ranked', ['customer_id', 'category_path', 'purchase_revenue', 'purchases', 'views_90d', 'last_interaction_at', 'affinity_score', 'affinity_rank', 'top_category', 'carts_90d', 'wishlists_90d', 'views', 'last_purchased_at', 'last_view_at', 'last_event_at'], ref('int_affinity_customers_changed')) }}
 {% else %}
 select * from ranked
 {% endif %}

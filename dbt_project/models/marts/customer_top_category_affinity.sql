@@ -107,15 +107,7 @@ ranked as (
 )
 
 {% if is_incremental() %}
-select
-    changed.customer_id,
-    ranked.top_category, ranked.purchase_revenue, ranked.purchases, ranked.views_90d,
-    ranked.last_interaction_at, ranked.affinity_score, ranked.affinity_rank,
-    ranked.categories, ranked.carts_90d, ranked.wishlists_90d, ranked.views,
-    ranked.last_purchased_at, ranked.last_view_at
-from {{ ref('int_affinity_customers_changed') }} as changed
-left join ranked
-    on ranked.customer_id = changed.customer_id
+{{ replace_partitions_select('ranked', ['customer_id', 'top_category', 'purchase_revenue', 'purchases', 'views_90d', 'last_interaction_at', 'affinity_score', 'affinity_rank', 'categories', 'carts_90d', 'wishlists_90d', 'views', 'last_purchased_at', 'last_view_at'], ref('int_affinity_customers_changed')) }}
 {% else %}
 select * from ranked
 {% endif %}

@@ -172,17 +172,17 @@ final as (
 -- strategy replace the table even when there are no pairs at all. The gate is one
 -- uncorrelated condition: PostgreSQL checks it once and never starts the plan below
 -- when it is false.
-select * from final
-where not exists (
+{%- set snapshot_moved %}
+not exists (
     select 1 from {{ incremental_state_relation() }}
     where model_name = '{{ this.identifier }}' and as_of = {{ snapshot }}
 )
+{%- endset %}
+select * from final
+where {{ snapshot_moved }}
 union all
 select null, null, null, null, null, null, null, null
-where not exists (
-    select 1 from {{ incremental_state_relation() }}
-    where model_name = '{{ this.identifier }}' and as_of = {{ snapshot }}
-)
+where {{ snapshot_moved }}
 {% else %}
 select * from final
 {% endif %}
