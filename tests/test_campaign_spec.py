@@ -74,3 +74,34 @@ def test_broken_yaml_and_wrong_id(tmp_path):
     path.write_text(VALID)
     with pytest.raises(CampaignError, match="must equal the file name 'other'"):
         load_campaign(path)
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("holdout: 0.1", "holdout: .nan", "demo.yaml:17: holdout: nan is not a finite number"),
+    ("holdout: 0.1", "holdout: .NaN", "demo.yaml:17: holdout: nan is not a finite number"),
+    ("holdout: 0.1", "holdout: .inf", "demo.yaml:17: holdout: inf is not a finite number"),
+    ("holdout: 0.1", "holdout: -.inf", "demo.yaml:17: holdout: -inf is not a finite number"),
+    ("holdout: 0.1", "holdout: -0.1", "demo.yaml:17: holdout: -0.1 is less than the minimum of 0"),
+    ("holdout: 0.1", "holdout: 1.5", "demo.yaml:17: holdout: 1.5 is greater than the maximum of 0.5"),
+    ("{name: A, weight: 2}", "{name: A, weight: .nan}", "demo.yaml:15: variants[0].weight: nan is not a finite number"),
+    ("{name: A, weight: 2}", "{name: A, weight: .inf}", "demo.yaml:15: variants[0].weight: inf is not a finite number"),
+    ("{name: A, weight: 2}", "{name: A, weight: -1}", "demo.yaml:15: variants[0].weight: -1 is less than or equal to"),
+    ("- visited: {within_days: 30}", "- visited: {within_days: .nan}",
+     "demo.yaml:5: audience.include_any[0].visited.within_days: nan is not a finite number"),
+])
+def test_non_finite_or_out_of_range_numbers_are_refused(old, new, expected):
+    """YAML's .nan passes JSON Schema's number type and every bound, so it is refused
+    explicitly; a NaN holdout would otherwise put every customer in the holdout."""
+    assert old in VALID
+    with pytest.raises(CampaignError) as err:
+        parse_campaign(VALID.replace(old, new), "demo.yaml")
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_load_campaign_with_nan_holdout_names_the_file(tmp_path):
+    path = tmp_path / "demo.yaml"
+    path.write_text(VALID.replace("holdout: 0.1", "holdout: .nan"))
+    with pytest.raises(CampaignError) as err:
+        load_campaign(path)
+    assert str(err.value).startswith(f"{path}:17: holdout:"), str(err.value)
+    assert "finite" in str(err.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -247,6 +248,29 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def _non_finite(data: Any, path: list | None = None):
+    """The path of the first NaN or infinite number in the parsed YAML, or None.
+
+    YAML's .nan and .inf are floats, and JSON Schema's number type accepts them; a NaN
+    also passes every minimum/maximum comparison, so a NaN holdout or weight would get
+    past the schema and put everyone in the holdout.
+    """
+    path = path or []
+    if isinstance(data, float) and not math.isfinite(data):
+        return path
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, [*path, key])
+        if found is not None:
+            return found
+    return None
+
+
 def parse_campaign(text: str, source: str = "<string>") -> Campaign:
     """Parse and validate one campaign; CampaignError names source, line and field."""
     try:
@@ -258,6 +282,13 @@ def parse_campaign(text: str, source: str = "<string>") -> Campaign:
         raise CampaignError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict) or node is None:
         raise CampaignError(f"{source}:1: a campaign file must be a mapping of fields")
+    bad = _non_finite(data)
+    if bad is not None:
+        value = data
+        for key in bad:
+            value = value[key]
+        raise CampaignError(f"{source}:{_line_of(node, bad)}: {_field(bad)}: "
+                            f"{value} is not a finite number")
     validator = jsonschema.Draft202012Validator(CAMPAIGN_SCHEMA)
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), e.message))
     if errors:
