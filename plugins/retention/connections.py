@@ -7,7 +7,7 @@ environment variable in Airflow's JSON form. Secrets live only there.
 | connection id | channels | fields |
 |---|---|---|
 | `retention_sendgrid` | email | password = API key; host = API base URL (default SendGrid's); extra: `from_email` (required), `from_name`, `sandbox` |
-| `retention_fcm` | mobile_push, web_push | password or extra `service_account` = service-account JSON (or a path to it); extra `project_id`; host = FCM base URL (default Google's) |
+| `retention_fcm` | mobile_push, web_push | password or extra `service_account` = service-account JSON (or the path of an existing file holding it; any other value is refused, never echoed); extra `project_id`; host = FCM base URL (default Google's) |
 | `retention_telegram` | telegram | password = bot token; host = Bot API base URL; extra `max_per_second` (default 30) |
 | `retention_sms`, `retention_viber` | sms, viber | extra = the HTTP gateway config (see channels/http_gateway.py); `{password}` in its header values is replaced by the connection's password |
 """
@@ -30,14 +30,58 @@ class ConnectionError_(RuntimeError):
     """A channel's connection is missing or incomplete; the message names it (never its secret)."""
 
 
-def _extra(conn: Mapping[str, Any]) -> dict:
+def _extra(conn_id: str, conn: Mapping[str, Any]) -> dict:
     extra = conn.get("extra") or {}
-    return json.loads(extra) if isinstance(extra, str) else dict(extra)
+    if not isinstance(extra, str):
+        return dict(extra)
+    try:
+        value = json.loads(extra)
+    except json.JSONDecodeError as exc:
+        # the decode error's position only: the text may hold a secret
+        raise ConnectionError_(f"connection {conn_id}: extra must be a JSON object (not valid "
+                               f"JSON: {exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ConnectionError_(f"connection {conn_id}: extra must be a JSON object, "
+                               f"not a JSON {type(value).__name__}")
+    return value
+
+
+def _service_account(conn_id: str, source: Any) -> dict:
+    """The service-account info from a dict, an inline JSON object, or the path of an
+    existing JSON file. Any other text is refused without being echoed: a secret pasted
+    where the JSON belongs is not a file name to open or to quote in an error."""
+    expected = ("password or extra.service_account must be the service account's JSON object "
+                "or the path of an existing JSON file")
+    if isinstance(source, dict):
+        return source
+    if not isinstance(source, str):
+        raise ConnectionError_(f"connection {conn_id}: {expected} (got a {type(source).__name__})")
+    text, what = source.strip(), "the service account"
+    if not text.startswith("{"):
+        if not os.path.isfile(text):
+            raise ConnectionError_(f"connection {conn_id}: {expected}; the value is neither "
+                                   "(not shown)")
+        what = "the service account file"
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConnectionError_(f"connection {conn_id}: cannot read {what} ({reason})") from None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConnectionError_(f"connection {conn_id}: {what} is not valid JSON ({exc.msg} at "
+                               f"line {exc.lineno} column {exc.colno}); {expected}") from None
+    if not isinstance(info, dict):
+        raise ConnectionError_(f"connection {conn_id}: {what} must be a JSON object, "
+                               f"not a JSON {type(info).__name__}")
+    return info
 
 
 def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
     conn_id = CONNECTION_FOR[channel]
-    extra = _extra(conn)
+    extra = _extra(conn_id, conn)
     host = conn.get("host") or None
     if host and "://" not in host:
         schema = conn.get("schema") or "https"
@@ -55,13 +99,13 @@ def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
                                    from_name=extra.get("from_name"),
                                    sandbox=bool(extra.get("sandbox", False)))
         if channel in ("mobile_push", "web_push"):
-            from retention.channels.firebase import FirebaseChannel, load_credentials_info
+            from retention.channels.firebase import FirebaseChannel
 
             source = extra.get("service_account") or conn.get("password")
             if not source:
                 raise ConnectionError_(f"connection {conn_id}: needs the service account JSON in "
                                        "password or extra.service_account")
-            info = source if isinstance(source, dict) else load_credentials_info(source)
+            info = _service_account(conn_id, source)
             return FirebaseChannel(info, extra.get("project_id"), base_url=host, kind=channel)
         if channel == "telegram":
             from retention.channels.telegram import TelegramChannel
@@ -80,6 +124,10 @@ def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
             return HttpGatewayChannel(config)
     except ConnectionError_:
         raise
+    except OSError as exc:
+        # strerror only: an OSError's text carries the file name it was given
+        raise ConnectionError_(f"connection {conn_id}: invalid ({type(exc).__name__}: "
+                               f"{exc.strerror})") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise ConnectionError_(f"connection {conn_id}: invalid ({type(exc).__name__}: "
                                f"{str(exc)[:200]})") from None
@@ -91,7 +139,11 @@ def connection_from_env(conn_id: str) -> dict | None:
     if not raw:
         return None
     if raw.lstrip().startswith("{"):
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConnectionError_(f"AIRFLOW_CONN_{conn_id.upper()}: not valid JSON ({exc.msg} at "
+                                   f"line {exc.lineno} column {exc.colno})") from None
     from urllib.parse import parse_qsl, unquote, urlsplit
 
     parts = urlsplit(raw)
