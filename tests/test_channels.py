@@ -254,17 +254,41 @@ def test_sendgrid_retries_exhausted(api_key, waits):
         server.stop()
 
 
-def test_sendgrid_timeout_is_retried(api_key, waits):
+def test_sendgrid_timeout_after_the_request_is_unknown_and_not_resent(api_key, waits):
     url, server = start("sendgrid", api_keys={api_key}, sequence=["timeout"], hang_seconds=30)
     try:
         channel = SendGridChannel(api_key, "shop@example.com", base_url=url, timeout=0.3,
                                   retry=policy(waits))
-        results = channel.send_batch([email(1)])
-        assert [r.outcome for r in server.received] == ["timeout", "ok"]
-        assert len(server.accepted) == 1 and len(waits.calls) == 1
-        assert results[0].status == "sent"
+        results = channel.send_batch([email(1), email(2)])
+        assert [r.outcome for r in server.received] == ["timeout"]  # one request, no retry
+        assert waits.calls == []
+        assert [r.status for r in results] == ["unknown", "unknown"]
+        assert results[0].reason == "outcome unknown: timeout"
     finally:
         server.stop()  # releases the held request
+
+
+def test_sendgrid_connection_refused_is_retried(api_key, waits):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    channel = SendGridChannel(api_key, "shop@example.com", base_url=closed,
+                              retry=policy(waits, attempts=3))
+    [result] = channel.send_batch([email(1)])
+    assert (result.status, result.reason) == ("failed", "retries exhausted: connection error")
+    assert len(waits.calls) == 2
+
+
+def test_retry_after_over_the_limit_defers_instead_of_parking(api_key, waits):
+    url, server = start("sendgrid", api_keys={api_key}, sequence=[429], retry_after=7200)
+    try:
+        channel = SendGridChannel(api_key, "shop@example.com", base_url=url,
+                                  retry=policy(waits))
+        [result] = channel.send_batch([email(1)])
+        assert result.status == "deferred" and "Retry-After 7200" in result.reason
+        assert waits.calls == [] and len(server.received) == 1
+    finally:
+        server.stop()
 
 
 def test_sendgrid_401_fails_without_retry(sendgrid, waits):
@@ -415,14 +439,14 @@ def test_fcm_429_waits_retry_after_then_exhausts(fcm, waits, transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_timeout_is_retried_and_sent_once(fcm, waits, transport):
+def test_fcm_timeout_is_unknown_and_never_resent(fcm, waits, transport):
     make, server = fcm
     server.configure(sequence=["timeout", "ok"], hang_seconds=10)
     channel = make(transport=transport, timeout=0.5)
     [result] = channel.send_batch([push(1)])
-    assert result.status == "sent"
-    assert [r.outcome for r in _fcm_sends(server)] == ["timeout", "ok"]
-    assert channel.stats.retries == 1 and len(waits.calls) == 1
+    assert (result.status, result.reason) == ("unknown", "outcome unknown: timeout")
+    assert [r.outcome for r in _fcm_sends(server)] == ["timeout"]
+    assert channel.stats.retries == 0 and waits.calls == []
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -510,16 +534,17 @@ def test_fcm_connection_close_answer_opens_a_new_connection(fcm, waits, transpor
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_connection_closed_without_an_answer_is_a_connection_error(fcm, waits, transport):
+def test_fcm_connection_closed_without_an_answer_is_unknown(fcm, waits, transport):
     make, server = fcm
-    server.configure(sequence=["drop", "ok", "drop", "drop"])
+    server.configure(sequence=["drop", "ok"])
     channel = make(transport=transport)
     [result] = channel.send_batch([push(1)])
+    assert (result.status, result.reason) == (
+        "unknown", "outcome unknown: connection lost before the answer")
+    assert channel.stats.retries == 0 and waits.calls == []
+    [result] = channel.send_batch([push(2)])  # the next request goes out on a new connection
     assert result.status == "sent"
-    assert channel.stats.retries == 1 and len(waits.calls) == 1  # the policy's retry alone
-    [result] = make(transport=transport, retry=policy(waits, attempts=2)).send_batch([push(2)])
-    assert (result.status, result.reason) == ("failed", "retries exhausted: connection error")
-    assert [r.outcome for r in _fcm_sends(server)] == ["drop", "ok", "drop", "drop"]
+    assert [r.outcome for r in _fcm_sends(server)] == ["drop", "ok"]
 
 
 def test_fcm_async_pool_is_bounded(fcm):
@@ -737,6 +762,30 @@ def test_http_gateway_payload_template_and_response_mapping(waits):
 
         with pytest.raises(ValueError, match="unknown placeholder"):
             HttpGatewayChannel({"channel": "sms", "url": url, "payload_template": {"x": "{phone}"}})
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("outcome", ["timeout", "drop"])
+def test_http_gateway_and_telegram_no_answer_is_unknown(waits, outcome):
+    url, server = start("gateway", sequence=[outcome], hang_seconds=10)
+    try:
+        channel = HttpGatewayChannel({
+            "channel": "sms", "url": f"{url}/gateway/send", "timeout": 0.5,
+            "payload_template": {"phone": "{address}", "msg": "{text}"}}, retry=policy(waits))
+        [result] = channel.send_batch([OutboundMessage("s1", "c1", "sms", "+1555", None, "hi",
+                                                       None, {}, None)])
+        assert result.status == "unknown" and result.reason.startswith("outcome unknown")
+        assert len(server.received) == 1 and waits.calls == []
+    finally:
+        server.stop()
+    url, server = start("telegram", sequence=[outcome], hang_seconds=10)
+    try:
+        channel = TelegramChannel("123:abc", base_url=url, timeout=0.5, retry=policy(waits))
+        [result] = channel.send_batch([OutboundMessage("t1", "c1", "telegram", "42", None, "hi",
+                                                       None, {}, None)])
+        assert result.status == "unknown"
+        assert len(server.received) == 1 and waits.calls == []
     finally:
         server.stop()
 

@@ -5,6 +5,12 @@ them to `Channel.send_batch` and records one `SendResult` per message in ops.mes
 A channel never raises for a message the provider refused: it answers `failed` with the
 provider's reason, so one bad address cannot hold back a wave. It raises only for a
 programming error (a message the channel cannot even express).
+
+Four outcomes: `sent` (the provider accepted it), `failed` (it did not, and will not on a
+retry), `unknown` (the request went out and no answer came: it may have been accepted;
+the dispatcher never resends it blindly) and `deferred` (not accepted yet: the provider
+asked for a longer pause than the retry policy allows; the row goes back to `planned`
+for a later pass).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ class OutboundMessage:
 @dataclass(frozen=True)
 class SendResult:
     message_id: str
-    status: Literal["sent", "failed"]
+    status: Literal["sent", "failed", "unknown", "deferred"]
     provider_message_id: str | None
     reason: str | None
     #: the provider says the address is dead (push token unregistered, bot blocked):
@@ -45,6 +51,14 @@ class SendResult:
     @staticmethod
     def failed(message_id: str, reason: str, deactivate_address: bool = False) -> SendResult:
         return SendResult(message_id, "failed", None, reason, deactivate_address)
+
+    @staticmethod
+    def unknown(message_id: str, reason: str) -> SendResult:
+        return SendResult(message_id, "unknown", None, reason)
+
+    @staticmethod
+    def deferred(message_id: str, reason: str) -> SendResult:
+        return SendResult(message_id, "deferred", None, reason)
 
 
 @runtime_checkable

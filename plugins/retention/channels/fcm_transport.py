@@ -174,9 +174,13 @@ def _response(raw: urllib3.BaseHTTPResponse, url: str) -> requests.Response:
 class ConnectionLost(httpx.ConnectError):
     """The connection broke (closed, reset, or answered something that is not HTTP)
     before the whole answer came. A ConnectError, so firebase-admin maps it to
-    UnavailableError, as requests' ConnectionError is on the other transports: the
-    channel's retry policy decides whether to send again (the request may have reached
-    the server)."""
+    UnavailableError, as requests' ConnectionError is on the other transports.
+    `request_sent` says whether the request had been written: if so the server may have
+    acted on it and the channel must not send it again."""
+
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class _Answer:
@@ -538,7 +542,8 @@ class LeanAsyncFcmClient:
                                     read_timeout)
         try:
             if not conn.alive:
-                raise ConnectionLost("the server closed the connection before the request")
+                raise ConnectionLost("the server closed the connection before the request",
+                                     request_sent=False)
             conn.send(data, waiter)
             return await waiter
         except BaseException:

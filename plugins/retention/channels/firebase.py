@@ -20,9 +20,11 @@ Per-message answers are mapped alike on every transport:
 * success -> sent, provider_message_id = FCM's `projects/<p>/messages/<id>`;
 * `UNREGISTERED` (404), `SENDER_ID_MISMATCH`, or `INVALID_ARGUMENT` on `message.token`
   -> failed with `deactivate_address=True` (Firebase's advice: drop the token);
-* 429 `QUOTA_EXCEEDED`, 500, 503, timeouts, connection failures -> those messages alone
-  are sent again after a backoff (Retry-After honoured), up to the policy's attempts,
-  then failed `retries exhausted: <status>`;
+* 429 `QUOTA_EXCEEDED`, 500, 503 and connections that could not be made -> those
+  messages alone are sent again after a backoff (Retry-After honoured up to the policy's
+  limit), up to the policy's attempts, then failed `retries exhausted: <status>`;
+* a read timeout or a connection lost after the request went out -> `unknown`: FCM may
+  have delivered it and has no idempotency key, so it is never sent again;
 * anything else (401, 403, other 400s) -> failed with FCM's status and message.
 
 firebase-admin has no setting for another FCM host (no emulator variable for messaging);
@@ -78,7 +80,7 @@ from urllib3.util.retry import Retry
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
 from retention.channels.fcm_transport import (LeanAsyncFcmClient, LeanFcmSession, LoopThread,
                                               lean_transport_applies)
-from retention.channels.retry import RetryPolicy, retry_after_seconds
+from retention.channels.retry import RetryPolicy, classify_transport_error, retry_after_seconds
 
 FCM_BASE_URL = "https://fcm.googleapis.com"
 MAX_SEND_EACH = 500
@@ -318,6 +320,14 @@ class FirebaseChannel:
                     continue
                 exc = answer.exception
                 status, code, token_refused = _fcm_code(exc)
+                if status is None and isinstance(exc, _TRANSIENT) \
+                        and classify_transport_error(exc) == "unknown":
+                    # no answer after the request went out: FCM may have delivered it
+                    results[i] = SendResult.unknown(
+                        mid, "outcome unknown: " + (
+                            "timeout" if isinstance(exc, exceptions.DeadlineExceededError)
+                            else "connection lost before the answer"))
+                    continue
                 if isinstance(exc, _TRANSIENT) or (status is not None and status >= 500):
                     retry.append(i)
                     labels[i] = str(status) if status is not None else (
@@ -325,6 +335,11 @@ class FirebaseChannel:
                         else "connection error")
                     after = retry_after_seconds(exc.http_response.headers) \
                         if exc.http_response is not None else None
+                    if after is not None and after > self.retry.max_retry_after:
+                        results[i] = SendResult.deferred(
+                            mid, f"{status}: Retry-After {after:.0f} s")
+                        retry.pop()
+                        continue
                     if after is not None:
                         wait = max(wait or 0.0, after)
                     continue

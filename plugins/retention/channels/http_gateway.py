@@ -19,8 +19,9 @@ are replaced inside the parsed template's strings, so a value can never break th
 a string that is exactly one placeholder takes the value as is (None -> null).
 
 Paths are dotted (`message.id`, `messages.0.id`, also `$.messages[0].id`). One request
-per message, from `workers` threads under an optional rate limit; 429, 5xx and timeouts
-are retried, other non-2xx fail with the status and the start of the body, and a 2xx
+per message, from `workers` threads under an optional rate limit; 429, 5xx and
+connections that could not be made are retried; a read timeout or a connection lost
+after the request went out is `unknown` (never resent); other non-2xx fail with the status and the start of the body, and a 2xx
 whose `success_path` value is not one of `success_values` fails as
 `rejected: <error_path value>`.
 """
@@ -37,8 +38,10 @@ from typing import Any, Literal
 import requests
 
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
-from retention.channels.retry import (PermanentError, RetriesExhausted, RetryPolicy, TokenBucket,
-                                      TransientError, retry_after_seconds)
+from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
+                                      RetryAfterTooLong, RetryPolicy, TokenBucket,
+                                      TransientError, classify_transport_error,
+                                      retry_after_seconds)
 
 PLACEHOLDERS = ("address", "text", "message_id", "customer_id", "channel", "subject",
                 "unsubscribe_url")
@@ -168,8 +171,12 @@ class HttpGatewayChannel:
         try:
             body = self.retry.call(lambda: self._request(payload),
                                    on_retry=lambda _: self.stats.count(retries=1))
+        except RetryAfterTooLong as exc:
+            return SendResult.deferred(m.message_id, exc.reason)
         except RetriesExhausted as exc:
             return SendResult.failed(m.message_id, exc.reason)
+        except OutcomeUnknown as exc:
+            return SendResult.unknown(m.message_id, exc.reason)
         except PermanentError as exc:
             return SendResult.failed(m.message_id, exc.reason)
         cfg = self.config
@@ -190,10 +197,12 @@ class HttpGatewayChannel:
         try:
             response = self._session.request(cfg.method, cfg.url, headers=dict(cfg.headers),
                                              timeout=cfg.timeout, **kwargs)
-        except requests.Timeout:
-            raise TransientError("timeout") from None
-        except requests.ConnectionError:
-            raise TransientError("connection error") from None
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            if classify_transport_error(exc) == "not_sent":
+                raise TransientError("connection error") from None
+            # the request went out: the provider may have taken it
+            raise OutcomeUnknown("timeout" if isinstance(exc, requests.Timeout)
+                                 else "connection lost before the answer") from None
         status = response.status_code
         if status == 429 or status >= 500:
             after = retry_after_seconds(response.headers)

@@ -1,10 +1,17 @@
 """Retries and rate limits shared by the channels.
 
-Only the provider's retryable answers are retried: HTTP 429, 5xx, a connection failure
-or a timeout (`TransientError`). A 429 or 503 that names a wait (`Retry-After`, Telegram's
-`retry_after`) is honoured exactly; otherwise the wait grows exponentially with seeded
-jitter. Anything else (400, 401, 403, 404...) is a `PermanentError`: the affected
-messages fail with the provider's reason, without a retry.
+Only failures that mean "the provider did not take the request" are retried
+(`TransientError`): HTTP 429 and 5xx answers, and a connection that could not be made
+(refused, DNS, a connect timeout). A 429 or 503 that names a wait (`Retry-After`,
+Telegram's `retry_after`) is honoured exactly up to `RetryPolicy.max_retry_after`; a
+longer wait ends the retries (`RetryAfterTooLong`), so a worker never sits for hours
+holding its claim. Otherwise the wait grows exponentially with seeded jitter.
+
+A failure after the request's bytes went out (a read timeout, the connection closed or
+reset before the answer) is `OutcomeUnknown`: the provider may have accepted the request,
+so it is never retried blindly; `classify_transport_error` tells the two kinds apart.
+Anything else (400, 401, 403, 404...) is a `PermanentError`: the affected messages fail
+with the provider's reason, without a retry.
 
 Sleep and clock are injectable so tests count waits instead of sleeping.
 """
@@ -33,6 +40,19 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
+class OutcomeUnknown(Exception):
+    """The request may have reached the provider (read timeout, connection lost before the
+    answer): not retried, since a retry could deliver it twice."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
+
+    @property
+    def reason(self) -> str:
+        return f"outcome unknown: {self.label}"
+
+
 class PermanentError(Exception):
     """A refusal that a retry would not change; `reason` goes to the ledger."""
 
@@ -54,17 +74,32 @@ class RetriesExhausted(Exception):
         return f"retries exhausted: {self.label}"
 
 
+class RetryAfterTooLong(RetriesExhausted):
+    """The provider asked for a longer wait than the policy allows: the messages are left
+    for a later pass instead of parking the worker."""
+
+    def __init__(self, label: str, attempts: int, retry_after: float) -> None:
+        super().__init__(label, attempts)
+        self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        return f"{self.label}: Retry-After {self.retry_after:.0f} s"
+
+
 @dataclass
 class RetryPolicy:
     """Up to `max_attempts` tries in all. Wait before retry n (1-based): the provider's
     Retry-After if it gave one, else `min(max_delay, base_delay * 2**(n-1))` reduced by
-    up to `jitter` (a fraction) drawn from `random.Random(seed)`."""
+    up to `jitter` (a fraction) drawn from `random.Random(seed)`. A Retry-After over
+    `max_retry_after` seconds ends the retries (`RetryAfterTooLong`)."""
 
     max_attempts: int = 5
     base_delay: float = 0.5
     max_delay: float = 30.0
     jitter: float = 0.5
     seed: int | None = None
+    max_retry_after: float = 120.0
     sleep: Callable[[float], None] = time.sleep
     _random: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
@@ -91,12 +126,62 @@ class RetryPolicy:
             try:
                 return attempt()
             except TransientError as exc:
+                if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
+                    raise RetryAfterTooLong(exc.label, tries, exc.retry_after) from exc
                 if tries >= self.max_attempts:
                     raise RetriesExhausted(exc.label, tries) from exc
                 self.sleep(self.delay(tries, exc.retry_after))
                 if on_retry:
                     on_retry(exc)
                 tries += 1
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and everything it wraps: causes, contexts, `reason`/`cause`
+    attributes (urllib's URLError, urllib3's MaxRetryError, firebase-admin's errors) and
+    exception arguments."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen) or len(seen) > 20:
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None),
+                 getattr(e, "cause", None)]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo = [t for t in todo if isinstance(t, BaseException)]
+    return seen
+
+
+def classify_transport_error(exc: BaseException) -> str:
+    """"not_sent" when the request cannot have reached the provider (the connection was
+    never made: refused, DNS, connect timeout, or the client says it closed before
+    writing), else "unknown" (a read timeout, a reset or close after the request)."""
+    import socket
+    import urllib.error
+
+    import requests
+    import urllib3
+
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - firebase-admin brings it
+        httpx = None
+    chain = _chain(exc)
+    for e in chain:
+        sent = getattr(e, "request_sent", None)
+        if sent is not None:  # our own FCM client knows
+            return "unknown" if sent else "not_sent"
+    not_sent: tuple[type, ...] = (
+        urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+        urllib3.exceptions.NameResolutionError, requests.ConnectTimeout,
+        ConnectionRefusedError, socket.gaierror, urllib.error.URLError)
+    if httpx is not None:
+        not_sent += (httpx.ConnectTimeout, httpx.ConnectError)
+    if any(isinstance(e, not_sent) and not isinstance(e, urllib.error.HTTPError) for e in chain):
+        return "not_sent"
+    return "unknown"
 
 
 def retry_after_seconds(headers: Mapping[str, str] | Any | None) -> float | None:

@@ -42,8 +42,9 @@ import python_http_client.exceptions as sg_errors
 from sendgrid import SendGridAPIClient
 
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
-from retention.channels.retry import (PermanentError, RetriesExhausted, RetryPolicy,
-                                      TransientError, retry_after_seconds)
+from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
+                                      RetryAfterTooLong, RetryPolicy, TransientError,
+                                      retry_after_seconds)
 
 TEXT_TAG = "[%rt_text%]"
 HTML_TAG = "[%rt_html%]"
@@ -80,7 +81,8 @@ class SendGridChannel:
                  from_name: str | None = None, reply_to: str | None = None, sandbox: bool = False,
                  categories: Sequence[str] = (), retry: RetryPolicy | None = None,
                  timeout: float = 30.0, substitution_limit: int = SUBSTITUTION_LIMIT_BYTES,
-                 max_personalizations: int = MAX_PERSONALIZATIONS) -> None:
+                 max_personalizations: int = MAX_PERSONALIZATIONS,
+                 activity_lag_seconds: float = 600.0) -> None:
         self._sdk = SendGridAPIClient(api_key=api_key, host=base_url.rstrip("/"))
         self.sender: dict[str, str] = {"email": from_email, **({"name": from_name} if from_name else {})}
         self.reply_to = reply_to
@@ -90,6 +92,8 @@ class SendGridChannel:
         self.timeout = timeout
         self.substitution_limit = substitution_limit
         self.max_personalizations = max_personalizations
+        #: how long after a request its messages are sure to show in the activity API
+        self.activity_lag_seconds = float(activity_lag_seconds)
         self.stats = ChannelStats()
 
     # planning ---------------------------------------------------------------
@@ -185,7 +189,9 @@ class SendGridChannel:
         """Addresses SendGrid accepted from requests whose custom_args.claim is
         `claim_token`, with the request's X-Message-Id: the dispatcher asks this after a
         worker died between the provider's answer and the ledger write. Uses the E-mail
-        Activity API (an add-on on real accounts); raises if it cannot tell."""
+        Activity API (an add-on on real accounts); raises if it cannot tell. The keys are
+        lower-cased addresses. A send shows there only after a delay, so the dispatcher
+        asks no sooner than `activity_lag_seconds` after the request went out."""
         query = f"unique_args['claim']=\"{claim_token}\""
 
         def get():
@@ -204,7 +210,8 @@ class SendGridChannel:
 
         response = self.retry.call(get)
         found = json.loads(response.body or b"{}").get("messages", [])
-        return {m["to_email"]: str(m["msg_id"]).split(".", 1)[0] for m in found}
+        # SendGrid reports addresses lower-cased; the ledger keeps them as the shop gave them
+        return {str(m["to_email"]).lower(): str(m["msg_id"]).split(".", 1)[0] for m in found}
 
     # sending ----------------------------------------------------------------
     def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
@@ -229,8 +236,16 @@ class SendGridChannel:
             try:
                 response = self.retry.call(lambda: self._post(body),
                                            on_retry=lambda _: self.stats.count(retries=1))
+            except RetryAfterTooLong as exc:
+                out.update({m.message_id: SendResult.deferred(m.message_id, exc.reason)
+                            for m in pending})
+                break
             except RetriesExhausted as exc:
                 out.update({m.message_id: SendResult.failed(m.message_id, exc.reason)
+                            for m in pending})
+                break
+            except OutcomeUnknown as exc:
+                out.update({m.message_id: SendResult.unknown(m.message_id, exc.reason)
                             for m in pending})
                 break
             except PermanentError as exc:
@@ -274,13 +289,16 @@ class SendGridChannel:
             text = "; ".join(f"{e.get('message')}" + (f" ({e['field']})" if e.get("field") else "")
                              for e in errors) or str(exc.reason)
             raise PermanentError(f"{status}: {text}"[:1000], status, errors) from None
-        except (TimeoutError, socket.timeout) as exc:
-            raise TransientError("timeout") from exc
         except urllib.error.URLError as exc:
+            # urllib wraps what fails while connecting and writing the request: the
+            # provider has no whole request, so sending again is safe
             timed_out = isinstance(exc.reason, (TimeoutError, socket.timeout))
-            raise TransientError("timeout" if timed_out else "connection error") from exc
+            raise TransientError("connect timeout" if timed_out else "connection error") from exc
+        except (TimeoutError, socket.timeout) as exc:
+            # the request went out and no answer came in time: SendGrid may have taken it
+            raise OutcomeUnknown("timeout") from exc
         except (http.client.HTTPException, ConnectionError) as exc:
-            raise TransientError("connection error") from exc
+            raise OutcomeUnknown("connection lost before the answer") from exc
 
 
 def _errors(body: bytes | str | None) -> list[dict]:

@@ -4,7 +4,9 @@ Telegram has no batch send: a batch is sent message by message from a few worker
 threads, all drawing from one token bucket so the bot stays under Telegram's broadcast
 limit (30 messages a second by default, evenly spaced). A 429 carries
 `parameters.retry_after`: the message waits exactly that long before its retry and the
-bucket is held for everyone meanwhile. 5xx and timeouts are retried with backoff.
+bucket is held for everyone meanwhile. 5xx answers and connections that could not be
+made are retried with backoff; a read timeout or a connection lost after the request
+went out is `unknown` (Telegram has no idempotency key: never resent).
 
 Text goes in HTML parse mode (the templates render Telegram's HTML subset), link
 previews off, and an inline "Unsubscribe" button carries the message's unsubscribe link.
@@ -26,8 +28,10 @@ from typing import Any
 import requests
 
 from retention.channels.base import ChannelStats, OutboundMessage, SendResult
-from retention.channels.retry import (PermanentError, RetriesExhausted, RetryPolicy, TokenBucket,
-                                      TransientError, retry_after_seconds)
+from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
+                                      RetryAfterTooLong, RetryPolicy, TokenBucket,
+                                      TransientError, classify_transport_error,
+                                      retry_after_seconds)
 
 TELEGRAM_MAX_TEXT = 4096
 
@@ -81,8 +85,12 @@ class TelegramChannel:
         try:
             result = self.retry.call(lambda: self._post(payload),
                                      on_retry=lambda _: self.stats.count(retries=1))
+        except RetryAfterTooLong as exc:
+            return SendResult.deferred(m.message_id, exc.reason)
         except RetriesExhausted as exc:
             return SendResult.failed(m.message_id, exc.reason)
+        except OutcomeUnknown as exc:
+            return SendResult.unknown(m.message_id, exc.reason)
         except PermanentError as exc:
             dead = exc.status == 403 or "chat not found" in exc.reason
             return SendResult.failed(m.message_id, exc.reason, deactivate_address=dead)
@@ -94,10 +102,12 @@ class TelegramChannel:
         self.stats.count(requests=1)
         try:
             response = self._session.post(self._url, json=payload, timeout=self.timeout)
-        except requests.Timeout:
-            raise TransientError("timeout") from None
-        except requests.ConnectionError:
-            raise TransientError("connection error") from None
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            if classify_transport_error(exc) == "not_sent":
+                raise TransientError("connection error") from None
+            # the request went out: the provider may have taken it
+            raise OutcomeUnknown("timeout" if isinstance(exc, requests.Timeout)
+                                 else "connection lost before the answer") from None
         try:
             body = response.json()
         except ValueError:
