@@ -1,17 +1,28 @@
 """The local provider servers' HTTP layer (one asyncio event loop): keep-alive, requests
 pipelined on one connection answered in order after their latency, concurrent latency,
-malformed and chunked requests, held ("timeout") requests released by stop."""
+malformed and chunked requests, held ("timeout") requests released by stop; faults after
+acceptance ("accept_timeout", "accept_drop"), SendGrid's activity lag, and the
+per-recipient and per-message-id counts of what each provider accepted."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 
+import pytest
 import requests
 
-from retention.providers.local_servers import start
+from retention.providers.local_servers import (SendGridProvider, TelegramProvider, serve,
+                                               start)
 
 
 def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, dict, bytes]:
@@ -163,3 +174,293 @@ def test_chunked_close_and_drop_outcomes():
             ("chunked", 200), ("close", 200), ("drop", None), ("chunked", 200)]
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- accepted faults
+
+SG_KEY = "SG.local-test-key"
+
+
+def _mail(*personalizations: tuple[list[str], str], sandbox: bool = False) -> dict:
+    """A valid Mail Send body: one personalization per (to addresses, message_id)."""
+    body = {"personalizations": [{"to": [{"email": a} for a in to],
+                                  "custom_args": {"message_id": mid}}
+                                 for to, mid in personalizations],
+            "from": {"email": "shop@example.com"}, "subject": "Hello",
+            "content": [{"type": "text/plain", "value": "hi"}]}
+    if sandbox:
+        body["mail_settings"] = {"sandbox_mode": {"enable": True}}
+    return body
+
+
+def _send_mail(url: str, body: dict, timeout: float = 5) -> requests.Response:
+    return requests.post(f"{url}/v3/mail/send", json=body, timeout=timeout,
+                         headers={"Authorization": f"Bearer {SG_KEY}"})
+
+
+def _activity(url: str, message_id: str) -> list[dict]:
+    response = requests.get(f"{url}/v3/messages", timeout=5,
+                            params={"query": f"unique_args['message_id']=\"{message_id}\"",
+                                    "limit": "10"},
+                            headers={"Authorization": f"Bearer {SG_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.json()["messages"]
+
+
+def test_accept_timeout_is_delivered_but_unanswered():
+    """The provider takes the send (counted, in the activity log), the client's read
+    timeout fires; the connection is closed after hang_seconds."""
+    url, server = start("sendgrid", api_keys={SG_KEY}, sequence=["accept_timeout"],
+                        hang_seconds=2)
+    try:
+        body = _mail((["Ann@Example.com", "bob@example.com"], "m-1"), (["cy@example.com"], "m-2"))
+        t = time.perf_counter()
+        with pytest.raises(requests.ReadTimeout):
+            _send_mail(url, body, timeout=0.5)
+        assert time.perf_counter() - t < 1.9  # the client gave up, not the server
+        assert server.accepted_recipients() == Counter(
+            {"ann@example.com": 1, "bob@example.com": 1, "cy@example.com": 1})
+        assert server.accepted_message_ids() == Counter({"m-1": 1, "m-2": 1})
+        [rec] = server.received
+        assert (rec.outcome, rec.status) == ("accept_timeout", 202)
+        assert server.accepted == [rec] and "X-Message-Id" in rec.response_headers
+        assert [m["to_email"] for m in _activity(url, "m-1")] == ["ann@example.com",
+                                                                  "bob@example.com"]
+        # the client's resend is a second delivery, answered this time
+        assert _send_mail(url, body).status_code == 202
+        assert server.accepted_recipients()["ann@example.com"] == 2
+        assert server.accepted_message_ids() == Counter({"m-1": 2, "m-2": 2})
+        assert [r.outcome for r in server.received] == ["accept_timeout", "ok", "ok"]
+    finally:
+        server.stop()
+
+
+def test_accept_timeout_closes_after_hang_or_answers_late():
+    url, server = start("gateway", sequence=["accept_timeout"], hang_seconds=0.3)
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(5)
+            t = time.perf_counter()
+            sock.sendall(_post("/gateway/x", {"to": "1"}, host))
+            assert _read_until_closed(sock) == b""
+            assert time.perf_counter() - t >= 0.3
+        # late_answer: the real answer after hang_seconds, then the connection goes on
+        server.configure(sequence=["accept_timeout"], late_answer=True)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(5)
+            t = time.perf_counter()
+            sock.sendall(_post("/gateway/x", {"to": "2"}, host)
+                         + _post("/gateway/x", {"to": "3"}, host))  # the second waits
+            buffer = bytearray()
+            status, _, body = _read_response(sock, buffer)
+            assert time.perf_counter() - t >= 0.3
+            assert (status, json.loads(body)["message"]["id"]) == (200, "gw-2")
+            status, _, body = _read_response(sock, buffer)
+            assert (status, json.loads(body)["message"]["id"]) == (200, "gw-3")
+        assert [(r.outcome, r.status) for r in server.received] == [
+            ("accept_timeout", 200), ("accept_timeout", 200), ("ok", 200)]
+        assert server.accepted_recipients() == Counter({"1": 1, "2": 1, "3": 1})
+    finally:
+        server.stop()
+
+
+def test_accept_drop_is_delivered_then_the_connection_closes():
+    url, server = start("sendgrid", api_keys={SG_KEY}, sequence=["accept_drop"])
+    try:
+        with pytest.raises(requests.ConnectionError) as info:
+            _send_mail(url, _mail((["Dee@example.com"], "m-3")))
+        assert not isinstance(info.value, requests.Timeout)
+        [rec] = server.received
+        assert (rec.outcome, rec.status) == ("accept_drop", 202)
+        assert server.accepted_recipients() == Counter({"dee@example.com": 1})
+        assert server.accepted_message_ids() == Counter({"m-3": 1})
+        assert [m["to_email"] for m in _activity(url, "m-3")] == ["dee@example.com"]
+    finally:
+        server.stop()
+
+
+def test_accepted_fault_of_a_refused_request_is_not_counted():
+    """The handler decides: a 400 (invalid address) withheld is still not accepted; a
+    sandbox 200 is not a delivery; an injected 429 not processed."""
+    url, server = start("sendgrid", api_keys={SG_KEY}, sequence=["accept_drop", "ok", 429])
+    try:
+        with pytest.raises(requests.ConnectionError):
+            _send_mail(url, _mail((["not-an-address"], "m-4")))
+        assert _send_mail(url, _mail((["eve@example.com"], "m-5"), sandbox=True)).status_code == 200
+        assert _send_mail(url, _mail((["eve@example.com"], "m-6"))).status_code == 429
+        assert [(r.outcome, r.status) for r in server.received] == [
+            ("accept_drop", 400), ("ok", 200), (429, 429)]
+        assert server.accepted_recipients() == Counter()
+        assert server.accepted_message_ids() == Counter()
+    finally:
+        server.stop()
+
+
+def test_accepted_faults_drawn_as_fractions_and_cleared():
+    url, server = start("gateway", accept_drop_fraction=0.5, accept_timeout_fraction=0.5,
+                        hang_seconds=0.1, seed=3)
+    try:
+        for i in range(6):
+            with pytest.raises(requests.ConnectionError):  # held 0.1 s, closed before 0.5 s
+                requests.post(f"{url}/gateway/x", json={"to": str(i)}, timeout=0.5)
+        outcomes = [r.outcome for r in server.received]
+        assert set(outcomes) == {"accept_drop", "accept_timeout"}
+        assert server.accepted_recipients() == Counter({str(i): 1 for i in range(6)})
+        server.clear()
+        assert server.accepted_recipients() == Counter() and server.received == []
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="accept_timeout"):
+        start("gateway", sequence=["accept_later"])
+
+
+# --------------------------------------------------------------------------- activity lag
+
+def _poll(condition, deadline_s: float = 5.0, every_s: float = 0.05):
+    """`condition()`'s first truthy value before the deadline (None after it)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    return None
+
+
+def test_activity_shows_a_send_after_the_lag_lower_cased():
+    lag = 1.0
+    url, server = start("sendgrid", api_keys={SG_KEY}, activity_lag_seconds=lag)
+    try:
+        t = time.monotonic()
+        assert _send_mail(url, _mail((["Fay.Q@Example.COM"], "m-7"))).status_code == 202
+        assert _activity(url, "m-7") == []
+        assert time.monotonic() - t < lag  # the empty answer came before the lag was over
+        found = _poll(lambda: _activity(url, "m-7"))
+        assert time.monotonic() - t >= lag
+        assert found is not None and [m["to_email"] for m in found] == ["fay.q@example.com"]
+        assert server.accepted_recipients() == Counter({"fay.q@example.com": 1})
+        server.configure(activity_lag_seconds=0.0)
+        assert _send_mail(url, _mail((["gil@example.com"], "m-8"))).status_code == 202
+        assert [m["to_email"] for m in _activity(url, "m-8")] == ["gil@example.com"]
+    finally:
+        server.stop()
+
+
+def test_command_line_activity_lag():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retention.providers.local_servers", "--port", "0",
+         "--providers", "sendgrid", "--activity-lag-seconds", "0.5"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root / "plugins")})
+    try:
+        line = proc.stdout.readline()
+        assert " on http://" in line, line
+        url = line.rsplit(" on ", 1)[1].strip()
+        t = time.monotonic()
+        assert _send_mail(url, _mail((["Hal@example.com"], "m-9"))).status_code == 202
+        assert _activity(url, "m-9") == [] and time.monotonic() - t < 0.5
+        found = _poll(lambda: _activity(url, "m-9"))
+        assert found is not None and found[0]["to_email"] == "hal@example.com"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+# --------------------------------------------------------------------------- counting
+
+def test_gateway_counts_address_and_message_id_paths():
+    url, server = start("gateway", address_path="recipient.phone", message_id_path="meta.id",
+                        address_field="recipient.phone", rejected_addresses={"+380009"},
+                        sequence=["ok", 503, "accept_drop", "ok", "ok"])
+
+    def send(phone: str, mid: str) -> requests.Response:
+        return requests.post(f"{url}/gateway/sms", timeout=5,
+                             json={"recipient": {"phone": phone}, "meta": {"id": mid}})
+    try:
+        assert send("+380001", "a").status_code == 200
+        assert send("+380001", "a").status_code == 503  # injected: not processed
+        with pytest.raises(requests.ConnectionError):
+            send("+380001", "a")  # processed, the answer lost
+        assert send("+380002", "b").status_code == 200
+        assert send("+380009", "c").json()["status"] == "rejected"  # a 200 that refuses
+        assert server.accepted_recipients() == Counter({"+380001": 2, "+380002": 1})
+        assert server.accepted_message_ids() == Counter({"a": 2, "b": 1})
+    finally:
+        server.stop()
+    # by default the address is at "to" and message ids are not counted
+    url, server = start("gateway")
+    try:
+        requests.post(f"{url}/gateway/x", json={"to": "+380003", "id": "x"}, timeout=5)
+        requests.post(f"{url}/gateway/x", data={"to": "+380003"}, timeout=5)  # a form
+        assert server.accepted_recipients() == Counter({"+380003": 2})
+        assert server.accepted_message_ids() == Counter()
+    finally:
+        server.stop()
+
+
+def test_telegram_counts_chat_ids():
+    token = "123456:local-bot"
+    url, server = start("telegram", blocked_chat_ids={"13"}, sequence=["ok", "ok", "accept_drop"])
+    try:
+        base = f"{url}/bot{token}/sendMessage"
+        assert requests.post(base, json={"chat_id": 42, "text": "a"}, timeout=5).json()["ok"]
+        assert requests.post(base, data={"chat_id": "-100", "text": "b"}, timeout=5).json()["ok"]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(base, params={"chat_id": "42", "text": "c"}, timeout=5)
+        assert requests.post(base, json={"chat_id": 13, "text": "d"}, timeout=5).status_code == 403
+        assert requests.post(f"{url}/bot{token}/getMe", timeout=5).status_code == 200
+        assert server.accepted_recipients() == Counter({"42": 2, "-100": 1})
+        assert server.accepted_message_ids() == Counter()
+    finally:
+        server.stop()
+
+
+def _b64(value: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def test_fcm_counts_tokens_and_message_ids():
+    url, server = start("fcm", project_id="p", unregistered_tokens={"gone"},
+                        sequence=["ok", "accept_timeout", "ok", "ok", "ok"], hang_seconds=1)
+    try:
+        now = int(time.time())
+        assertion = ".".join([_b64({"alg": "RS256", "typ": "JWT"}),
+                              _b64({"iss": "a@p.iam.gserviceaccount.com", "aud": f"{url}/token",
+                                    "iat": now, "exp": now + 3600,
+                                    "scope": "https://www.googleapis.com/auth/firebase.messaging"}),
+                              "c2ln"])
+        access = requests.post(f"{url}/token", timeout=5, data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "assertion": assertion}).json()["access_token"]
+
+        def send(token: str, mid: str, timeout: float = 5, **extra) -> requests.Response:
+            return requests.post(f"{url}/v1/projects/p/messages:send", timeout=timeout,
+                                 headers={"Authorization": f"Bearer {access}"},
+                                 json={"message": {"token": token, "data": {"message_id": mid}},
+                                       **extra})
+        assert send("tok-1", "p-1").status_code == 200
+        with pytest.raises(requests.ReadTimeout):
+            send("tok-1", "p-1", timeout=0.3)
+        assert send("tok-2", "p-2").status_code == 200
+        assert send("tok-3", "p-3", validate_only=True).status_code == 200  # a dry run
+        assert send("gone", "p-4").status_code == 404
+        assert server.accepted_recipients() == Counter({"tok-1": 2, "tok-2": 1})
+        assert server.accepted_message_ids() == Counter({"p-1": 2, "p-2": 1})
+    finally:
+        server.stop()
+
+
+def test_handle_with_several_providers_counts_per_provider():
+    base_url, handle = serve([SendGridProvider(api_keys={SG_KEY}), TelegramProvider()])
+    try:
+        assert _send_mail(base_url, _mail((["Ivy@example.com"], "m-10"))).status_code == 202
+        requests.post(f"{base_url}/bot1:x/sendMessage", json={"chat_id": 7, "text": "hi"},
+                      timeout=5)
+        assert handle.accepted_recipients() == {"sendgrid": Counter({"ivy@example.com": 1}),
+                                                "telegram": Counter({"7": 1})}
+        assert handle.accepted_message_ids() == {"sendgrid": Counter({"m-10": 1}),
+                                                 "telegram": Counter()}
+        assert handle.providers["sendgrid"].accepted_recipients() == Counter({"ivy@example.com": 1})
+    finally:
+        handle.stop()

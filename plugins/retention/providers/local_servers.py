@@ -6,7 +6,7 @@ provider would see, without an account or the network.
 
 | provider | endpoints | success | errors |
 |---|---|---|---|
-| sendgrid | `POST /v3/mail/send` (Bearer API key) | 202 + `X-Message-Id` (200, no id, in sandbox mode) | 400 `{"errors": [{"message", "field", "help"}]}`, 401, 429 + `Retry-After` |
+| sendgrid | `POST /v3/mail/send` (Bearer API key), `GET /v3/messages` (E-mail Activity) | 202 + `X-Message-Id` (200, no id, in sandbox mode) | 400 `{"errors": [{"message", "field", "help"}]}`, 401, 429 + `Retry-After` |
 | fcm | `POST /token` (OAuth2 JWT-bearer grant), `POST /v1/projects/{p}/messages:send` | `{"name": "projects/p/messages/<id>"}` | Google error body; 404 `UNREGISTERED`, 400 `INVALID_ARGUMENT` |
 | telegram | `POST /bot<token>/sendMessage` (JSON or form), `getMe` | `{"ok": true, "result": {...}}` | `{"ok": false, "error_code", "description", "parameters": {"retry_after"}}` |
 | gateway | any `/gateway/...` (a shop's SMS / Viber provider) | configurable JSON | configurable |
@@ -14,17 +14,32 @@ provider would see, without an account or the network.
 Every provider has switches, given to `start(...)` or changed at runtime with
 `handle.configure(...)`: `latency_ms` per request, an explicit `sequence` of outcomes
 (`"ok"`, `"timeout"` or an HTTP status such as 429 or 503, consumed one per request), or
-seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`),
-`retry_after` seconds for 429s, and the provider's invalid credentials, addresses and
-tokens. A "timeout" holds the request without answering for `hang_seconds` (or until the
-server stops) so the client's own timeout fires. Outcomes for HTTP clients' framing:
-`"chunked"` answers as "ok" with a chunked body (`Transfer-Encoding: chunked`, several
-chunks), `"close"` as "ok" with `Connection: close` and then closes the connection,
-`"drop"` closes the connection without answering (recorded with status None). Everything is deterministic: a sequence
-is exact; fractions draw from `random.Random(seed)` in arrival order.
+seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`,
+`accept_timeout_fraction`, `accept_drop_fraction`), `retry_after` seconds for 429s, and
+the provider's invalid credentials, addresses and tokens. A "timeout" holds the request
+without answering for `hang_seconds` (or until the server stops) so the client's own
+timeout fires. Outcomes for HTTP clients' framing: `"chunked"` answers as "ok" with a
+chunked body (`Transfer-Encoding: chunked`, several chunks), `"close"` as "ok" with
+`Connection: close` and then closes the connection, `"drop"` closes the connection
+without answering (recorded with status None). Faults after the provider took the
+request, which make a client resend what was delivered: `"accept_timeout"` processes the
+request as "ok" (recorded with the handler's status, 2xx: accepted) and holds the
+connection without answering for `hang_seconds`, then closes it, or with `late_answer`
+writes the answer then; `"accept_drop"` processes it as "ok" and closes the connection
+without answering. Everything is deterministic: a sequence is exact; fractions draw
+from `random.Random(seed)` in arrival order.
 
-`handle.received` lists every request (method, path, headers, parsed body, status);
-`handle.accepted` the ones answered 2xx, i.e. what the provider took for delivery.
+SendGrid's E-mail Activity API shows an accepted send once `activity_lag_seconds` have
+passed since it was accepted, with `to_email` lower-cased.
+
+`handle.received` lists every request (method, path, headers, parsed body, status,
+outcome); `handle.accepted` the ones answered 2xx, i.e. what the provider took for
+delivery, "accept_timeout" and "accept_drop" included. `accepted_recipients()` and
+`accepted_message_ids()` count them per recipient and per message id (SendGrid: each
+personalization's `to` address lower-cased and its `message_id` custom argument, sandbox
+sends excluded; FCM: `message.token` and `message.data["message_id"]`; Telegram: the
+`chat_id`; gateway: the values at `address_path` and `message_id_path`), while
+`record_bodies` is on; a handle serving several providers answers `{provider: Counter}`.
 
 In-process: `base_url, handle = start("sendgrid", api_keys={"SG.test"})`, `handle.stop()`.
 Command line (all providers on one port, for the demo):
@@ -45,7 +60,7 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -56,7 +71,8 @@ from urllib.parse import parse_qs
 
 from retention.aio import new_event_loop
 
-Outcome = Any  # "ok" | "timeout" | int (an HTTP status)
+Outcome = Any  # "ok" | "timeout" | "drop" | "chunked" | "close" | "accept_timeout" |
+#                 "accept_drop" | int (an HTTP status)
 
 JSON = "application/json"
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -75,9 +91,10 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased names
     body: Any  # parsed JSON, a form as {name: value}, else text
-    status: int | None  # None: held until the client gave up (a "timeout")
-    outcome: Outcome  # what the switches decided: "ok", "timeout" or a status
-    response: Any  # the parsed body answered, or None
+    status: int | None  # None: not processed ("timeout", "drop"); for "accept_timeout" and
+    #                     "accept_drop" the status of the answer that was never sent
+    outcome: Outcome  # what the switches decided: "ok", "timeout", ... or a status
+    response: Any  # the parsed body answered (or withheld), or None
     response_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -101,6 +118,17 @@ class Reply:
 HANG = object()  # a handler's answer meaning: hold the connection, answer nothing
 DROP = object()  # a handler's answer meaning: close the connection, answer nothing
 FRAMINGS = ("chunked", "close")  # outcomes answered as "ok", framed differently
+ACCEPTED_FAULTS = ("accept_timeout", "accept_drop")  # processed as "ok", answer not sent
+
+
+@dataclass
+class Withheld:
+    """A processed request's answer that is not sent ("accept_timeout", "accept_drop"):
+    with `hang`, the connection is held for `hang_seconds`, then closed, or the answer
+    written if `late`; without, the connection is closed at once."""
+    reply: Reply
+    hang: bool
+    late: bool = False
 
 
 @dataclass
@@ -142,7 +170,8 @@ class Provider:
     routes: tuple[Route, ...] = ()
     #: switches every provider has, with defaults
     COMMON = dict(latency_ms=0.0, sequence=(), rate_limit_fraction=0.0, server_error_fraction=0.0,
-                  timeout_fraction=0.0, retry_after=1, server_error_status=503, hang_seconds=30.0,
+                  timeout_fraction=0.0, accept_timeout_fraction=0.0, accept_drop_fraction=0.0,
+                  retry_after=1, server_error_status=503, hang_seconds=30.0, late_answer=False,
                   seed=0, record_bodies=True)
     #: switches of this provider, with defaults
     OPTIONS: dict[str, Any] = {}
@@ -152,6 +181,8 @@ class Provider:
     def __init__(self, **options: Any) -> None:
         self._lock = threading.Lock()
         self._received: list[RecordedRequest] = []
+        self._recipients: Counter = Counter()
+        self._message_ids: Counter = Counter()
         self._counter = itertools.count(1)
         self.stop_event = threading.Event()
         for name, default in {**self.COMMON, **self.OPTIONS}.items():
@@ -184,7 +215,9 @@ class Provider:
             r = self._random.random()
             for fraction, outcome in ((self.rate_limit_fraction, 429),
                                       (self.server_error_fraction, self.server_error_status),
-                                      (self.timeout_fraction, "timeout")):
+                                      (self.timeout_fraction, "timeout"),
+                                      (self.accept_timeout_fraction, "accept_timeout"),
+                                      (self.accept_drop_fraction, "accept_drop")):
                 if r < fraction:
                     return outcome
                 r -= fraction
@@ -203,9 +236,31 @@ class Provider:
     def accepted(self) -> list[RecordedRequest]:
         return [r for r in self.received if r.status is not None and 200 <= r.status < 300]
 
+    def accepted_recipients(self) -> Counter:
+        """How many times each recipient was accepted for delivery (2xx, "accept_timeout"
+        and "accept_drop" included): SendGrid's `to` addresses lower-cased, FCM's tokens,
+        Telegram's chat ids, the gateway's `address_path`. Counted while `record_bodies`
+        is on, like the log; `clear` resets it."""
+        with self._lock:
+            return Counter(self._recipients)
+
+    def accepted_message_ids(self) -> Counter:
+        """How many times each message id was accepted for delivery: SendGrid's
+        personalization `custom_args["message_id"]`, FCM's `message.data["message_id"]`,
+        the gateway's `message_id_path`; Telegram has none."""
+        with self._lock:
+            return Counter(self._message_ids)
+
+    def deliveries(self, route: Route, inc: Incoming, body: Any) -> tuple[list[str], list[str]]:
+        """The recipients and message ids an accepted request on `route` delivers to,
+        `body` being the parsed request body."""
+        return [], []
+
     def clear(self) -> None:
         with self._lock:
             self._received.clear()
+            self._recipients.clear()
+            self._message_ids.clear()
 
     def _record(self, inc: Incoming, route: Route, outcome: Outcome, reply: Reply | None) -> None:
         body = inc.parsed() if self.record_bodies else None
@@ -215,8 +270,15 @@ class Provider:
         rec = RecordedRequest(self.name, inc.method, inc.path, dict(inc.headers), body,
                               None if reply is None else reply.status, outcome, response,
                               dict(reply.headers) if reply is not None else {})
+        recipients: list[str] = []
+        message_ids: list[str] = []
+        if self.record_bodies and reply is not None and 200 <= reply.status < 300 \
+                and not isinstance(outcome, int):  # the handler's answer, not an injected one
+            recipients, message_ids = self.deliveries(route, inc, body)
         with self._lock:
             self._received.append(rec)
+            self._recipients.update(recipients)
+            self._message_ids.update(message_ids)
 
     # serving ----------------------------------------------------------------
     def match(self, method: str, path: str) -> tuple[Route, dict] | None:
@@ -241,7 +303,7 @@ class Provider:
     def respond(self, route: Route, inc: Incoming) -> Reply | object:
         """The answer once the latency is over: authentication, the switches' outcome, the
         handler; recorded. `HANG` means: answer nothing, hold the connection; `DROP`:
-        close it without an answer."""
+        close it without an answer; a `Withheld`: the handler's answer, not to be sent."""
         handler: Callable[[Incoming], Reply] = getattr(self, route.handler)
         if not route.faulty:
             reply = handler(inc)
@@ -255,6 +317,10 @@ class Provider:
         if outcome in ("timeout", "drop"):
             self._record(inc, route, outcome, None)
             return HANG if outcome == "timeout" else DROP
+        if outcome in ACCEPTED_FAULTS:
+            reply = handler(inc)
+            self._record(inc, route, outcome, reply)
+            return Withheld(reply, hang=outcome == "accept_timeout", late=bool(self.late_answer))
         if outcome == "ok" or outcome in FRAMINGS:
             reply = handler(inc)
             if outcome in FRAMINGS:
@@ -275,9 +341,10 @@ class Provider:
 def _outcome(value: Any) -> Outcome:
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    if value not in ("ok", "timeout", "drop", *FRAMINGS) and not isinstance(value, int):
-        raise ValueError("an outcome is 'ok', 'timeout', 'chunked', 'close', 'drop' or an "
-                         f"HTTP status, not {value!r}")
+    if value not in ("ok", "timeout", "drop", *FRAMINGS, *ACCEPTED_FAULTS) \
+            and not isinstance(value, int):
+        raise ValueError("an outcome is 'ok', 'timeout', 'chunked', 'close', 'drop', "
+                         f"'accept_timeout', 'accept_drop' or an HTTP status, not {value!r}")
     return value
 
 
@@ -510,13 +577,15 @@ class SendGridProvider(Provider):
     name = "sendgrid"
     routes = (Route(("POST",), re.compile(r"/v3/mail/send"), "mail_send", True),
               Route(("GET",), re.compile(r"/v3/messages"), "activity", True))
-    OPTIONS = dict(api_keys=None, invalid_addresses=set)
+    OPTIONS = dict(api_keys=None, invalid_addresses=set, activity_lag_seconds=0.0)
     _ACTIVITY_QUERY = re.compile(r"""^\(?\s*unique_args\['([\w.-]+)'\]\s*=\s*"([^"]*)"\s*\)?$""")
 
     def activity(self, inc: Incoming) -> Reply:
         """E-mail Activity API (`GET /v3/messages?query=unique_args['k']="v"&limit=N`): the
-        messages SendGrid accepted whose custom argument k equals v. The dispatcher asks
-        it after a crash whether a claimed request went out."""
+        messages SendGrid accepted whose custom argument k equals v, once
+        `activity_lag_seconds` have passed since they were accepted; `to_email`
+        lower-cased, as SendGrid reports it. The dispatcher asks it after a crash whether
+        a claimed request went out."""
         m = self._ACTIVITY_QUERY.match(inc.query.get("query", "").strip())
         if not m:
             return Reply(400, {"errors": [_sg_error("invalid query", "query")]})
@@ -525,16 +594,33 @@ class SendGridProvider(Provider):
         found = []
         with self._lock:
             sends = list(getattr(self, "_accepted_sends", []))
-        for x_message_id, body in sends:
+        shown_before = time.monotonic() - float(self.activity_lag_seconds)
+        for x_message_id, body, accepted_at in sends:
+            if accepted_at > shown_before:
+                continue
             for i, p in enumerate(body.get("personalizations", [])):
                 if str((p.get("custom_args") or {}).get(key)) == value:
                     for to in p.get("to", []):
                         found.append({"msg_id": f"{x_message_id}.local.{i}",
                                       "from_email": body.get("from", {}).get("email"),
                                       "subject": p.get("subject", body.get("subject")),
-                                      "to_email": to.get("email"), "status": "processed",
-                                      "opens_count": 0, "clicks_count": 0})
+                                      "to_email": str(to.get("email")).lower(),
+                                      "status": "processed", "opens_count": 0, "clicks_count": 0})
         return Reply(200, {"messages": found[:limit]})
+
+    def deliveries(self, route: Route, inc: Incoming, body: Any) -> tuple[list[str], list[str]]:
+        """Each personalization's `to` addresses, lower-cased, and its message_id custom
+        argument (the message's own under the personalization's); none in sandbox mode."""
+        if route.handler != "mail_send" or not isinstance(body, dict) or _is_sandbox(body):
+            return [], []
+        recipients, message_ids = [], []
+        top_args = body.get("custom_args") or {}
+        for p in body.get("personalizations") or []:
+            recipients += [str(to["email"]).lower() for to in p.get("to") or []]
+            message_id = {**top_args, **(p.get("custom_args") or {})}.get("message_id")
+            if message_id is not None:
+                message_ids.append(str(message_id))
+        return recipients, message_ids
 
     def authenticate(self, inc: Incoming) -> Reply | None:
         auth = inc.headers.get("authorization", "")
@@ -569,7 +655,7 @@ class SendGridProvider(Provider):
             with self._lock:
                 if not hasattr(self, "_accepted_sends"):
                     self._accepted_sends = []
-                self._accepted_sends.append((x_message_id, body))
+                self._accepted_sends.append((x_message_id, body, time.monotonic()))
         return Reply(202, None, {"X-Message-Id": x_message_id})
 
 
@@ -676,6 +762,17 @@ class FcmProvider(Provider):
             status, status_name, "Internal error encountered." if status == 500 else
             "The service is currently unavailable.",
             [{"@type": FCM_ERROR_TYPE, "errorCode": status_name}]))
+
+    def deliveries(self, route: Route, inc: Incoming, body: Any) -> tuple[list[str], list[str]]:
+        """A `messages:send`'s `message.token` and `message.data["message_id"]`; none for
+        `validate_only`."""
+        if route.handler != "send" or not isinstance(body, dict) or body.get("validate_only"):
+            return [], []
+        message = body.get("message") or {}
+        token = message.get("token")
+        message_id = (message.get("data") or {}).get("message_id")
+        return ([] if token is None else [str(token)],
+                [] if message_id is None else [str(message_id)])
 
     def send(self, inc: Incoming) -> Reply:
         project = inc.params["project"]
@@ -814,6 +911,13 @@ class TelegramProvider(Provider):
             return self._bad("Unauthorized", 401)
         return Reply(200, {"ok": True, "result": self._bot(inc.params["token"])})
 
+    def deliveries(self, route: Route, inc: Incoming, body: Any) -> tuple[list[str], list[str]]:
+        """A sendMessage's `chat_id` (query or body), as a string; no message ids."""
+        if route.handler != "send_message":
+            return [], []
+        chat_id = {**inc.query, **(body if isinstance(body, dict) else {})}.get("chat_id")
+        return ([] if chat_id is None else [str(chat_id)]), []
+
     def send_message(self, inc: Incoming) -> Reply:
         params = dict(inc.query)
         body = inc.parsed()
@@ -875,11 +979,14 @@ class GatewayProvider(Provider):
     """A shop's SMS or Viber HTTP gateway: answers `accepted_response` (string leaves
     formatted with `{n}`, a running number), or `rejected_response` with HTTP 200 for
     `rejected_addresses` (found in the request JSON at `address_field`), the way many
-    gateways report a per-message failure in a 200 body."""
+    gateways report a per-message failure in a 200 body. `accepted_recipients` counts
+    the value at `address_path` (None: `address_field`), `accepted_message_ids` the one
+    at `message_id_path` (None: not counted), both dotted paths into the parsed body."""
 
     name = "gateway"
     routes = (Route(("POST", "PUT", "GET"), re.compile(r"/gateway(/.*)?"), "deliver", True),)
     OPTIONS = dict(expected_headers=dict, address_field="to", rejected_addresses=set,
+                   address_path=None, message_id_path=None,
                    accepted_response=lambda: {"status": "accepted", "message": {"id": "gw-{n}"}},
                    rejected_response=lambda: {"status": "rejected", "error": "unknown subscriber"})
 
@@ -888,6 +995,16 @@ class GatewayProvider(Provider):
             if inc.headers.get(name.lower()) != value:
                 return Reply(401, {"status": "error", "error": "unauthorized"})
         return None
+
+    def deliveries(self, route: Route, inc: Incoming, body: Any) -> tuple[list[str], list[str]]:
+        """The address and message id in the body; none when answered `rejected_response`."""
+        if not isinstance(body, dict) \
+                or str(_dig(body, self.address_field)) in self.rejected_addresses:
+            return [], []
+        address = _dig(body, self.address_path or self.address_field)
+        message_id = _dig(body, self.message_id_path) if self.message_id_path else None
+        return ([] if address is None else [str(address)],
+                [] if message_id is None else [str(message_id)])
 
     def deliver(self, inc: Incoming) -> Reply:
         body = inc.parsed()
@@ -1091,8 +1208,25 @@ class _Connection(asyncio.Protocol):
             self.busy = True
             self._close()
             return
-        close = close or reply.framing == "close"  # type: ignore[union-attr]
-        self._write(reply, close)  # type: ignore[arg-type]
+        if isinstance(reply, Withheld):  # processed; the answer is not sent (or sent late)
+            self.busy = True
+            if not reply.hang:
+                self._close()
+            elif reply.late:
+                self.timer = self.server.loop.call_later(provider.hang_seconds, self._answer,
+                                                         reply.reply, close, True)
+            else:
+                self.timer = self.server.loop.call_later(provider.hang_seconds, self._close)
+            return
+        self._answer(reply, close, waited)  # type: ignore[arg-type]
+
+    def _answer(self, reply: Reply, close: bool, waited: bool) -> None:
+        """Write `reply`; after a wait (`waited`), go on with requests that came meanwhile."""
+        self.timer = None
+        if self.transport is None:
+            return
+        close = close or reply.framing == "close"
+        self._write(reply, close)
         self.busy = False
         if waited and self.buffer and not close:
             self._next()
@@ -1134,8 +1268,9 @@ class _Server:
 
 
 class ServerHandle:
-    """A running server. With one provider, `received`, `accepted`, `configure` and
-    `clear` are that provider's; `providers[name]` reaches each of them."""
+    """A running server. With one provider, `received`, `accepted`, `configure`, `clear`,
+    `accepted_recipients` and `accepted_message_ids` are that provider's; with several,
+    the counts are `{provider name: Counter}`; `providers[name]` reaches each of them."""
 
     def __init__(self, server: _Server, thread: threading.Thread) -> None:
         self._server = server
@@ -1162,6 +1297,16 @@ class ServerHandle:
     @property
     def accepted(self) -> list[RecordedRequest]:
         return [r for p in self.providers.values() for r in p.accepted]
+
+    def accepted_recipients(self) -> Counter | dict[str, Counter]:
+        if len(self.providers) == 1:
+            return self.provider.accepted_recipients()
+        return {name: p.accepted_recipients() for name, p in self.providers.items()}
+
+    def accepted_message_ids(self) -> Counter | dict[str, Counter]:
+        if len(self.providers) == 1:
+            return self.provider.accepted_message_ids()
+        return {name: p.accepted_message_ids() for name, p in self.providers.items()}
 
     def configure(self, **options: Any) -> None:
         self.provider.configure(**options)
@@ -1260,6 +1405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-error-fraction", type=float, default=0.0)
     parser.add_argument("--timeout-fraction", type=float, default=0.0)
     parser.add_argument("--retry-after", type=int, default=1)
+    parser.add_argument("--activity-lag-seconds", type=float, default=0.0,
+                        help="SendGrid: an accepted send shows in GET /v3/messages this long after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequence", default="", help="outcomes, e.g. 429,503,ok,timeout")
     parser.add_argument("--no-record-bodies", action="store_true",
@@ -1281,7 +1428,8 @@ def main(argv: list[str] | None = None) -> int:
                   timeout_fraction=args.timeout_fraction, retry_after=args.retry_after,
                   seed=args.seed, record_bodies=not args.no_record_bodies,
                   sequence=[s for s in args.sequence.split(",") if s])
-    specific = {"sendgrid": dict(api_keys=args.sendgrid_api_key),
+    specific = {"sendgrid": dict(api_keys=args.sendgrid_api_key,
+                                 activity_lag_seconds=args.activity_lag_seconds),
                 "fcm": dict(unregistered_tokens=args.unregistered_token),
                 "telegram": dict(bot_tokens=args.bot_token, blocked_chat_ids=args.blocked_chat_id),
                 "gateway": {}}
