@@ -251,3 +251,134 @@ def test_raw_schema_indexes_events_by_time(good_shop, database_url):
         plan = "\n".join(r[0] for r in conn.execute(
             "explain select * from raw.events where occurred_at >= '2026-10-28T00:00:00Z'"))
     assert "trg_events_time" in plan, plan
+
+
+def _shop(folder: Path) -> Path:
+    write_csv(folder, "customers", CUSTOMERS)
+    write_csv(folder, "orders", ORDERS)
+    write_csv(folder, "order_items", ITEMS)
+    return folder
+
+
+class _PausedLoad:
+    """Loads in threads, each with its own connection (load_folder opens one); the load
+    in the thread named `paused` stops after taking its locks, inside its transaction,
+    until `release` is set, so a second load meets it deterministically."""
+
+    def __init__(self, monkeypatch) -> None:
+        import threading
+
+        from retention import load as load_module
+
+        self.threading = threading
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.outcomes: dict[str, object] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        original = load_module._check_and_write
+
+        def check_and_write(*args, **kwargs):
+            if threading.current_thread().name == "paused":
+                self.inside.set()
+                assert self.release.wait(60), "the paused load was never released"
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(load_module, "_check_and_write", check_and_write)
+
+    def start(self, name: str, folder: Path, url: str) -> None:
+        def run() -> None:
+            try:
+                self.outcomes[name] = load_folder(folder, url, loaded_at=LOADED_AT, currency="UAH")
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                self.outcomes[name] = exc
+
+        thread = self.threading.Thread(target=run, name=name, daemon=True)
+        self.threads[name] = thread
+        thread.start()
+
+    def join(self, name: str, timeout: float = 60) -> object:
+        self.threads[name].join(timeout)
+        assert not self.threads[name].is_alive(), f"load {name} did not finish"
+        return self.outcomes[name]
+
+
+def _waiting_on_advisory_lock(url: str) -> int:
+    with db.connect(url) as conn:
+        return conn.execute(
+            "select count(*) from pg_stat_activity where datname = current_database() "
+            "and wait_event_type = 'Lock' and wait_event = 'advisory'").fetchone()[0]
+
+
+def test_concurrent_loads_wait_for_each_other(tmp_path, database_url, monkeypatch):
+    """A second load started while one runs waits for the load lock, then runs: both
+    succeed (without the lock at the start of the transaction, the second one failed
+    with PostgreSQL's 'tuple concurrently updated')."""
+    import time
+
+    paused = _PausedLoad(monkeypatch)
+    first, second = _shop(tmp_path / "first"), _shop(tmp_path / "second")
+    try:
+        paused.start("paused", first, database_url)
+        assert paused.inside.wait(60)
+        paused.start("second", second, database_url)
+        deadline = time.monotonic() + 30
+        while _waiting_on_advisory_lock(database_url) == 0 and time.monotonic() < deadline:
+            assert paused.threads["second"].is_alive(), paused.outcomes.get("second")
+            time.sleep(0.05)
+        assert _waiting_on_advisory_lock(database_url) == 1
+        assert paused.threads["second"].is_alive()
+    finally:
+        paused.release.set()
+    a, b = paused.join("paused"), paused.join("second")
+    assert not isinstance(a, BaseException), a
+    assert not isinstance(b, BaseException), b
+    assert b.load_id > a.load_id and b.accepted == a.accepted == 6
+    with db.connect(database_url) as conn:
+        loads = conn.execute("select status, count(*) from ops.loads group by 1").fetchall()
+    assert loads == [("succeeded", 2)]
+
+
+def test_a_load_that_cannot_get_the_lock_fails_clearly(tmp_path, database_url, monkeypatch):
+    monkeypatch.setenv("RETENTION_LOAD_LOCK_TIMEOUT", "0.5")
+    paused = _PausedLoad(monkeypatch)
+    first, second = _shop(tmp_path / "first"), _shop(tmp_path / "second")
+    try:
+        paused.start("paused", first, database_url)
+        assert paused.inside.wait(60)
+        paused.start("second", second, database_url)
+        paused.threads["second"].join(30)
+        finished_while_paused = not paused.threads["second"].is_alive()
+    finally:
+        paused.release.set()
+    b = paused.join("second")
+    assert finished_while_paused, "the second load waited beyond its lock timeout"
+    assert isinstance(b, LoadError), b
+    assert "another load is running" in str(b) and "RETENTION_LOAD_LOCK_TIMEOUT" in str(b)
+    a = paused.join("paused")
+    assert not isinstance(a, BaseException), a
+    with db.connect(database_url) as conn:
+        loads = conn.execute("select source, status from ops.loads").fetchall()
+    assert loads == [(str(first.resolve()), "succeeded")]
+
+
+def test_lock_timeout_setting_must_be_seconds(good_shop, database_url, monkeypatch):
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("RETENTION_LOAD_LOCK_TIMEOUT", bad)
+        with pytest.raises(LoadError, match="RETENTION_LOAD_LOCK_TIMEOUT"):
+            load_folder(good_shop, database_url, loaded_at=LOADED_AT, currency="UAH")
+
+
+def test_concurrent_cli_loads_in_separate_processes(tmp_path, database_url):
+    """Real processes started together, as two `retention load` runs would be."""
+    folders = [_shop(tmp_path / f"shop{i}") for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-m", "retention.cli", "load", str(f),
+                               "--currency", "UAH"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for f in folders]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert "concurrently" not in err
+    with db.connect(database_url) as conn:
+        loads = conn.execute("select status, count(*) from ops.loads group by 1").fetchall()
+    assert loads == [("succeeded", 4)]

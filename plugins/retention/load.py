@@ -13,6 +13,11 @@ How a load works:
 3. A COPY error (ragged rows, broken quoting, invalid UTF-8) aborts the transaction: the
    database is exactly as before, and the error names the file and the line.
 
+Loads into one database run one at a time: the transaction starts by taking an advisory
+lock, so a second load waits for the first to commit (up to RETENTION_LOAD_LOCK_TIMEOUT
+seconds, default 900; 0 waits without limit) and otherwise fails with a LoadError saying
+another load is running, having changed nothing.
+
 Line numbers are record numbers counted from the header (line 1), which equal physical
 lines unless a quoted field spans lines.
 """
@@ -23,6 +28,8 @@ import csv
 import gzip
 import io
 import json
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +45,10 @@ from retention.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_
 from retention.schema import ensure_schemas
 
 COPY_CHUNK = 1 << 20
+
+LOAD_LOCK = "retention.load"
+LOCK_TIMEOUT_ENV = "RETENTION_LOAD_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 900.0
 
 NUMERIC = r"^[+-]?(\d{1,16}(\.\d*)?|\.\d+)$"
 INTEGER = r"^[+-]?\d{1,9}$"
@@ -227,10 +238,51 @@ STRICT_TIMESTAMP = (
 )
 
 
+def _lock_timeout() -> float:
+    """Seconds a load waits for another one to finish (RETENTION_LOAD_LOCK_TIMEOUT)."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise LoadError(f"{LOCK_TIMEOUT_ENV}={raw!r}: expected the seconds to wait for another "
+                        "load (e.g. 900; 0 waits without limit)")
+    return value
+
+
+def lock_loads(conn: psycopg.Connection) -> None:
+    """Hold the load lock until the current transaction ends, waiting for a load that
+    holds it; LoadError when it is not free within RETENTION_LOAD_LOCK_TIMEOUT seconds.
+
+    Taken first in a load's transaction: two loads running at once would otherwise both
+    replace ops.try_timestamptz and write the same rows, and the second failed with
+    PostgreSQL's "tuple concurrently updated" (or a duplicate key in pg_proc). Taking it
+    again in the same transaction returns at once.
+    """
+    timeout = _lock_timeout()
+    previous = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
+    millis = max(1, round(timeout * 1000)) if timeout > 0 else 0
+    conn.execute("select set_config('lock_timeout', %s, true)", (f"{millis}ms",))
+    try:
+        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (LOAD_LOCK,))
+    except psycopg.errors.LockNotAvailable:
+        raise LoadError(f"another load is running on this database; waited {timeout:g} s for it "
+                        f"to finish (set {LOCK_TIMEOUT_ENV} to wait longer, 0 without limit)"
+                        ) from None
+    conn.execute("select set_config('lock_timeout', %s, true)", (previous,))
+
+
 def _ensure_cast_functions(conn: psycopg.Connection) -> None:
     """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp with an
     offset. Pure SQL (inlined, no exception block): a strict pattern, then a day-of-month
-    check against the month's length, then the cast, which can no longer fail."""
+    check against the month's length, then the cast, which can no longer fail.
+
+    Replaced under the load lock (taken here when the caller has not taken it): two
+    transactions replacing one function at once fail with "tuple concurrently updated"."""
+    lock_loads(conn)
     conn.execute(f"""
         create or replace function ops.try_timestamptz(v text) returns timestamptz
         language sql immutable parallel safe as $$
@@ -488,9 +540,9 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
     with db.connect(url) as conn:
         ensure_schemas(conn)
         conn.commit()
+        lock_loads(conn)
         _ensure_cast_functions(conn)
         _tune_session(conn)
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
         for name in REQUIRED_TABLES:
             if name not in files:
                 present = conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
