@@ -5,7 +5,10 @@ No Docker engine here: the files are parsed and cross-checked.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +22,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 INIT_DIR = ROOT / "docker" / "postgres-init"
 
+SECRETS_CHECK = "check-secrets"
 AIRFLOW_SERVICES = ["airflow-init", "airflow-api-server", "airflow-scheduler",
                     "airflow-dag-processor", "airflow-triggerer", "airflow-worker"]
 LONG_RUNNING = [s for s in AIRFLOW_SERVICES if s != "airflow-init"] + ["postgres", "redis"]
@@ -130,6 +134,7 @@ def test_healthchecks_and_start_order(services):
         assert services[name]["healthcheck"]["test"], name
     for name in AIRFLOW_SERVICES:
         depends = services[name]["depends_on"]
+        assert depends[SECRETS_CHECK]["condition"] == "service_completed_successfully", name
         assert depends["postgres"]["condition"] == "service_healthy", name
         assert depends["redis"]["condition"] == "service_healthy", name
         if name != "airflow-init":
@@ -188,3 +193,106 @@ def test_image_matches_the_installed_airflow_and_installs_requirements():
     pins = dict(re.findall(r"^([A-Za-z0-9_.\[\]-]+)==(\S+)", requirements, re.M))
     assert pins["apache-airflow"] == version("apache-airflow")
     assert "dbt-postgres" in pins and "dbt-core" in pins and "great-expectations" in pins
+
+
+# --------------------------------------------------------------------------- exposure
+
+
+def with_defaults(value: str) -> str:
+    """Substitute every ${VAR...} as compose does with an empty .env: the default of
+    ${VAR:-default}, else nothing."""
+    return VARIABLE.sub(lambda m: m.group(3) if m.group(2) in (":-", "-") else "", value)
+
+
+def test_no_published_port_listens_on_every_interface_by_default(services):
+    published = {}
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: write ports as \"address:host:container\""
+            published[name] = with_defaults(port)
+            address = published[name].rsplit(":", 2)[0] if published[name].count(":") == 2 else ""
+            assert address in ("127.0.0.1", "::1", "[::1]"), (
+                f"{name} publishes {port!r} on every interface by default")
+    assert published["airflow-api-server"] == "127.0.0.1:8080:8080"
+    assert published["postgres"] == "127.0.0.1:5432:5432"
+    # the address is configurable
+    [api_port] = services["airflow-api-server"]["ports"]
+    assert api_port.startswith("${AIRFLOW_API_BIND:-127.0.0.1}:")
+    assert env_example()["AIRFLOW_API_BIND"] == "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+def secret_variables(compose) -> set[str]:
+    """Every variable compose requires (${NAME:?...}) whose name says it is a secret."""
+    return {m.group(1) for value in strings(compose) for m in VARIABLE.finditer(value)
+            if m.group(2) == ":?" and re.search(r"PASSWORD|SECRET|FERNET", m.group(1))}
+
+
+def check_script(services) -> str:
+    """The secret check's shell script as the container receives it ($$ unescaped)."""
+    command = services[SECRETS_CHECK]["command"]
+    assert command[:2] == ["sh", "-c"], command
+    script = command[2]
+    assert not VARIABLE.search(script), "compose would interpolate the script"
+    return script.replace("$$", "$")
+
+
+def run_check(services, values: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **values}
+    return subprocess.run([shutil.which("sh") or "/bin/sh", "-c", check_script(services)],
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_every_service_waits_for_the_secret_check(services):
+    check = services[SECRETS_CHECK]
+    assert check.get("restart") == "no"
+    assert "ports" not in check and "depends_on" not in check
+    for name, service in services.items():
+        if name == SECRETS_CHECK:
+            continue
+        depends = service.get("depends_on") or {}
+        assert SECRETS_CHECK in depends, f"{name} does not wait for {SECRETS_CHECK}"
+        assert depends[SECRETS_CHECK]["condition"] == "service_completed_successfully", name
+
+
+def test_the_check_covers_every_required_secret(compose, services):
+    secrets = secret_variables(compose)
+    assert {"RETENTION_PROMO_SECRET", "AIRFLOW_JWT_SECRET", "POSTGRES_PASSWORD",
+            "AIRFLOW_FERNET_KEY", "AIRFLOW_ADMIN_PASSWORD"} <= secrets
+    env = services[SECRETS_CHECK]["environment"]
+    assert set(env) == secrets
+    for name in secrets:
+        assert env[name] == f"${{{name}:?set it in .env}}", name
+        assert re.search(rf"\b{name}\b", check_script(services)), f"the script skips {name}"
+
+
+def test_the_check_refuses_the_env_example_placeholders(compose, services):
+    example = env_example()
+    secrets = secret_variables(compose)
+    proc = run_check(services, {name: example[name] for name in secrets})
+    assert proc.returncode != 0
+    for name in secrets:
+        assert example[name] == "change-me"
+        assert name in proc.stderr, (name, proc.stderr)
+
+
+@pytest.mark.parametrize("placeholder", ["change-me", "CHANGE-ME", " change-me ", "", "   "])
+def test_the_check_names_the_one_placeholder_left(compose, services, placeholder):
+    values = {name: f"real-{i}-9d1c2f0e7a" for i, name in enumerate(sorted(secret_variables(compose)))}
+    values["RETENTION_PROMO_SECRET"] = placeholder
+    proc = run_check(services, values)
+    assert proc.returncode != 0
+    assert "RETENTION_PROMO_SECRET" in proc.stderr
+    others = set(values) - {"RETENTION_PROMO_SECRET"}
+    assert not [n for n in others if n in proc.stderr], proc.stderr
+
+
+def test_the_check_passes_real_secrets(compose, services):
+    values = {name: f"real-{i}-9d1c2f0e7a" for i, name in enumerate(sorted(secret_variables(compose)))}
+    proc = run_check(services, values)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    for value in values.values():
+        assert value not in proc.stdout  # the check never prints a secret
