@@ -22,7 +22,7 @@ timeout fires. Outcomes for HTTP clients' framing: `"chunked"` answers as "ok" w
 chunked body (`Transfer-Encoding: chunked`, several chunks), `"close"` as "ok" with
 `Connection: close` and then closes the connection, `"drop"` closes the connection
 without answering (recorded with status None). Faults after the provider took the
-request, which make a client resend what was delivered: `"accept_timeout"` processes the
+request, after which a client that resends delivers twice: `"accept_timeout"` processes the
 request as "ok" (recorded with the handler's status, 2xx: accepted) and holds the
 connection without answering for `hang_seconds`, then closes it, or with `late_answer`
 writes the answer then; `"accept_drop"` processes it as "ok" and closes the connection
@@ -33,13 +33,13 @@ SendGrid's E-mail Activity API shows an accepted send once `activity_lag_seconds
 passed since it was accepted, with `to_email` lower-cased.
 
 `handle.received` lists every request (method, path, headers, parsed body, status,
-outcome); `handle.accepted` the ones answered 2xx, i.e. what the provider took for
-delivery, "accept_timeout" and "accept_drop" included. `accepted_recipients()` and
+outcome); `handle.accepted` the ones with a 2xx status, i.e. what the provider took for
+delivery, answered or not ("accept_timeout", "accept_drop"). `accepted_recipients()` and
 `accepted_message_ids()` count them per recipient and per message id (SendGrid: each
 personalization's `to` address lower-cased and its `message_id` custom argument, sandbox
 sends excluded; FCM: `message.token` and `message.data["message_id"]`; Telegram: the
-`chat_id`; gateway: the values at `address_path` and `message_id_path`), while
-`record_bodies` is on; a handle serving several providers answers `{provider: Counter}`.
+`chat_id`; gateway: the values at `address_path`, by default `address_field`, and at
+`message_id_path`, not for `rejected_addresses`), while `record_bodies` is on; a handle serving several providers answers `{provider: Counter}`.
 
 In-process: `base_url, handle = start("sendgrid", api_keys={"SG.test"})`, `handle.stop()`.
 Command line (all providers on one port, for the demo):
@@ -981,7 +981,8 @@ class GatewayProvider(Provider):
     `rejected_addresses` (found in the request JSON at `address_field`), the way many
     gateways report a per-message failure in a 200 body. `accepted_recipients` counts
     the value at `address_path` (None: `address_field`), `accepted_message_ids` the one
-    at `message_id_path` (None: not counted), both dotted paths into the parsed body."""
+    at `message_id_path` (None: not counted), both dotted paths into the parsed body;
+    requests answered `rejected_response` are not counted."""
 
     name = "gateway"
     routes = (Route(("POST", "PUT", "GET"), re.compile(r"/gateway(/.*)?"), "deliver", True),)
