@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time as time_module
 import urllib.error
 import urllib.request
 from datetime import datetime, time, timedelta, timezone
@@ -107,7 +108,9 @@ def _post(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _signed(private: ec.EllipticCurvePrivateKey, body: bytes, ts: str = "1762066800") -> dict:
+def _signed(private: ec.EllipticCurvePrivateKey, body: bytes, ts: str | None = None) -> dict:
+    """SendGrid's headers for `body`, signed now (the receiver refuses stale signatures)."""
+    ts = ts or str(int(time_module.time()))
     return {SIGNATURE_HEADER: sign_batch(private, body, ts), TIMESTAMP_HEADER: ts}
 
 
@@ -131,7 +134,7 @@ def test_signature_is_ecdsa_over_timestamp_and_raw_body(keypair):
         webhook.load_verification_key("definitely not a key")
 
 
-def test_batch_delivered_twice_counts_once(receiver, keypair, database_url):
+def test_batch_delivered_twice_lands_and_counts_once(receiver, keypair, database_url):
     base, folder = receiver
     private, _ = keypair
     _messages(database_url, [("m1", "c1", "email", "c1@example.com", "sent"),
@@ -144,8 +147,10 @@ def test_batch_delivered_twice_counts_once(receiver, keypair, database_url):
     first = _post(base, body, _signed(private, body))
     second = _post(base, body, _signed(private, body))  # SendGrid retries on a lost 2xx
     assert first[0] == 200 and first[1]["ingested"]["inserted"] == 4
-    assert second[0] == 200 and second[1]["ingested"]["inserted"] == 0
-    assert second[1]["ingested"]["duplicates"] == 4
+    # the replay is acknowledged (SendGrid must stop retrying) but lands nothing new
+    assert second[0] == 200 and second[1]["duplicate"] is True
+    assert second[1]["landed"] is None and second[1]["ingested"] is None
+    assert second[1]["batch_id"] == first[1]["batch_id"]
     with db.connect(database_url) as conn:
         rows = conn.execute("select provider, provider_event_id, message_id, event_type, "
                             "occurred_at, address from ops.message_events "
@@ -158,9 +163,9 @@ def test_batch_delivered_twice_counts_once(receiver, keypair, database_url):
         ("sendgrid", "ev3", "m2", "delivered", T0 + timedelta(seconds=6), "c2@example.com"),
         ("sendgrid", "ev4", "m1", "open", T0 + timedelta(hours=1), "c1@example.com"),
     ]
-    assert (deliveries, inserted) == (2, 4)
-    # both deliveries were landed durably and moved to loaded/ after ingestion
-    assert len(list((folder / "loaded").iterdir())) == 2
+    assert (deliveries, inserted) == (1, 4)
+    # landed durably once and moved to loaded/ after ingestion
+    assert [p.name for p in (folder / "loaded").iterdir()] == [first[1]["landed"]]
     assert not list((folder / "incoming").glob("*.json"))
 
 
@@ -292,7 +297,8 @@ def test_landed_files_load_once_and_match_without_custom_args(database_url, tmp_
     (tmp_path / "incoming" / "broken.json").write_text("{not json")
     totals = load_landed_batches(tmp_path, database_url)
     assert totals == {"files": 2, "events": 4, "inserted": 2, "duplicates": 2, "invalid": 0,
-                      "unmatched": 2, "consent_changes": 0, "rejected_files": 1}
+                      "unmatched": 2, "consent_changes": 0, "rejected_files": 1,
+                      "deferred_files": 0}
     assert (tmp_path / "rejected" / "broken.json.reason").exists()
     assert load_landed_batches(tmp_path, database_url)["files"] == 0  # nothing left
     with db.connect(database_url) as conn:

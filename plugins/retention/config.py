@@ -70,6 +70,11 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "SendGrid Event Webhook verification key (PEM or base64 DER). Set: unsigned or "
         "forged batches get 403 and nothing is written.",
     ),
+    "RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS": (
+        "600",
+        "How far (seconds, either way) a SendGrid webhook signature's timestamp may be from "
+        "the receiver's clock; a stale or future-dated signature gets 403.",
+    ),
     "RETENTION_WEBHOOK_DIR": (
         None,
         "Where webhook batches land before they are loaded. Unset: RETENTION_HOME/webhooks.",

@@ -9,22 +9,22 @@ simulated: they are the generated shop's own orders and receipts.
 
 Every outcome is a pure function of the message id (a digest), and every event has a
 deterministic `sg_event_id`, so a re-run posts the same events and the receiver counts
-them once. Event times follow the message's logical send time (`sent_at`), never the wall
-clock. Nothing here is used outside demos and tests.
+them once (a batch it has landed before is not landed again). Event times follow the
+message's logical send time (`sent_at`), never the wall clock; the signature's timestamp
+is the time of the post, as SendGrid's is, since the receiver refuses stale signatures.
+Nothing here is used outside demos and tests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib import request as urlrequest
-from wsgiref.simple_server import make_server
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -91,36 +91,36 @@ class Receiver:
 
 @contextmanager
 def webhook_receiver(root: Path | None = None, url: str | None = None) -> Iterator[Receiver]:
-    """The project's webhook receiver (`retention.results.receiver.make_app`) on a free
-    local port, verifying signatures with a key pair made for this run."""
-    from retention.results.receiver import (
-        EVENT_PATHS, _QuietHandler, _ThreadingWSGIServer, make_app,
-    )
+    """The project's webhook receiver (`retention.results.receiver.make_app`, served by
+    uvicorn) on a free local port, verifying signatures with a key pair made for this run:
+    the simulated readers sign with its private half, as SendGrid signs with its own."""
+    from retention.results.receiver import make_app, serve_in_thread
 
     private_key = ec.generate_private_key(ec.SECP256R1())
     public = private_key.public_key()
     pem = public.public_bytes(serialization.Encoding.PEM,
                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    server = make_server("127.0.0.1", 0, make_app(key=public, root=root, url=url),
-                         server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    handle = serve_in_thread(make_app(key=public, root=root, url=url))
     try:
-        yield Receiver(f"http://127.0.0.1:{server.server_address[1]}{EVENT_PATHS[0]}",
-                       private_key, pem)
+        yield Receiver(handle.events_url, private_key, pem)
     finally:
-        server.shutdown()
-        server.server_close()
+        handle.stop()
 
 
-def post_batches(receiver: Receiver, events: Sequence[dict], signed_at: datetime) -> dict:
-    """POST events in batches as SendGrid does (signed: timestamp + body, ECDSA P-256)."""
+def post_batches(receiver: Receiver, events: Sequence[dict],
+                 signed_at: datetime | None = None) -> dict:
+    """POST events in batches as SendGrid does (signed: timestamp + body, ECDSA P-256).
+
+    The signature's timestamp is when the batch is posted (`signed_at`, default now): the
+    receiver refuses one far from its clock. A batch the receiver has landed before is
+    answered as a duplicate; its events count as duplicates.
+    """
     from retention.results.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign_batch
 
     totals = {"batches": 0, "events": 0, "inserted": 0, "duplicates": 0, "consent_changes": 0}
-    stamp = str(int(signed_at.timestamp()))
     for i in range(0, len(events), BATCH_SIZE):
         body = json.dumps(list(events[i:i + BATCH_SIZE])).encode()
+        stamp = str(int((signed_at or datetime.now(timezone.utc)).timestamp()))
         req = urlrequest.Request(receiver.url, data=body, method="POST", headers={
             "Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
             SIGNATURE_HEADER: sign_batch(receiver.private_key, body, stamp)})
@@ -128,6 +128,9 @@ def post_batches(receiver: Receiver, events: Sequence[dict], signed_at: datetime
             answer = json.loads(resp.read())
         totals["batches"] += 1
         totals["events"] += answer["events"]
+        if answer.get("duplicate"):
+            totals["duplicates"] += answer["events"]
+            continue
         ingested = answer.get("ingested") or {}
         for key in ("inserted", "duplicates", "consent_changes"):
             totals[key] += int(ingested.get(key, 0))
@@ -148,8 +151,7 @@ def simulate_step(receiver: Receiver, run_id: str | None = None, step: str | Non
     events = [e for row in rows for e in email_events(*row)]
     if not events:
         return {"emails": 0}
-    latest = max(datetime.fromtimestamp(e["timestamp"], timezone.utc) for e in events)
-    totals = post_batches(receiver, events, latest)
+    totals = post_batches(receiver, events)
     by_type: dict[str, int] = {}
     for e in events:
         by_type[e["event"]] = by_type.get(e["event"], 0) + 1

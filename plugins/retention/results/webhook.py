@@ -1,22 +1,36 @@
 """SendGrid Event Webhook batches and send results into `ops.message_events`.
 
-The path of a batch:
+The path of a batch (the receiver is `retention.results.receiver`):
 
-1. **Verify** (when a verification key is configured, `RETENTION_SENDGRID_WEBHOOK_KEY`: the
-   base64 DER public key SendGrid shows under Mail Settings > Signed Event Webhook).
-   SendGrid signs `timestamp + raw body` with ECDSA P-256 / SHA-256 and sends the base64
-   DER signature in `X-Twilio-Email-Event-Webhook-Signature`, the timestamp in
-   `X-Twilio-Email-Event-Webhook-Timestamp`. The raw bytes are verified, never re-encoded
-   JSON. A missing or wrong signature is refused (403) and nothing is written.
-2. **Land** the raw batch durably: one JSON envelope file per request under
-   `<webhook dir>/incoming/`, written to a temporary name, fsynced, renamed, and the
-   folder fsynced. Only then does the receiver answer 2xx, so an acknowledged batch
-   survives a crash or a database outage.
+1. **Verify**, before anything is written. The receiver needs a verification key,
+   `RETENTION_SENDGRID_WEBHOOK_KEY` (the base64 DER public key SendGrid shows under Mail
+   Settings > Signed Event Webhook), unless it is started with its explicit insecure switch
+   for local use. SendGrid signs `timestamp + raw body` with ECDSA P-256 / SHA-256 and
+   sends the base64 DER signature in `X-Twilio-Email-Event-Webhook-Signature`, the
+   timestamp in `X-Twilio-Email-Event-Webhook-Timestamp`. The raw bytes are verified, never
+   re-encoded JSON. A missing or wrong signature, or a timestamp further than
+   `RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS` from the receiver's clock (either way),
+   is refused (403). The body is parsed strictly (`parse_batch`): NaN, Infinity, numbers
+   out of range, U+0000 or unpaired surrogates in any string, deep nesting, and anything but
+   a JSON array of objects are refused (400): PostgreSQL could not store them.
+2. **Land** the raw batch durably, once: one JSON envelope file per batch under
+   `<webhook dir>/incoming/` (mode 0600, folders 0700), written to a temporary name,
+   fsynced, renamed, and the folder fsynced; then the batch's digest (sha256 of the raw
+   body, the batch id) is recorded under `digests/`. A batch whose digest is recorded
+   already is a replay: it is not landed again (`land_new_batch`). Only then does the
+   receiver answer 2xx, so an acknowledged batch survives a crash or a database outage. A
+   crash between the landing and the digest record can land a batch twice; ingestion counts
+   its events once all the same.
 3. **Ingest** (at once by the receiver, and again by `load_landed_batches` for whatever
    is still in `incoming/`): one transaction normalises the events into
    `ops.message_events`, keyed (provider, sg_event_id) so a batch delivered twice counts
    once, writes consent changes, records the batch in `ops.webhook_batches`, and then the
-   file moves to `loaded/`.
+   file moves to `loaded/`. A batch that cannot be ingested (not a batch, or refused by the
+   database) moves to `rejected/` with a `<name>.reason` file beside it and the next batches
+   go on; a lost or unavailable database leaves it in `incoming/` for the next pass. Log
+   lines name files, digests and exception classes only: never a payload, an address or a
+   database error text (which can quote row values); the `.reason` file (mode 0600) keeps
+   the error text.
 
 Consent flows back in the same transaction, so the next wave respects it: `unsubscribe`,
 `group_unsubscribe`, `spamreport`, a hard `bounce` (SendGrid's `type: bounce`, not
@@ -42,8 +56,13 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+import re
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +74,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg.types.json import Jsonb
 
 from retention import db
-from retention.config import paths
+from retention.config import paths, setting
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +82,11 @@ PROVIDER = "sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 KEY_ENV = "RETENTION_SENDGRID_WEBHOOK_KEY"
+TOLERANCE_ENV = "RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS"
 DIR_ENV = "RETENTION_WEBHOOK_DIR"
+#: deepest nesting of arrays and objects a batch may have (SendGrid's events are flat but
+#: for `custom_args` and `category`)
+MAX_NESTING = 32
 
 #: the event types SendGrid posts; others are stored as they come
 EVENT_TYPES = ("processed", "delivered", "deferred", "bounce", "blocked", "dropped", "open",
@@ -104,11 +127,31 @@ create table if not exists ops.report_deliveries (
 
 
 class WebhookError(ValueError):
-    """A request the receiver refuses; `status` is the HTTP status to answer."""
+    """A request the receiver refuses; `status` is the HTTP status to answer.
+
+    The message is fixed text: it never quotes the body, so it can be logged and answered.
+    """
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class BatchRejected(Exception):
+    """A landed batch could not be ingested and moved to `rejected/` (`name` is its file)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name} moved to rejected/ ({reason})")
+        self.name = name
+        self.reason = reason
+
+
+class DatabaseUnavailable(RuntimeError):
+    """No connection to the database: landed batches wait in `incoming/`."""
+
+
+#: errors that say nothing about the batch: it stays in `incoming/` for the next pass
+TRANSIENT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 
 
 def ensure_results_tables(conn: psycopg.Connection) -> None:
@@ -139,6 +182,32 @@ def configured_key() -> ec.EllipticCurvePublicKey | None:
     return load_verification_key(text) if text else None
 
 
+def signature_tolerance() -> float:
+    """Seconds a signature's timestamp may be from the receiver's clock, either way."""
+    text = setting(TOLERANCE_ENV) or "600"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{TOLERANCE_ENV} must be a positive number of seconds, not {text!r}")
+    return value
+
+
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+def check_timestamp(timestamp: str | None, now: datetime, tolerance: float) -> None:
+    """403 unless `timestamp` (Unix seconds, as signed) is within `tolerance` of `now`."""
+    if timestamp is None or not _TIMESTAMP.fullmatch(timestamp.strip()):
+        raise WebhookError(403, "missing or malformed signature timestamp")
+    age = now.timestamp() - int(timestamp.strip())
+    if age > tolerance:
+        raise WebhookError(403, "stale signature: its timestamp is older than the tolerance")
+    if age < -tolerance:
+        raise WebhookError(403, "signature timestamp is in the future beyond the tolerance")
+
+
 def verify_signature(key: ec.EllipticCurvePublicKey, body: bytes, signature: str | None,
                      timestamp: str | None) -> bool:
     """True when `signature` (base64 DER ECDSA) signs `timestamp` + the raw `body`."""
@@ -166,23 +235,79 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def _refuse_constant(name: str):
+    raise WebhookError(400, f"the body holds {name}, which JSON does not allow")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WebhookError(400, "the body holds a number out of range")
+    return value
+
+
+def _check_values(events: list) -> None:
+    """Every string (keys too) storable by PostgreSQL; nesting bounded."""
+    stack: list[tuple[object, int]] = [(events, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise WebhookError(400, "a string in the body holds U+0000")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WebhookError(400, "a string in the body holds an unpaired surrogate") \
+                    from None
+        elif isinstance(value, (list, dict)):
+            if depth >= MAX_NESTING:
+                raise WebhookError(400, "the body is nested too deeply")
+            if isinstance(value, dict):
+                stack.extend((k, depth + 1) for k in value)
+                stack.extend((v, depth + 1) for v in value.values())
+            else:
+                stack.extend((v, depth + 1) for v in value)
+
+
 def parse_batch(body: bytes) -> list[dict]:
-    """A SendGrid batch is a JSON array of event objects; anything else is a 400."""
+    """A SendGrid batch is a JSON array of event objects; anything else is a 400.
+
+    Strict: NaN, Infinity and -Infinity, numbers a float cannot hold, U+0000 or unpaired
+    surrogates in strings and deep nesting are refused, so what is accepted can be stored.
+    """
     try:
-        events = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WebhookError(400, f"the body is not UTF-8 JSON: {exc}") from exc
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookError(400, "the body is not UTF-8") from None
+    try:
+        events = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except WebhookError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise WebhookError(400, f"the body is not JSON ({exc.msg} at offset {exc.pos})") \
+            from None
+    except (ValueError, RecursionError):
+        raise WebhookError(400, "the body is not JSON this receiver can store") from None
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise WebhookError(400, "the body must be a JSON array of event objects")
+    _check_values(events)
     return events
 
 
 def check_request(body: bytes, headers: Mapping[str, str],
-                  key: ec.EllipticCurvePublicKey | None) -> list[dict]:
-    """Verify (when a key is given) and parse a webhook request; WebhookError if refused."""
-    if key is not None and not verify_signature(key, body, _header(headers, SIGNATURE_HEADER),
-                                                _header(headers, TIMESTAMP_HEADER)):
-        raise WebhookError(403, "missing or invalid SendGrid event webhook signature")
+                  key: ec.EllipticCurvePublicKey | None, *, now: datetime | None = None,
+                  tolerance: float | None = None) -> list[dict]:
+    """Verify (when a key is given) and parse a webhook request; WebhookError if refused.
+
+    With `now`, the signed timestamp must also be within `tolerance` seconds of it.
+    """
+    if key is not None:
+        timestamp = _header(headers, TIMESTAMP_HEADER)
+        if now is not None:
+            check_timestamp(timestamp, now,
+                            signature_tolerance() if tolerance is None else tolerance)
+        if not verify_signature(key, body, _header(headers, SIGNATURE_HEADER), timestamp):
+            raise WebhookError(403, "missing or invalid SendGrid event webhook signature")
     return parse_batch(body)
 
 
@@ -206,11 +331,71 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def land_batch(body: bytes, received_at: datetime, *, verified: bool,
-               root: Path | None = None, provider: str = PROVIDER) -> Path:
-    """Write the raw batch durably to `incoming/` and return the file (fsynced, renamed)."""
-    incoming = (root or webhook_dir()) / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
+def private_dir(folder: Path) -> Path:
+    """`folder` created if need be, mode 0700 (what it holds carries addresses)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if stat.S_IMODE(folder.stat().st_mode) & 0o077:
+            os.chmod(folder, 0o700)
+    except OSError:  # not ours to change: the files in it are 0600 all the same
+        pass
+    return folder
+
+
+def _private_file(path: Path) -> None:
+    try:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """`data` to `path` durably, mode 0600: a temporary name, fsync, rename, folder fsync."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _digest_marker(root: Path, batch_id: str) -> Path:
+    return root / "digests" / batch_id[:2] / batch_id
+
+
+def landed_before(batch_id: str, root: Path | None = None) -> bool:
+    """Whether a batch with this digest has landed (the record survives restarts)."""
+    return _digest_marker(root or webhook_dir(), batch_id).exists()
+
+
+def _record_digest(root: Path, batch_id: str, name: str) -> bool:
+    """Record that `batch_id` landed as `name`; False when it was recorded already."""
+    marker = _digest_marker(root, batch_id)
+    private_dir(root / "digests")
+    private_dir(marker.parent)
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, f"{name}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(marker.parent)
+    return True
+
+
+def _write_batch(body: bytes, received_at: datetime, verified: bool, root: Path,
+                 provider: str) -> tuple[str, Path]:
+    incoming = private_dir(private_dir(root) / "incoming")
     received_at = received_at.astimezone(timezone.utc)
     batch_id = batch_id_for(body)
     name = f"{received_at:%Y%m%dT%H%M%S%f}Z_{provider}_{batch_id[:16]}.json"
@@ -218,14 +403,54 @@ def land_batch(body: bytes, received_at: datetime, *, verified: bool,
                 "received_at": received_at.isoformat(), "signature_verified": verified,
                 "body": body.decode("utf-8")}
     final = incoming / name
-    tmp = incoming / f".{name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(envelope, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(incoming)
+    write_private(final, json.dumps(envelope).encode("utf-8"))
+    return batch_id, final
+
+
+def land_batch(body: bytes, received_at: datetime, *, verified: bool,
+               root: Path | None = None, provider: str = PROVIDER) -> Path:
+    """Write the raw batch durably to `incoming/` and return the file (fsynced, renamed).
+
+    Lands it even when its digest was recorded before (the receiver uses `land_new_batch`).
+    """
+    root = root or webhook_dir()
+    batch_id, final = _write_batch(body, received_at, verified, root, provider)
+    _record_digest(root, batch_id, final.name)
     return final
+
+
+@dataclass(frozen=True)
+class Landing:
+    batch_id: str
+    path: Path | None  # None: a replay, not landed again
+
+    @property
+    def duplicate(self) -> bool:
+        return self.path is None
+
+
+#: landings of the same digest in this process wait for each other (striped by digest)
+_LANDING_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def land_new_batch(body: bytes, received_at: datetime, *, verified: bool,
+                   root: Path | None = None, provider: str = PROVIDER) -> Landing:
+    """Land the batch unless its digest is recorded already (a replay: path None).
+
+    The batch file is durable before its digest is recorded, so an acknowledged batch is
+    never lost; when another process records the same digest first, this copy is removed.
+    """
+    root = root or webhook_dir()
+    batch_id = batch_id_for(body)
+    with _LANDING_LOCKS[int(batch_id[:2], 16) % len(_LANDING_LOCKS)]:
+        if landed_before(batch_id, root):
+            return Landing(batch_id, None)
+        _, final = _write_batch(body, received_at, verified, root, provider)
+        if not _record_digest(root, batch_id, final.name):
+            final.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+            return Landing(batch_id, None)
+    return Landing(batch_id, final)
 
 
 def read_landed(path: Path) -> tuple[str, bytes, datetime, bool]:
@@ -399,13 +624,47 @@ def ingest_sendgrid_events(conn: psycopg.Connection, events: list[dict], *,
     return result
 
 
-def ingest_landed_file(path: Path, url: str | None = None) -> BatchResult | None:
+def _reason(exc: BaseException) -> str:
+    sqlstate = getattr(exc, "sqlstate", None)
+    code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    return f"{type(exc).__name__}{code}: {exc}\n"
+
+
+def reject_landed_file(path: Path, root: Path, exc: BaseException) -> Path:
+    """Move a landed batch to `rejected/` with `<name>.reason` (the error text) beside it.
+
+    Both are mode 0600; the log line names the file and the exception class only.
+    """
+    rejected = private_dir(root / "rejected")
+    write_private(rejected / f"{path.name}.reason", _reason(exc).encode("utf-8", "replace"))
+    target = rejected / path.name
+    os.replace(path, target)
+    _private_file(target)
+    _fsync_dir(rejected)
+    _fsync_dir(path.parent)
+    log.error("webhook batch %s moved to rejected/ (%s); the next batches go on",
+              path.name, type(exc).__name__)
+    return target
+
+
+def ingest_landed_file(path: Path, url: str | None = None, *,
+                       root: Path | None = None) -> BatchResult | None:
     """Ingest one landed batch in one transaction, then move it to `loaded/`.
 
     A session lock on the file's name, held until the file has moved, keeps the receiver
     and the loader from ingesting the same file twice; None when another process has it.
+    A batch that cannot be ingested moves to `rejected/` (`root`, default the folder above
+    `incoming/`) under the same lock and `BatchRejected` is raised; a lost database leaves
+    it where it is (`TRANSIENT_ERRORS`), and `DatabaseUnavailable` says no connection could
+    be made at all.
     """
-    with db.connect(url) as conn:
+    root = root or path.parent.parent
+    with ExitStack() as stack:
+        try:
+            conn = stack.enter_context(db.connect(url))
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"no database connection ({type(exc).__name__})") \
+                from None
         lock = conn.execute("select pg_try_advisory_lock(hashtext('retention.webhook:' || %s))",
                             (path.name,)).fetchone()[0]
         conn.commit()
@@ -414,15 +673,22 @@ def ingest_landed_file(path: Path, url: str | None = None) -> BatchResult | None
         try:
             if not path.exists():  # moved by the process that held the lock before us
                 return None
-            batch_id, body, received_at, verified = read_landed(path)
-            events = parse_batch(body)
-            result = ingest_sendgrid_events(conn, events, received_at=received_at,
-                                            batch_id=batch_id, verified=verified,
-                                            source_file=path.name)
-            conn.commit()
-            loaded = path.parent.parent / "loaded"
-            loaded.mkdir(parents=True, exist_ok=True)
+            try:
+                batch_id, body, received_at, verified = read_landed(path)
+                events = parse_batch(body)
+                result = ingest_sendgrid_events(conn, events, received_at=received_at,
+                                                batch_id=batch_id, verified=verified,
+                                                source_file=path.name)
+                conn.commit()
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the batch is the cause
+                conn.rollback()
+                reject_landed_file(path, root, exc)
+                raise BatchRejected(path.name, type(exc).__name__) from None
+            loaded = private_dir(root / "loaded")
             os.replace(path, loaded / path.name)
+            _private_file(loaded / path.name)
             return result
         finally:
             conn.rollback()
@@ -431,31 +697,39 @@ def ingest_landed_file(path: Path, url: str | None = None) -> BatchResult | None
             conn.commit()
 
 
+def _landed_files(incoming: Path) -> Iterator[Path]:
+    return iter(sorted(p for p in incoming.iterdir()
+                       if p.suffix == ".json" and not p.name.startswith(".")))
+
+
 def load_landed_batches(root: Path | None = None, url: str | None = None) -> dict:
     """Ingest every batch still in `incoming/` (name order = arrival order); totals.
 
-    A file that is not a valid batch moves to `rejected/` with a `.reason` file beside it,
-    so one bad file never blocks the folder; everything else is idempotent.
+    A batch that cannot be ingested (not a batch, or refused by the database) moves to
+    `rejected/` with a `.reason` file beside it and the loader goes on with the next one,
+    so one bad file never blocks the folder. A batch whose connection is lost on the way
+    stays in `incoming/` (`deferred_files`) for the next pass; when no connection can be
+    made at all, `DatabaseUnavailable` is raised and every batch waits. Everything else is
+    idempotent.
     """
     root = root or webhook_dir()
     incoming = root / "incoming"
     totals = {"files": 0, "events": 0, "inserted": 0, "duplicates": 0, "invalid": 0,
-              "unmatched": 0, "consent_changes": 0, "rejected_files": 0}
+              "unmatched": 0, "consent_changes": 0, "rejected_files": 0, "deferred_files": 0}
     if not incoming.is_dir():
         return totals
-    for path in sorted(p for p in incoming.iterdir()
-                       if p.suffix == ".json" and not p.name.startswith(".")):
+    for path in _landed_files(incoming):
         try:
-            result = ingest_landed_file(path, url)
+            result = ingest_landed_file(path, url, root=root)
         except FileNotFoundError:
             continue  # ingested and moved by the receiver meanwhile
-        except (WebhookError, ValueError, KeyError, UnicodeDecodeError) as exc:
-            rejected = root / "rejected"
-            rejected.mkdir(parents=True, exist_ok=True)
-            os.replace(path, rejected / path.name)
-            (rejected / f"{path.name}.reason").write_text(f"{exc}\n")
-            log.error("webhook batch %s rejected: %s", path.name, exc)
+        except BatchRejected:
             totals["rejected_files"] += 1
+            continue
+        except TRANSIENT_ERRORS as exc:
+            log.warning("webhook batch %s not loaded (%s); it stays in incoming/",
+                        path.name, type(exc).__name__)
+            totals["deferred_files"] += 1
             continue
         if result is None:
             continue
