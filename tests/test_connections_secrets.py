@@ -1,4 +1,5 @@
-"""A connection's secret never reaches an error message or the log.
+"""Secrets stay secret: a connection's secret never reaches an error message or the log,
+and the demo's promo secret file is readable by its owner only.
 
 A service account that is neither JSON nor the path of an existing file is refused with
 an error naming the connection and what was expected; the value itself is not echoed,
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import traceback
 import urllib.parse
 
@@ -106,3 +109,51 @@ def test_service_account_file_that_is_not_json(tmp_path, caplog):
     exc = _raised(lambda: build_channel("mobile_push", {"password": str(path)}))
     assert "retention_fcm" in str(exc) and "not valid JSON" in str(exc)
     _assert_secret_absent(exc, caplog)
+
+
+# --------------------------------------------------------------------------- demo secret
+
+
+@pytest.fixture()
+def no_promo_secret(monkeypatch):
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "")  # restored after the test
+    monkeypatch.delenv("RETENTION_PROMO_SECRET")
+    old_umask = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+
+
+def test_demo_promo_secret_is_created_owner_only(tmp_path, monkeypatch, no_promo_secret):
+    """Created with mode 0600, not created world-readable and tightened afterwards: with
+    chmod disabled the file still has no bits for group or others."""
+    from retention.demo import _ensure_promo_secret
+
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    monkeypatch.setattr(type(tmp_path), "chmod", lambda *a, **k: None)
+    _ensure_promo_secret(tmp_path)
+    keep = tmp_path / "demo_promo_secret"
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o600
+    secret = os.environ["RETENTION_PROMO_SECRET"]
+    assert len(secret) >= 32 and keep.read_text().strip() == secret
+
+
+def test_demo_promo_secret_is_kept_and_tightened(tmp_path, no_promo_secret):
+    from retention.demo import _ensure_promo_secret
+
+    keep = tmp_path / "demo_promo_secret"
+    keep.write_text("kept-secret-from-an-earlier-run\n")
+    keep.chmod(0o644)
+    _ensure_promo_secret(tmp_path)
+    assert os.environ["RETENTION_PROMO_SECRET"] == "kept-secret-from-an-earlier-run"
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o600
+
+
+def test_demo_promo_secret_from_the_environment_writes_no_file(tmp_path, monkeypatch):
+    from retention.demo import _ensure_promo_secret
+
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "from-the-environment")
+    _ensure_promo_secret(tmp_path)
+    assert not (tmp_path / "demo_promo_secret").exists()
+    assert os.environ["RETENTION_PROMO_SECRET"] == "from-the-environment"

@@ -195,9 +195,15 @@ def _ensure_promo_secret(home: Path) -> None:
     if os.environ.get("RETENTION_PROMO_SECRET"):
         return
     keep = home / "demo_promo_secret"
-    if not keep.exists():
-        keep.write_text(secrets.token_urlsafe(32))
-        keep.chmod(0o600)
+    try:
+        # created owner-only: no moment in which another user could read it
+        fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if keep.stat().st_mode & 0o077:
+            keep.chmod(0o600)
+    else:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secrets.token_urlsafe(32))
     os.environ["RETENTION_PROMO_SECRET"] = keep.read_text().strip()
 
 
