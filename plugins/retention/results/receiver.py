@@ -53,8 +53,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from retention.results.webhook import (
-    KEY_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, BatchRejected, WebhookError, check_timestamp, configured_key, ingest_landed_file,
-    land_new_batch, parse_batch, signature_tolerance, verify_signature, webhook_dir,
+    KEY_ENV, SIGNATURE_HEADER, TIMESTAMP_HEADER, BatchRejected, WebhookError, check_timestamp,
+    configured_key, ingest_landed_file, land_new_batch, parse_batch, signature_tolerance,
+    verify_signature, webhook_dir,
 )
 
 log = logging.getLogger(__name__)
