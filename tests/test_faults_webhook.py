@@ -340,7 +340,7 @@ def test_slow_body_gets_408_and_slow_head_is_cut(serve, keypair, folder):
     private, _ = keypair
     body = json.dumps([_event("open", "slow1", "a@example.com")]).encode()
     signed = _signed(private, body)
-    handle = serve(body_timeout=0.5, server={"head_timeout": 0.5})
+    handle = serve(body_timeout=1.0, server={"head_timeout": 1.0})
     head = _head(str(len(body)), "\r\n".join(f"{k}: {v}" for k, v in signed.items()))
     # a slowloris body: half of it, then nothing; the deadline answers, and closes
     status, answer = _raw(handle.url, head + body[: len(body) // 2])

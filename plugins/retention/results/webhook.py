@@ -331,14 +331,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def private_dir(folder: Path) -> Path:
-    """`folder` created if need be, mode 0700 (what it holds carries addresses)."""
+def private_dir(folder: Path, *, tighten: bool = True) -> Path:
+    """`folder` created if need be with mode 0700 (what it holds carries addresses).
+
+    `tighten`: an existing folder open to others is set to 0700 too (the webhook folder's
+    own subfolders; never the folder a setting names, which may be shared).
+    """
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        if stat.S_IMODE(folder.stat().st_mode) & 0o077:
-            os.chmod(folder, 0o700)
-    except OSError:  # not ours to change: the files in it are 0600 all the same
-        pass
+    if tighten:
+        try:
+            if stat.S_IMODE(folder.stat().st_mode) & 0o077:
+                os.chmod(folder, 0o700)
+        except OSError:  # not ours to change: the files in it are 0600 all the same
+            pass
     return folder
 
 
@@ -378,7 +383,7 @@ def landed_before(batch_id: str, root: Path | None = None) -> bool:
 def _record_digest(root: Path, batch_id: str, name: str) -> bool:
     """Record that `batch_id` landed as `name`; False when it was recorded already."""
     marker = _digest_marker(root, batch_id)
-    private_dir(root / "digests")
+    private_dir(private_dir(root, tighten=False) / "digests")
     private_dir(marker.parent)
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -395,7 +400,7 @@ def _record_digest(root: Path, batch_id: str, name: str) -> bool:
 
 def _write_batch(body: bytes, received_at: datetime, verified: bool, root: Path,
                  provider: str) -> tuple[str, Path]:
-    incoming = private_dir(private_dir(root) / "incoming")
+    incoming = private_dir(private_dir(root, tighten=False) / "incoming")
     received_at = received_at.astimezone(timezone.utc)
     batch_id = batch_id_for(body)
     name = f"{received_at:%Y%m%dT%H%M%S%f}Z_{provider}_{batch_id[:16]}.json"
