@@ -497,3 +497,21 @@ def test_database_down_the_batch_waits_in_incoming(serve, keypair, folder, datab
     totals = load_landed_batches(folder, database_url)
     assert totals["files"] == 1 and totals["consent_changes"] == 1
     assert not _files(folder / "incoming") and not _files(folder / "rejected")
+
+
+def test_schema_not_deployed_defers_instead_of_rejecting(database_url, folder):
+    """An error that is not the batch's own (here a table missing) leaves every batch in
+    incoming/ for the next pass rather than rejecting them all."""
+    body = json.dumps([_event("unsubscribe", "d1", "deferred.reader@example.com")]).encode()
+    landed = land_batch(body, T0, verified=True, root=folder)
+    with db.connect(database_url) as conn:
+        conn.execute("alter table ops.message_events rename to message_events_elsewhere")
+        conn.commit()
+    totals = load_landed_batches(folder, database_url)
+    assert totals["deferred_files"] == 1 and totals["rejected_files"] == 0
+    assert landed.exists() and not _files(folder / "rejected")
+    with db.connect(database_url) as conn:
+        conn.execute("alter table ops.message_events_elsewhere rename to message_events")
+        conn.commit()
+    totals = load_landed_batches(folder, database_url)
+    assert totals["files"] == 1 and totals["consent_changes"] == 1

@@ -27,7 +27,8 @@ The path of a batch (the receiver is `retention.results.receiver`):
    once, writes consent changes, records the batch in `ops.webhook_batches`, and then the
    file moves to `loaded/`. A batch that cannot be ingested (not a batch, or refused by the
    database) moves to `rejected/` with a `<name>.reason` file beside it and the next batches
-   go on; a lost or unavailable database leaves it in `incoming/` for the next pass. Log
+   go on; a lost or unavailable database, or a schema not deployed yet, leaves it in
+   `incoming/` for the next pass. Log
    lines name files, digests and exception classes only: never a payload, an address or a
    database error text (which can quote row values); the `.reason` file (mode 0600) keeps
    the error text.
@@ -150,8 +151,10 @@ class DatabaseUnavailable(RuntimeError):
     """No connection to the database: landed batches wait in `incoming/`."""
 
 
-#: errors that say nothing about the batch: it stays in `incoming/` for the next pass
-TRANSIENT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+#: errors that say nothing about the batch (a lost database, a schema not deployed yet, the
+#: file system): it stays in `incoming/` for the next pass
+DEFERRING_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.ProgrammingError,
+                    OSError)
 
 
 def ensure_results_tables(conn: psycopg.Connection) -> None:
@@ -659,9 +662,9 @@ def ingest_landed_file(path: Path, url: str | None = None, *,
     A session lock on the file's name, held until the file has moved, keeps the receiver
     and the loader from ingesting the same file twice; None when another process has it.
     A batch that cannot be ingested moves to `rejected/` (`root`, default the folder above
-    `incoming/`) under the same lock and `BatchRejected` is raised; a lost database leaves
-    it where it is (`TRANSIENT_ERRORS`), and `DatabaseUnavailable` says no connection could
-    be made at all.
+    `incoming/`) under the same lock and `BatchRejected` is raised; an error that is not the
+    batch's (`DEFERRING_ERRORS`) leaves it where it is, and `DatabaseUnavailable` says no
+    connection could be made at all.
     """
     root = root or path.parent.parent
     with ExitStack() as stack:
@@ -685,7 +688,7 @@ def ingest_landed_file(path: Path, url: str | None = None, *,
                                                 batch_id=batch_id, verified=verified,
                                                 source_file=path.name)
                 conn.commit()
-            except TRANSIENT_ERRORS:
+            except DEFERRING_ERRORS:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever it is, the batch is the cause
                 conn.rollback()
@@ -712,10 +715,10 @@ def load_landed_batches(root: Path | None = None, url: str | None = None) -> dic
 
     A batch that cannot be ingested (not a batch, or refused by the database) moves to
     `rejected/` with a `.reason` file beside it and the loader goes on with the next one,
-    so one bad file never blocks the folder. A batch whose connection is lost on the way
-    stays in `incoming/` (`deferred_files`) for the next pass; when no connection can be
-    made at all, `DatabaseUnavailable` is raised and every batch waits. Everything else is
-    idempotent.
+    so one bad file never blocks the folder. A batch stopped by an error that is not its own
+    (`DEFERRING_ERRORS`) stays in `incoming/` (`deferred_files`) for the next pass; when no
+    connection can be made at all, `DatabaseUnavailable` is raised and every batch waits.
+    Everything else is idempotent.
     """
     root = root or webhook_dir()
     incoming = root / "incoming"
@@ -731,7 +734,7 @@ def load_landed_batches(root: Path | None = None, url: str | None = None) -> dic
         except BatchRejected:
             totals["rejected_files"] += 1
             continue
-        except TRANSIENT_ERRORS as exc:
+        except DEFERRING_ERRORS as exc:
             log.warning("webhook batch %s not loaded (%s); it stays in incoming/",
                         path.name, type(exc).__name__)
             totals["deferred_files"] += 1
