@@ -30,6 +30,8 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+# a killed dispatcher's claims are settled once their lease ran out: seconds, not a minute
+os.environ.setdefault("RETENTION_CLAIM_LEASE_SECONDS", "2")
 
 from retention import db  # noqa: E402
 from retention.schema import ensure_schemas  # noqa: E402

@@ -42,6 +42,19 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "Sending threads per channel in a campaign step (each claims, renders, sends and "
         "records its own batches): one batch is rendered while another is on the wire.",
     ),
+    "RETENTION_CLAIM_LEASE_SECONDS": (
+        "60",
+        "Lease of a dispatcher's claim on ledger rows, renewed while it runs. Another "
+        "dispatcher settles a claim only once its lease expired and its owner's database "
+        "session is gone. Longer than any one provider request.",
+    ),
+    "RETENTION_DISPATCH_SETTLE_WAIT_SECONDS": (
+        "120",
+        "How long a dispatcher that has sent everything it could waits for claims it cannot "
+        "settle yet (another live dispatcher's batch, an unknown e-mail outcome before the "
+        "provider's activity log can tell) before it returns and leaves them to the next "
+        "pass.",
+    ),
     "RETENTION_WAIT_SCALE": (
         "1",
         "Multiplier for every wait between campaign steps (tests and demos shorten them, "

@@ -97,7 +97,10 @@ def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
             return SendGridChannel(conn["password"], extra["from_email"],
                                    base_url=host or "https://api.sendgrid.com",
                                    from_name=extra.get("from_name"),
-                                   sandbox=bool(extra.get("sandbox", False)))
+                                   sandbox=bool(extra.get("sandbox", False)),
+                                   timeout=float(extra.get("timeout", 30)),
+                                   activity_lag_seconds=float(
+                                       extra.get("activity_lag_seconds", 600)))
         if channel in ("mobile_push", "web_push"):
             from retention.channels.firebase import FirebaseChannel
 
@@ -106,14 +109,16 @@ def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:
                 raise ConnectionError_(f"connection {conn_id}: needs the service account JSON in "
                                        "password or extra.service_account")
             info = _service_account(conn_id, source)
-            return FirebaseChannel(info, extra.get("project_id"), base_url=host, kind=channel)
+            return FirebaseChannel(info, extra.get("project_id"), base_url=host, kind=channel,
+                                   timeout=float(extra.get("timeout", 30)))
         if channel == "telegram":
             from retention.channels.telegram import TelegramChannel
 
             if not conn.get("password"):
                 raise ConnectionError_(f"connection {conn_id}: needs password (bot token)")
             return TelegramChannel(conn["password"], base_url=host or "https://api.telegram.org",
-                                   max_per_second=float(extra.get("max_per_second", 30)))
+                                   max_per_second=float(extra.get("max_per_second", 30)),
+                                   timeout=float(extra.get("timeout", 10)))
         if channel in ("sms", "viber"):
             from retention.channels.http_gateway import HttpGatewayChannel
 
@@ -164,23 +169,29 @@ def channels_from_env(names: Iterable[str]) -> dict[str, Channel]:
 
 
 def local_connections(base_url: str, *, api_key: str, bot_token: str,
-                      service_account: dict) -> dict[str, str]:
-    """AIRFLOW_CONN_* values pointing every channel at the local provider servers."""
+                      service_account: dict, activity_lag_seconds: float = 0.0,
+                      timeout: float | None = None) -> dict[str, str]:
+    """AIRFLOW_CONN_* values pointing every channel at the local provider servers
+    (`activity_lag_seconds`: how late the local SendGrid's activity log shows a send;
+    `timeout`: the clients' request timeout, default each channel's own)."""
+    timeouts = {} if timeout is None else {"timeout": timeout}
     gateway = lambda ch: {  # noqa: E731
         "url": f"{base_url}/gateway/{ch}", "payload_template": {
             "to": "{address}", "text": "{text}", "client_ref": "{message_id}"},
         "message_id_path": "message.id", "success_path": "status",
-        "headers": {"Authorization": "Bearer {password}"}}
+        "headers": {"Authorization": "Bearer {password}"}, **timeouts}
     return {
         "AIRFLOW_CONN_RETENTION_SENDGRID": json.dumps({
             "conn_type": "http", "host": base_url, "password": api_key,
-            "extra": {"from_email": "shop@example.com", "from_name": "Example Shop"}}),
+            "extra": {"from_email": "shop@example.com", "from_name": "Example Shop",
+                      "activity_lag_seconds": activity_lag_seconds, **timeouts}}),
         "AIRFLOW_CONN_RETENTION_FCM": json.dumps({
             "conn_type": "http", "host": base_url,
             "extra": {"service_account": service_account,
-                      "project_id": service_account["project_id"]}}),
+                      "project_id": service_account["project_id"], **timeouts}}),
         "AIRFLOW_CONN_RETENTION_TELEGRAM": json.dumps({
-            "conn_type": "http", "host": base_url, "password": bot_token}),
+            "conn_type": "http", "host": base_url, "password": bot_token,
+            "extra": dict(timeouts)}),
         "AIRFLOW_CONN_RETENTION_SMS": json.dumps({
             "conn_type": "http", "password": api_key, "extra": gateway("sms")}),
         "AIRFLOW_CONN_RETENTION_VIBER": json.dumps({

@@ -1,35 +1,60 @@
 """Sending planned ledger rows exactly once.
 
-Each pass repeats: claim up to one provider request's worth of `planned` rows (a
-`claim_token`, committed), render them, send them with the channel, record each outcome
-(committed). Several workers may run the loop at once (`SKIP LOCKED` keeps them apart).
+Each pass repeats: claim up to one provider request's worth of `planned` rows, render
+them, mark them as going out, send them with the channel, record each outcome. Several
+dispatchers may run the loop on one step at once (a second CLI run, an Airflow retry
+whose first attempt is still alive, the trigger and re-engagement runs overlapping,
+sharded send tasks): each claims disjoint rows (`SKIP LOCKED`) and never touches another
+live dispatcher's claims.
 
-A worker killed between claim and record leaves claimed rows behind. The next pass
-reconciles them before sending anything:
+Claims and leases. A dispatcher (`ClaimOwner`, one per process) has a random key that it
+holds as a PostgreSQL session advisory lock for as long as it lives, and a heartbeat that
+renews `lease_until` on its claimed rows. A claim is someone else's to settle only when
+its lease expired AND its owner's key is free (the owner's database session is gone:
+the process died or lost the database). A paused or slow owner keeps its session and so
+its claims; a killed one frees its key at once, and its lease runs out within
+RETENTION_CLAIM_LEASE_SECONDS. Outcomes are recorded only where the row's claim_token
+and status = 'planned' still match, so a settled claim is never overwritten.
 
-* when the channel can ask its provider whether a request was accepted
-  (`lookup_accepted(claim_token)`; SendGrid's e-mail activity by custom argument), the rows
-  become `sent` if it was, or are released to be sent now if it was not;
-* otherwise the outcome is unknown and the rows become `failed` with reason
-  `outcome unknown: ...`: never sent twice, and visible to an operator.
+The claim itself re-checks consent, deactivated addresses and the purchase exit as of
+the release time, so a message held by quiet hours is not sent to someone who
+unsubscribed, bounced or bought meanwhile (`suppressed`, with the reason).
+
+Before the provider call the rows get `sending_at` in the same statement that checks the
+claim still holds, so a claim whose owner died before that point is known never to have
+gone out and is simply released. After it:
+
+* `sent`, `failed`: recorded;
+* `unknown` (the request went out and no answer came): never resent blindly. Where the
+  channel can ask its provider (`lookup_accepted(claim_token)`: SendGrid's e-mail
+  activity by the claim's custom argument, addresses compared lower-cased) the rows are
+  looked up once the provider's activity log is sure to show them (`settle_after`, the
+  channel's `activity_lag_seconds`): accepted rows become `sent`, the rest are released
+  and sent. Elsewhere (FCM, Telegram, gateways) they stay `unknown`, count against the
+  caps and are shown by the CLI, the DAG log and the report;
+* `deferred` (the provider asked for a longer pause than the retry policy allows): back
+  to `planned`, left for a later pass.
+
+A claim of a dead owner that had gone out becomes `unknown` the same way.
+
+A dispatcher that has nothing left to claim waits, up to
+RETENTION_DISPATCH_SETTLE_WAIT_SECONDS, for claims it cannot settle yet (another live
+dispatcher's batch, a lookup not yet due), settling and sending what they release.
 
 `sent_at` is the logical send time: the step's time, or the end of the customer's quiet
 hours, never the wall clock, so attribution windows are reproducible.
 
 Several processes (`processes=N`): one provider client is CPU-bound long before the
 provider is (FCM pushes cost about 1 ms of client CPU each), so a wave can be sent by N
-worker processes ("spawn"). The parent reconciles orphaned claims once, then starts the
-workers with picklable arguments only (the campaign, the scope, the connections as dicts);
-each builds its own channels with `build_channel` and runs the same claim/send/record loop
-without reconciling, since a live sibling's claims are not orphans. A provider rate limit
-in a connection (`max_per_second`) is shared out among the workers. A worker that dies
-leaves its claimed batch for the next pass, like a killed single-process worker; the
-others finish the wave, then the parent raises. Workers die with the parent (Linux
-`PR_SET_PDEATHSIG`), so a retry never reconciles the claims of a worker still sending.
+worker processes ("spawn"), each its own `ClaimOwner`. The parent settles; the workers
+get picklable arguments only (the campaign, the scope, the connections as dicts), build
+their own channels with `build_channel` and run the claim/send/record loop. A provider
+rate limit in a connection (`max_per_second`) is shared out among the workers. Workers
+die with the parent (Linux `PR_SET_PDEATHSIG`).
 
 Claims take any `planned` rows of the scope (no order): ordering by message_id made every
-claim sort all the step's planned rows, 2.7 s a claim on a 1M-row step. Outcomes are
-recorded with one UPDATE per batch from arrays instead of one per message.
+claim sort all the step's planned rows. Outcomes are recorded with one UPDATE per batch
+from arrays instead of one per message.
 """
 
 from __future__ import annotations
@@ -40,6 +65,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -51,6 +77,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from retention import db
 from retention.campaigns.engine import RunInfo, step_counts, step_time
 from retention.campaigns.render import context_for, render
@@ -59,7 +87,7 @@ from retention.channels.base import Channel, OutboundMessage, SendResult
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_OUTCOME = ("outcome unknown: the sending worker died after claiming; "
+UNKNOWN_OUTCOME = ("outcome unknown: the sending worker died after the request went out; "
                    "not resent to avoid a duplicate")
 NOTHING_RECONCILED = {"reconciled_sent": 0, "released": 0, "unknown": 0}
 #: test hook: with several worker processes, only the one with this index honours
@@ -80,6 +108,79 @@ def _failpoint(name: str, counter: dict) -> None:
     if counter[name] == int(spec.split(":", 1)[1]):
         log.error("failpoint %s reached: exiting", name)
         os._exit(137)
+
+
+def _seconds_setting(name: str) -> float:
+    from retention.config import setting
+
+    value = setting(name)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+def lease_seconds() -> float:
+    """RETENTION_CLAIM_LEASE_SECONDS (at least 1)."""
+    return max(1.0, _seconds_setting("RETENTION_CLAIM_LEASE_SECONDS"))
+
+
+def settle_wait_seconds() -> float:
+    return _seconds_setting("RETENTION_DISPATCH_SETTLE_WAIT_SECONDS")
+
+
+class ClaimLost(RuntimeError):
+    """A dispatcher's claim no longer holds (its lease could not be renewed): it stops
+    without sending that batch."""
+
+
+class ClaimOwner:
+    """One dispatcher's identity on its claims: a random key held as a session advisory
+    lock on a connection of its own for as long as it lives, and a heartbeat thread that
+    renews the lease of its claimed rows every quarter lease."""
+
+    def __init__(self, url: str | None, lease: float | None = None) -> None:
+        self.key = secrets.randbits(62) + 1
+        self.lease = lease if lease is not None else lease_seconds()
+        self._url = url
+        self._conn = psycopg.connect(db.libpq_dsn(url), autocommit=True)
+        self._conn.execute("select pg_advisory_lock(%s)", (self.key,))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(0.1, self.lease / 4)):
+            try:
+                with self._lock:
+                    self._conn.execute(
+                        "update ops.messages set lease_until = clock_timestamp() "
+                        "+ make_interval(secs => %s) where claim_owner = %s "
+                        "and claim_token is not null and status = 'planned'",
+                        (self.lease, self.key))
+            except psycopg.Error as exc:  # the claims' leases run out; their batches stop
+                log.warning("claim heartbeat failed (%s); claims of this dispatcher will "
+                            "expire", type(exc).__name__)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            try:
+                self._conn.close()  # ends the session: the key is free
+            except psycopg.Error:
+                pass
+
+    def __enter__(self) -> ClaimOwner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 @dataclass
@@ -132,48 +233,148 @@ def load_recommendations(conn, as_of: datetime, base_url: str = "https://shop.ex
     return Recommendations(by_category, everything[:3])
 
 
+
 SCOPE = ("campaign_id = %(campaign_id)s and step = %(step)s "
          "and (%(run_id)s::text is null or run_id = %(run_id)s)")
 
 
-def _claim(conn, scope: dict, release_at: datetime, limit: int, channel: str,
-           token: str) -> list[tuple]:
-    return conn.execute(f"""
-        update ops.messages m set claim_token = %(token)s, claimed_at = clock_timestamp(),
-                                  attempts = m.attempts + 1
-        where m.message_id in (
+def _claim_sql(offline_purchases: bool) -> str:
+    offline = """
+              or exists (select 1 from marts.ropo_purchases rp
+                         where rp.customer_id = m.customer_id
+                           and rp.purchased_at > m.planned_at
+                           and rp.purchased_at <= %(release_at)s)""" if offline_purchases else ""
+    return f"""
+        with picked as (
           select message_id from ops.messages
           where {SCOPE} and channel = %(channel)s
             and status = 'planned' and claim_token is null and not_before <= %(release_at)s
           limit %(limit)s
-          for update skip locked)
+          for update skip locked
+        ), checked as (
+          select m.message_id,
+            case
+              when exists (select 1 from ops.consent_changes cc
+                           where cc.channel = m.channel and lower(cc.address) = lower(m.address)
+                             and cc.unsubscribed_at <= %(release_at)s)
+                   or exists (select 1 from raw.channel_subscriptions s
+                              where s.customer_id = m.customer_id and s.channel = m.channel
+                                and s.address = m.address and s.unsubscribed_at <= %(release_at)s)
+                then 'no consent: unsubscribed before release'
+              when exists (select 1 from ops.deactivated_addresses d
+                           where d.channel = m.channel and lower(d.address) = lower(m.address))
+                then 'no consent: address deactivated before release'
+              when %(exit_on_purchase)s and (
+                     exists (select 1 from raw.orders o
+                             where o.customer_id = m.customer_id
+                               and o.status in ('paid', 'delivered')
+                               and o.ordered_at > m.planned_at
+                               and o.ordered_at <= %(release_at)s){offline})
+                then 'exited: purchase before release'
+            end as reason
+          from ops.messages m
+          where m.message_id in (select message_id from picked)
+        )
+        update ops.messages m set
+          status = case when c.reason is null then 'planned' else 'suppressed' end,
+          reason = c.reason,
+          claim_token = case when c.reason is null then %(token)s end,
+          claim_owner = case when c.reason is null then %(owner)s::bigint end,
+          claimed_at = case when c.reason is null then clock_timestamp() end,
+          lease_until = case when c.reason is null
+                             then clock_timestamp() + make_interval(secs => %(lease)s) end,
+          sending_at = null, settle_after = null,
+          attempts = m.attempts + case when c.reason is null then 1 else 0 end
+        from checked c
+        where m.message_id = c.message_id
         returning m.message_id, m.customer_id, m.address, m.variant, m.not_before, m.run_id,
-                  m.planned_at
-    """, dict(scope, token=token, release_at=release_at, limit=limit,
-              channel=channel)).fetchall()
+                  m.planned_at, c.reason
+    """
+
+
+def _claim(conn, scope: dict, release_at: datetime, limit: int, channel: str, token: str,
+           owner: ClaimOwner, *, exit_on_purchase: bool = True,
+           offline_purchases: bool = False) -> tuple[list[tuple], int]:
+    """Claim up to `limit` due rows; those that lost consent or whose customer bought
+    since they were planned are suppressed in the same statement. Returns (claimed rows,
+    number suppressed)."""
+    rows = conn.execute(_claim_sql(offline_purchases), dict(
+        scope, token=token, release_at=release_at, limit=limit, channel=channel,
+        owner=owner.key, lease=owner.lease, exit_on_purchase=exit_on_purchase)).fetchall()
+    claimed = [r[:7] for r in rows if r[7] is None]
+    return claimed, len(rows) - len(claimed)
+
+
+def _mark_sending(conn, token: str, owner: ClaimOwner, expected: int) -> None:
+    """Check the claim still holds, renew its lease and mark its rows as going out, in one
+    committed statement; `ClaimLost` if any row is no longer ours."""
+    cur = conn.execute(
+        "update ops.messages set sending_at = clock_timestamp(), "
+        "lease_until = clock_timestamp() + make_interval(secs => %s) "
+        "where claim_token = %s and claim_owner = %s and status = 'planned'",
+        (owner.lease, token, owner.key))
+    conn.commit()
+    if cur.rowcount != expected:
+        raise ClaimLost(f"claim {token}: {expected - cur.rowcount} of {expected} rows are no "
+                        "longer held by this dispatcher; the batch was not sent")
+
+
+_CLEAR_CLAIM = "claim_token = null, claim_owner = null, lease_until = null, settle_after = null"
 
 
 def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, datetime],
-            channel: str) -> None:
-    """One UPDATE for the batch's sent rows and one for its failed rows (arrays unnested,
-    not one statement per message), the dead addresses, one commit."""
-    sent = [r for r in results if r.status == "sent"]
-    failed = [r for r in results if r.status != "sent"]
+            channel: Channel, token: str) -> int:
+    """One UPDATE per outcome kind (arrays unnested, not one statement per message), the
+    dead addresses, one commit. Only rows still claimed by `token` and `planned` change.
+    Returns how many outcomes found their row no longer claimed (0 normally)."""
+    by_kind: dict[str, list[SendResult]] = {"sent": [], "failed": [], "unknown": [],
+                                            "deferred": []}
+    for r in results:
+        by_kind[r.status].append(r)
+    lag = getattr(channel, "activity_lag_seconds", None) \
+        if callable(getattr(channel, "lookup_accepted", None)) else None
+    guard = "m.message_id = v.message_id and m.claim_token = %(token)s and m.status = 'planned'"
+    written = 0
     with conn.cursor() as cur:
-        if sent:
+        if by_kind["sent"]:
+            sent = by_kind["sent"]
             cur.execute(
-                "update ops.messages m set status = 'sent', provider_message_id = v.provider_id, "
-                "sent_at = v.sent_at, claim_token = null "
-                "from unnest(%s::text[], %s::text[], %s::timestamptz[]) "
-                "as v(message_id, provider_id, sent_at) where m.message_id = v.message_id",
-                ([r.message_id for r in sent], [r.provider_message_id for r in sent],
-                 [sent_at_by_id[r.message_id] for r in sent]))
-        if failed:
+                f"update ops.messages m set status = 'sent', provider_message_id = v.provider_id, "
+                f"sent_at = v.sent_at, reason = null, {_CLEAR_CLAIM} "
+                "from unnest(%(ids)s::text[], %(pids)s::text[], %(at)s::timestamptz[]) "
+                f"as v(message_id, provider_id, sent_at) where {guard}",
+                {"ids": [r.message_id for r in sent], "pids": [r.provider_message_id for r in sent],
+                 "at": [sent_at_by_id[r.message_id] for r in sent], "token": token})
+            written += cur.rowcount
+        if by_kind["failed"]:
+            failed = by_kind["failed"]
             cur.execute(
-                "update ops.messages m set status = 'failed', reason = v.reason, claim_token = null "
-                "from unnest(%s::text[], %s::text[]) as v(message_id, reason) "
-                "where m.message_id = v.message_id",
-                ([r.message_id for r in failed], [r.reason or "failed" for r in failed]))
+                f"update ops.messages m set status = 'failed', reason = v.reason, {_CLEAR_CLAIM} "
+                "from unnest(%(ids)s::text[], %(reasons)s::text[]) as v(message_id, reason) "
+                f"where {guard}",
+                {"ids": [r.message_id for r in failed],
+                 "reasons": [r.reason or "failed" for r in failed], "token": token})
+            written += cur.rowcount
+        if by_kind["unknown"]:
+            unknown = by_kind["unknown"]
+            # the claim_token stays: it is what the provider's activity log is asked for
+            cur.execute(
+                "update ops.messages m set status = 'unknown', reason = v.reason, "
+                "claim_owner = null, lease_until = null, "
+                "settle_after = case when %(lag)s::float8 is null then null "
+                "  else clock_timestamp() + make_interval(secs => %(lag)s::float8) end "
+                "from unnest(%(ids)s::text[], %(reasons)s::text[]) as v(message_id, reason) "
+                f"where {guard}",
+                {"ids": [r.message_id for r in unknown],
+                 "reasons": [r.reason or "outcome unknown" for r in unknown], "token": token,
+                 "lag": lag})
+            written += cur.rowcount
+        if by_kind["deferred"]:
+            cur.execute(
+                f"update ops.messages m set sending_at = null, {_CLEAR_CLAIM} "
+                f"from unnest(%(ids)s::text[]) as v(message_id) where {guard}",
+                {"ids": [r.message_id for r in by_kind["deferred"]], "token": token})
+            written += cur.rowcount
         dead = [r.message_id for r in results if r.deactivate_address]
         if dead:
             cur.execute("""
@@ -183,45 +384,129 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
                       from ops.messages where message_id = any(%s) and address is not null) d
                 on conflict do nothing""", (dead,))
     conn.commit()
+    lost = len(results) - written
+    if lost:
+        log.error("claim %s: %d outcomes were not recorded because the claim was settled "
+                  "by another dispatcher meanwhile", token, lost)
+    return lost
+
+
+def _owner_gone(conn, key: int | None) -> bool:
+    """True when no live session holds the owner's key (the key is then held by this
+    session until `_free`)."""
+    if key is None:  # a claim made before leases existed
+        return True
+    return bool(conn.execute("select pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
+
+
+def settle(scope: dict, channels: Mapping[str, Channel], url: str | None = None) -> dict[str, int]:
+    """Settle what can be settled now in a scope:
+
+    * claims whose lease expired and whose owner's session is gone: rows that never went
+      out are released; rows that did become `unknown` (to be looked up where the channel
+      can ask its provider);
+    * `unknown` rows whose lookup is due: accepted addresses become `sent`, the rest are
+      released to be sent.
+
+    Live claims (another dispatcher at work) are left alone."""
+    scope = {"run_id": None, **scope}
+    out = {"reconciled_sent": 0, "released": 0, "unknown": 0}
+    with db.connect(url, autocommit=True) as conn:
+        owners = conn.execute(f"""
+            select distinct claim_owner from ops.messages
+            where {SCOPE} and status = 'planned' and claim_token is not null
+              and coalesce(lease_until, '-infinity') < clock_timestamp()""", scope).fetchall()
+        for (key,) in owners:
+            if not _owner_gone(conn, key):
+                continue
+            try:
+                with conn.transaction():
+                    released = conn.execute(f"""
+                        update ops.messages set {_CLEAR_CLAIM}
+                        where {SCOPE} and status = 'planned' and claim_token is not null
+                          and claim_owner is not distinct from %(key)s and sending_at is null
+                          and coalesce(lease_until, '-infinity') < clock_timestamp()""",
+                                            dict(scope, key=key)).rowcount
+                    out["released"] += released
+                    for channel_name in [r[0] for r in conn.execute(f"""
+                            select distinct channel from ops.messages
+                            where {SCOPE} and status = 'planned' and claim_token is not null
+                              and claim_owner is not distinct from %(key)s""",
+                            dict(scope, key=key)).fetchall()]:
+                        channel = channels.get(channel_name)
+                        lag = getattr(channel, "activity_lag_seconds", None) \
+                            if callable(getattr(channel, "lookup_accepted", None)) else None
+                        made_unknown = conn.execute(f"""
+                            update ops.messages set status = 'unknown', reason = %(reason)s,
+                              claim_owner = null, lease_until = null,
+                              settle_after = case when %(lag)s::float8 is null then null
+                                else clock_timestamp() + make_interval(secs => %(lag)s::float8) end
+                            where {SCOPE} and status = 'planned' and claim_token is not null
+                              and claim_owner is not distinct from %(key)s
+                              and channel = %(channel)s
+                              and coalesce(lease_until, '-infinity') < clock_timestamp()""",
+                            dict(scope, key=key, channel=channel_name, lag=lag,
+                                 reason=UNKNOWN_OUTCOME)).rowcount
+                        if lag is None:  # else a lookup settles them below or later
+                            out["unknown"] += made_unknown
+            finally:
+                if key is not None:
+                    conn.execute("select pg_advisory_unlock(%s)", (key,))
+        groups = conn.execute(f"""
+            select claim_token, channel, array_agg(message_id), array_agg(address)
+            from ops.messages
+            where {SCOPE} and status = 'unknown' and claim_token is not null
+              and settle_after <= clock_timestamp()
+            group by 1, 2""", scope).fetchall()
+        for token, channel_name, ids, addresses in groups:
+            lookup = getattr(channels.get(channel_name), "lookup_accepted", None)
+            if not callable(lookup):
+                continue
+            try:
+                accepted = lookup(token)
+            except Exception as exc:  # noqa: BLE001 - stays unknown; asked again next pass
+                log.warning("provider lookup for claim %s failed (%s); its %d messages stay "
+                            "unknown", token, type(exc).__name__, len(ids))
+                continue
+            sent = [(mid, accepted[(a or "").lower()]) for mid, a in zip(ids, addresses)
+                    if (a or "").lower() in accepted]
+            with conn.transaction():
+                if sent:
+                    out["reconciled_sent"] += conn.execute(f"""
+                        update ops.messages m set status = 'sent', reason = null,
+                          provider_message_id = v.pid,
+                          sent_at = greatest(m.not_before, m.planned_at), {_CLEAR_CLAIM}
+                        from unnest(%(ids)s::text[], %(pids)s::text[]) as v(message_id, pid)
+                        where m.message_id = v.message_id and m.claim_token = %(token)s
+                          and m.status = 'unknown'""",
+                        {"ids": [s[0] for s in sent], "pids": [s[1] for s in sent],
+                         "token": token}).rowcount
+                out["released"] += conn.execute(f"""
+                    update ops.messages set status = 'planned', reason = null,
+                      sending_at = null, {_CLEAR_CLAIM}
+                    where claim_token = %s and status = 'unknown'""", (token,)).rowcount
+    return out
 
 
 def reconcile_orphans(scope: dict, channels: Mapping[str, Channel],
                       url: str | None = None) -> dict[str, int]:
-    """Settle rows claimed by a worker that died. Call before a pass, with no live worker.
+    """Settle the scope's orphaned claims and due lookups (see `settle`)."""
+    return settle(scope, channels, url)
 
-    Where the channel can ask its provider (`lookup_accepted(claim) -> {address:
-    provider id}`), accepted rows become sent and the rest are released for sending;
-    elsewhere the outcome is unknown and the rows fail visibly rather than risk a duplicate.
-    """
-    out = {"reconciled_sent": 0, "released": 0, "unknown": 0}
-    with db.connect(url) as conn:
-        groups = conn.execute(f"""
-            select claim_token, channel,
-                   array_agg(message_id order by message_id), array_agg(address order by message_id)
-            from ops.messages
-            where {SCOPE} and status = 'planned' and claim_token is not null
-            group by 1, 2""", scope).fetchall()
-        for token, channel_name, ids, addresses in groups:
-            channel = channels.get(channel_name)
-            lookup = getattr(channel, "lookup_accepted", None)
-            if lookup is None:
-                conn.execute("update ops.messages set status = 'failed', reason = %s, "
-                             "claim_token = null where claim_token = %s", (UNKNOWN_OUTCOME, token))
-                out["unknown"] += len(ids)
-                conn.commit()
-                continue
-            accepted = lookup(token)
-            sent = [(accepted[a], mid) for mid, a in zip(ids, addresses) if a in accepted]
-            with conn.cursor() as cur:
-                cur.executemany("""update ops.messages set status = 'sent', provider_message_id = %s,
-                                     sent_at = greatest(not_before, planned_at), claim_token = null
-                                   where message_id = %s""", sent)
-            conn.execute("update ops.messages set claim_token = null where claim_token = %s "
-                         "and status = 'planned'", (token,))
-            out["reconciled_sent"] += len(sent)
-            out["released"] += len(ids) - len(sent)
-            conn.commit()
-    return out
+
+def _unsettled(conn, scope: dict, release_at: datetime) -> dict:
+    row = conn.execute(f"""
+        select count(*) filter (where status = 'planned' and claim_token is null
+                                  and not_before <= %(release_at)s),
+               count(*) filter (where status = 'planned' and claim_token is not null),
+               count(*) filter (where status = 'unknown' and settle_after is not null),
+               min(settle_after) filter (where status = 'unknown'),
+               min(lease_until) filter (where status = 'planned' and claim_token is not null),
+               clock_timestamp()
+        from ops.messages where {SCOPE} and status in ('planned', 'unknown')""",
+                       dict(scope, release_at=release_at)).fetchone()
+    return {"claimable": row[0], "claimed": row[1], "awaiting_lookup": row[2],
+            "next_lookup": row[3], "next_lease_end": row[4], "now": row[5]}
 
 
 def dispatch_threads() -> int:
@@ -242,9 +527,10 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                   channels: Mapping[str, Channel], url: str | None = None, *,
                   release_at: datetime | None = None, workers: int = 1, processes: int = 1,
                   connections: Mapping[str, Mapping[str, Any]] | None = None,
-                  on_batch: Callable[[str, int], None] | None = None) -> dict:
+                  on_batch: Callable[[str, int], None] | None = None,
+                  settle_wait: float | None = None) -> dict:
     """Send every planned row of a campaign run's step whose not_before <= release_at
-    (default: the step's time). Returns the step's counts and what reconciliation did.
+    (default: the step's time). Returns the step's counts and what settling did.
 
     `processes` > 1 sends with that many worker processes, each with `workers` threads
     per channel (see `dispatch`)."""
@@ -254,10 +540,15 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
     scope = {"campaign_id": campaign.id, "step": step.name, "run_id": run.run_id}
     result = dispatch(campaign, step_name, channels, scope, release_at, url=url,
                       workers=workers, processes=processes, connections=connections,
-                      on_batch=on_batch)
+                      on_batch=on_batch, settle_wait=settle_wait)
     counts = step_counts(run.run_id, step.name, url)
     counts.update(result)
     return counts
+
+
+def _add(total: dict, part: Mapping[str, int]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
 
 
 def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
@@ -266,53 +557,102 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
              reconcile: bool = True,
              on_batch: Callable[[str, int], None] | None = None,
              extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None = None,
-             ) -> dict:
+             settle_wait: float | None = None) -> dict:
     """The send loop for any scope (a campaign run's step, or a chain step across its
-    instances): claim, render, send, record; after reconciling orphaned claims.
+    instances): settle, then claim, render, send, record; then wait (up to `settle_wait`
+    seconds, default RETENTION_DISPATCH_SETTLE_WAIT_SECONDS) for claims that cannot be
+    settled yet, sending what they release.
 
     `extra_context(conn, claimed_rows)` may return template variables per message id
     (a trigger chain's cart, product, search query); they override the defaults.
 
-    `processes` > 1: the parent reconciles (when `reconcile`), then that many worker
-    processes send. They get `connections` (channel name -> connection dict, as
-    `retention.connections.build_channel` takes; default: the `AIRFLOW_CONN_*` variables)
-    and build their own channels; `channels` serve the parent's reconciliation only.
-    `extra_context` must then be picklable (a module-level function). `on_batch` is
-    called in the parent. `reconcile=False` is for a caller that knows no worker of this
-    scope has died, e.g. a worker beside live siblings."""
+    `processes` > 1: that many worker processes send. They get `connections` (channel
+    name -> connection dict, as `retention.connections.build_channel` takes; default:
+    the `AIRFLOW_CONN_*` variables) and build their own channels; `channels` serve the
+    parent's settling only. `extra_context` must then be picklable (a module-level
+    function). `on_batch` is called in the parent. `reconcile=False` sends without
+    settling or waiting (one pass)."""
     step = campaign.step(step_name)
     scope = {"run_id": None, **scope}
-    reconciled = reconcile_orphans(scope, channels, url) if reconcile else dict(NOTHING_RECONCILED)
-    with db.connect(url) as conn:
-        channel_names = [r[0] for r in conn.execute(
-            f"select distinct channel from ops.messages where {SCOPE} and status = 'planned'",
-            scope).fetchall()]
-    missing = [c for c in channel_names if c not in channels]
-    if missing:
-        raise RuntimeError(f"no channel configured for {', '.join(missing)} "
-                           f"(campaign {campaign.id}, step {step.name})")
-    if processes > 1 and channel_names:
-        timings = _send_in_processes(
-            processes, campaign, step_name, scope, release_at, url=url, workers=workers,
-            connections=_connections_for(channel_names, connections, processes),
-            on_batch=on_batch,
-            extra_context=extra_context)
-    else:
-        timings = _send(campaign, step_name, {n: channels[n] for n in channel_names}, scope,
-                        release_at, url=url, workers=workers, on_batch=on_batch,
-                        extra_context=extra_context)
+    wait_budget = settle_wait_seconds() if settle_wait is None else settle_wait
+    deadline = time.monotonic() + wait_budget
+    reconciled = dict(NOTHING_RECONCILED)
+    timings = _new_timings()
+    for _ in range(1000):  # each round sends or waits; bounded against a livelock
+        if reconcile:
+            _add(reconciled, settle(scope, channels, url))
+        with db.connect(url) as conn:
+            channel_names = [r[0] for r in conn.execute(
+                f"select distinct channel from ops.messages where {SCOPE} and status = 'planned' "
+                "and claim_token is null and not_before <= %(release_at)s",
+                dict(scope, release_at=release_at)).fetchall()]
+        missing = [c for c in channel_names if c not in channels and processes <= 1]
+        if missing:
+            raise RuntimeError(f"no channel configured for {', '.join(missing)} "
+                               f"(campaign {campaign.id}, step {step.name})")
+        if channel_names:
+            if processes > 1:
+                part = _send_in_processes(
+                    processes, campaign, step_name, scope, release_at, url=url, workers=workers,
+                    connections=_connections_for(channel_names, connections, processes),
+                    on_batch=on_batch, extra_context=extra_context)
+            else:
+                part = _send(campaign, step_name, {n: channels[n] for n in channel_names}, scope,
+                             release_at, url=url, workers=workers, on_batch=on_batch,
+                             extra_context=extra_context)
+            _add(timings, part)
+            if part.get("deferred"):
+                break  # the provider asked for a pause: the rest waits for a later pass
+        else:
+            part = _new_timings()
+        if not reconcile:
+            break
+        with db.connect(url) as conn:
+            state = _unsettled(conn, scope, release_at)
+        if state["claimable"]:
+            if not part["batches"] and not part["suppressed_at_claim"]:
+                time.sleep(0.1)  # rows locked by another dispatcher's claim in progress
+            continue
+        lookups_possible = state["awaiting_lookup"] and any(
+            callable(getattr(c, "lookup_accepted", None)) for c in channels.values())
+        if not state["claimed"] and not lookups_possible:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        if not state["claimed"] and (state["next_lookup"] is None or (
+                state["next_lookup"] - state["now"]).total_seconds() > left):
+            break  # the next lookup falls after the wait: the next pass does it
+        pause = 0.25 if state["claimed"] else (
+            (state["next_lookup"] - state["now"]).total_seconds() + 0.05
+            if state["next_lookup"] else 0.25)
+        time.sleep(min(max(pause, 0.05), left, 5.0))
     with db.connect(url) as conn:
         waiting, nxt = conn.execute(
             f"select count(*) filter (where not_before > %(release_at)s), min(not_before) "
             f"from ops.messages where {SCOPE} and status = 'planned'",
             dict(scope, release_at=release_at)).fetchone()
+        state = _unsettled(conn, scope, release_at)
+        unknown = conn.execute(f"select count(*) from ops.messages where {SCOPE} "
+                               "and status = 'unknown'", scope).fetchone()[0]
+    if state["claimed"] or state["awaiting_lookup"]:
+        log.warning("campaign %s step %s: %d rows still claimed by another dispatcher, %d "
+                    "unknown outcomes awaiting the provider's activity log; the next pass "
+                    "settles them", campaign.id, step.name, state["claimed"],
+                    state["awaiting_lookup"])
+    if unknown:
+        log.warning("campaign %s step %s: %d messages of unknown outcome (the request went "
+                    "out, no answer came); they are not resent", campaign.id, step.name,
+                    unknown)
     return {"reconciled": reconciled, "waiting": waiting,
-            "next_release_at": nxt.isoformat() if nxt else None, "timings": timings}
+            "next_release_at": nxt.isoformat() if nxt else None, "timings": timings,
+            "unknown": unknown, "claimed_elsewhere": state["claimed"],
+            "awaiting_lookup": state["awaiting_lookup"]}
 
 
 def _new_timings() -> dict:
     return {"batches": 0, "messages": 0, "claim_s": 0.0, "render_s": 0.0, "send_s": 0.0,
-            "record_s": 0.0}
+            "record_s": 0.0, "suppressed_at_claim": 0, "deferred": 0, "lost_claims": 0}
 
 
 def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
@@ -320,31 +660,42 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
           on_batch: Callable[[str, int], None] | None,
           extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None) -> dict:
     """`workers` threads per channel, each claiming, rendering, sending and recording
-    batches until the scope has no planned row left for it. Returns the seconds spent in
-    each phase, summed over the threads."""
+    batches until the scope has no planned row left for it, under one `ClaimOwner`.
+    Returns the seconds spent in each phase, summed over the threads."""
     step = campaign.step(step_name)
     variants = {v.name: v for v in campaign.variants}
     discount = float(campaign.promo.get("discount_percent", 10))
     valid_days = int(campaign.promo.get("valid_days", 7))
+    exit_on_purchase = "purchase" in campaign.exit_on
     counter: dict = {}
     errors: list[BaseException] = []
     timings = _new_timings()
     timings_lock = threading.Lock()
+    deferred = threading.Event()
 
     with db.connect(url) as conn:
         recs = load_recommendations(conn, release_at)
-        has_lifetime = conn.execute(
-            "select to_regclass('marts.customer_lifetime') is not null").fetchone()[0]
+        has_lifetime, has_ropo = conn.execute(
+            "select to_regclass('marts.customer_lifetime') is not null, "
+            "to_regclass('marts.ropo_purchases') is not null").fetchone()
 
-    def work(channel_name: str) -> None:
+    def work(channel_name: str, owner: ClaimOwner) -> None:
         channel = channels[channel_name]
         with db.connect(url) as conn:
-            while True:
+            while not deferred.is_set():
                 t0 = time.perf_counter()
                 token = uuid.uuid4().hex
-                rows = _claim(conn, scope, release_at, channel.max_batch, channel_name, token)
+                rows, suppressed = _claim(conn, scope, release_at, channel.max_batch,
+                                          channel_name, token, owner,
+                                          exit_on_purchase=exit_on_purchase,
+                                          offline_purchases=has_ropo)
                 conn.commit()
+                if suppressed:
+                    with timings_lock:
+                        timings["suppressed_at_claim"] += suppressed
                 if not rows:
+                    if suppressed:
+                        continue
                     return
                 _failpoint("dispatch.after_claim", counter)
                 t1 = time.perf_counter()
@@ -376,12 +727,17 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                               "campaign_id": campaign.id, "step": step.name},
                         unsubscribe_url=ctx["unsubscribe_url"]))
                     sent_at[message_id] = max(not_before or planned_at, planned_at)
+                _mark_sending(conn, token, owner, len(rows))
+                _failpoint("dispatch.before_send", counter)
                 t2 = time.perf_counter()
                 results = channel.send_batch(messages)
                 _failpoint("dispatch.after_send", counter)
                 t3 = time.perf_counter()
-                _record(conn, results, sent_at, channel_name)
+                lost = _record(conn, results, sent_at, channel, token)
                 t4 = time.perf_counter()
+                n_deferred = sum(1 for r in results if r.status == "deferred")
+                if n_deferred:
+                    deferred.set()
                 with timings_lock:
                     timings["batches"] += 1
                     timings["messages"] += len(results)
@@ -389,21 +745,25 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                     timings["render_s"] += t2 - t1
                     timings["send_s"] += t3 - t2
                     timings["record_s"] += t4 - t3
+                    timings["deferred"] += n_deferred
+                    timings["lost_claims"] += lost
                 if on_batch:
                     on_batch(channel_name, len(results))
 
-    def guarded(channel_name: str) -> None:
+    def guarded(channel_name: str, owner: ClaimOwner) -> None:
         try:
-            work(channel_name)
+            work(channel_name, owner)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=guarded, args=(name,), name=f"dispatch-{name}-{i}")
-               for name in channels for i in range(max(1, workers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ClaimOwner(url) as owner:
+        threads = [threading.Thread(target=guarded, args=(name, owner),
+                                    name=f"dispatch-{name}-{i}")
+                   for name in channels for i in range(max(1, workers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
     return timings

@@ -15,8 +15,10 @@ and the attribution read the frozen snapshot, never the rules again.
 * a member who purchased after the run started has exited: `suppressed`, `exited: purchase`;
 * no live address on the step's channels (unsubscribed, bounced, deactivated token):
   `suppressed`, `no consent`;
-* the frequency caps of the contact policy, counted over planned and sent marketing
-  messages before the step: `suppressed`, `frequency cap: global|channel`;
+* the frequency caps of the contact policy, counted over the marketing messages planned,
+  sent or of unknown outcome (they may have been delivered) within the cap's window on
+  either side of the step, rows planned for a later time included: `suppressed`,
+  `frequency cap: global|channel`;
 * otherwise `planned`, with `not_before` at the end of quiet hours in the customer's own
   time zone when the step's time falls inside them (messages wait, they are not dropped).
 
@@ -190,7 +192,7 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         reached as (
           select distinct x.run_id, x.customer_id from ops.messages x
           where x.run_id in (select run_id from members) and x.step_index < %(step_index)s
-            and x.status in ('sent', 'planned')  -- planned: waiting for the morning
+            and x.status in ('sent', 'planned', 'unknown')  -- planned: waiting for the morning
         ),
         engaged as (
           select distinct msg.run_id, msg.customer_id
@@ -246,16 +248,16 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         counted as (
           select c.*,
             (select count(*) from ops.messages x
-              where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+              where x.customer_id = c.customer_id and x.status in ('planned', 'sent', 'unknown')
                 and x.cap_class <> 'transactional'
-                and x.planned_at > %(step_time)s - %(global_window)s
-                and x.planned_at <= %(step_time)s
+                and coalesce(x.not_before, x.planned_at) > %(step_time)s - %(global_window)s
+                and x.planned_at < %(step_time)s + %(global_window)s
                 and not (x.run_id = c.run_id and x.step = %(step)s)) as global_count,
             (select count(*) from ops.messages x
-              where x.customer_id = c.customer_id and x.status in ('planned', 'sent')
+              where x.customer_id = c.customer_id and x.status in ('planned', 'sent', 'unknown')
                 and x.cap_class <> 'transactional' and x.channel = c.channel
-                and x.planned_at > %(step_time)s - %(channel_window)s
-                and x.planned_at <= %(step_time)s
+                and coalesce(x.not_before, x.planned_at) > %(step_time)s - %(channel_window)s
+                and x.planned_at < %(step_time)s + %(channel_window)s
                 and not (x.run_id = c.run_id and x.step = %(step)s)) as channel_count
           from concerned c
         ),
@@ -321,13 +323,13 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
 
 
 def step_counts(run_id: str, step: str, url: str | None = None) -> dict:
-    """Audience, sent, failed, holdout, planned (waiting) and suppressed by reason."""
+    """Audience, sent, failed, unknown, holdout, planned (waiting) and suppressed by reason."""
     with db.connect(url) as conn:
         rows = conn.execute(
             "select status, coalesce(reason, ''), channel, count(*) from ops.messages "
             "where run_id = %s and step = %s group by 1, 2, 3", (run_id, step)).fetchall()
     counts: dict = {"audience": 0, "planned": 0, "sent": 0, "failed": 0, "holdout": 0,
-                    "suppressed": 0, "suppressed_by_reason": {}, "failed_by_reason": {},
+                    "unknown": 0, "suppressed": 0, "suppressed_by_reason": {}, "failed_by_reason": {},
                     "channels": {}}
     for status, reason, channel, n in rows:
         counts["audience"] += n

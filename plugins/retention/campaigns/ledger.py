@@ -2,9 +2,12 @@
 
 `ops.messages` is the single truth of what was decided and sent. Ids are deterministic
 (campaign, run, step, customer), so a re-run plans the same ids and `on conflict do
-nothing` keeps the first decision. Sending claims rows (claim_token) before the provider
-call and records the outcome after it; a claim left by a killed worker is reconciled on the
-next pass (see dispatch.py), so a message is never sent twice.
+nothing` keeps the first decision. Sending claims rows (claim_token, under the
+claiming dispatcher's lease: claim_owner, lease_until) before the provider call and
+records the outcome after it, only where its own claim still holds. A claim whose lease
+expired and whose owner is gone is settled by the next pass (see dispatch.py), so a
+message is never sent twice. `unknown`: the request went out and no answer came; never
+resent automatically, counted against the caps like a sent message.
 
 Contract columns come first; the rest are extensions (CONTRACT.md allows more columns).
 """
@@ -45,7 +48,8 @@ create table if not exists ops.messages (
   channel text not null,
   customer_id text not null,
   variant text not null,
-  status text not null check (status in ('planned', 'sent', 'failed', 'suppressed', 'holdout')),
+  status text not null constraint messages_status_check
+    check (status in ('planned', 'sent', 'failed', 'suppressed', 'holdout', 'unknown')),
   reason text,
   provider_message_id text,
   planned_at timestamptz not null,
@@ -58,9 +62,30 @@ create table if not exists ops.messages (
   claim_token text,
   claimed_at timestamptz,
   attempts integer not null default 0,
-  subject_key text
+  subject_key text,
+  claim_owner bigint,
+  lease_until timestamptz,
+  sending_at timestamptz,
+  settle_after timestamptz
 );
+-- ledgers made before leases and the unknown status
+alter table ops.messages add column if not exists claim_owner bigint;
+alter table ops.messages add column if not exists lease_until timestamptz;
+alter table ops.messages add column if not exists sending_at timestamptz;
+alter table ops.messages add column if not exists settle_after timestamptz;
+do $$
+begin
+  if not exists (select 1 from pg_constraint
+                 where conrelid = 'ops.messages'::regclass and conname = 'messages_status_check'
+                   and pg_get_constraintdef(oid) like '%unknown%') then
+    alter table ops.messages drop constraint if exists messages_status_check;
+    alter table ops.messages add constraint messages_status_check
+      check (status in ('planned', 'sent', 'failed', 'suppressed', 'holdout', 'unknown'));
+  end if;
+end $$;
 create index if not exists messages_run_step on ops.messages (run_id, step, status);
+create index if not exists messages_claim_owner on ops.messages (claim_owner)
+  where claim_token is not null;
 create index if not exists messages_customer_planned on ops.messages (customer_id, planned_at);
 create index if not exists messages_claimed on ops.messages (claim_token) where claim_token is not null;
 
@@ -85,6 +110,7 @@ create table if not exists ops.consent_changes (
   reason text,
   primary key (channel, address)
 );
+create index if not exists consent_changes_lower on ops.consent_changes (channel, lower(address));
 
 create table if not exists ops.deactivated_addresses (
   channel text not null,
@@ -93,6 +119,8 @@ create table if not exists ops.deactivated_addresses (
   reason text not null,
   primary key (channel, address)
 );
+create index if not exists deactivated_addresses_lower
+  on ops.deactivated_addresses (channel, lower(address));
 """
 
 

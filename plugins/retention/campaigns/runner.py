@@ -56,12 +56,17 @@ def format_waves(result: dict) -> str:
     lines = [f"run {result['run_id']}: audience {result['audience_size']:,} "
              f"(holdout {result['holdout_size']:,})"
              + (" [frozen audience reused]" if result["reused_frozen_audience"] else "")]
-    lines.append(f"  {'wave':<14}{'audience':>10}{'sent':>9}{'failed':>8}{'holdout':>9}"
-                 f"{'waiting':>9}{'suppressed':>12}  by reason")
+    lines.append(f"  {'wave':<14}{'audience':>10}{'sent':>9}{'failed':>8}{'unknown':>9}"
+                 f"{'holdout':>9}{'waiting':>9}{'suppressed':>12}  by reason")
     for w in result["waves"]:
         reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(w["suppressed_by_reason"].items()))
         lines.append(f"  {w['step']:<14}{w['audience']:>10,}{w['sent']:>9,}{w['failed']:>8,}"
-                     f"{w['holdout']:>9,}{w['planned']:>9,}{w['suppressed']:>12,}  {reasons}")
+                     f"{w['unknown']:>9,}{w['holdout']:>9,}{w['planned']:>9,}"
+                     f"{w['suppressed']:>12,}  {reasons}")
+        if w["unknown"]:
+            lines.append(f"  {'':<14}unknown: {w['unknown']:,} messages went out without an "
+                         "answer from the provider; they are not resent (check the "
+                         "provider's log)")
         if w["failed_by_reason"]:
             lines.append(f"  {'':<14}failed: " + ", ".join(
                 f"{k}: {v:,}" for k, v in w["failed_by_reason"].items()))

@@ -328,7 +328,7 @@ def _advance(conn: psycopg.Connection, campaign: Campaign, step: Step, chain_ids
 
 
 def _empty_counts() -> dict:
-    return {"messages": 0, "planned": 0, "sent": 0, "failed": 0, "holdout": 0,
+    return {"messages": 0, "planned": 0, "sent": 0, "failed": 0, "holdout": 0, "unknown": 0,
             "suppressed": 0, "suppressed_by_reason": {}, "channels": {}}
 
 

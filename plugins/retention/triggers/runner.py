@@ -122,8 +122,10 @@ def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | Non
     with db.connect(url) as conn:
         due = conn.execute("""
             select distinct campaign_id, step from ops.messages
-            where campaign_id = any(%s) and status = 'planned' and claim_token is null
-              and not_before <= %s""", ([c.id for c in campaigns], end)).fetchall()
+            where campaign_id = any(%s)
+              and ((status = 'planned' and (claim_token is not null or not_before <= %s))
+                   or (status = 'unknown' and settle_after is not null))""",
+            ([c.id for c in campaigns], end)).fetchall()
     due = set(due)
     for campaign in campaigns:
         for step in campaign.steps:
@@ -284,14 +286,15 @@ def format_report(result: dict) -> str:
                      f"{t['extended']:>10,}{exited:>8,}{norm:>8}  "
                      + ("FLAGGED: " + t["note"] if t["flagged"] else "ok"))
     lines.append(f"  {'chain step':<36}{'due':>6}{'planned':>9}{'sent':>7}{'failed':>8}"
-                 f"{'holdout':>9}{'suppressed':>12}  by reason")
+                 f"{'unknown':>9}{'holdout':>9}{'suppressed':>12}  by reason")
     for name, steps in result["steps"].items():
         for step, c in steps.items():
             if not (c["due"] or c["messages"]):
                 continue
             reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(c["suppressed_by_reason"].items()))
             lines.append(f"  {name + '.' + step:<36}{c['due']:>6,}{c['planned']:>9,}{c['sent']:>7,}"
-                         f"{c['failed']:>8,}{c['holdout']:>9,}{c['suppressed']:>12,}  {reasons}")
+                         f"{c['failed']:>8,}{c['unknown']:>9,}{c['holdout']:>9,}"
+                         f"{c['suppressed']:>12,}  {reasons}")
     exits = {f"{n}: {r}": k for n, rs in result["exits"].items() for r, k in rs.items()}
     if exits:
         lines.append("  exits: " + ", ".join(f"{k} {v:,}" for k, v in sorted(exits.items())))
