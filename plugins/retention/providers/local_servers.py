@@ -12,7 +12,8 @@ provider would see, without an account or the network.
 | gateway | any `/gateway/...` (a shop's SMS / Viber provider) | configurable JSON | configurable |
 
 Every provider has switches, given to `start(...)` or changed at runtime with
-`handle.configure(...)`: `latency_ms` per request, an explicit `sequence` of outcomes
+`handle.configure(...)`: `latency_ms` per request (a request received in full is
+processed after it even if its client hung up meanwhile, as a real provider would), an explicit `sequence` of outcomes
 (`"ok"`, `"timeout"` or an HTTP status such as 429 or 503, consumed one per request), or
 seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`,
 `accept_timeout_fraction`, `accept_drop_fraction`), `retry_after` seconds for 429s, and
@@ -1091,6 +1092,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.busy = False  # a request is waiting for its latency (or hangs)
         self.timer: asyncio.TimerHandle | None = None
+        self.processing = False  # a request is waiting out its latency
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1105,7 +1107,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.timer is not None:
+        # a request received in full is still processed when its client hung up during
+        # the latency wait, as a real provider does: only the answer is lost
+        if self.timer is not None and not self.processing:
             self.timer.cancel()
             self.timer = None
         self.transport = None
@@ -1185,6 +1189,7 @@ class _Connection(asyncio.Protocol):
         wait = provider.delay(route)
         if wait:
             self.busy = True
+            self.processing = True
             self.timer = self.server.loop.call_later(wait, self._respond, provider, route, inc,
                                                      close, True)
         else:
@@ -1195,12 +1200,13 @@ class _Connection(asyncio.Protocol):
         """Answer `inc`; after a wait (`waited`), go on with requests that came meanwhile
         (otherwise `_next`'s loop does)."""
         self.timer = None
-        if self.transport is None:
-            return
+        self.processing = False
         try:
             reply = provider.respond(route, inc)
         except Exception as exc:  # noqa: BLE001 - a handler's bug answers 500, like http.server
             reply = Reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+        if self.transport is None:  # the client is gone: processed, nobody to answer
+            return
         if reply is HANG:  # hold the connection, answer nothing, then drop it
             self.busy = True
             self.timer = self.server.loop.call_later(provider.hang_seconds, self._close)
