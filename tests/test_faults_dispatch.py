@@ -167,6 +167,13 @@ def test_provider_answers_after_the_client_timeout(database_url, stack, channel,
     assert t["lost"] == 0 and t["ledger_disagrees"] == 0
     assert t["statuses"] == ({"sent": n} if channel == "email"
                              else {"sent": n - batch, "unknown": batch})
+    if channel == "mobile_push":  # the marketer sees them in the weekly report
+        from retention.results.report import collect, week_start_of
+
+        data = collect(week_start_of(AS_OF.date()), database_url)
+        assert data.unknown_in_week == batch
+        assert any(note.startswith(f"{batch:,} messages went out without an answer")
+                   for note in data.notes)
 
 
 # --------------------------------------------------------------------------- 7

@@ -55,6 +55,11 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "provider's activity log can tell) before it returns and leaves them to the next "
         "pass.",
     ),
+    "RETENTION_LOAD_LOCK_TIMEOUT": (
+        "900",
+        "Seconds a load waits for another load of the same database to finish before it "
+        "fails with 'another load is running' (0: no limit).",
+    ),
     "RETENTION_WAIT_SCALE": (
         "1",
         "Multiplier for every wait between campaign steps (tests and demos shorten them, "
@@ -80,8 +85,9 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
     ),
     "RETENTION_SENDGRID_WEBHOOK_KEY": (
         None,
-        "SendGrid Event Webhook verification key (PEM or base64 DER). Set: unsigned or "
-        "forged batches get 403 and nothing is written.",
+        "SendGrid Event Webhook verification key (PEM or base64 DER). Required: the receiver "
+        "does not start without it (except with --insecure-no-signature, local use only); "
+        "unsigned, forged or stale batches get 403 and nothing is written.",
     ),
     "RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS": (
         "600",

@@ -240,7 +240,9 @@ STRICT_TIMESTAMP = (
 
 def _lock_timeout() -> float:
     """Seconds a load waits for another one to finish (RETENTION_LOAD_LOCK_TIMEOUT)."""
-    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    from retention.config import setting
+
+    raw = (setting(LOCK_TIMEOUT_ENV) or "").strip()
     if not raw:
         return DEFAULT_LOCK_TIMEOUT
     try:

@@ -2,7 +2,8 @@
     campaign_results: what each campaign run, step, channel and variant sent and earned
     (CONTRACT.md section 5), holdout included.
 
-    From the ledger (audience: every row, whatever its status; sent, failed, suppressed),
+    From the ledger (audience: every row, whatever its status; sent, failed, unknown,
+    suppressed),
     the provider events (delivered; opened = an open or a click, since a click without an
     open is an e-mail whose images were blocked; clicked; unsubscribed; bounced) and
     message_attribution (converted: messages that earned at least one purchase; revenue,
@@ -90,6 +91,7 @@ select
     min(cap_class) as cap_class,
     min(planned_at) as first_planned_at,
     count(*) filter (where status = 'failed') as failed,
+    count(*) filter (where status = 'unknown') as unknown,
     count(*) filter (where status = 'suppressed') as suppressed,
     count(*) filter (where status = 'planned') as waiting,
     count(*) filter (where is_unsubscribed) as unsubscribed,

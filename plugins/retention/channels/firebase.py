@@ -363,10 +363,18 @@ class FirebaseChannel:
 
 
 def load_credentials_info(text_or_path: str) -> dict[str, Any]:
-    """A service-account JSON given inline or as a file path (for hooks reading a
-    connection's extra)."""
+    """A service-account JSON given inline or as the path of an existing file (for hooks
+    reading a connection's extra). Anything else is refused without echoing the value,
+    which may be a secret."""
     text = text_or_path.strip()
     if not text.startswith("{"):
+        if not os.path.isfile(text):
+            raise ValueError("the FCM service account must be its JSON or the path of an "
+                             "existing file holding it")
         with open(text, encoding="utf-8") as f:
             text = f.read()
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the FCM service account is not valid JSON (line {exc.lineno}, "
+                         f"column {exc.colno})") from None

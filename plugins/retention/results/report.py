@@ -105,6 +105,8 @@ class ReportData:
     cohorts: list[dict] = field(default_factory=list)
     ropo_weeks: list[dict] = field(default_factory=list)
     sent_in_week: int = 0
+    #: messages whose request went out with no answer from the provider (never resent)
+    unknown_in_week: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -173,6 +175,16 @@ def collect(week_start: date, url: str | None = None, as_of: datetime | None = N
             data.sent_in_week = conn.execute(
                 "select count(*) from ops.messages where status = 'sent' and sent_at >= %(ws)s "
                 "and sent_at < %(we)s and cap_class <> 'transactional'", params).fetchone()[0]
+            data.unknown_in_week = conn.execute(
+                "select count(*) from ops.messages where status = 'unknown' "
+                "and coalesce(not_before, planned_at) >= %(ws)s "
+                "and coalesce(not_before, planned_at) < %(we)s", params).fetchone()[0]
+            if data.unknown_in_week:
+                data.notes.append(
+                    f"{data.unknown_in_week:,} messages went out without an answer from the "
+                    "provider (status unknown): they may have been delivered and were not "
+                    "resent; they count against the frequency caps. The provider's own log "
+                    "tells which arrived.")
         if not has_results:
             data.notes.append("marts.campaign_results is not built yet: run `retention build`.")
         else:
