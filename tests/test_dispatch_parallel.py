@@ -95,6 +95,7 @@ def _plan(url: str, channel: str):
     return campaign, run
 
 
+@pytest.mark.parametrize("providers", [300], indirect=True)  # ms a request: both get work
 def test_two_processes_send_3000_emails_each_exactly_once(database_url, providers):
     _shop(database_url, 3000)
     campaign, run = _plan(database_url, "email")
@@ -107,6 +108,8 @@ def test_two_processes_send_3000_emails_each_exactly_once(database_url, provider
     assert set(accepted) == set(statuses) and max(accepted.values()) == 1
     assert counts["sent"] == 3000 and counts["reconciled"] == {
         "reconciled_sent": 0, "released": 0, "unknown": 0}
+    by_process = counts["timings"]["messages_by_process"]
+    assert len(by_process) == 2 and min(by_process) > 0, by_process  # both sent a share
     # the workers' batches reach the parent's on_batch, and their timings add up
     assert sum(n for _, n in batches) == 3000 and {name for name, _ in batches} == {"email"}
     assert counts["timings"]["messages"] == 3000 and counts["timings"]["batches"] == len(batches)
@@ -117,11 +120,14 @@ def test_two_processes_send_3000_emails_each_exactly_once(database_url, provider
     assert again["sent"] == 3000 and len(providers.received) == requests_before
 
 
+@pytest.mark.parametrize("providers", [300], indirect=True)
 def test_two_processes_send_pushes_each_exactly_once(database_url, providers):
     _shop(database_url, 1200)
     campaign, run = _plan(database_url, "mobile_push")
-    dispatch_step(campaign, run, "wave", channels_from_env(["mobile_push"]), database_url,
-                  processes=2, workers=2)
+    counts = dispatch_step(campaign, run, "wave", channels_from_env(["mobile_push"]),
+                           database_url, processes=2, workers=2)
+    by_process = counts["timings"]["messages_by_process"]
+    assert len(by_process) == 2 and min(by_process) > 0, by_process
     statuses = _statuses(database_url, campaign.id)
     accepted = _accepted(providers)
     assert len(statuses) == 1200 and set(statuses.values()) == {"sent"}

@@ -1,6 +1,9 @@
 -- One row per offline receipt matched to a customer (CONTRACT.md section 2, ROPO):
 -- is_ropo when at least one item's product, or its category_path, was viewed online by
 -- the customer in the ropo_window_days (30) before purchased_at. Rules in ropo_purchases.yml.
+-- Indexed by customer and time: the dispatcher's claim asks whether a claimed customer
+-- bought offline since the message was planned (the purchase exit).
+{{ config(indexes=[{'columns': ['customer_id', 'purchased_at']}]) }}
 {%- set window = days_interval(var('ropo_window_days')) %}
 with
 

@@ -546,9 +546,13 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
     return counts
 
 
-def _add(total: dict, part: Mapping[str, int]) -> None:
+def _add(total: dict, part: Mapping[str, Any]) -> None:
     for key, value in part.items():
-        total[key] = total.get(key, 0) + value
+        if isinstance(value, list):  # per worker process: added element-wise
+            old = total.get(key) or [0] * len(value)
+            total[key] = [a + b for a, b in zip(old, value)]
+        else:
+            total[key] = total.get(key, 0) + value
 
 
 def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
@@ -820,7 +824,8 @@ def _send_in_processes(processes: int, campaign: Campaign, step_name: str, scope
     children: list[tuple[int, multiprocessing.process.BaseProcess]] = []
     readers: dict[Any, int] = {}
     failures: dict[int, str] = {}
-    timings = _new_timings()
+    timings: dict[str, Any] = _new_timings()
+    timings["messages_by_process"] = [0] * processes
     try:
         for index in range(processes):
             reader, writer = ctx.Pipe(duplex=False)
@@ -844,6 +849,7 @@ def _send_in_processes(processes: int, campaign: Campaign, step_name: str, scope
                 elif kind == "done":
                     for key, value in payload[0].items():
                         timings[key] += value
+                    timings["messages_by_process"][index] = payload[0]["messages"]
                 elif kind == "error":
                     failures[index] = payload[0]
         for index, process in children:
