@@ -112,14 +112,19 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
                 c = load_campaign(campaign_id)
                 info = _run_info(run)
                 # the one clock read of a campaign: has a customer's morning arrived yet?
-                left, due = pending_releases(info.run_id, step_name, pendulum.now("UTC"))
+                left, due, settling = pending_releases(info.run_id, step_name,
+                                                       pendulum.now("UTC"))
                 if left == 0:
                     return PokeReturnValue(is_done=True, xcom_value={"waiting": 0})
-                if due is None:
+                if due is None and not settling:
                     return PokeReturnValue(is_done=False)
+                # a release, or claims and unknown e-mail outcomes to settle (release_at
+                # None: the step's own time, which releases nothing new)
                 counts = dispatch_step(c, info, step_name, channels_for(c.step(step_name).channels),
                                        release_at=due, workers=dispatch_threads())
-                return PokeReturnValue(is_done=counts["waiting"] == 0, xcom_value=counts)
+                done = not (counts["waiting"] or counts["claimed_elsewhere"]
+                            or counts["awaiting_lookup"])
+                return PokeReturnValue(is_done=done, xcom_value=counts)
 
             planned = plan(run, step.name)
             sent = send(run, step.name, planned)

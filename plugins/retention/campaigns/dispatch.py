@@ -923,10 +923,16 @@ def _process_main(index: int, parent_pid: int, writer, job: dict) -> None:
 
 
 def pending_releases(run_id: str, step: str, now: datetime,
-                     url: str | None = None) -> tuple[int, datetime | None]:
-    """(planned rows left, the latest not_before that is due by `now`) for a step."""
+                     url: str | None = None) -> tuple[int, datetime | None, int]:
+    """(rows still to settle: planned, or unknown awaiting a lookup; the latest not_before
+    that is due by `now`; how many of them need settling rather than a release: claimed
+    by a dispatcher, or awaiting a lookup) for a step."""
     with db.connect(url) as conn:
-        left, due = conn.execute(
-            "select count(*), max(not_before) filter (where not_before <= %s) from ops.messages "
-            "where run_id = %s and step = %s and status = 'planned'", (now, run_id, step)).fetchone()
-    return left, due
+        left, due, settling = conn.execute(
+            "select count(*), max(not_before) filter (where status = 'planned' "
+            "  and not_before <= %s), "
+            "count(*) filter (where claim_token is not null) from ops.messages "
+            "where run_id = %s and step = %s and (status = 'planned' "
+            "  or (status = 'unknown' and settle_after is not null))",
+            (now, run_id, step)).fetchone()
+    return left, due, settling
