@@ -6,9 +6,9 @@ and heartbeats for it through the execution API) is frozen with SIGSTOP while th
 process keeps sending. With `[scheduler] task_instance_heartbeat_timeout` at 10 s the
 scheduler finds the task instance without a heartbeat, fails it into `up_for_retry`
 (retries=1, retry_delay=0) and runs attempt 2 in another worker, while attempt 1's
-dispatcher is still alive, holds its claims and sends: the situation of a worker whose
-node stopped answering (a network partition, a frozen VM, a long GC pause of the
-supervisor) while the work itself goes on.
+dispatcher is still alive, holds its claims and sends: the situation of a supervisor that
+no longer reaches the api-server (a partition between worker and api-server, a stalled
+supervisor) while the task process itself goes on.
 
 The task does what a campaign DAG's send task does for a step
 (`retention_airflow.campaign_dag`): the run's frozen audience (`start_run`), the channel
