@@ -132,6 +132,11 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
         conn.execute("update ops.campaign_runs set audience_size = %s, holdout_size = %s "
                      "where run_id = %s", (size, holdout, run_id))
         conn.commit()
+        # fresh statistics for the new run's members before any step is planned: with
+        # the table's old ones (one row for an unseen run_id) the planner nests a loop
+        # over the whole audience inside another (minutes instead of seconds at 100,000)
+        conn.execute("analyze ops.audience_members")
+        conn.commit()
     return RunInfo(run_id, campaign.id, as_of, size, holdout, created=True)
 
 
