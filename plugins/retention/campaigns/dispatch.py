@@ -251,15 +251,17 @@ def _claim_sql(offline_purchases: bool) -> str:
             and status = 'planned' and claim_token is null and not_before <= %(release_at)s
           limit %(limit)s
           for update skip locked
-        ), checked as (
+        ), checked as materialized (  -- computed once per row, not once per SET column
           select m.message_id,
             case
               when exists (select 1 from ops.consent_changes cc
                            where cc.channel = m.channel and lower(cc.address) = lower(m.address)
                              and cc.unsubscribed_at <= %(release_at)s)
-                   or exists (select 1 from raw.channel_subscriptions s
-                              where s.customer_id = m.customer_id and s.channel = m.channel
-                                and s.address = m.address and s.unsubscribed_at <= %(release_at)s)
+                   -- a scalar lookup by the key: an EXISTS here is planned as a hash of
+                   -- every subscription, scanned at each claim
+                   or (select s.unsubscribed_at from raw.channel_subscriptions s
+                       where s.customer_id = m.customer_id and s.channel = m.channel
+                         and s.address = m.address) <= %(release_at)s
                 then 'no consent: unsubscribed before release'
               when exists (select 1 from ops.deactivated_addresses d
                            where d.channel = m.channel and lower(d.address) = lower(m.address))
