@@ -36,7 +36,8 @@ os.environ.setdefault("RETENTION_CLAIM_LEASE_SECONDS", "2")
 from retention import db  # noqa: E402
 from retention.schema import ensure_schemas  # noqa: E402
 
-SHARED = Path(os.environ.get("RETENTION_SHARED_DIR", ROOT.parent / "shared"))
+#: sample data the tests read, shipped in the repository (docs/CONTRACT.md section 6)
+DATA = ROOT / "tests" / "data"
 
 
 def _server_url() -> str:
@@ -87,8 +88,8 @@ def database_url(make_database, monkeypatch) -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return SHARED
+def sample_data() -> Path:
+    return DATA
 
 
 @pytest.fixture(scope="session")

@@ -205,8 +205,8 @@ def test_gzip_files_and_inferred_currency(tmp_path, database_url, monkeypatch):
         assert conn.execute("select value from ops.shop_settings where key='currency'").fetchone() == ("UAH",)
 
 
-def test_rees46_sample_loads_without_loss(shared_dir, database_url):
-    sample = shared_dir / "data" / "rees46_sample_2019-10-01.csv"
+def test_rees46_sample_loads_without_loss(sample_data, database_url):
+    sample = sample_data / "rees46_sample_2019-10-01.csv"
     with open(sample, newline="") as fh:
         records = list(csv.DictReader(fh))
     report = load_folder(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)

@@ -67,8 +67,8 @@ def _run_every(url: str, start: datetime, end: datetime, step: timedelta, **kw) 
     return out
 
 
-def test_rees46_sample_through_the_abandoned_cart_trigger(database_url, shared_dir):
-    path = shared_dir / "data" / "rees46_sample_2019-10-01.csv"
+def test_rees46_sample_through_the_abandoned_cart_trigger(database_url, sample_data):
+    path = sample_data / "rees46_sample_2019-10-01.csv"
     load_folder(path, database_url, fmt="rees46", loaded_at=datetime(2019, 10, 2, tzinfo=UTC))
     campaigns = {"abandoned_cart": load_campaign("abandoned_cart")}
     # the DAG's 15-minute runs, from the first event until every window has closed

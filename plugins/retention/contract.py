@@ -1,4 +1,4 @@
-"""The raw layer of ../shared/CONTRACT.md section 1, as data.
+"""The raw layer of docs/CONTRACT.md section 1, as data.
 
 One description serves the loader (types, keys, checks), the data-quality suites, the
 generator and the tests, so a column is named in one place.
