@@ -130,10 +130,9 @@ def _event(records: Path, attempt: int, name: str) -> dict | None:
 
 
 def _live_claim_owners(url: str) -> int:
-    """Dispatchers holding claims right now (distinct owners of claimed planned rows)."""
+    """Dispatchers holding claims right now (distinct owners of live claims)."""
     with db.connect(url) as conn:
-        return conn.execute("select count(distinct claim_owner) from ops.messages "
-                            "where claim_token is not null and status = 'planned'").fetchone()[0]
+        return conn.execute("select count(distinct claim_owner) from ops.claims").fetchone()[0]
 
 
 @pytest.mark.scheduler

@@ -176,11 +176,12 @@ def _is_connection_error(stderr: str) -> bool:
 def _ledger(url: str) -> dict:
     with db.connect(url, autocommit=True) as conn:
         return dict(conn.execute("""
-            select case when status = 'planned' and claim_token is not null
-                          then 'planned claimed' || case when sending_at is not null
+            select case when m.status = 'planned' and m.claim_token is not null
+                          then 'planned claimed' || case when c.sending_at is not null
                                                          then ' sending' else '' end
-                        else status end, count(*)
-            from ops.messages group by 1""").fetchall())
+                        else m.status end, count(*)
+            from ops.messages m left join ops.claims c on c.claim_token = m.claim_token
+            group by 1""").fetchall())
 
 
 def _second_request_out(url: str, batch: int) -> bool:

@@ -7,9 +7,11 @@ whose first attempt is still alive, the trigger and re-engagement runs overlappi
 sharded send tasks): each claims disjoint rows (`SKIP LOCKED`) and never touches another
 live dispatcher's claims.
 
-Claims and leases. A dispatcher (`ClaimOwner`, one per process) has a random key that it
-holds as a PostgreSQL session advisory lock for as long as it lives, and a heartbeat that
-renews `lease_until` on its claimed rows. A claim is someone else's to settle only when
+Claims and leases. A claim is a batch of rows carrying its claim_token and one row of
+`ops.claims` (owner, lease, sending_at), written in one transaction. A dispatcher
+(`ClaimOwner`, one per process) has a random key that it holds as a PostgreSQL session
+advisory lock for as long as it lives, and a heartbeat that renews the lease of its
+claims. A claim is someone else's to settle only when
 its lease expired AND its owner's key is free (the owner's database session is gone:
 the process died or lost the database). A paused or slow owner keeps its session and so
 its claims; a killed one frees its key at once, and its lease runs out within
@@ -20,9 +22,9 @@ The claim itself re-checks consent, deactivated addresses and the purchase exit 
 the release time, so a message held by quiet hours is not sent to someone who
 unsubscribed, bounced or bought meanwhile (`suppressed`, with the reason).
 
-Before the provider call the rows get `sending_at` in the same statement that checks the
-claim still holds, so a claim whose owner died before that point is known never to have
-gone out and is simply released. After it:
+Before the provider call the claim gets `sending_at` in the same statement that checks it
+still holds (one row a batch, not one a message), so a claim whose owner died before that
+point is known never to have gone out and is simply released. After it:
 
 * `sent`, `failed`: recorded;
 * `unknown` (the request went out and no answer came): never resent blindly. Where the
@@ -158,9 +160,8 @@ class ClaimOwner:
             try:
                 with self._lock:
                     self._conn.execute(
-                        "update ops.messages set lease_until = clock_timestamp() "
-                        "+ make_interval(secs => %s) where claim_owner = %s "
-                        "and claim_token is not null and status = 'planned'",
+                        "update ops.claims set lease_until = clock_timestamp() "
+                        "+ make_interval(secs => %s) where claim_owner = %s",
                         (self.lease, self.key))
             except psycopg.Error as exc:  # the claims' leases run out; their batches stop
                 log.warning("claim heartbeat failed (%s); claims of this dispatcher will "
@@ -276,16 +277,18 @@ def _claim_sql(offline_purchases: bool) -> str:
             end as reason
           from ops.messages m
           where m.message_id in (select message_id from picked)
+        ), claim as (
+          insert into ops.claims (claim_token, claim_owner, lease_until, claimed_at)
+          select %(token)s, %(owner)s::bigint,
+                 clock_timestamp() + make_interval(secs => %(lease)s), clock_timestamp()
+          where exists (select 1 from checked where reason is null)
         )
         update ops.messages m set
           status = case when c.reason is null then 'planned' else 'suppressed' end,
           reason = c.reason,
           claim_token = case when c.reason is null then %(token)s end,
-          claim_owner = case when c.reason is null then %(owner)s::bigint end,
           claimed_at = case when c.reason is null then clock_timestamp() end,
-          lease_until = case when c.reason is null
-                             then clock_timestamp() + make_interval(secs => %(lease)s) end,
-          sending_at = null, settle_after = null,
+          settle_after = null,
           attempts = m.attempts + case when c.reason is null then 1 else 0 end
         from checked c
         where m.message_id = c.message_id
@@ -307,21 +310,22 @@ def _claim(conn, scope: dict, release_at: datetime, limit: int, channel: str, to
     return claimed, len(rows) - len(claimed)
 
 
-def _mark_sending(conn, token: str, owner: ClaimOwner, expected: int) -> None:
-    """Check the claim still holds, renew its lease and mark its rows as going out, in one
-    committed statement; `ClaimLost` if any row is no longer ours."""
+def _mark_sending(conn, token: str, owner: ClaimOwner) -> None:
+    """Check the claim still holds, renew its lease and mark it as going out, in one
+    committed statement; `ClaimLost` if it is no longer ours (a settler deletes a claim
+    in the transaction that releases its rows)."""
     cur = conn.execute(
-        "update ops.messages set sending_at = clock_timestamp(), "
+        "update ops.claims set sending_at = clock_timestamp(), "
         "lease_until = clock_timestamp() + make_interval(secs => %s) "
-        "where claim_token = %s and claim_owner = %s and status = 'planned'",
+        "where claim_token = %s and claim_owner = %s",
         (owner.lease, token, owner.key))
     conn.commit()
-    if cur.rowcount != expected:
-        raise ClaimLost(f"claim {token}: {expected - cur.rowcount} of {expected} rows are no "
-                        "longer held by this dispatcher; the batch was not sent")
+    if cur.rowcount != 1:
+        raise ClaimLost(f"claim {token} is no longer held by this dispatcher; the batch "
+                        "was not sent")
 
 
-_CLEAR_CLAIM = "claim_token = null, claim_owner = null, lease_until = null, settle_after = null"
+_CLEAR_CLAIM = "claim_token = null, settle_after = null"
 
 
 def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, datetime],
@@ -362,7 +366,6 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
             # the claim_token stays: it is what the provider's activity log is asked for
             cur.execute(
                 "update ops.messages m set status = 'unknown', reason = v.reason, "
-                "claim_owner = null, lease_until = null, "
                 "settle_after = case when %(lag)s::float8 is null then null "
                 "  else clock_timestamp() + make_interval(secs => %(lag)s::float8) end "
                 "from unnest(%(ids)s::text[], %(reasons)s::text[]) as v(message_id, reason) "
@@ -373,7 +376,7 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
             written += cur.rowcount
         if by_kind["deferred"]:
             cur.execute(
-                f"update ops.messages m set sending_at = null, {_CLEAR_CLAIM} "
+                f"update ops.messages m set {_CLEAR_CLAIM} "
                 f"from unnest(%(ids)s::text[]) as v(message_id) where {guard}",
                 {"ids": [r.message_id for r in by_kind["deferred"]], "token": token})
             written += cur.rowcount
@@ -385,6 +388,7 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
                 from (select channel, address, coalesce(not_before, planned_at) as sent_at_or_planned
                       from ops.messages where message_id = any(%s) and address is not null) d
                 on conflict do nothing""", (dead,))
+        cur.execute("delete from ops.claims where claim_token = %s", (token,))
     conn.commit()
     lost = len(results) - written
     if lost:
@@ -414,43 +418,25 @@ def settle(scope: dict, channels: Mapping[str, Channel], url: str | None = None)
     scope = {"run_id": None, **scope}
     out = {"reconciled_sent": 0, "released": 0, "unknown": 0}
     with db.connect(url, autocommit=True) as conn:
-        owners = conn.execute(f"""
-            select distinct claim_owner from ops.messages
-            where {SCOPE} and status = 'planned' and claim_token is not null
-              and coalesce(lease_until, '-infinity') < clock_timestamp()""", scope).fetchall()
-        for (key,) in owners:
+        expired = conn.execute(f"""
+            select c.claim_token, c.claim_owner from ops.claims c
+            where c.lease_until < clock_timestamp()
+              and exists (select 1 from ops.messages
+                          where claim_token = c.claim_token and {SCOPE} and status = 'planned')
+            union all  -- rows whose claim row is missing: settled as if it had gone out
+            select distinct m.claim_token, null::bigint from ops.messages m
+            where {SCOPE} and m.status = 'planned' and m.claim_token is not null
+              and not exists (select 1 from ops.claims c where c.claim_token = m.claim_token)
+            """, scope).fetchall()
+        by_owner: dict[int | None, list[str]] = {}
+        for token, key in expired:
+            by_owner.setdefault(key, []).append(token)
+        for key, tokens in by_owner.items():
             if not _owner_gone(conn, key):
                 continue
             try:
-                with conn.transaction():
-                    released = conn.execute(f"""
-                        update ops.messages set {_CLEAR_CLAIM}
-                        where {SCOPE} and status = 'planned' and claim_token is not null
-                          and claim_owner is not distinct from %(key)s and sending_at is null
-                          and coalesce(lease_until, '-infinity') < clock_timestamp()""",
-                                            dict(scope, key=key)).rowcount
-                    out["released"] += released
-                    for channel_name in [r[0] for r in conn.execute(f"""
-                            select distinct channel from ops.messages
-                            where {SCOPE} and status = 'planned' and claim_token is not null
-                              and claim_owner is not distinct from %(key)s""",
-                            dict(scope, key=key)).fetchall()]:
-                        channel = channels.get(channel_name)
-                        lag = getattr(channel, "activity_lag_seconds", None) \
-                            if callable(getattr(channel, "lookup_accepted", None)) else None
-                        made_unknown = conn.execute(f"""
-                            update ops.messages set status = 'unknown', reason = %(reason)s,
-                              claim_owner = null, lease_until = null,
-                              settle_after = case when %(lag)s::float8 is null then null
-                                else clock_timestamp() + make_interval(secs => %(lag)s::float8) end
-                            where {SCOPE} and status = 'planned' and claim_token is not null
-                              and claim_owner is not distinct from %(key)s
-                              and channel = %(channel)s
-                              and coalesce(lease_until, '-infinity') < clock_timestamp()""",
-                            dict(scope, key=key, channel=channel_name, lag=lag,
-                                 reason=UNKNOWN_OUTCOME)).rowcount
-                        if lag is None:  # else a lookup settles them below or later
-                            out["unknown"] += made_unknown
+                for token in tokens:
+                    _add(out, _settle_orphan(conn, token, key, channels))
             finally:
                 if key is not None:
                     conn.execute("select pg_advisory_unlock(%s)", (key,))
@@ -485,8 +471,48 @@ def settle(scope: dict, channels: Mapping[str, Channel], url: str | None = None)
                          "token": token}).rowcount
                 out["released"] += conn.execute(f"""
                     update ops.messages set status = 'planned', reason = null,
-                      sending_at = null, {_CLEAR_CLAIM}
+                      {_CLEAR_CLAIM}
                     where claim_token = %s and status = 'unknown'""", (token,)).rowcount
+    return out
+
+
+def _settle_orphan(conn, token: str, key: int | None,
+                   channels: Mapping[str, Channel]) -> dict[str, int]:
+    """One claim of a gone owner, in one transaction: delete the claim (re-checking its
+    lease), then release its rows if its request never went out, else make them
+    `unknown` (due for a lookup where the channel can ask its provider)."""
+    out = {"released": 0, "unknown": 0}
+    with conn.transaction():
+        if key is None:
+            went_out = True
+        else:
+            row = conn.execute("delete from ops.claims where claim_token = %s "
+                               "and lease_until < clock_timestamp() returning sending_at",
+                               (token,)).fetchone()
+            if row is None:  # renewed or settled meanwhile
+                return out
+            went_out = row[0] is not None
+        if not went_out:
+            out["released"] += conn.execute(
+                f"update ops.messages set {_CLEAR_CLAIM} "
+                "where claim_token = %s and status = 'planned'", (token,)).rowcount
+            return out
+        for (channel_name,) in conn.execute(
+                "select distinct channel from ops.messages "
+                "where claim_token = %s and status = 'planned'", (token,)).fetchall():
+            channel = channels.get(channel_name)
+            lag = getattr(channel, "activity_lag_seconds", None) \
+                if callable(getattr(channel, "lookup_accepted", None)) else None
+            made_unknown = conn.execute("""
+                update ops.messages set status = 'unknown', reason = %(reason)s,
+                  settle_after = case when %(lag)s::float8 is null then null
+                    else clock_timestamp() + make_interval(secs => %(lag)s::float8) end
+                where claim_token = %(token)s and status = 'planned'
+                  and channel = %(channel)s""",
+                dict(token=token, channel=channel_name, lag=lag,
+                     reason=UNKNOWN_OUTCOME)).rowcount
+            if lag is None:  # else a lookup settles them later
+                out["unknown"] += made_unknown
     return out
 
 
@@ -503,12 +529,11 @@ def _unsettled(conn, scope: dict, release_at: datetime) -> dict:
                count(*) filter (where status = 'planned' and claim_token is not null),
                count(*) filter (where status = 'unknown' and settle_after is not null),
                min(settle_after) filter (where status = 'unknown'),
-               min(lease_until) filter (where status = 'planned' and claim_token is not null),
                clock_timestamp()
         from ops.messages where {SCOPE} and status in ('planned', 'unknown')""",
                        dict(scope, release_at=release_at)).fetchone()
     return {"claimable": row[0], "claimed": row[1], "awaiting_lookup": row[2],
-            "next_lookup": row[3], "next_lease_end": row[4], "now": row[5]}
+            "next_lookup": row[3], "now": row[4]}
 
 
 def dispatch_threads() -> int:
@@ -733,7 +758,7 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                               "campaign_id": campaign.id, "step": step.name},
                         unsubscribe_url=ctx["unsubscribe_url"]))
                     sent_at[message_id] = max(not_before or planned_at, planned_at)
-                _mark_sending(conn, token, owner, len(rows))
+                _mark_sending(conn, token, owner)
                 _failpoint("dispatch.before_send", counter)
                 t2 = time.perf_counter()
                 results = channel.send_batch(messages)

@@ -2,9 +2,9 @@
 
 `ops.messages` is the single truth of what was decided and sent. Ids are deterministic
 (campaign, run, step, customer), so a re-run plans the same ids and `on conflict do
-nothing` keeps the first decision. Sending claims rows (claim_token, under the
-claiming dispatcher's lease: claim_owner, lease_until) before the provider call and
-records the outcome after it, only where its own claim still holds. A claim whose lease
+nothing` keeps the first decision. Sending claims rows (claim_token; the claim itself, its
+owner, lease and whether its request went out, is a row of `ops.claims`) before the
+provider call and records the outcome after it, only where its own claim still holds. A claim whose lease
 expired and whose owner is gone is settled by the next pass (see dispatch.py), so a
 message is never sent twice. `unknown`: the request went out and no answer came; never
 resent automatically, counted against the caps like a sent message.
@@ -63,15 +63,9 @@ create table if not exists ops.messages (
   claimed_at timestamptz,
   attempts integer not null default 0,
   subject_key text,
-  claim_owner bigint,
-  lease_until timestamptz,
-  sending_at timestamptz,
   settle_after timestamptz
 );
--- ledgers made before leases and the unknown status
-alter table ops.messages add column if not exists claim_owner bigint;
-alter table ops.messages add column if not exists lease_until timestamptz;
-alter table ops.messages add column if not exists sending_at timestamptz;
+-- ledgers made before the unknown status
 alter table ops.messages add column if not exists settle_after timestamptz;
 do $$
 begin
@@ -84,8 +78,18 @@ begin
   end if;
 end $$;
 create index if not exists messages_run_step on ops.messages (run_id, step, status);
-create index if not exists messages_claim_owner on ops.messages (claim_owner)
-  where claim_token is not null;
+
+-- one row per live claim (a batch of ops.messages rows with its claim_token): the
+-- dispatcher that owns it (its session holds the advisory lock claim_owner), the lease it
+-- renews, and when its request started going out (null: it never did)
+create table if not exists ops.claims (
+  claim_token text primary key,
+  claim_owner bigint not null,
+  lease_until timestamptz not null,
+  sending_at timestamptz,
+  claimed_at timestamptz not null
+);
+create index if not exists claims_owner on ops.claims (claim_owner);
 create index if not exists messages_customer_planned on ops.messages (customer_id, planned_at);
 create index if not exists messages_claimed on ops.messages (claim_token) where claim_token is not null;
 
