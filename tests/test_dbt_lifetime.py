@@ -25,7 +25,7 @@ import pandas as pd
 import psycopg
 import pytest
 
-from retention import db
+from retention import db, generate, load
 from retention.build import BuildError, build, default_as_of, summary
 from retention.contract import TABLES
 from retention.schema import ensure_schemas
@@ -765,8 +765,6 @@ def _check_against_reference(url: str, raw: dict[str, pd.DataFrame], as_of: date
 
 @pytest.fixture(scope="module")
 def generated_shop(make_database, tmp_path_factory):
-    generate = pytest.importorskip("retention.generate")
-    load = pytest.importorskip("retention.load")
     folder = tmp_path_factory.mktemp("lifetime_shop")
     generate.generate_shop(folder, GENERATED_CUSTOMERS, seed=23)
     url = make_database("lifetime")
