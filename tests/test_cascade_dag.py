@@ -48,11 +48,22 @@ def cascade_env(built_shop, monkeypatch):
         yield built_shop, handle, env
 
 
-def _check_run(url: str, handle, run_id: str) -> dict:
+def _check_run(url: str, handle, run_id: str, audience: dict[str, int]) -> Counter:
+    """The run's frozen audience is `audience` (members per arm: variants A, B and the
+    campaign and global holdouts); every planned message went out, and what the provider
+    stand-ins accepted is exactly the ledger's sent rows, each once. Returns the rows per
+    (step, status, reason)."""
     with db.connect(url) as conn:
-        rows = conn.execute("select message_id, step, channel, status, reason from ops.messages "
-                            "where run_id = %s", (run_id,)).fetchall()
-    assert rows, "the cascade wrote no ledger rows"
+        size, holdout = conn.execute("select audience_size, holdout_size from ops.campaign_runs "
+                                     "where run_id = %s", (run_id,)).fetchone()
+        arms = dict(conn.execute("select coalesce(holdout_kind, variant), count(*) "
+                                 "from ops.audience_members where run_id = %s group by 1",
+                                 (run_id,)).fetchall())
+        rows = conn.execute("select message_id, step, channel, status, reason, address, "
+                            "customer_id from ops.messages where run_id = %s",
+                            (run_id,)).fetchall()
+    assert arms == audience, arms
+    assert size == sum(audience.values()) and holdout == audience["campaign"] + audience["global"]
     accepted: Counter = Counter()
     for r in handle.providers["sendgrid"].accepted:
         if r.path.endswith("/mail/send"):
@@ -61,11 +72,17 @@ def _check_run(url: str, handle, run_id: str) -> dict:
         if r.path.endswith(":send"):
             accepted[r.body["message"]["data"]["message_id"]] += 1
     sent = {r[0] for r in rows if r[3] == "sent" and r[2] in ("email", "mobile_push", "web_push")}
-    ours = {k: v for k, v in accepted.items() if k in {r[0] for r in rows}}
-    assert set(ours) == sent and (not ours or max(ours.values()) == 1)
-    steps = Counter((r[1], r[3]) for r in rows)
-    assert steps[("email", "sent")] > 0 and steps[("email", "holdout")] > 0
-    return steps
+    assert accepted == Counter(sent), (len(accepted), len(sent))  # each sent message once
+    chats = Counter(str(r.body["chat_id"]) for r in handle.providers["telegram"].accepted
+                    if r.path.endswith("/sendMessage"))
+    assert chats == Counter(r[5] for r in rows if r[3] == "sent" and r[2] == "telegram")
+    # the stand-ins accept everything: nothing is left waiting, failed or of unknown outcome
+    assert {r[3] for r in rows} <= {"sent", "suppressed", "holdout"}, Counter(r[3] for r in rows)
+    # holdout members have their one row on the first step and receive nothing
+    holdouts = {r[6] for r in rows if r[3] == "holdout"}
+    assert len(holdouts) == holdout and {r[1] for r in rows if r[3] == "holdout"} == {"email"}
+    assert not holdouts & {r[6] for r in rows if r[3] == "sent"}
+    return Counter((r[1], r[3], r[4]) for r in rows)
 
 
 def test_cascade_dag_runs_every_wave(cascade_env, airflow_db):
@@ -78,8 +95,21 @@ def test_cascade_dag_runs_every_wave(cascade_env, airflow_db):
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert set(states.values()) == {"success"}, states
     assert {"wait_mobile_push", "send_telegram", "deliver_deferred_email"} <= set(states)
-    steps = _check_run(url, handle, f"weekly_promo@{as_of.isoformat().replace('+00:00', 'Z')}")
-    assert steps[("mobile_push", "sent")] > 0
+    steps = _check_run(url, handle, f"weekly_promo@{as_of.isoformat().replace('+00:00', 'Z')}",
+                       {"A": 97, "B": 94, "campaign": 22, "global": 15})
+    # the shop is generated from a seed and the arms are hashes: the same rows on every run
+    assert steps == {
+        ("email", "holdout", "campaign holdout"): 22,
+        ("email", "holdout", "global holdout"): 15,
+        ("email", "sent", None): 109,
+        ("email", "suppressed", "no consent"): 17,
+        ("mobile_push", "sent", None): 50,
+        ("mobile_push", "suppressed", "no consent"): 13,
+        ("web_push", "sent", None): 25,
+        ("web_push", "suppressed", "no consent"): 6,
+        ("telegram", "sent", None): 23,
+        ("telegram", "suppressed", "no consent"): 2,
+    }, steps
 
 
 @pytest.mark.scheduler
@@ -102,5 +132,24 @@ def test_cascade_dag_through_the_real_scheduler(cascade_env, make_database, tmp_
         states = af.task_states("weekly_promo_cascade", run_id)
     assert state == "success", states
     assert set(states.values()) == {"success"}, states
-    steps = _check_run(url, handle, f"weekly_promo@{as_of.isoformat().replace('+00:00', 'Z')}")
-    assert steps[("mobile_push", "sent")] > 0
+    steps = _check_run(url, handle, f"weekly_promo@{as_of.isoformat().replace('+00:00', 'Z')}",
+                       {"A": 96, "B": 91, "campaign": 22, "global": 14})
+    # the run a week later (test_cascade_dag_runs_every_wave, when it ran first in this
+    # database) counts against the frequency cap of this run's last waves: each of their
+    # reachable members is either sent or capped
+    capped = {step: steps.pop((step, "suppressed", "frequency cap: global"), 0)
+              for step in ("web_push", "telegram")}
+    assert steps[("web_push", "sent", None)] + capped["web_push"] == 24, (steps, capped)
+    assert steps[("telegram", "sent", None)] + capped["telegram"] == 22, (steps, capped)
+    assert steps == {
+        ("email", "holdout", "campaign holdout"): 22,
+        ("email", "holdout", "global holdout"): 14,
+        ("email", "sent", None): 109,
+        ("email", "suppressed", "no consent"): 16,
+        ("mobile_push", "sent", None): 50,
+        ("mobile_push", "suppressed", "no consent"): 13,
+        ("web_push", "sent", None): 24 - capped["web_push"],
+        ("web_push", "suppressed", "no consent"): 5,
+        ("telegram", "sent", None): 22 - capped["telegram"],
+        ("telegram", "suppressed", "no consent"): 2,
+    }, (steps, capped)
