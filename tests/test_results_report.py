@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
 import subprocess
 import tempfile
+import zlib
 from datetime import date, datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -47,9 +50,10 @@ def _sent(url: str, run_id: str, step: str) -> list[tuple]:
         conn.execute("update ops.messages set status = 'sent', sent_at = greatest(not_before, planned_at), "
                      "provider_message_id = 'x' || left(md5(run_id || step), 12) "
                      "where run_id = %s and step = %s and status = 'planned'", (run_id, step))
+        # in a fixed order: the readers' events are drawn from a seeded generator row by row
         rows = conn.execute("select message_id, address, sent_at, channel from ops.messages "
-                            "where run_id = %s and step = %s and status = 'sent'",
-                            (run_id, step)).fetchall()
+                            "where run_id = %s and step = %s and status = 'sent' "
+                            "order by message_id", (run_id, step)).fetchall()
         conn.commit()
     return rows
 
@@ -143,31 +147,111 @@ def shop_url(make_database):
 
 
 class _Dom(HTMLParser):
-    """Ids, chart point counts, and anything that would load from outside the file."""
+    """Ids, chart point counts, anything that would load from outside the file, the
+    headings' text, the KPI tiles (value, label) and the number of <svg> elements."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ids: set[str] = set()
         self.points: dict[str, int] = {}
         self.external: list[str] = []
+        self.headings: list[str] = []
+        self.kpis: list[tuple[str, ...]] = []
+        self.svgs = 0
+        self._kpi: list[str] | None = None
+        self._capture: str | None = None
+        self._text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if a.get("id"):
             self.ids.add(a["id"])
-        if tag == "svg" and a.get("id"):
-            self.points[a["id"]] = int(a.get("data-points", "0"))
+        if tag == "svg":
+            self.svgs += 1
+            if a.get("id"):
+                self.points[a["id"]] = int(a.get("data-points", "0"))
         if tag in ("script", "link", "img", "iframe", "object"):
             self.external.append(tag)
         for name in ("src", "href"):
             if a.get(name) and not a[name].startswith("#"):
                 self.external.append(a[name])
+        if tag == "div" and a.get("class") == "kpi":
+            self._kpi = []
+        if tag in ("h1", "h2") or (self._kpi is not None and tag in ("b", "span")):
+            self._capture, self._text = tag, []
+
+    def handle_endtag(self, tag):
+        if tag != self._capture:
+            return
+        text = " ".join("".join(self._text).split())
+        self._capture = None
+        if tag in ("h1", "h2"):
+            self.headings.append(text)
+        else:
+            self._kpi.append(text)
+            if len(self._kpi) == 2:
+                self.kpis.append(tuple(self._kpi))
+                self._kpi = None
+
+    def handle_data(self, data):
+        if self._capture:
+            self._text.append(data)
 
 
 def _parse(html: str) -> _Dom:
     dom = _Dom()
     dom.feed(html)
     return dom
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    """A non-interlaced 8-bit RGB or RGBA PNG (what Chromium writes) as an array of
+    (height, width, 3) RGB values: its chunks walked, IDAT inflated, each row unfiltered."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:8]
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", data[pos + 8:pos + 8 + size])
+        elif kind == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + size])
+        pos += 12 + size
+    width, height, depth, color_type, _, _, interlace = header
+    assert depth == 8 and color_type in (2, 6) and interlace == 0, header
+    bpp = 3 if color_type == 2 else 4
+    raw = zlib.decompress(b"".join(idat))
+    stride = width * bpp
+    assert len(raw) == height * (stride + 1), (len(raw), header)
+    prev = bytearray(stride)
+    rows = []
+    for y in range(height):
+        kind = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        if kind == 1:  # Sub
+            for i in range(bpp, stride):
+                line[i] = (line[i] + line[i - bpp]) & 255
+        elif kind == 2:  # Up
+            line = bytearray((x + u) & 255 for x, u in zip(line, prev))
+        elif kind == 3:  # Average
+            for i in range(stride):
+                line[i] = (line[i] + (((line[i - bpp] if i >= bpp else 0) + prev[i]) >> 1)) & 255
+        elif kind == 4:  # Paeth
+            for i in range(stride):
+                a = line[i - bpp] if i >= bpp else 0
+                b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        else:
+            assert kind == 0, f"row {y}: filter {kind}"
+        rows.append(bytes(line))
+        prev = line
+    return np.frombuffer(b"".join(rows), np.uint8).reshape(height, width, bpp)[:, :, :3]
+
+
+def _rows_with(pixels: np.ndarray, color: str) -> np.ndarray:
+    """The indexes of the rows holding at least one pixel of `color` ("#rrggbb")."""
+    rgb = np.frombuffer(bytes.fromhex(color[1:]), np.uint8)
+    return np.flatnonzero((pixels == rgb).all(axis=2).any(axis=1))
 
 
 def test_weeks():
@@ -187,15 +271,41 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
     rendered = _parse(dom)
     assert set(SECTIONS) <= rendered.ids, set(SECTIONS) - rendered.ids
     assert set(CHARTS) <= rendered.ids, set(CHARTS) - rendered.ids
+    assert rendered.svgs == len(CHARTS), rendered.svgs  # each chart one <svg>, nothing else
     empty = [c for c in CHARTS if rendered.points.get(c, 0) == 0]
     assert not empty, f"charts drawn without data: {empty}"
     assert rendered.external == [], "the report must be self-contained"
+    assert rendered.headings == [
+        "Weekly retention report, 2026-W43", "Summary", "Cascade funnel by wave and channel",
+        "Revenue per campaign, online and offline", "A/B tests and holdouts", "Trigger chains",
+        "Cohort retention and new-customer RPR", "ROPO: research online, purchase offline",
+    ], rendered.headings
+    # the summary tiles of the seeded shop's week 43 (test_report_figures_match_the_marts
+    # checks the figures against the marts)
+    # (text with its spaces collapsed: the thousands separator is a narrow no-break space)
+    assert rendered.kpis == [
+        ("824", "messages sent"), ("71 660", "attributed revenue"), ("65 414", "of it online"),
+        ("6 246", "of it offline (stores)"), ("44.0%", "trigger chains' share"),
+        ("31.0%", "ROPO share of offline revenue"),
+    ], rendered.kpis
     screenshot = path.with_suffix(".png")
     subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
                     "--window-size=1100,5600", f"--screenshot={screenshot}", path.as_uri()],
                    capture_output=True, timeout=120, check=True)
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert screenshot.stat().st_size > 100_000
+    pixels = _png_pixels(screenshot.read_bytes())
+    assert pixels.shape == (5600, 1100, 3), pixels.shape  # the window, the page drawn into it
+    # the styled page: the grey background beside the cards on every row, white section
+    # cards from under the header to the last sections, the title's ink in the header
+    assert _rows_with(pixels, "#f4f6f8").size == 5600
+    cards = _rows_with(pixels, "#ffffff")
+    assert cards[0] < 200 and cards[-1] > 5000, (cards[0], cards[-1])
+    assert _rows_with(pixels, "#1f2933")[0] < 100
+    # the charts' first series colours, drawn from the funnel at the top down to the ROPO
+    # chart at the bottom (its bars in the first and third colours)
+    for color, lowest in (("#2f6db5", 5000), ("#e07b39", 3500), ("#3a9e6f", 5000)):
+        rows = _rows_with(pixels, color)
+        assert rows.size > 200 and rows[0] < 1000 and rows[-1] > lowest, (color, rows.size,
+                                                                          rows[0], rows[-1])
     print(f"\nweekly report: {path}\nscreenshot:    {screenshot}")
 
 
