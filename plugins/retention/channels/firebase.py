@@ -32,33 +32,22 @@ firebase-admin has no setting for another FCM host (no emulator variable for mes
 the SDK's own retries with none, so every retry is this module's: counted, injectable,
 honouring Retry-After.
 
-Client CPU per push (bench/bench_dispatch.py --compare-fcm-async 10000: 20 ms latency,
-the FCM server in another process, 2 cores shared with other work, load average 2-3.5,
-three runs, 2026-12):
-
-| transport | client CPU per push | pushes/s, one process |
-|---|---:|---:|
-| async: send_each_async, LeanAsyncFcmClient | 190-215 us | 1,700-2,600 |
-| lean: send_each, LeanFcmSession | 1,150-1,450 us | 610-730 |
-| requests: send_each, the SDK's session | 2,350-2,550 us | 350-415 |
-| send_each_async on the SDK's httpx client | 6,900-7,950 us | 85-125 |
-
-With threads the limit is the client's CPU: a blocking HTTP stack per request, in a
-thread per message, the GIL handed among up to 500 threads; more threads do not help.
-On the event loop a push is one asyncio task (send_each_async's gather), one write and
-one read on a kept-alive connection. Where its CPU goes (py-spy, the loop thread, 20,000
-pushes): about half in uvloop's and asyncio's C code (tasks, futures, socket reads and
-writes), a fifth in LeanAsyncFcmClient.request (half of that the body's JSON encoding),
-a tenth in firebase-admin's message encoding, the rest its gather and answers. The
-SDK's httpx client costs far more (httpcore's pool scans its queue of 500 waiting
-requests on every assignment, and the SDK's auth flow builds a requests.Session per
-request).
+Why `"async"` is the default: with threads the limit is the client's CPU, not the
+network. Each push runs a blocking HTTP stack in a thread of its own, the GIL handed
+among up to 500 threads, so more threads do not help. On the event loop a push is one
+asyncio task (send_each_async's gather), one write and one read on a kept-alive
+connection, and the largest share of its CPU is uvloop's and asyncio's C code. The SDK's
+own async client is the most expensive of all (its connection pool rescans the queue of
+waiting requests on every assignment, and its auth flow builds a requests.Session per
+request), which is why `LeanAsyncFcmClient` replaces it. The transports' client CPU and
+throughput per push, side by side, are measured in bench/RESULTS.md, sections
+"dispatch: ... async FCM transport" and "Figures moved from docstrings".
 
 The environment's proxy settings (`proxies_from_env=True`) are looked up once, when the
-channel is built, rather than by `requests` on every push (its `trust_env` reads the
-proxy variables, .netrc and the CA bundle variables per request: 15-25% of the CPU of a
-push on the requests transport). Same proxies, same CA bundle; a .netrc entry for the
-FCM host keeps the per-request lookup, since requests would apply its credentials.
+channel is built, rather than by `requests` on every push: its `trust_env` reads the
+proxy variables, .netrc and the CA bundle variables per request, a noticeable share of a
+push's CPU on the requests transport. Same proxies, same CA bundle; a .netrc entry for
+the FCM host keeps the per-request lookup, since requests would apply its credentials.
 """
 
 from __future__ import annotations
@@ -102,8 +91,9 @@ def configure_fcm_endpoint(app: firebase_admin.App, base_url: str = FCM_BASE_URL
     attributes. It touches private names, so it fails loudly if the SDK changes them.
 
     `proxies_from_env=True` applies the environment's proxies and CA bundle, resolved
-    once here (see `_environment_once`) instead of on every request, which cost about 25%
-    of the CPU of a push; `False` ignores the environment (hosts that need no proxy).
+    once here (see `_environment_once`) instead of on every request, where requests'
+    lookup is a noticeable share of a push's CPU; `False` ignores the environment (hosts
+    that need no proxy).
 
     When no proxy or .netrc entry applies to the host: `transport="async"` (the default)
     puts `LeanAsyncFcmClient` (fcm_transport.py: asyncio HTTP/1.1) in place of the SDK's
