@@ -5,10 +5,10 @@ requests on top, for `send_each`).
 `LeanFcmSession`. firebase-admin sends each push as one HTTP request through
 `_http_client.JsonHttpClient.request`, which calls `session.request(method, url,
 headers=..., json=..., timeout=...)` on a `google.auth.transport.requests.AuthorizedSession`
-and then `raise_for_status()`. About two thirds of a push's client CPU (0.8-0.95 ms on
-this project's 2-core machine) went to requests itself: `Session.prepare_request`
-(header, cookie and setting merges, URL parsing), hooks, adapters, the cookie jar and the
-Response wrapper. `LeanFcmSession` stands in for that session with the same contract and
+and then `raise_for_status()`. Most of a push's client CPU on that path is requests
+itself, not the network: `Session.prepare_request` (header, cookie and setting merges,
+URL parsing), hooks, adapters, the cookie jar and the Response wrapper, none of which an
+FCM call needs. `LeanFcmSession` stands in for that session with the same contract and
 less work per request:
 
 * one `urllib3.HTTPConnectionPool` (or HTTPS, verifying against certifi's bundle or
@@ -28,20 +28,22 @@ So message building, error mapping and `send_each`'s batching stay the SDK's; on
 bytes move differently. It is used when no proxy applies to the FCM host and no .netrc
 entry names it (FirebaseChannel falls back to the SDK's own session otherwise).
 
-`LeanAsyncFcmClient`. `send_each` still starts a thread per message; firebase-admin's
+`LeanAsyncFcmClient`. `send_each` starts a thread per message; firebase-admin's
 `send_each_async` does `await self._async_client.request('post', url=..., headers=...,
 json=data)` for each message of a call (asyncio.gather), maps an `httpx.HTTPError` with
 `_handle_fcm_httpx_error` and reads `resp.json()` on success. Its `HttpxAsyncClient`
 (httpx, HTTP/2 negotiation, a retry transport, an auth flow that builds a
-requests.Session per request) cost 4-8 ms of client CPU per push. `LeanAsyncFcmClient`
-takes its place with the same contract: HTTP/1.1 on a pool of keep-alive connections
-(asyncio Protocols, no streams), the same bearer token and refresh after a 401 as above
+requests.Session per request) costs several times the CPU per push of the threaded
+transports. `LeanAsyncFcmClient` takes its place with the same contract: HTTP/1.1 on a
+pool of keep-alive connections (asyncio Protocols, no streams), the same bearer token and refresh after a 401 as above
 (one refresh in a thread however many requests saw the stale token), non-2xx answers
 raised as `httpx.HTTPStatusError` with a real `httpx.Response`, timeouts as
 `httpx.ConnectTimeout`/`ReadTimeout` and broken connections as `httpx.ConnectError`, so
 firebase-admin's mapping (DeadlineExceededError, UnavailableError, the FCM errors) is the
 one the other transports get. `LoopThread` runs the channel's event loop (uvloop when
-installed). Figures: firebase.py's docstring.
+installed). Why the async transport is the default: firebase.py's docstring; the
+figures: bench/RESULTS.md, sections "dispatch: ... async FCM transport" and "Figures
+moved from docstrings".
 """
 
 from __future__ import annotations
