@@ -35,15 +35,15 @@ json=data)` for each message of a call (asyncio.gather), maps an `httpx.HTTPErro
 (httpx, HTTP/2 negotiation, a retry transport, an auth flow that builds a
 requests.Session per request) costs several times the CPU per push of the threaded
 transports. `LeanAsyncFcmClient` takes its place with the same contract: HTTP/1.1 on a
-pool of keep-alive connections (asyncio Protocols, no streams), the same bearer token
-and refresh after a 401 as above (one refresh in a thread however many requests saw the
-stale token), non-2xx answers raised as `httpx.HTTPStatusError` with a real `httpx.Response`, timeouts as
-`httpx.ConnectTimeout`/`ReadTimeout` and broken connections as `httpx.ConnectError`, so
-firebase-admin's mapping (DeadlineExceededError, UnavailableError, the FCM errors) is the
-one the other transports get. `LoopThread` runs the channel's event loop (uvloop when
-installed). Why the async transport is the default: firebase.py's docstring; the
-figures: bench/RESULTS.md, sections "dispatch: ... async FCM transport" and "Figures
-moved from docstrings".
+pool of keep-alive connections (asyncio Protocols, no streams), the same bearer token and
+refresh after a 401 as above (one refresh in a thread however many requests saw the stale
+token), non-2xx answers raised as `httpx.HTTPStatusError` with a real `httpx.Response`,
+timeouts as `httpx.ConnectTimeout`/`ReadTimeout` and broken connections as
+`httpx.ConnectError`, so firebase-admin's mapping (DeadlineExceededError,
+UnavailableError, the FCM errors) is the one the other transports get. `LoopThread` runs
+the channel's event loop (uvloop when installed). Why the async transport is the default:
+firebase.py's docstring; the figures: bench/RESULTS.md, sections "dispatch: ... async FCM
+transport" and "Figures moved from docstrings".
 """
 
 from __future__ import annotations
