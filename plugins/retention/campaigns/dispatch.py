@@ -9,11 +9,11 @@ live dispatcher's claims.
 
 Claims and leases. A claim is a batch of rows carrying its claim_token and one row of
 `ops.claims` (owner, lease, sending_at), written in one transaction. A dispatcher
-(`ClaimOwner`, one per process) has a random key that it holds as a PostgreSQL session
-advisory lock for as long as it lives, and a heartbeat that renews the lease of its
-claims. A claim is someone else's to settle only when
-its lease expired AND its owner's key is free (the owner's database session is gone:
-the process died or lost the database). A paused or slow owner keeps its session and so
+(`ClaimOwner`, one per sending pass of a process, shared by its threads) has a random key
+that it holds as a PostgreSQL session advisory lock for as long as it lives, and a
+heartbeat that renews the lease of its claims. A claim is someone else's to settle only
+when its lease expired AND its owner's key is free (the owner's database session is
+gone: the process died or lost the database). A paused or slow owner keeps its session and so
 its claims; a killed one frees its key at once, and its lease runs out within
 RETENTION_CLAIM_LEASE_SECONDS. Outcomes are recorded only where the row's claim_token
 and status = 'planned' still match, so a settled claim is never overwritten.
@@ -101,7 +101,7 @@ class Failpoint(SystemExit):
     pass
 
 
-def _failpoint(name: str, counter: dict) -> None:
+def failpoint(name: str, counter: dict) -> None:
     """Test hook: RETENTION_FAILPOINT=<name>:<n> kills the process at the n-th hit."""
     spec = os.environ.get("RETENTION_FAILPOINT", "")
     if not spec.startswith(name + ":"):
@@ -728,7 +728,7 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                     if suppressed:
                         continue
                     return
-                _failpoint("dispatch.after_claim", counter)
+                failpoint("dispatch.after_claim", counter)
                 t1 = time.perf_counter()
                 categories = dict(conn.execute(
                     "select customer_id, preferred_category from marts.customer_lifetime "
@@ -759,10 +759,10 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                         unsubscribe_url=ctx["unsubscribe_url"]))
                     sent_at[message_id] = max(not_before or planned_at, planned_at)
                 _mark_sending(conn, token, owner)
-                _failpoint("dispatch.before_send", counter)
+                failpoint("dispatch.before_send", counter)
                 t2 = time.perf_counter()
                 results = channel.send_batch(messages)
-                _failpoint("dispatch.after_send", counter)
+                failpoint("dispatch.after_send", counter)
                 t3 = time.perf_counter()
                 lost = _record(conn, results, sent_at, channel, token)
                 t4 = time.perf_counter()
