@@ -14,16 +14,19 @@ backfill for a past date gives what that date would have given.
 
 Why per layer and not one task per model (as astronomer-cosmos renders it): every task
 starts dbt and loads the project; with one task per model that cost is paid per model,
-and the models run one at a time. At 1,000,000 customers on 2 cores (bench/bench_build.py,
-bench/RESULTS.md) a Cosmos DbtDag (a run and a test task per model) took 1.85x a plain
-`dbt build` of the same project, four layer tasks 1.35x (stop 9). The cost of layers is
-not start-up (Airflow import and DAG parse a few seconds, one dbt parse per layer) but
-the barriers: a layer waits for its slowest model while dbt's other thread idles. Hence
-three layers: the staging models and their tests go with the intermediate models (their
-tests of raw then run beside the intermediate models, as in `dbt build`), and
-product_recommendations (it reads only intermediate tables) goes with the lifetime
-marts, so it runs beside them. Measured on 2026-12-01 at 1,000,000 customers, the three
-layer tasks took 0.98x a plain `dbt build` of the same nodes (499.9 s against 507.9 s).
+and the models run one at a time, so a per-model DAG is much slower than a plain
+`dbt build` of the same project. The cost of layers is not start-up (Airflow import and
+DAG parse, one dbt parse per layer) but the barriers: a layer waits for its slowest
+model while dbt's other thread idles. Hence as few layers as still show a data engineer
+where a build failed, cut where the barrier costs least: the staging models and their
+tests go with the intermediate models (their tests of raw then run beside the
+intermediate models, as in `dbt build`), and product_recommendations (it reads only
+intermediate tables) goes with the lifetime marts, so it runs beside them. With that
+layout the layer tasks take about as long as a plain `dbt build` of the same nodes; the
+comparison with a plain build and with Cosmos is measured by bench/bench_build.py, in
+bench/RESULTS.md, section "dbt build at 1,000,000 customers: per-customer purchase
+tables, weekly recommendations" (and, for Cosmos, "dbt build (bench/bench_build.py):
+Airflow per-layer DAG and Cosmos against a plain build").
 Like `retention build`, the tasks leave out the dbt unit tests (CI runs them).
 """
 
