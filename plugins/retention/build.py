@@ -8,9 +8,17 @@ given, it is the latest timestamp in raw (orders.ordered_at, offline_receipts.pu
 events.occurred_at) rounded up to the next UTC midnight (a timestamp at exactly midnight
 stays), i.e. "the end of the last day with data". Every model ignores rows after it, so
 building again for the same as_of gives the same rows, and building for an earlier as_of
-gives the numbers of the data up to it: the one incremental model
-(int_events_aggregated_daily) rewrites every day from that as_of's day on by itself
-(dbt_project/macros/incremental_replace_window.sql), no full refresh needed.
+gives the numbers of the data up to it. The incremental models handle an earlier as_of
+by themselves, no full refresh needed (dbt_project/dbt_project.yml lists them; the
+paths below are in dbt_project/):
+int_events_aggregated_daily rewrites every day from that as_of's day on
+(macros/incremental_replace_window.sql); the four per-customer purchase tables and the
+two affinity marts recompute every customer whose rows differ from what the previous
+build (its as_of recorded in intermediate.incremental_state) left
+(macros/incremental_replace_partitions.sql,
+models/intermediate/int_*_customers_changed.yml);
+product_recommendations is replaced whole whenever its weekly snapshot moment moves
+(macros/incremental_replace_all.sql).
 
 dbt's target and logs go to dbt_project/target (gitignored). Builds in one checkout are
 serialised (a file lock on the target folder): dbt keeps its manifest there, and
@@ -109,8 +117,9 @@ def _profile_env(url: str | None) -> Iterator[None]:
         for key, name in _PROFILE_ENV.items():
             os.environ[name] = str(params[key])
         os.environ["RETENTION_DBT_THREADS"] = setting("RETENTION_DBT_THREADS") or "2"
-        # JIT compiles every large query anew (0.3-0.5 s each, ~200 statements per build)
-        # and never pays off for these one-pass queries; sorts and hashes of a few
+        # JIT compiles every large query anew, and a build runs many of them once each,
+        # so compiling costs more than it saves on these one-pass queries (measured:
+        # bench/RESULTS.md, "Figures moved from docstrings"); sorts and hashes of a few
         # hundred thousand rows fit in 64MB instead of spilling; UTC keeps any implicit
         # timestamp rendering stable (the models themselves never depend on it)
         os.environ["PGOPTIONS"] = " ".join(part for part in (
@@ -198,8 +207,11 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
     default, as dbt advises for production: their inputs are fixed rows, so they prove
     the SQL, not the data, and cost the same on every build; the test suite and CI run
     them (tests/test_dbt_lifetime.py), and `retention build --unit-tests` does.
-    `full_refresh` rebuilds the incremental model from scratch (only needed after data
-    arrived more than `incremental_lookback_days` late). Raises BuildError when dbt
+    `full_refresh` rebuilds the incremental models from scratch, needed only for changes
+    they cannot see: raw events that arrived more than `incremental_lookback_days` late
+    (int_events_aggregated_daily and the affinity marts), or an order line edited without
+    any change to the order's status, time or total (the per-customer purchase tables,
+    see int_purchases_customers_changed.yml). Raises BuildError when dbt
     fails, unless raise_on_failure is False; the summary then reports the failures.
 
     Returns: as_of, customers, buyers, rpr, new_customer_rpr_30d (over all complete
