@@ -38,6 +38,7 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 
 from retention_airflow.assets import MARTS, PREDICTED_VALUE, RAW_TABLES
+from retention_airflow.run_context import run_as_of
 
 LAYERS = {
     # staging views and the intermediate tables in one dbt invocation: the tests of raw and
@@ -56,11 +57,6 @@ LAYERS = {
 }
 
 
-def _as_of():
-    ctx = get_current_context()
-    return ctx.get("data_interval_end") or ctx.get("logical_date") or ctx["dag_run"].run_after
-
-
 def build_layer(layer: str) -> dict:
     """`dbt build` of one layer; on a retry `dbt retry`, which re-runs only what failed.
 
@@ -74,8 +70,8 @@ def build_layer(layer: str) -> dict:
 
     ctx = get_current_context()
     if ctx["ti"].try_number > 1:
-        return retry_failed(_as_of())
-    return build(as_of=_as_of(), select=LAYERS[layer]["select"],
+        return retry_failed(run_as_of())
+    return build(as_of=run_as_of(), select=LAYERS[layer]["select"],
                  exclude=LAYERS[layer].get("exclude"), indirect_selection="buildable")
 
 
@@ -102,13 +98,13 @@ def retention_dbt_build():
     def predicted_value() -> dict:
         from retention.predict import write_predictions
 
-        return write_predictions(None, _as_of())
+        return write_predictions(None, run_as_of())
 
     @task
     def dbt_docs() -> str:
         from retention.dbt_tasks import generate_docs
 
-        return str(generate_docs(_as_of()))
+        return str(generate_docs(run_as_of()))
 
     previous >> [predicted_value(), dbt_docs()]
 

@@ -22,16 +22,11 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention_airflow.assets import RAW_TABLES
-
-
-def _load_time():
-    context = get_current_context()
-    return (context.get("data_interval_end") or context.get("logical_date")
-            or context["dag_run"].run_after)
+from retention_airflow.run_context import run_as_of
 
 
 @dag(
@@ -58,14 +53,14 @@ def retention_ingest():
     def load_drops(drops: list[str]) -> list[dict]:
         from retention.landing import load_drop
 
-        return [load_drop(drop, loaded_at=_load_time()) for drop in drops]
+        return [load_drop(drop, loaded_at=run_as_of()) for drop in drops]
 
     @task(outlets=list(RAW_TABLES.values()))
     def check_quality(loads: list[dict]) -> dict:
         from retention.quality import run_checkpoint
 
         tables = sorted({t for load in loads for t in load["tables"]})
-        report = run_checkpoint(None, as_of=_load_time(), tables=tables,
+        report = run_checkpoint(None, as_of=run_as_of(), tables=tables,
                                 load_id=loads[-1]["load_id"])
         report.raise_for_failures()
         return {"tables": tables, "loads": [load["load_id"] for load in loads]}

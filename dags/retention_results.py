@@ -25,18 +25,13 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 
 from retention_airflow.assets import table_asset
+from retention_airflow.run_context import run_as_of
 
 MESSAGE_ATTRIBUTION = table_asset("marts", "message_attribution")
 CAMPAIGN_RESULTS = table_asset("marts", "campaign_results")
-
-
-def _as_of():
-    context = get_current_context()
-    return (context.get("data_interval_end") or context.get("logical_date")
-            or context["dag_run"].run_after)
 
 
 @dag(
@@ -54,14 +49,14 @@ def retention_results():
     def load_results() -> dict:
         from retention.results.pipeline import load_results as load
 
-        return load(as_of=_as_of())
+        return load(as_of=run_as_of())
 
     @task(outlets=[MESSAGE_ATTRIBUTION, CAMPAIGN_RESULTS])
     def build_attribution(loaded: dict) -> dict:
         from retention.results.pipeline import build_attribution as build
 
         # purchases come with the dbt build after each ingest; here new events and sends
-        return build(_as_of(), with_parents=False)
+        return build(run_as_of(), with_parents=False)
 
     build_attribution(load_results())
 

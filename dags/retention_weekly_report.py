@@ -27,14 +27,10 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-
-def _as_of():
-    context = get_current_context()
-    return (context.get("data_interval_end") or context.get("logical_date")
-            or context["dag_run"].run_after)
+from retention_airflow.run_context import run_as_of
 
 
 @dag(
@@ -52,19 +48,19 @@ def retention_weekly_report():
     def load_results() -> dict:
         from retention.results.pipeline import load_results as load
 
-        return load(as_of=_as_of())
+        return load(as_of=run_as_of())
 
     @task
     def build_attribution(loaded: dict) -> dict:
         from retention.results.pipeline import build_attribution as build
 
-        return build(_as_of())
+        return build(run_as_of())
 
     @task
     def write_report(built: dict) -> str:
         from retention.results.report import previous_week, write_report as write
 
-        as_of = _as_of()
+        as_of = run_as_of()
         return str(write(previous_week(as_of), as_of=as_of))
 
     @task

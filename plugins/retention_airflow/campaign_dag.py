@@ -21,18 +21,14 @@ from datetime import datetime, timedelta
 
 import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensor
-from airflow.sdk import chain, dag, get_current_context, task
+from airflow.sdk import chain, dag, task
 from airflow.sdk.bases.sensor import PokeReturnValue
 
 from retention.campaigns.spec import Campaign, load_campaign
+from retention_airflow.run_context import run_as_of
 
 PROVIDER_POOLS = {"email": "sendgrid", "mobile_push": "fcm", "web_push": "fcm",
                   "telegram": "telegram", "sms": "sms_gateway", "viber": "viber_gateway"}
-
-
-def _as_of() -> datetime:
-    ctx = get_current_context()
-    return ctx.get("data_interval_end") or ctx.get("logical_date") or ctx["dag_run"].run_after
 
 
 def _run_info(run: dict):
@@ -69,7 +65,7 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
         def start_run() -> dict:
             from retention.campaigns.engine import start_run as start
 
-            info = start(load_campaign(campaign_id), _as_of())
+            info = start(load_campaign(campaign_id), run_as_of())
             return {"run_id": info.run_id, "campaign_id": info.campaign_id,
                     "as_of": info.as_of.isoformat(), "audience_size": info.audience_size,
                     "holdout_size": info.holdout_size, "created": info.created}
