@@ -275,7 +275,7 @@ class _PausedLoad:
         self.release = threading.Event()
         self.outcomes: dict[str, object] = {}
         self.threads: dict[str, threading.Thread] = {}
-        original = load_module._check_and_write
+        original = load_module.check_and_write
 
         def check_and_write(*args, **kwargs):
             if threading.current_thread().name == "paused":
@@ -283,7 +283,7 @@ class _PausedLoad:
                 assert self.release.wait(60), "the paused load was never released"
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(load_module, "_check_and_write", check_and_write)
+        monkeypatch.setattr(load_module, "check_and_write", check_and_write)
 
     def start(self, name: str, folder: Path, url: str) -> None:
         def run() -> None:

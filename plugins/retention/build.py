@@ -145,7 +145,7 @@ def _exclusive_build() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _dbt_results(result: Any) -> dict[str, Any]:
+def dbt_results(result: Any) -> dict[str, Any]:
     """Counts per resource type and status from a dbtRunnerResult."""
     counts: Counter[tuple[str, str]] = Counter()
     failed: list[str] = []
@@ -240,7 +240,7 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
     if full_refresh:
         args.append("--full-refresh")
     result = run_dbt(args, url)
-    dbt_summary = _dbt_results(result)
+    dbt_summary = dbt_results(result)
     if result.exception is not None:
         dbt_summary["error"] = str(result.exception)
         dbt_summary["success"] = False

@@ -11,12 +11,12 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from retention.build import BuildError, _dbt_results, as_of_literal, run_dbt, target_dir
+from retention.build import BuildError, as_of_literal, dbt_results, run_dbt, target_dir
 
 
 def retry_failed(as_of: datetime, url: str | None = None) -> dict:
     result = run_dbt(["retry"], url)
-    summary = _dbt_results(result)
+    summary = dbt_results(result)
     summary["as_of"] = as_of.isoformat()
     if not summary["success"]:
         raise BuildError(f"dbt retry as of {as_of.isoformat()} failed: "

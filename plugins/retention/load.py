@@ -183,13 +183,13 @@ def _stream(path: Path) -> Iterator[bytes]:
 
 
 @dataclass
-class _PlannedFile:
+class PlannedFile:
     table: Table
     path: Path
     header: list[str]
 
 
-def _plan(files: dict[str, Path]) -> tuple[list[_PlannedFile], dict[str, list[str]]]:
+def _plan(files: dict[str, Path]) -> tuple[list[PlannedFile], dict[str, list[str]]]:
     planned, ignored_columns = [], {}
     for name in LOAD_ORDER:
         if name not in files:
@@ -205,7 +205,7 @@ def _plan(files: dict[str, Path]) -> tuple[list[_PlannedFile], dict[str, list[st
         extra = [h for h in header if h not in table.column_names]
         if extra:
             ignored_columns[str(files[name])] = extra
-        planned.append(_PlannedFile(table, files[name], header))
+        planned.append(PlannedFile(table, files[name], header))
     return planned, ignored_columns
 
 
@@ -277,7 +277,7 @@ def lock_loads(conn: psycopg.Connection) -> None:
     conn.execute("select set_config('lock_timeout', %s, true)", (previous,))
 
 
-def _ensure_cast_functions(conn: psycopg.Connection) -> None:
+def ensure_cast_functions(conn: psycopg.Connection) -> None:
     """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp with an
     offset. Pure SQL (inlined, no exception block): a strict pattern, then a day-of-month
     check against the month's length, then the cast, which can no longer fail.
@@ -296,7 +296,7 @@ def _ensure_cast_functions(conn: psycopg.Connection) -> None:
         $$;""")
 
 
-def _tune_session(conn: psycopg.Connection) -> None:
+def tune_session(conn: psycopg.Connection) -> None:
     """Set-wise checks over millions of staged rows: sort and hash in memory, no JIT
     (its compile time dominates on these one-off statements)."""
     conn.execute("set local jit = off")
@@ -459,7 +459,7 @@ def _infer_currency(conn: psycopg.Connection, loaded_at: datetime) -> str | None
     return row[0]
 
 
-def _stage_file(conn: psycopg.Connection, pf: _PlannedFile) -> None:
+def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
     n = sql.Identifier
     conn.execute("drop table if exists stage, checked_stage")
     conn.execute(sql.SQL("create temp table stage (_rec_no bigserial, {}) on commit drop").format(
@@ -484,8 +484,8 @@ def _stage_file(conn: psycopg.Connection, pf: _PlannedFile) -> None:
         raise LoadError(f"{pf.path}: not valid CSV{line}: {detail}") from exc
 
 
-def _check_and_write(conn: psycopg.Connection, pf: _PlannedFile, currency: str | None,
-                     loaded_at: datetime, load_id: int, source_file: str) -> TableResult:
+def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | None,
+                    loaded_at: datetime, load_id: int, source_file: str) -> TableResult:
     table = pf.table
     result = TableResult(table.name, source_file)
     conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
@@ -543,8 +543,8 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         ensure_schemas(conn)
         conn.commit()
         lock_loads(conn)
-        _ensure_cast_functions(conn)
-        _tune_session(conn)
+        ensure_cast_functions(conn)
+        tune_session(conn)
         for name in REQUIRED_TABLES:
             if name not in files:
                 present = conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
@@ -557,11 +557,11 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         shop_currency = _shop_currency(conn, currency, loaded_at)
         results = []
         for pf in planned:
-            _stage_file(conn, pf)
+            stage_file(conn, pf)
             if pf.table.currency_column and shop_currency is None:
                 shop_currency = _infer_currency(conn, loaded_at)
-            results.append(_check_and_write(conn, pf, shop_currency, loaded_at, load_id,
-                                            str(pf.path)))
+            results.append(check_and_write(conn, pf, shop_currency, loaded_at, load_id,
+                                           str(pf.path)))
         report = LoadReport(load_id, str(path), loaded_at, shop_currency, results, ignored,
                             ignored_columns)
         conn.execute("update ops.loads set status = 'succeeded', summary = %s where load_id = %s",

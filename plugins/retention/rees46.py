@@ -26,12 +26,12 @@ from retention.contract import TABLE_BY_NAME
 from retention.load import (
     LoadError,
     LoadReport,
-    _check_and_write,
-    _ensure_cast_functions,
-    _PlannedFile,
-    _stage_file,
-    _tune_session,
+    PlannedFile,
+    check_and_write,
+    ensure_cast_functions,
     read_header,
+    stage_file,
+    tune_session,
 )
 from retention.schema import ensure_schemas
 
@@ -77,21 +77,21 @@ def load_rees46(path: Path, url: str | None = None, *, loaded_at: datetime) -> L
     with db.connect(url) as conn:
         ensure_schemas(conn)
         conn.commit()
-        _ensure_cast_functions(conn)
-        _tune_session(conn)
+        ensure_cast_functions(conn)
+        tune_session(conn)
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
         load_id = conn.execute(
             "insert into ops.loads (source, format, loaded_at, status) values "
             "(%s, 'rees46', %s, 'running') returning load_id", (source, loaded_at)).fetchone()[0]
-        _stage_file(conn, _PlannedFile(events, path, header))
+        stage_file(conn, PlannedFile(events, path, header))
         conn.execute("alter table stage rename to r46")
         results = []
         for table, build in ((products, _PRODUCTS_FROM_REES46), (events, _EVENTS_FROM_REES46)):
             conn.execute("drop table if exists stage, checked_stage")
             conn.execute(sql.SQL(build))
             conn.execute("analyze stage")
-            results.append(_check_and_write(conn, _PlannedFile(table, path, table.column_names),
-                                            None, loaded_at, load_id, f"{source}#{table.name}"))
+            results.append(check_and_write(conn, PlannedFile(table, path, table.column_names),
+                                           None, loaded_at, load_id, f"{source}#{table.name}"))
         report = LoadReport(load_id, source, loaded_at, None, results)
         conn.execute("update ops.loads set status = 'succeeded', summary = %s where load_id = %s",
                      (json.dumps(report.as_dict()), load_id))

@@ -42,7 +42,7 @@ from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step
 
 
-def _hash01(expr: str) -> str:
+def hash01(expr: str) -> str:
     """A uniform number in [0, 1) from md5 of an SQL text expression (stable everywhere)."""
     return f"(('x' || substr(md5({expr}), 1, 8))::bit(32)::bigint / 4294967296.0)"
 
@@ -119,9 +119,9 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
                           when h < %(holdout)s then 'campaign' end as holdout_kind
               from (
                 select a.customer_id,
-                       {_hash01("'global:' || a.customer_id")} as g,
-                       {_hash01("%(campaign_id)s || ':holdout:' || a.customer_id")} as h,
-                       {_hash01("%(campaign_id)s || ':variant:' || a.customer_id")} as v
+                       {hash01("'global:' || a.customer_id")} as g,
+                       {hash01("%(campaign_id)s || ':holdout:' || a.customer_id")} as h,
+                       {hash01("%(campaign_id)s || ':variant:' || a.customer_id")} as v
                 from ({audience_sql}) a
               ) hashed
             ) assigned

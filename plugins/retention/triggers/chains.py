@@ -30,7 +30,7 @@ from datetime import datetime
 
 import psycopg
 
-from retention.campaigns.engine import MESSAGE_ID_SQL, _hash01, plan_members
+from retention.campaigns.engine import MESSAGE_ID_SQL, hash01, plan_members
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign, Step
 from retention.triggers.state import CHAIN_ID_SQL
@@ -50,7 +50,7 @@ def _arms_sql(campaign: Campaign, policy: Policy, params: dict) -> tuple[str, st
                   arm_global=policy.global_holdout if marketing else 0.0,
                   arm_holdout=campaign.holdout if marketing else 0.0)
     total = sum(v.weight for v in campaign.variants)
-    v_hash = _hash01("%(arm_campaign)s || ':variant:' || h.customer_id")
+    v_hash = hash01("%(arm_campaign)s || ':variant:' || h.customer_id")
     cases, acc = [], 0.0
     for i, v in enumerate(campaign.variants):
         acc += v.weight / total
@@ -60,8 +60,8 @@ def _arms_sql(campaign: Campaign, policy: Policy, params: dict) -> tuple[str, st
     last = len(campaign.variants) - 1
     variant = (f"case {' '.join(cases[:-1])} else %(arm_variant_{last})s end" if last
                else "%(arm_variant_0)s")
-    g_hash = _hash01("'global:' || h.customer_id")
-    h_hash = _hash01("%(arm_campaign)s || ':holdout:' || h.customer_id")
+    g_hash = hash01("'global:' || h.customer_id")
+    h_hash = hash01("%(arm_campaign)s || ':holdout:' || h.customer_id")
     holdout = (f"case when {g_hash} < %(arm_global)s then 'global' "
                f"when {h_hash} < %(arm_holdout)s then 'campaign' end")
     return holdout, variant

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from retention import db
-from retention.campaigns.dispatch import _failpoint
+from retention.campaigns.dispatch import failpoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, load_campaign
@@ -179,13 +179,13 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
                                                 has_ropo, cache)
             if "norms" in cache:
                 result["cohort_norm_source"] = cache["norms"][2]
-            _failpoint("triggers.after_detect", failpoints)
+            failpoint("triggers.after_detect", failpoints)
             exit_pass()
             due: dict[str, dict[str, int]] = {}
             for n in names:
                 due[n] = plan_due_steps(conn, loaded[n], end, policy,
                                         channel_orders=channel_orders)
-                _failpoint("triggers.after_plan", failpoints)
+                failpoint("triggers.after_plan", failpoints)
             result["exits"] = exits
         finally:
             conn.rollback()
