@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time as clock
 from collections import Counter
 from datetime import datetime, time, timezone
 from pathlib import Path
@@ -30,6 +31,15 @@ POLICY = Policy(global_cap=100, global_cap_days=7, channel_cap=100, channel_cap_
 #: which local provider takes each channel, and how its recipients are named there
 PROVIDER_OF = {"email": "sendgrid", "mobile_push": "fcm", "telegram": "telegram",
                "sms": "gateway"}
+
+
+def wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
+    deadline = clock.monotonic() + seconds
+    while not condition():
+        if clock.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        clock.sleep(0.02)
 
 
 def campaign_yaml(channel: str, campaign_id: str | None = None) -> str:

@@ -12,24 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
-import time as clock
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from faults import AS_OF, PROVIDER_OF, dispatcher_process, make_shop, plan, result_of, tally
+from faults import (AS_OF, PROVIDER_OF, dispatcher_process, make_shop, plan, result_of, tally,
+                    wait_for)
 from retention import db
 from retention.campaigns.dispatch import dispatch_step
 from retention.connections import channels_from_env
 from retention.providers.stack import local_provider_stack
-
-
-def _wait_for(condition, what: str, seconds: float = 60.0) -> None:
-    deadline = clock.monotonic() + seconds
-    while not condition():
-        if clock.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        clock.sleep(0.05)
 
 
 @pytest.fixture()
@@ -82,7 +74,7 @@ def test_a_second_run_started_while_a_request_is_in_flight_leaves_it_alone(datab
     campaign, _ = plan(database_url, "email")
     first = dispatcher_process(database_url, env, "email")
     with db.connect(database_url, autocommit=True) as conn:
-        _wait_for(lambda: first.poll() is not None or conn.execute(
+        wait_for(lambda: first.poll() is not None or conn.execute(
             "select count(*) from ops.claims where sending_at is not null").fetchone()[0] == 1,
             "the first dispatcher's request to go out")
     assert first.poll() is None, first.communicate()
@@ -112,7 +104,7 @@ def test_dispatcher_killed_mid_wave_then_run_again(database_url, stack, channel,
     if channel == "mobile_push":  # FCM: one HTTP request per push; hold the 2nd batch
         provider.configure(sequence=["ok"] * batch + ["accept_timeout"] * batch)
     victim = dispatcher_process(database_url, env, channel)
-    _wait_for(lambda: _total_accepted(handle, channel) >= 2 * batch,
+    wait_for(lambda: _total_accepted(handle, channel) >= 2 * batch,
               "the provider to take the second batch")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)

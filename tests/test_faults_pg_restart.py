@@ -29,19 +29,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from faults import PROVIDER_OF, dispatcher_process, make_shop, plan, result_of, tally
+from faults import PROVIDER_OF, dispatcher_process, make_shop, plan, result_of, tally, wait_for
 from retention import db
 from retention.providers.stack import local_provider_stack
 from retention.schema import ensure_schemas
 
-
-
-def _wait_for(condition, what: str, seconds: float = 60.0) -> None:
-    deadline = clock.monotonic() + seconds
-    while not condition():
-        if clock.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        clock.sleep(0.02)
 
 
 def _free_port() -> int:
@@ -208,10 +200,10 @@ def test_postgres_restarted_mid_wave(own_server, slow_stack, channel, n, batch, 
     started = clock.monotonic()
     victim = dispatcher_process(url, env, channel)
     if moment == "first_batch_accepted":
-        _wait_for(lambda: victim.poll() is not None or _total_accepted(handle, channel) >= batch,
+        wait_for(lambda: victim.poll() is not None or _total_accepted(handle, channel) >= batch,
                   "the provider to accept the first batch")
     else:
-        _wait_for(lambda: victim.poll() is not None or _second_request_out(url, batch),
+        wait_for(lambda: victim.poll() is not None or _second_request_out(url, batch),
                   "the second request to go out")
     assert victim.poll() is None, victim.communicate()  # still mid-wave
     accepted_at_crash = _total_accepted(handle, channel)

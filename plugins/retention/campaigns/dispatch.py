@@ -328,6 +328,14 @@ def _mark_sending(conn, token: str, owner: ClaimOwner) -> None:
 _CLEAR_CLAIM = "claim_token = null, settle_after = null"
 
 
+def _lookup_lag(channel: Channel | None) -> float | None:
+    """Seconds after which the channel's provider can tell whether it accepted a request
+    (`lookup_accepted`), or None when it cannot be asked."""
+    if not callable(getattr(channel, "lookup_accepted", None)):
+        return None
+    return float(getattr(channel, "activity_lag_seconds", 0.0))
+
+
 def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, datetime],
             channel: Channel, token: str) -> int:
     """One UPDATE per outcome kind (arrays unnested, not one statement per message), the
@@ -337,8 +345,7 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
                                             "deferred": []}
     for r in results:
         by_kind[r.status].append(r)
-    lag = getattr(channel, "activity_lag_seconds", None) \
-        if callable(getattr(channel, "lookup_accepted", None)) else None
+    lag = _lookup_lag(channel)
     guard = "m.message_id = v.message_id and m.claim_token = %(token)s and m.status = 'planned'"
     written = 0
     with conn.cursor() as cur:
@@ -501,8 +508,7 @@ def _settle_orphan(conn, token: str, key: int | None,
                 "select distinct channel from ops.messages "
                 "where claim_token = %s and status = 'planned'", (token,)).fetchall():
             channel = channels.get(channel_name)
-            lag = getattr(channel, "activity_lag_seconds", None) \
-                if callable(getattr(channel, "lookup_accepted", None)) else None
+            lag = _lookup_lag(channel)
             made_unknown = conn.execute("""
                 update ops.messages set status = 'unknown', reason = %(reason)s,
                   settle_after = case when %(lag)s::float8 is null then null
@@ -645,7 +651,7 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
                 time.sleep(0.1)  # rows locked by another dispatcher's claim in progress
             continue
         lookups_possible = state["awaiting_lookup"] and any(
-            callable(getattr(c, "lookup_accepted", None)) for c in channels.values())
+            _lookup_lag(c) is not None for c in channels.values())
         if not state["claimed"] and not lookups_possible:
             break
         left = deadline - time.monotonic()
