@@ -18,20 +18,20 @@ tables, and marks the raw tables as updated Assets, which schedules the dbt buil
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from retention.config import setting
 from retention_airflow.assets import RAW_TABLES
 from retention_airflow.run_context import run_as_of
 
 
 @dag(
     dag_id="retention_ingest",
-    schedule=os.environ.get("RETENTION_INGEST_SCHEDULE", "@hourly"),
+    schedule=setting("RETENTION_INGEST_SCHEDULE") or "@hourly",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

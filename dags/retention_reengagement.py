@@ -15,18 +15,19 @@ as_of is the data interval end; re-running a day plans and sends nothing new. Lo
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
+from retention.config import setting
+
 
 def _channels():
     """The channels' clients from their Airflow connections, each built when a message
     for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
-    if os.environ.get("RETENTION_TRIGGERS_SEND", "true").lower() in ("0", "false", "no"):
+    if (setting("RETENTION_TRIGGERS_SEND") or "true").lower() in ("0", "false", "no"):
         return None
     from retention.triggers.runner import LazyChannels
     from retention_airflow.hooks import ChannelHook

@@ -22,12 +22,13 @@ sends nothing new. Logic: `plugins/retention/triggers/`.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
+
+from retention.config import setting
 
 
 def _interval():
@@ -38,7 +39,7 @@ def _interval():
 def _channels():
     """The channels' clients from their Airflow connections, each built when a message
     for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
-    if os.environ.get("RETENTION_TRIGGERS_SEND", "true").lower() in ("0", "false", "no"):
+    if (setting("RETENTION_TRIGGERS_SEND") or "true").lower() in ("0", "false", "no"):
         return None
     from retention.triggers.runner import LazyChannels
     from retention_airflow.hooks import ChannelHook
@@ -48,7 +49,7 @@ def _channels():
 
 @dag(
     dag_id="retention_triggers",
-    schedule=CronDataIntervalTimetable(os.environ.get("RETENTION_TRIGGERS_SCHEDULE", "*/15 * * * *"),
+    schedule=CronDataIntervalTimetable(setting("RETENTION_TRIGGERS_SCHEDULE") or "*/15 * * * *",
                                        timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,

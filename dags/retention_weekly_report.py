@@ -23,19 +23,19 @@ The same report from the command line: `retention report [--week 2026-W45]`.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from retention.config import setting
 from retention_airflow.run_context import run_as_of
 
 
 @dag(
     dag_id="retention_weekly_report",
-    schedule=os.environ.get("RETENTION_REPORT_SCHEDULE", "0 8 * * 1"),
+    schedule=setting("RETENTION_REPORT_SCHEDULE") or "0 8 * * 1",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

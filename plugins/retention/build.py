@@ -47,6 +47,7 @@ _PROFILE_ENV = {
     "password": "RETENTION_DBT_PASSWORD",
     "dbname": "RETENTION_DBT_DBNAME",
 }
+_THREADS_ENV = "RETENTION_DBT_THREADS"
 _process_lock = threading.Lock()
 
 
@@ -110,13 +111,13 @@ def default_as_of(url: str | None = None) -> datetime:
 def _profile_env(url: str | None) -> Iterator[None]:
     """The RETENTION_DBT_* variables profiles.yml reads, for the duration of one build."""
     params = db.connection_params(url)
-    saved = {name: os.environ.get(name) for name in _PROFILE_ENV.values()}
-    saved["RETENTION_DBT_THREADS"] = os.environ.get("RETENTION_DBT_THREADS")
+    # saved to be restored afterwards: the variables this build overwrites
+    saved = {name: os.environ.get(name) for name in (*_PROFILE_ENV.values(), _THREADS_ENV)}
     saved["PGOPTIONS"] = os.environ.get("PGOPTIONS")
     try:
         for key, name in _PROFILE_ENV.items():
             os.environ[name] = str(params[key])
-        os.environ["RETENTION_DBT_THREADS"] = setting("RETENTION_DBT_THREADS") or "2"
+        os.environ[_THREADS_ENV] = setting(_THREADS_ENV) or "2"
         # JIT compiles every large query anew, and a build runs many of them once each,
         # so compiling costs more than it saves on these one-pass queries (measured:
         # bench/RESULTS.md, "Figures moved from docstrings"); sorts and hashes of a few

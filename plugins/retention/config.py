@@ -83,6 +83,19 @@ SETTINGS: dict[str, tuple[str | None, str]] = {
         "true",
         "false: the trigger and re-engagement DAGs plan ledger rows but do not send.",
     ),
+    "RETENTION_USE_POOLS": (
+        "true",
+        "false (or 0, no): campaign DAG steps run without the per-provider Airflow pools.",
+    ),
+    "RETENTION_ASSET_HOST": (
+        "warehouse",
+        "Host name in the Airflow Asset URIs of the warehouse tables (a logical name, "
+        "never connected to).",
+    ),
+    "RETENTION_ASSET_DATABASE": (
+        "retention",
+        "Database name in the Airflow Asset URIs of the warehouse tables (a logical name).",
+    ),
     "RETENTION_SENDGRID_WEBHOOK_KEY": (
         None,
         "SendGrid Event Webhook verification key (PEM or base64 DER). Required: the receiver "

@@ -7,14 +7,13 @@ parsing a DAG file never needs the warehouse.
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import Asset
 
+from retention.config import setting
 from retention.contract import LOAD_ORDER
 
-_HOST = os.environ.get("RETENTION_ASSET_HOST", "warehouse")
-_DATABASE = os.environ.get("RETENTION_ASSET_DATABASE", "retention")
+_HOST = setting("RETENTION_ASSET_HOST") or "warehouse"
+_DATABASE = setting("RETENTION_ASSET_DATABASE") or "retention"
 
 
 def table_asset(schema: str, table: str) -> Asset:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import os
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -30,7 +29,7 @@ from urllib.parse import urlencode
 from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
-from retention.config import PROJECT_ROOT
+from retention.config import PROJECT_ROOT, setting
 
 TEMPLATES_DIR = PROJECT_ROOT / "include" / "templates"
 
@@ -60,10 +59,10 @@ def environment(root: str = str(TEMPLATES_DIR)) -> SandboxedEnvironment:
 
 
 def promo_secret() -> bytes:
-    secret = os.environ.get("RETENTION_PROMO_SECRET")
+    secret = setting("RETENTION_PROMO_SECRET")
     if not secret:
         raise TemplateError("RETENTION_PROMO_SECRET is not set: it keys promo codes and "
-                            "unsubscribe links (set it in the environment or an Airflow Variable)")
+                            "unsubscribe links (set it in the environment)")
     return secret.encode()
 
 
@@ -78,7 +77,7 @@ def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = ""
 
 
 def unsubscribe_url(message_id: str, base: str | None = None) -> str:
-    base = base or os.environ.get("RETENTION_UNSUBSCRIBE_URL", "https://shop.example/unsubscribe")
+    base = base or setting("RETENTION_UNSUBSCRIBE_URL") or "https://shop.example/unsubscribe"
     token = base64.urlsafe_b64encode(_mac("unsubscribe", message_id)).decode()[:22]
     return f"{base}?{urlencode({'m': message_id, 't': token})}"
 

@@ -38,7 +38,7 @@ import jinja2
 from markupsafe import Markup
 
 from retention import db
-from retention.config import paths
+from retention.config import paths, setting
 from retention.results import charts
 from retention.results.charts import Interval, Series
 from retention.results.report_template import TEMPLATE
@@ -436,7 +436,7 @@ def write_report(week: date | str | None = None, url: str | None = None,
 
 def configured_recipients() -> list[str]:
     """RETENTION_REPORT_RECIPIENTS: comma- or space-separated e-mail addresses."""
-    raw = os.environ.get(RECIPIENTS_ENV, "")
+    raw = setting(RECIPIENTS_ENV) or ""
     return [r for r in re.split(r"[,\s;]+", raw) if r]
 
 

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from scipy import stats
 
 from retention import db
+from retention.config import setting
 
 #: hours after a message within which a purchase is credited to it, per channel; the same
 #: defaults as models/marts/message_attribution.sql
@@ -48,7 +48,7 @@ def attribution_windows() -> dict[str, float]:
     (JSON, e.g. `{"email": 48}`), which models/marts/message_attribution.sql reads too, so
     attribution and uplift measure the same windows."""
     windows = dict(DEFAULT_WINDOW_HOURS)
-    raw = os.environ.get(WINDOWS_ENV, "").strip()
+    raw = (setting(WINDOWS_ENV) or "").strip()
     if raw:
         try:
             override = json.loads(raw)

@@ -181,7 +181,7 @@ def load_verification_key(text: str) -> ec.EllipticCurvePublicKey:
 
 def configured_key() -> ec.EllipticCurvePublicKey | None:
     """The verification key from the environment, or None when verification is off."""
-    text = os.environ.get(KEY_ENV, "").strip()
+    text = (setting(KEY_ENV) or "").strip()
     return load_verification_key(text) if text else None
 
 
@@ -318,7 +318,7 @@ def check_request(body: bytes, headers: Mapping[str, str],
 
 def webhook_dir() -> Path:
     """Where batches land: RETENTION_WEBHOOK_DIR, else RETENTION_HOME/webhooks."""
-    explicit = os.environ.get(DIR_ENV, "").strip()
+    explicit = (setting(DIR_ENV) or "").strip()
     return Path(explicit) if explicit else paths().home / "webhooks"
 
 

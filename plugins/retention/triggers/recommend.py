@@ -14,7 +14,6 @@ planned time, in stock, so a re-run renders the same products.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -22,6 +21,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from retention.campaigns.render import category_label
+from retention.config import setting
 
 SHOP_URL = "https://shop.example"
 N = 3  # products a message shows
@@ -29,7 +29,7 @@ POPULAR_DAYS = 90
 
 
 def shop_url() -> str:
-    return os.environ.get("RETENTION_SHOP_URL", SHOP_URL).rstrip("/")
+    return (setting("RETENTION_SHOP_URL") or SHOP_URL).rstrip("/")
 
 
 def _has(conn: psycopg.Connection, relation: str) -> bool:
