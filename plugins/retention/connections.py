@@ -30,20 +30,25 @@ class ConnectionError_(RuntimeError):
     """A channel's connection is missing or incomplete; the message names it (never its secret)."""
 
 
+def _json_object(conn_id: str, text: str, what: str, hint: str = "") -> dict:
+    """`text` parsed as a JSON object; an error names the connection and the decode
+    error's position only, never the text (it may hold a secret)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConnectionError_(f"connection {conn_id}: {what} is not valid JSON ({exc.msg} at "
+                               f"line {exc.lineno} column {exc.colno}){hint}") from None
+    if not isinstance(value, dict):
+        raise ConnectionError_(f"connection {conn_id}: {what} must be a JSON object, "
+                               f"not a JSON {type(value).__name__}")
+    return value
+
+
 def _extra(conn_id: str, conn: Mapping[str, Any]) -> dict:
     extra = conn.get("extra") or {}
     if not isinstance(extra, str):
         return dict(extra)
-    try:
-        value = json.loads(extra)
-    except json.JSONDecodeError as exc:
-        # the decode error's position only: the text may hold a secret
-        raise ConnectionError_(f"connection {conn_id}: extra must be a JSON object (not valid "
-                               f"JSON: {exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise ConnectionError_(f"connection {conn_id}: extra must be a JSON object, "
-                               f"not a JSON {type(value).__name__}")
-    return value
+    return _json_object(conn_id, extra, "extra")
 
 
 def _service_account(conn_id: str, source: Any) -> dict:
@@ -68,15 +73,7 @@ def _service_account(conn_id: str, source: Any) -> dict:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConnectionError_(f"connection {conn_id}: cannot read {what} ({reason})") from None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConnectionError_(f"connection {conn_id}: {what} is not valid JSON ({exc.msg} at "
-                               f"line {exc.lineno} column {exc.colno}); {expected}") from None
-    if not isinstance(info, dict):
-        raise ConnectionError_(f"connection {conn_id}: {what} must be a JSON object, "
-                               f"not a JSON {type(info).__name__}")
-    return info
+    return _json_object(conn_id, text, what, f"; {expected}")
 
 
 def build_channel(channel: str, conn: Mapping[str, Any]) -> Channel:

@@ -522,12 +522,6 @@ def _settle_orphan(conn, token: str, key: int | None,
     return out
 
 
-def reconcile_orphans(scope: dict, channels: Mapping[str, Channel],
-                      url: str | None = None) -> dict[str, int]:
-    """Settle the scope's orphaned claims and due lookups (see `settle`)."""
-    return settle(scope, channels, url)
-
-
 def _unsettled(conn, scope: dict, release_at: datetime) -> dict:
     row = conn.execute(f"""
         select count(*) filter (where status = 'planned' and claim_token is null

@@ -52,7 +52,6 @@ the FCM host keeps the per-request lookup, since requests would apply its creden
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
@@ -350,21 +349,3 @@ class FirebaseChannel:
             attempt += 1
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
-
-
-def load_credentials_info(text_or_path: str) -> dict[str, Any]:
-    """A service-account JSON given inline or as the path of an existing file (for hooks
-    reading a connection's extra). Anything else is refused without echoing the value,
-    which may be a secret."""
-    text = text_or_path.strip()
-    if not text.startswith("{"):
-        if not os.path.isfile(text):
-            raise ValueError("the FCM service account must be its JSON or the path of an "
-                             "existing file holding it")
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the FCM service account is not valid JSON (line {exc.lineno}, "
-                         f"column {exc.colno})") from None
