@@ -12,7 +12,7 @@ events, product changes, customers who signed up then without an earlier order,
 subscriptions, and unsubscribes that happened then). Every measurement runs on a copy of
 that base (`create database ... template`), with a fresh copy of dbt_project/ (no
 partial-parse state, as after a change of as_of), the same PGOPTIONS and threads as
-`retention build` (plugins/retention/build.py), and builds as of the cut-off C:
+`retention build` (plugins/retention/warehouse/build.py), and builds as of the cut-off C:
 
 - plain: `dbt build --exclude-resource-type unit_test` (models and data tests of the
   whole project; unit tests have fixed inputs and run in CI, and `retention build` and
@@ -157,7 +157,7 @@ def shop_folder(customers: int) -> Path:
         folder.mkdir(parents=True)
         log(f"generating {customers:,} customers into {folder}")
         subprocess.run([PY, "-c", "import sys; from pathlib import Path; "
-                        "from retention.generate import generate_shop; "
+                        "from retention_dev.generate import generate_shop; "
                         f"generate_shop(Path(sys.argv[1]), customers={customers}, seed={SEED})",
                         str(folder)], check=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")})
@@ -184,12 +184,12 @@ def prepare_base(customers: int) -> tuple[str, dict]:
     log(f"loading {folder} into {name}")
     t = time.perf_counter()
     subprocess.run([PY, "-c", "import sys; from datetime import datetime, timezone; "
-                    "from retention.load import load_folder; "
+                    "from retention.ingest.load import load_folder; "
                     "load_folder(sys.argv[1], sys.argv[2], loaded_at=datetime(2026, 11, 1, tzinfo=timezone.utc))",
                     str(folder), _url(name)], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")})
     log(f"loaded in {time.perf_counter() - t:.0f} s; choosing the hold-back")
-    from retention.build import default_as_of
+    from retention.warehouse.build import default_as_of
 
     end = default_as_of(_url(name))
     with _connect(name) as conn:
@@ -256,7 +256,7 @@ def fresh_project(label: str) -> Path:
 
 def dbt_env(url: str, project: Path) -> dict:
     """The environment `retention build` gives dbt (profile variables, PGOPTIONS, threads)."""
-    from retention.build import _profile_env
+    from retention.warehouse.build import _profile_env
 
     with _profile_env(url):
         env = dict(os.environ)
@@ -269,7 +269,7 @@ def dbt_env(url: str, project: Path) -> dict:
 
 def ensure_schemas_in(url: str) -> None:
     from retention import db
-    from retention.schema import ensure_schemas
+    from retention.db.schema import ensure_schemas
 
     with db.connect(url) as conn:
         ensure_schemas(conn)

@@ -1,6 +1,6 @@
 """Channel throughput against the local provider servers with a per-request latency.
 
-The servers run in their own process (`python -m retention.providers.local_servers`),
+The servers run in their own process (`python -m retention_dev.servers`),
 so this process's time is the channel's: SDK, JSON, HTTP. E-mail goes through
 SendGridChannel (1,000 personalizations a request), push through FirebaseChannel
 (firebase-admin `send_each`, 500 messages a call, each its own HTTP request); several
@@ -74,7 +74,7 @@ def run(channel, messages: list[OutboundMessage], inflight: int) -> dict:
 def start_servers(latency_ms: float, workdir: str) -> tuple[subprocess.Popen, str, str]:
     account = os.path.join(workdir, "service-account.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "retention.providers.local_servers", "--port", "0",
+        [sys.executable, "-m", "retention_dev.servers", "--port", "0",
          "--providers", "sendgrid,fcm", "--latency-ms", str(latency_ms), "--no-record-bodies",
          "--write-service-account", account],
         stdout=subprocess.PIPE, text=True,

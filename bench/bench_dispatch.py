@@ -6,7 +6,7 @@
 A fresh database on the configured server (RETENTION_TEST_DATABASE_URL, else
 RETENTION_DATABASE_URL, else the embedded one) gets N customers, each with an e-mail
 address and a push token (inserted set-wise with generate_series). The local provider
-servers (`retention.providers.local_servers`: SendGrid and FCM, 20 ms latency per request)
+servers (`retention_dev.servers`: SendGrid and FCM, 20 ms latency per request)
 run in a separate process, keeping no request log (as with --no-record-bodies) but a
 count of the messages they accepted, which each wave is checked against.
 
@@ -60,7 +60,7 @@ BUDGET_S = 600
 def serve_main(argv: Sequence[str]) -> int:
     """The provider servers' process: SendGrid and FCM of local_servers, counting what
     they accept instead of logging requests; GET /bench/counts answers the counts."""
-    from retention.providers.local_servers import (FcmProvider, Provider, Reply, Route,
+    from retention_dev.servers import (FcmProvider, Provider, Reply, Route,
                                                    SendGridProvider, fake_service_account,
                                                    serve)
 
@@ -203,7 +203,7 @@ def drop_database(admin: str, name: str) -> None:
 
 def populate(url: str, n: int) -> float:
     from retention import db
-    from retention.schema import ensure_schemas
+    from retention.db.schema import ensure_schemas
 
     t = time.perf_counter()
     with db.connect(url) as conn:

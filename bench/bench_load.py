@@ -30,11 +30,11 @@ from pathlib import Path
 mode, arg, url = sys.argv[1], sys.argv[2], sys.argv[3]
 t = time.perf_counter()
 if mode == "generate":
-    from retention.generate import generate_shop
+    from retention_dev.generate import generate_shop
     counts = generate_shop(Path(arg), customers=int(sys.argv[4]), seed=7)
     out = {"rows": sum(counts.values()), "counts": counts}
 else:
-    from retention.load import load_folder
+    from retention.ingest.load import load_folder
     report = load_folder(arg, url, loaded_at=datetime(2026, 11, 1, tzinfo=timezone.utc))
     out = {"rows": sum(t.rows for t in report.tables), "accepted": report.accepted,
            "quarantined": report.quarantined}

@@ -33,7 +33,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from retention import predict as P  # noqa: E402
+from retention.warehouse import predict as P  # noqa: E402
+from retention_dev import samples  # noqa: E402
 
 BGNBD = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
 GAMMA_GAMMA = {"p": 6.25, "q": 3.74, "gamma": 15.44}
@@ -70,9 +71,9 @@ class Stages:
         return result
 
 
-def simulate_log(customers: int, seed: int) -> tuple[pd.DataFrame, P.Simulated]:
+def simulate_log(customers: int, seed: int) -> tuple[pd.DataFrame, samples.Simulated]:
     days_old = np.random.default_rng(seed + 1).integers(0, 2 * 365, customers)
-    sim = P.simulate(customers, BGNBD, GAMMA_GAMMA, T=days_old / 7.0, seed=seed,
+    sim = samples.simulate(customers, BGNBD, GAMMA_GAMMA, T=days_old / 7.0, seed=seed,
                      transactions=True)
     log = sim.transactions
     first_day = AS_OF - pd.to_timedelta(days_old[log["customer"].to_numpy()], unit="D")
@@ -90,7 +91,7 @@ def time_write_predictions(log: pd.DataFrame, stages: Stages) -> None:
     import sqlalchemy as sa
 
     from retention import db
-    from retention.schema import ensure_schemas
+    from retention.db.schema import ensure_schemas
 
     server = db.database_url()
     name = f"bench_predict_{uuid.uuid4().hex[:8]}"

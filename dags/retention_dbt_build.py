@@ -65,8 +65,8 @@ def build_layer(layer: str) -> dict:
     model that also reads stg_customers with the staging layer, before that model is
     built (it fails on a new warehouse, and tests the previous build's table otherwise),
     and run a dozen tests twice."""
-    from retention.build import build
-    from retention.dbt_tasks import retry_failed
+    from retention.warehouse.build import build
+    from retention.warehouse.dbt_tasks import retry_failed
 
     ctx = get_current_context()
     if ctx["ti"].try_number > 1:
@@ -96,13 +96,13 @@ def retention_dbt_build():
 
     @task(outlets=[PREDICTED_VALUE])
     def predicted_value() -> dict:
-        from retention.predict import write_predictions
+        from retention.warehouse.predict import write_predictions
 
         return write_predictions(None, run_as_of())
 
     @task
     def dbt_docs() -> str:
-        from retention.dbt_tasks import generate_docs
+        from retention.warehouse.dbt_tasks import generate_docs
 
         return str(generate_docs(run_as_of()))
 

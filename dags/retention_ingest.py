@@ -42,7 +42,7 @@ from retention_airflow.run_context import run_as_of
 def retention_ingest():
     @task
     def find_ready_drops() -> list[str]:
-        from retention.landing import ready_drops
+        from retention.ingest.landing import ready_drops
 
         drops = [str(p) for p in ready_drops()]
         if not drops:
@@ -51,13 +51,13 @@ def retention_ingest():
 
     @task
     def load_drops(drops: list[str]) -> list[dict]:
-        from retention.landing import load_drop
+        from retention.ingest.landing import load_drop
 
         return [load_drop(drop, loaded_at=run_as_of()) for drop in drops]
 
     @task(outlets=list(RAW_TABLES.values()))
     def check_quality(loads: list[dict]) -> dict:
-        from retention.quality import run_checkpoint
+        from retention.ingest.quality import run_checkpoint
 
         tables = sorted({t for load in loads for t in load["tables"]})
         report = run_checkpoint(None, as_of=run_as_of(), tables=tables,

@@ -34,7 +34,7 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RETENTION_CLAIM_LEASE_SECONDS", "2")
 
 from retention import db  # noqa: E402
-from retention.schema import ensure_schemas  # noqa: E402
+from retention.db.schema import ensure_schemas  # noqa: E402
 
 #: sample data the tests read, shipped in the repository (docs/CONTRACT.md section 6)
 DATA = ROOT / "tests" / "data"

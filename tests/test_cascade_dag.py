@@ -22,9 +22,9 @@ SHOP_END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 
 @pytest.fixture(scope="module")
 def built_shop(make_database, tmp_path_factory):
-    from retention.build import build
-    from retention.generate import generate_shop
-    from retention.load import load_folder
+    from retention.warehouse.build import build
+    from retention_dev.generate import generate_shop
+    from retention.ingest.load import load_folder
 
     url = make_database("cascade")
     folder = tmp_path_factory.mktemp("shop")
@@ -36,7 +36,7 @@ def built_shop(make_database, tmp_path_factory):
 
 @pytest.fixture()
 def cascade_env(built_shop, monkeypatch):
-    from retention.providers.stack import local_provider_stack
+    from retention_dev.stack import local_provider_stack
 
     monkeypatch.setenv("RETENTION_DATABASE_URL", built_shop)
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "cascade-test-secret")

@@ -18,7 +18,7 @@ import requests
 from retention.channels import (FirebaseChannel, HttpGatewayChannel, OutboundMessage,
                                 RetryPolicy, SendGridChannel, TelegramChannel, TokenBucket)
 from retention.channels.sendgrid import HTML_TAG, TEXT_TAG
-from retention.providers.local_servers import (expand_mail_send, fake_service_account, start,
+from retention_dev.servers import (expand_mail_send, fake_service_account, start,
                                                validate_mail_send)
 
 

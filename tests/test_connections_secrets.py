@@ -18,7 +18,7 @@ import urllib.parse
 import pytest
 
 from retention.connections import ConnectionError_, build_channel, channels_from_env
-from retention.providers.local_servers import fake_service_account
+from retention_dev.servers import fake_service_account
 
 SECRET = "sk-live-9f3a7c1e-Do-Not-Log-Me"
 
@@ -128,7 +128,7 @@ def no_promo_secret(monkeypatch):
 def test_demo_promo_secret_is_created_owner_only(tmp_path, monkeypatch, no_promo_secret):
     """Created with mode 0600, not created world-readable and tightened afterwards: with
     chmod disabled the file still has no bits for group or others."""
-    from retention.demo import _ensure_promo_secret
+    from retention_dev.demo import _ensure_promo_secret
 
     monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
     monkeypatch.setattr(type(tmp_path), "chmod", lambda *a, **k: None)
@@ -140,7 +140,7 @@ def test_demo_promo_secret_is_created_owner_only(tmp_path, monkeypatch, no_promo
 
 
 def test_demo_promo_secret_is_kept_and_tightened(tmp_path, no_promo_secret):
-    from retention.demo import _ensure_promo_secret
+    from retention_dev.demo import _ensure_promo_secret
 
     keep = tmp_path / "demo_promo_secret"
     keep.write_text("kept-secret-from-an-earlier-run\n")
@@ -151,7 +151,7 @@ def test_demo_promo_secret_is_kept_and_tightened(tmp_path, no_promo_secret):
 
 
 def test_demo_promo_secret_from_the_environment_writes_no_file(tmp_path, monkeypatch):
-    from retention.demo import _ensure_promo_secret
+    from retention_dev.demo import _ensure_promo_secret
 
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "from-the-environment")
     _ensure_promo_secret(tmp_path)

@@ -82,7 +82,7 @@ def test_ingest_dag_loads_ready_drops_and_checks_them(airflow_db, database_url, 
 
 
 def _dbt_ls(args: list[str]) -> set[str]:
-    from retention.build import run_dbt
+    from retention.warehouse.build import run_dbt
 
     # models and data tests: build() leaves the unit tests out, in the DAG as on the CLI
     result = run_dbt(["ls", "--resource-type", "model", "--resource-type", "test",
@@ -116,8 +116,8 @@ def test_dbt_build_dag_builds_the_marts_as_of_the_interval_end(airflow_db, datab
                                                              monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
-    from retention.generate import generate_shop
-    from retention.load import load_folder
+    from retention_dev.generate import generate_shop
+    from retention.ingest.load import load_folder
 
     monkeypatch.setenv("RETENTION_HOME", str(tmp_path / "home"))
     shop = tmp_path / "shop"

@@ -1,4 +1,4 @@
-"""Customer lifetime tables (dbt_project/, plugins/retention/build.py) on real PostgreSQL.
+"""Customer lifetime tables (dbt_project/, plugins/retention/warehouse/build.py) on real PostgreSQL.
 
 - A hand-made shop with the edge cases (same-second purchases, cancelled/returned/placed
   orders, a family phone, a loyalty card and a phone pointing to different customers,
@@ -25,10 +25,12 @@ import pandas as pd
 import psycopg
 import pytest
 
-from retention import db, generate, load
-from retention.build import BuildError, build, default_as_of, summary
-from retention.contract import TABLES
-from retention.schema import ensure_schemas
+from retention import db
+from retention.ingest import load
+from retention_dev import generate
+from retention.warehouse.build import BuildError, build, default_as_of, summary
+from retention.ingest.contract import TABLES
+from retention.db.schema import ensure_schemas
 
 UTC = timezone.utc
 SELECT = "selector:lifetime"  # the lifetime models and their tests (dbt_project/selectors.yml)

@@ -1,6 +1,6 @@
 """The quick start's first command, end to end on a small shop, twice.
 
-`bin/demo` is `bin/setup` followed by `python -m retention.demo`; this runs the latter in
+`bin/demo` is `bin/setup` followed by `python -m retention_dev.demo`; this runs the latter in
 a fresh database and working folder, so the README's promise is checked at every commit:
 every step prints its counts, the report is written, and a second run sends nothing again.
 """
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo(env: dict) -> str:
-    proc = subprocess.run([sys.executable, "-m", "retention.demo", "--customers", "600",
+    proc = subprocess.run([sys.executable, "-m", "retention_dev.demo", "--customers", "600",
                            "--seed", "5"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

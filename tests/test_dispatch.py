@@ -24,7 +24,7 @@ from retention.campaigns.policy import Policy
 from retention.campaigns.runner import run_campaign
 from retention.campaigns.spec import parse_campaign
 from retention.connections import channels_from_env
-from retention.providers.stack import local_provider_stack
+from retention_dev.stack import local_provider_stack
 
 AS_OF = datetime(2026, 11, 2, 7, 0, tzinfo=timezone.utc)
 POLICY = Policy(global_cap=3, global_cap_days=7, channel_cap=2, channel_cap_days=7,

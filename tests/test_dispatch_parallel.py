@@ -20,7 +20,7 @@ from retention.campaigns.engine import plan_step, start_run
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import parse_campaign
 from retention.connections import channels_from_env
-from retention.providers.stack import local_provider_stack
+from retention_dev.stack import local_provider_stack
 
 AS_OF = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # noon in Kyiv: no quiet hours
 POLICY = Policy(global_cap=100, global_cap_days=7, channel_cap=100, channel_cap_days=7,
@@ -215,7 +215,7 @@ def test_push_channel_applies_the_environments_proxy_resolved_when_built(monkeyp
     import socket
 
     from retention.channels import FirebaseChannel, OutboundMessage, RetryPolicy
-    from retention.providers.local_servers import fake_service_account, start
+    from retention_dev.servers import fake_service_account, start
 
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -37,7 +37,7 @@ import pytest
 from airflow_deployment import airflow_deployment  # noqa: F401  (pytest fixture)
 from faults import make_shop, plan, tally
 from retention import db
-from retention.providers.stack import local_provider_stack
+from retention_dev.stack import local_provider_stack
 
 TESTS = Path(__file__).resolve().parent
 DAG_ID = "fault_airflow_retry"

@@ -21,7 +21,7 @@ from faults import (AS_OF, PROVIDER_OF, dispatcher_process, make_shop, plan, res
 from retention import db
 from retention.campaigns.dispatch import dispatch_step
 from retention.connections import channels_from_env
-from retention.providers.stack import local_provider_stack
+from retention_dev.stack import local_provider_stack
 
 
 @pytest.fixture()

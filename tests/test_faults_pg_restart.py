@@ -31,8 +31,8 @@ import pytest
 
 from faults import PROVIDER_OF, dispatcher_process, make_shop, plan, result_of, tally, wait_for
 from retention import db
-from retention.providers.stack import local_provider_stack
-from retention.schema import ensure_schemas
+from retention_dev.stack import local_provider_stack
+from retention.db.schema import ensure_schemas
 
 
 

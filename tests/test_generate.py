@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retention.contract import (
+from retention.ingest.contract import (
     CHANNELS,
     EVENT_TYPES,
     ORDER_STATUSES,
@@ -20,7 +20,7 @@ from retention.contract import (
     TABLE_BY_NAME,
     TABLES,
 )
-from retention.generate import DEFAULT_END, ShopKnobs, generate_shop
+from retention_dev.generate import DEFAULT_END, ShopKnobs, generate_shop
 
 CUSTOMERS = 20_000
 END = pd.Timestamp(DEFAULT_END)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from retention import db
-from retention.load import LoadError, load_folder
+from retention.ingest.load import LoadError, load_folder
 
 LOADED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -268,7 +268,7 @@ class _PausedLoad:
     def __init__(self, monkeypatch) -> None:
         import threading
 
-        from retention import load as load_module
+        from retention.ingest import load as load_module
 
         self.threading = threading
         self.inside = threading.Event()

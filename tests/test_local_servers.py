@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from retention.providers.local_servers import (SendGridProvider, TelegramProvider, serve,
+from retention_dev.servers import (SendGridProvider, TelegramProvider, serve,
                                                start)
 
 
@@ -350,7 +350,7 @@ def test_activity_shows_a_send_after_the_lag_lower_cased():
 def test_command_line_activity_lag():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "retention.providers.local_servers", "--port", "0",
+        [sys.executable, "-m", "retention_dev.servers", "--port", "0",
          "--providers", "sendgrid", "--activity-lag-seconds", "0.5"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root / "plugins")})
     try:

@@ -1,7 +1,7 @@
 """Predicted customer value: the published CDNOW fits, the model's properties, the marts.
 
-The CDNOW sample ships inside the `lifetimes` package; we read it with our own loader and
-summarise it with our own rfm_summary, so the paper's numbers check the whole chain.
+The CDNOW sample (tests/data/cdnow) is read with retention_dev.samples and summarised with
+the product's rfm_summary, so the paper's numbers check the whole chain.
 """
 
 from __future__ import annotations
@@ -14,24 +14,15 @@ import pytest
 from scipy import optimize
 
 from retention import db
-from retention import predict as P
+from retention.warehouse import predict as P
+from retention_dev import samples
+from retention_dev.samples import CDNOW_DIR
 
 UTC = timezone.utc
 CDNOW_CALIBRATION_END = "1997-09-30"  # end of week 39: the paper's calibration period
-INSTALL_HINT = "install it with `.venv/bin/pip install --no-deps lifetimes==0.11.3`"
-
-
-def _lifetimes_file(name: str):
-    try:
-        return P.lifetimes_dataset_path(name)
-    except FileNotFoundError as exc:
-        pytest.fail(f"CDNOW data missing ({exc}); it ships in the lifetimes package: "
-                    f"{INSTALL_HINT}")
-
-
 @pytest.fixture(scope="module")
 def cdnow_summary() -> pd.DataFrame:
-    transactions = P.load_cdnow_transactions(_lifetimes_file("CDNOW_sample.txt"))
+    transactions = samples.load_cdnow_transactions(CDNOW_DIR / "CDNOW_sample.txt")
     return P.rfm_summary(transactions, CDNOW_CALIBRATION_END, time_unit_days=7.0,
                          customer_col="customer_id", datetime_col="date",
                          monetary_col="dollars")
@@ -47,7 +38,7 @@ def cdnow_bgnbd(cdnow_summary) -> P.BGNBDFit:
 
 
 def test_cdnow_loader_reads_the_sample():
-    tx = P.load_cdnow_transactions(_lifetimes_file("CDNOW_sample.txt"))
+    tx = samples.load_cdnow_transactions(CDNOW_DIR / "CDNOW_sample.txt")
     assert len(tx) == 6919
     assert tx["customer_id"].nunique() == 2357
     first = tx.iloc[0]
@@ -57,13 +48,8 @@ def test_cdnow_loader_reads_the_sample():
     assert tx["date"].max() == pd.Timestamp("1998-06-30")
 
 
-def test_missing_lifetimes_file_names_the_install_command():
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps lifetimes"):
-        P.lifetimes_dataset_path("no_such_file.txt")
-
-
 def test_rfm_summary_matches_the_published_cdnow_summary(cdnow_summary):
-    published = pd.read_csv(_lifetimes_file("cdnow_customers_summary_with_transactions.csv"),
+    published = pd.read_csv(CDNOW_DIR / "cdnow_customers_summary_with_transactions.csv",
                             index_col="ID")
     ours = cdnow_summary.reindex(published.index)
     assert len(cdnow_summary) == 2357 and ours.notna().all().all()
@@ -169,7 +155,7 @@ def test_simulated_population_is_recovered():
     true = {"r": 0.25, "alpha": 4.0, "a": 0.8, "b": 2.5}
     spend = {"p": 6.0, "q": 4.0, "gamma": 15.0}
     ages = np.random.default_rng(7).integers(10 * 7, 78 * 7, 20_000) / 7.0
-    sim = P.simulate(20_000, true, spend, T=ages, seed=11)
+    sim = samples.simulate(20_000, true, spend, T=ages, seed=11)
     # time recorded in whole days, as real data is: many customers share statistics
     recency = np.floor(sim.recency * 7.0) / 7.0
     fit = P.fit_bgnbd(sim.frequency, recency, sim.T)
@@ -186,7 +172,7 @@ def test_simulated_population_is_recovered():
 
 
 def test_simulated_transaction_log_round_trips_through_rfm_summary():
-    sim = P.simulate(2_000, {"r": 0.5, "alpha": 3.0, "a": 0.8, "b": 2.5},
+    sim = samples.simulate(2_000, {"r": 0.5, "alpha": 3.0, "a": 0.8, "b": 2.5},
                      {"p": 6.0, "q": 4.0, "gamma": 15.0}, T=30.0, seed=3, transactions=True)
     log = sim.transactions
     as_of = pd.Timestamp("2024-07-01", tz="UTC")
@@ -271,7 +257,7 @@ AS_OF = datetime(2024, 7, 1, tzinfo=UTC)
 def shop(database_url):
     """raw.customers (300 buyers simulated from BG/NBD + Gamma-Gamma, 5 who never
     bought) and intermediate.int_purchases_unified (built by dbt in the pipeline)."""
-    sim = P.simulate(300, {"r": 0.8, "alpha": 6.0, "a": 0.8, "b": 2.5},
+    sim = samples.simulate(300, {"r": 0.8, "alpha": 6.0, "a": 0.8, "b": 2.5},
                      {"p": 6.0, "q": 4.0, "gamma": 150.0},
                      T=np.random.default_rng(1).uniform(5, 52, 300), seed=5, transactions=True)
     log = sim.transactions

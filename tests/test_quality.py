@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from retention import db
-from retention.load import load_folder
-from retention.quality import CRITICAL, WARNING, DataQualityError, run_checkpoint
+from retention.ingest.load import load_folder
+from retention.ingest.quality import CRITICAL, WARNING, DataQualityError, run_checkpoint
 
 AS_OF = datetime(2026, 3, 1, tzinfo=timezone.utc)
 

@@ -103,7 +103,7 @@ def test_attribution_of_the_hand_made_scenario(database_url, monkeypatch):
 
     # windows are configurable: with 72 h for Telegram, c3's order 50 h later is credited
     monkeypatch.setenv("RETENTION_ATTRIBUTION_WINDOWS", '{"telegram": 72}')
-    from retention.build import build
+    from retention.warehouse.build import build
 
     build(as_of=AS_OF, url=database_url, select="message_attribution", unit_tests=True)
     with db.connect(database_url) as conn:

@@ -87,11 +87,11 @@ def _sendgrid_events(url: str, rows: list[tuple], rng: random.Random) -> None:
 
 def _make_shop(url: str, folder: Path) -> None:
     """A generated shop; the weekly cascade and a cross-sell run in week 43; trigger chains."""
-    from retention.build import build
+    from retention.warehouse.build import build
     from retention.campaigns.engine import plan_step, start_run
     from retention.campaigns.spec import load_campaign
-    from retention.generate import generate_shop
-    from retention.load import load_folder
+    from retention_dev.generate import generate_shop
+    from retention.ingest.load import load_folder
     from retention.results.pipeline import build_attribution
     from retention.results.webhook import record_send_results
 
@@ -135,7 +135,7 @@ def _make_shop(url: str, folder: Path) -> None:
 def shop_url(make_database):
     url = make_database("rt_report")
     with db.connect(url) as conn:
-        from retention.schema import ensure_schemas
+        from retention.db.schema import ensure_schemas
 
         ensure_schemas(conn)
         conn.commit()
@@ -349,7 +349,7 @@ def test_empty_warehouse_still_renders_every_section(database_url, tmp_path):
 
 def test_send_report_emails_each_marketer_once(shop_url, tmp_path):
     from retention.channels import SendGridChannel
-    from retention.providers.local_servers import start
+    from retention_dev.servers import start
 
     path = write_report(WEEK, url=shop_url, out_dir=tmp_path)
     base, server = start("sendgrid", api_keys={"SG.test"})

@@ -93,7 +93,7 @@ def _copy(conn, table: str, columns: str, rows: list[tuple]) -> None:
 
 @pytest.mark.slow
 def test_uplift_of_a_generated_campaign_recovers_the_injected_effect(database_url, tmp_path):
-    from retention.build import build
+    from retention.warehouse.build import build
     from retention.campaigns.engine import plan_step, start_run
     from retention.campaigns.policy import Policy
     from retention.campaigns.spec import parse_campaign

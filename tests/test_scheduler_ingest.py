@@ -18,7 +18,7 @@ import pytest
 
 from airflow_deployment import airflow_deployment  # noqa: F401  (pytest fixture)
 from retention import db
-from retention.contract import LOAD_ORDER
+from retention.ingest.contract import LOAD_ORDER
 from test_dags import _drop
 
 ROOT = Path(__file__).resolve().parents[1]

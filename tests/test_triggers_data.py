@@ -11,7 +11,7 @@ import pytest
 from retention import db
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import load_campaign
-from retention.load import load_folder
+from retention.ingest.load import load_folder
 from retention.triggers import run_triggers
 from retention.triggers.config import TRIGGERS, TriggerSettings
 
@@ -116,7 +116,7 @@ def test_rees46_sample_through_the_abandoned_cart_trigger(database_url, sample_d
 
 @pytest.fixture(scope="module")
 def generated_shop(tmp_path_factory):
-    from retention.generate import generate_shop
+    from retention_dev.generate import generate_shop
 
     out = tmp_path_factory.mktemp("shop")
     generate_shop(out, customers=1200, seed=11, n_products=2000)
@@ -189,7 +189,7 @@ def _expected_recommendations(items: pd.DataFrame, views: pd.DataFrame, window_d
 
 
 def test_recommendations_model_and_marts_feed_the_chains(generated_shop, database_url, monkeypatch):
-    from retention.build import build
+    from retention.warehouse.build import build
 
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
     end = datetime(2026, 10, 31, tzinfo=UTC)

@@ -287,7 +287,7 @@ def test_chains_go_out_through_the_real_clients_to_local_providers(shop, monkeyp
     import json as _json
 
     from retention.connections import build_channel
-    from retention.providers.local_servers import fake_service_account, start
+    from retention_dev.servers import fake_service_account, start
     from retention.triggers.runner import LazyChannels
 
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")

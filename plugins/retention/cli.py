@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,29 +34,14 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from retention.generate import generate_shop
-
-    kwargs = {"customers": args.customers, "seed": args.seed}
-    if args.end:
-        kwargs["end"] = args.end
-    if args.gzip:
-        kwargs["compress"] = True
-    counts = generate_shop(Path(args.out), **kwargs)
-    print(f"generated a shop of {args.customers:,} customers (seed {args.seed}) in {args.out}")
-    for table, n in counts.items():
-        print(f"  {table:<24}{n:>14,}")
-    return 0
-
-
 def cmd_load(args: argparse.Namespace) -> int:
-    from retention.load import load_folder
+    from retention.ingest.load import load_folder
 
     report = load_folder(args.path, loaded_at=args.loaded_at, currency=args.currency,
                          fmt=args.format)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if args.check:
-        from retention.quality import run_checkpoint
+        from retention.ingest.quality import run_checkpoint
 
         quality = run_checkpoint(None, as_of=report.loaded_at, load_id=report.load_id)
         print(quality.format() if hasattr(quality, "format") else quality)
@@ -66,7 +50,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from retention.build import build
+    from retention.warehouse.build import build
 
     summary = build(as_of=args.as_of, full_refresh=args.full_refresh, select=args.select,
                     unit_tests=args.unit_tests)
@@ -93,30 +77,11 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     as_of = args.as_of or _default_as_of()
     from retention.connections import channels_from_env
 
-    with _local_providers(args.local_providers, latency_ms=args.latency_ms):
-        names = sorted({ch for step in campaign.steps for ch in step.channels})
-        result = run_campaign(campaign, as_of, channels_from_env(names))
+    names = sorted({ch for step in campaign.steps for ch in step.channels})
+    result = run_campaign(campaign, as_of, channels_from_env(names))
     print(f"campaign {campaign.id} as of {as_of.isoformat()}")
     print(format_waves(result))
     return 0
-
-
-@contextmanager
-def _local_providers(local: bool, **options):
-    """With `local`, local SendGrid/FCM/Telegram/gateway stand-ins for the command's
-    duration, the AIRFLOW_CONN_RETENTION_* variables pointing at them (`--local-providers`);
-    otherwise the connections as configured."""
-    if not local:
-        yield
-        return
-    import os
-
-    from retention.providers.stack import local_provider_stack
-
-    with local_provider_stack(**options) as (handle, env):
-        os.environ.update(env)
-        print(f"local provider servers on {handle.base_url}")
-        yield
 
 
 def cmd_triggers(args: argparse.Namespace) -> int:
@@ -126,26 +91,25 @@ def cmd_triggers(args: argparse.Namespace) -> int:
     from retention.triggers.runner import format_report
 
     end = args.until or _default_as_of()
-    with _local_providers(args.local_providers):
-        channels = None
-        if args.send or args.local_providers:
-            from retention.connections import channels_from_env
-            from retention.triggers.runner import LazyChannels
+    channels = None
+    if args.send:
+        from retention.connections import channels_from_env
+        from retention.triggers.runner import LazyChannels
 
-            # a missing connection fails only when a message for that channel is due
-            channels = LazyChannels(lambda name: channels_from_env([name])[name])
-        if args.command == "reengagement":
-            result = run_reengagement(end, channels=channels)
-        else:
-            start = end - timedelta(minutes=args.minutes)
-            result = run_triggers(start, end, channels=channels,
-                                  triggers=args.trigger or None)
+        # a missing connection fails only when a message for that channel is due
+        channels = LazyChannels(lambda name: channels_from_env([name])[name])
+    if args.command == "reengagement":
+        result = run_reengagement(end, channels=channels)
+    else:
+        start = end - timedelta(minutes=args.minutes)
+        result = run_triggers(start, end, channels=channels,
+                              triggers=args.trigger or None)
     print(format_report(result))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from retention.predict import write_predictions
+    from retention.warehouse.predict import write_predictions
 
     as_of = args.as_of or _default_as_of()
     print(json.dumps(write_predictions(None, as_of), indent=2, default=str))
@@ -178,7 +142,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _default_as_of():
-    from retention.build import default_as_of
+    from retention.warehouse.build import default_as_of
 
     return default_as_of()
 
@@ -203,14 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL")
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("generate", help="generate a realistic sample shop as contract CSV files")
-    p.add_argument("--customers", type=int, default=10_000)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default="shop")
-    p.add_argument("--end", type=_timestamp, help="last moment of the generated history")
-    p.add_argument("--gzip", action="store_true", help="write .csv.gz files")
-    p.set_defaults(func=cmd_generate)
-
     p = sub.add_parser("load", help="load a folder of contract CSV files (or one file) into raw")
     p.add_argument("path")
     p.add_argument("--format", choices=["contract", "rees46"], default="contract")
@@ -234,10 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["run", "list", "validate"])
     p.add_argument("name", nargs="?")
     p.add_argument("--as-of", type=_timestamp, help="the run's as_of (default: end of the data)")
-    p.add_argument("--local-providers", action="store_true",
-                   help="send to local SendGrid/FCM/Telegram stand-ins started for this run")
-    p.add_argument("--latency-ms", type=float, default=0.0,
-                   help="with --local-providers: latency of each provider request")
     p.set_defaults(func=cmd_campaign)
 
     for name, text in (("triggers", "one run of the trigger chains and lifecycle flows"),
@@ -253,8 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--send", action="store_true",
                        help="send due messages through the retention_* connections "
                             "(default: plan ledger rows only)")
-        p.add_argument("--local-providers", action="store_true",
-                       help="send to local SendGrid/FCM/Telegram stand-ins started for this run")
         p.set_defaults(func=cmd_triggers)
 
     p = sub.add_parser("predict", help="fit BG/NBD + Gamma-Gamma and write "
@@ -290,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from retention.campaigns.spec import CampaignError
     from retention.connections import ConnectionError_
-    from retention.load import LoadError
+    from retention.ingest.load import LoadError
 
     try:
         return args.func(args)

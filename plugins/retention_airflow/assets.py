@@ -10,7 +10,7 @@ from __future__ import annotations
 from airflow.sdk import Asset
 
 from retention.config import setting
-from retention.contract import LOAD_ORDER
+from retention.ingest.contract import LOAD_ORDER
 
 _HOST = setting("RETENTION_ASSET_HOST") or "warehouse"
 _DATABASE = setting("RETENTION_ASSET_DATABASE") or "retention"

@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from retention.config import PROJECT_ROOT, setting
-from retention.contract import CHANNELS
+from retention.ingest.contract import CHANNELS
 
 CAMPAIGNS_DIR = PROJECT_ROOT / "include" / "campaigns"
 KINDS = ("promo", "trigger", "lifecycle", "reengagement", "transactional")

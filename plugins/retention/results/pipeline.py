@@ -44,9 +44,9 @@ def build_attribution(as_of: datetime, url: str | None = None, *,
     that also reads a mart this selection leaves alone (a lifetime mart) waits for the
     full build."""
     from retention import db
-    from retention.build import as_of_literal, run_dbt
+    from retention.warehouse.build import as_of_literal, run_dbt
     from retention.results.webhook import ensure_results_tables
-    from retention.schema import ensure_schemas
+    from retention.db.schema import ensure_schemas
 
     with db.connect(url) as conn:
         ensure_schemas(conn)

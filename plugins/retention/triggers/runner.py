@@ -30,7 +30,7 @@ from retention.campaigns.dispatch import failpoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, load_campaign
-from retention.contract import CHANNELS
+from retention.ingest.contract import CHANNELS
 from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
                                        record_hits, step_report)
 from retention.triggers.config import REENGAGEMENT, TriggerSettings, load_settings

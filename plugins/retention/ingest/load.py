@@ -41,12 +41,12 @@ from psycopg import sql
 
 from retention import db
 from retention.config import setting
-from retention.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_NAME, Table
-from retention.schema import ensure_schemas
+from retention.ingest.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_NAME, Table
+from retention.db.schema import ensure_schemas
 
 COPY_CHUNK = 1 << 20
 
-LOAD_LOCK = "retention.load"
+LOAD_LOCK = "retention.ingest.load"
 LOCK_TIMEOUT_ENV = "RETENTION_LOAD_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 900.0
 
@@ -530,7 +530,7 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
     path = Path(path).resolve()
     loaded_at = loaded_at or datetime.now(timezone.utc)
     if fmt == "rees46":
-        from retention.rees46 import load_rees46
+        from retention.ingest.rees46 import load_rees46
 
         return load_rees46(path, url, loaded_at=loaded_at)
     if fmt != "contract":

@@ -1,6 +1,6 @@
 """dbt commands the orchestration runs besides `build`: retry of what failed, and docs.
 
-The Airflow DAG runs one `dbt build` per layer (`retention.build.build(select=...)`); when a
+The Airflow DAG runs one `dbt build` per layer (`retention.warehouse.build.build(select=...)`); when a
 layer's task is retried, `retry_failed` runs `dbt retry`, which re-executes only the
 nodes that errored or were skipped in the previous invocation, with its arguments (the
 same `as_of`).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from retention.build import BuildError, as_of_literal, dbt_results, run_dbt, target_dir
+from retention.warehouse.build import BuildError, as_of_literal, dbt_results, run_dbt, target_dir
 
 
 def retry_failed(as_of: datetime, url: str | None = None) -> dict:

@@ -35,8 +35,8 @@ def _done(started: float) -> None:
 
 
 def run(customers: int, seed: int, verbose: bool = False) -> int:
-    from retention.generate import generate_shop
-    from retention.load import load_folder
+    from retention_dev.generate import generate_shop
+    from retention.ingest.load import load_folder
 
     home = paths().home
     home.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def run(customers: int, seed: int, verbose: bool = False) -> int:
     _done(t)
 
     try:
-        from retention.quality import run_checkpoint
+        from retention.ingest.quality import run_checkpoint
     except ImportError:  # pragma: no cover - while the module is being built
         run_checkpoint = None
     if run_checkpoint is not None:
@@ -83,14 +83,14 @@ def run(customers: int, seed: int, verbose: bool = False) -> int:
         quality.raise_for_failures()
         _done(t)
 
-    from retention.build import build
+    from retention.warehouse.build import build
 
     t = _step(f"dbt build as of Monday {CASCADE_AS_OF:%Y-%m-%d %H:%M} UTC: customer lifetime tables")
     _print_summary(build(as_of=CASCADE_AS_OF, url=url))
     _done(t)
 
     t = _step("predicted customer value (BG/NBD + Gamma-Gamma)")
-    from retention.predict import write_predictions
+    from retention.warehouse.predict import write_predictions
 
     pred = write_predictions(url, CASCADE_AS_OF)
     fit = pred.get("bgnbd") or {}
@@ -107,8 +107,8 @@ def run(customers: int, seed: int, verbose: bool = False) -> int:
     from retention.campaigns.runner import format_waves, run_campaign
     from retention.campaigns.spec import load_campaign
     from retention.connections import channels_from_env
-    from retention.providers import engagement
-    from retention.providers.stack import local_provider_stack
+    from retention_dev import engagement
+    from retention_dev.stack import local_provider_stack
     from retention.triggers import run_reengagement, run_triggers
     from retention.triggers.runner import LazyChannels, format_report
 
@@ -148,7 +148,7 @@ def run(customers: int, seed: int, verbose: bool = False) -> int:
         print("   " + format_report(reengaged).replace("\n", "\n   "))
         _done(t)
 
-        from retention.build import default_as_of
+        from retention.warehouse.build import default_as_of
         from retention.results.pipeline import load_results
 
         end = default_as_of(url)

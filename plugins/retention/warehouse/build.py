@@ -220,7 +220,7 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
     ropo_share_of_offline_revenue, and `dbt` (models, tests, failures, ...).
     """
     url = url or db.database_url()
-    from retention.schema import ensure_schemas
+    from retention.db.schema import ensure_schemas
 
     with db.connect(url) as conn:
         ensure_schemas(conn)

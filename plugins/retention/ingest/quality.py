@@ -1,6 +1,6 @@
 """Data quality of the raw layer: a Great Expectations 1.x checkpoint run after each load.
 
-The suites are generated from the contract as data (`retention.contract.TABLES`), one per
+The suites are generated from the contract as data (`retention.ingest.contract.TABLES`), one per
 raw table, so a column is named in one place:
 
 * keys: not null and unique (compound keys with `expect_compound_columns_to_be_unique`),
@@ -45,8 +45,8 @@ from psycopg import sql
 
 from retention import db
 from retention.config import paths
-from retention.contract import REQUIRED_TABLES, TABLE_BY_NAME, TABLES, Table
-from retention.schema import ensure_schemas
+from retention.ingest.contract import REQUIRED_TABLES, TABLE_BY_NAME, TABLES, Table
+from retention.db.schema import ensure_schemas
 
 log = logging.getLogger(__name__)
 

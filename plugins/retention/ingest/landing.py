@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from retention.config import paths
-from retention.load import load_folder
+from retention.ingest.load import load_folder
 
 READY_MARKER = "_SUCCESS"
 

@@ -34,8 +34,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from retention import catalog_data as cd
-from retention.contract import EVENT_TYPES, TABLE_BY_NAME, TABLES
+from retention_dev import catalog_data as cd
+from retention.ingest.contract import EVENT_TYPES, TABLE_BY_NAME, TABLES
 
 DEFAULT_END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 DAY = 86_400

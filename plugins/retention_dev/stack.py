@@ -9,13 +9,44 @@ per stack; nothing secret is stored.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from retention.connections import local_connections
-from retention.providers.local_servers import PROVIDERS, ServerHandle, fake_service_account, serve
+from retention_dev.servers import PROVIDERS, ServerHandle, fake_service_account, serve
+
+
+def local_connections(base_url: str, *, api_key: str, bot_token: str,
+                      service_account: dict, activity_lag_seconds: float = 0.0,
+                      timeout: float | None = None) -> dict[str, str]:
+    """AIRFLOW_CONN_* values pointing every channel at the local provider servers
+    (`activity_lag_seconds`: how late the local SendGrid's activity log shows a send;
+    `timeout`: the clients' request timeout, default each channel's own)."""
+    timeouts = {} if timeout is None else {"timeout": timeout}
+    gateway = lambda ch: {  # noqa: E731
+        "url": f"{base_url}/gateway/{ch}", "payload_template": {
+            "to": "{address}", "text": "{text}", "client_ref": "{message_id}"},
+        "message_id_path": "message.id", "success_path": "status",
+        "headers": {"Authorization": "Bearer {password}"}, **timeouts}
+    return {
+        "AIRFLOW_CONN_RETENTION_SENDGRID": json.dumps({
+            "conn_type": "http", "host": base_url, "password": api_key,
+            "extra": {"from_email": "shop@example.com", "from_name": "Example Shop",
+                      "activity_lag_seconds": activity_lag_seconds, **timeouts}}),
+        "AIRFLOW_CONN_RETENTION_FCM": json.dumps({
+            "conn_type": "http", "host": base_url,
+            "extra": {"service_account": service_account,
+                      "project_id": service_account["project_id"], **timeouts}}),
+        "AIRFLOW_CONN_RETENTION_TELEGRAM": json.dumps({
+            "conn_type": "http", "host": base_url, "password": bot_token,
+            "extra": dict(timeouts)}),
+        "AIRFLOW_CONN_RETENTION_SMS": json.dumps({
+            "conn_type": "http", "password": api_key, "extra": gateway("sms")}),
+        "AIRFLOW_CONN_RETENTION_VIBER": json.dumps({
+            "conn_type": "http", "password": api_key, "extra": gateway("viber")}),
+    }
 
 
 @contextmanager

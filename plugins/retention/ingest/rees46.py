@@ -22,8 +22,8 @@ from pathlib import Path
 from psycopg import sql
 
 from retention import db
-from retention.contract import TABLE_BY_NAME
-from retention.load import (
+from retention.ingest.contract import TABLE_BY_NAME
+from retention.ingest.load import (
     LoadError,
     LoadReport,
     PlannedFile,
@@ -33,7 +33,7 @@ from retention.load import (
     stage_file,
     tune_session,
 )
-from retention.schema import ensure_schemas
+from retention.db.schema import ensure_schemas
 
 REES46_COLUMNS = ["event_time", "event_type", "product_id", "category_id", "category_code",
                   "brand", "price", "user_id", "user_session"]
@@ -79,7 +79,7 @@ def load_rees46(path: Path, url: str | None = None, *, loaded_at: datetime) -> L
         conn.commit()
         ensure_cast_functions(conn)
         tune_session(conn)
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.load'))")
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.ingest.load'))")
         load_id = conn.execute(
             "insert into ops.loads (source, format, loaded_at, status) values "
             "(%s, 'rees46', %s, 'running') returning load_id", (source, loaded_at)).fetchone()[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from retention.contract import raw_ddl
+from retention.ingest.contract import raw_ddl
 
 OPS_DDL = """
 create schema if not exists ops;

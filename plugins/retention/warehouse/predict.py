@@ -21,8 +21,8 @@ first one, `recency` the time from the first to the last such day, `T` the time 
 first day to the as_of day, `monetary_value` the mean value of the repeat days (0 when
 there is none). Times are in the model's unit, `time_unit_days` days (7: weeks).
 
-Only numpy, scipy and pandas at run time; the `lifetimes` package is used only as the
-carrier of the CDNOW sample data (it is never imported: it does not import on pandas 3).
+Only numpy, scipy and pandas at run time. `retention_dev.samples` draws simulated
+customers and reads the CDNOW sample the tests reproduce the papers on.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
@@ -501,138 +500,6 @@ def predict_customer_value(
     return Prediction(summary, scores, bgnbd, gamma_gamma, time_unit_days)
 
 
-# ----------------------------------------------------------------------------- simulate
-
-
-@dataclass(frozen=True)
-class Simulated:
-    """Customers drawn from BG/NBD + Gamma-Gamma, in model time units.
-
-    frequency, recency, T, monetary_value per customer (continuous time), and, when asked
-    for, the transaction log (customer, time since the customer's first purchase, value),
-    first purchases included.
-    """
-
-    frequency: np.ndarray
-    recency: np.ndarray
-    T: np.ndarray
-    monetary_value: np.ndarray
-    transactions: pd.DataFrame | None
-
-
-def simulate(
-    n: int,
-    bgnbd_params: dict[str, float],
-    gamma_gamma_params: dict[str, float] | None = None,
-    T: Any = 52.0,
-    seed: int = 0,
-    transactions: bool = False,
-) -> Simulated:
-    """Draw `n` customers; T is a scalar or an array of ages (one per customer)."""
-    rng = np.random.default_rng(seed)
-    r, alpha, a, b = (bgnbd_params[k] for k in ("r", "alpha", "a", "b"))
-    ages = np.broadcast_to(np.asarray(T, dtype=float), (n,)).copy()
-    rate = np.maximum(rng.gamma(r, 1.0 / alpha, n), 1e-300)
-    dropout = rng.beta(a, b, n)
-    x = np.zeros(n, dtype=np.int64)
-    tx = np.zeros(n)
-    clock = np.zeros(n)
-    active = np.arange(n)
-    ids: list[np.ndarray] = [np.arange(n)] if transactions else []
-    times: list[np.ndarray] = [np.zeros(n)] if transactions else []
-    while active.size:
-        nxt = clock[active] + rng.exponential(1.0 / rate[active])
-        inside = nxt <= ages[active]
-        active, nxt = active[inside], nxt[inside]
-        x[active] += 1
-        tx[active] = nxt
-        clock[active] = nxt
-        if transactions:
-            ids.append(active)
-            times.append(nxt)
-        active = active[rng.random(active.size) >= dropout[active]]
-
-    monetary = np.zeros(n)
-    log = None
-    if gamma_gamma_params is not None:
-        p, q, v = (gamma_gamma_params[k] for k in ("p", "q", "gamma"))
-        scale = 1.0 / rng.gamma(q, 1.0 / v, n)  # per-customer 1/nu
-        if transactions:
-            cust = np.concatenate(ids)
-            when = np.concatenate(times)
-            value = rng.gamma(p, scale[cust])
-            log = pd.DataFrame({"customer": cust, "time": when, "value": value})
-            repeat = when > 0
-            sums = np.bincount(cust[repeat], weights=value[repeat], minlength=n)
-            monetary = np.where(x > 0, sums / np.maximum(x, 1), 0.0)
-        else:
-            # the mean of x Gamma(p, nu) draws is Gamma(p x, x nu)
-            repeat = x > 0
-            monetary[repeat] = rng.gamma(p * x[repeat], scale[repeat] / x[repeat])
-    elif transactions:
-        log = pd.DataFrame({"customer": np.concatenate(ids), "time": np.concatenate(times)})
-    return Simulated(x, tx, ages, monetary, log)
-
-
-# --------------------------------------------------------------------------- CDNOW data
-
-
-def lifetimes_dataset_path(filename: str = "CDNOW_sample.txt") -> Path:
-    """Path of a data file shipped in the installed `lifetimes` distribution.
-
-    Found through the distribution's file list (or the package's location), without
-    importing `lifetimes`. Raises FileNotFoundError naming the install command.
-    """
-    try:
-        dist = metadata.distribution("lifetimes")
-    except metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        for entry in dist.files or ():
-            if entry.name == filename and entry.parent.name == "datasets":
-                path = Path(str(dist.locate_file(entry)))
-                if path.is_file():
-                    return path
-    spec = util.find_spec("lifetimes")  # locates, does not execute, the package
-    if spec is not None and spec.origin:
-        path = Path(spec.origin).parent / "datasets" / filename
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{filename} not found: it ships in the lifetimes package; install it with "
-        "`.venv/bin/pip install --no-deps lifetimes==0.11.3`")
-
-
-def load_cdnow_transactions(path: str | Path | None = None) -> pd.DataFrame:
-    """The CDNOW transaction log as customer_id, date, cds, dollars (+ master_id).
-
-    `CDNOW_sample.txt` (the 1/10 sample of the 1997 Q1 cohort, 2,357 customers, the data
-    of the BG/NBD paper) has five whitespace-separated columns: the customer's id in the
-    master file, the sample id (1..2357, the ID of the published summaries), the date
-    yyyymmdd, the number of CDs and the dollar value. `CDNOW_master.txt` has four (id,
-    date, CDs, dollars) after a header line. customer_id is the sample id where there is
-    one. Without `path`, the sample file of the installed lifetimes package.
-    """
-    path = Path(path) if path is not None else lifetimes_dataset_path("CDNOW_sample.txt")
-    with open(path) as fh:
-        first = fh.readline().split()
-    header = 0 if first and not first[0].isdigit() else None
-    raw = pd.read_csv(path, sep=r"\s+", header=header, dtype=str)
-    if raw.shape[1] == 5:
-        raw.columns = ["master_id", "customer_id", "date", "cds", "dollars"]
-    elif raw.shape[1] == 4:
-        raw.columns = ["customer_id", "date", "cds", "dollars"]
-    else:
-        raise ValueError(f"{path}: expected 4 or 5 columns, found {raw.shape[1]}")
-    out = pd.DataFrame({"customer_id": raw["customer_id"].astype("int64")})
-    if "master_id" in raw:
-        out["master_id"] = raw["master_id"].astype("int64")
-    out["date"] = pd.to_datetime(raw["date"], format="%Y%m%d")
-    out["cds"] = raw["cds"].astype("int64")
-    out["dollars"] = raw["dollars"].astype(float)
-    return out
-
-
 # ----------------------------------------------------------------------------- database
 
 PREDICTION_COLUMNS = (
@@ -796,14 +663,14 @@ def write_predictions(
     unit = timedelta(days=time_unit_days)
     as_of_sql = sql.Literal(as_of_dt)
     with db.connect(url) as conn:
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict.ddl'))")
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.warehouse.predict.ddl'))")
         conn.execute(PREDICT_DDL)
         conn.commit()
         if conn.execute("select to_regclass(%s)", (PURCHASES_RELATION,)).fetchone()[0] is None:
             raise LookupError(f"{PURCHASES_RELATION} does not exist: build the dbt models "
                               "before predicting customer value")
         # one run per as_of at a time; different as_of values proceed in parallel
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.predict'), "
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.warehouse.predict'), "
                      "hashtext(%s))", (as_of_ts.isoformat(),))
         conn.execute(sql.SQL(RFM_SQL).format(purchases=sql.SQL(PURCHASES_RELATION),
                                              as_of=as_of_sql))

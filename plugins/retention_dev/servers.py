@@ -44,7 +44,7 @@ sends excluded; FCM: `message.token` and `message.data["message_id"]`; Telegram:
 
 In-process: `base_url, handle = start("sendgrid", api_keys={"SG.test"})`, `handle.stop()`.
 Command line (all providers on one port, for the demo):
-`python -m retention.providers.local_servers --port 8025 --latency-ms 20`.
+`python -m retention_dev.servers --port 8025 --latency-ms 20`.
 """
 
 from __future__ import annotations
@@ -1402,7 +1402,7 @@ def fake_service_account(token_uri: str, project_id: str = "local-project",
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m retention.providers.local_servers",
+        prog="python -m retention_dev.servers",
         description="Serve local SendGrid, FCM, Telegram and HTTP-gateway stand-ins on one port.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)

@@ -1,0 +1,1 @@
+"""Warehouse: the dbt build, predicted customer value."""

@@ -1,0 +1,117 @@
+"""Sample data for development and tests: customers simulated from BG/NBD + Gamma-Gamma,
+and the CDNOW transaction log the BG/NBD and Gamma-Gamma papers were fitted on.
+
+The CDNOW files (`tests/data/cdnow/`, source and licence in its README) are the 1/10
+sample of the 1997 Q1 cohort and the summary published with the `lifetimes` package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CDNOW_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "cdnow"
+
+
+@dataclass(frozen=True)
+class Simulated:
+    """Customers drawn from BG/NBD + Gamma-Gamma, in model time units.
+
+    frequency, recency, T, monetary_value per customer (continuous time), and, when asked
+    for, the transaction log (customer, time since the customer's first purchase, value),
+    first purchases included.
+    """
+
+    frequency: np.ndarray
+    recency: np.ndarray
+    T: np.ndarray
+    monetary_value: np.ndarray
+    transactions: pd.DataFrame | None
+
+
+def simulate(
+    n: int,
+    bgnbd_params: dict[str, float],
+    gamma_gamma_params: dict[str, float] | None = None,
+    T: Any = 52.0,
+    seed: int = 0,
+    transactions: bool = False,
+) -> Simulated:
+    """Draw `n` customers; T is a scalar or an array of ages (one per customer)."""
+    rng = np.random.default_rng(seed)
+    r, alpha, a, b = (bgnbd_params[k] for k in ("r", "alpha", "a", "b"))
+    ages = np.broadcast_to(np.asarray(T, dtype=float), (n,)).copy()
+    rate = np.maximum(rng.gamma(r, 1.0 / alpha, n), 1e-300)
+    dropout = rng.beta(a, b, n)
+    x = np.zeros(n, dtype=np.int64)
+    tx = np.zeros(n)
+    clock = np.zeros(n)
+    active = np.arange(n)
+    ids: list[np.ndarray] = [np.arange(n)] if transactions else []
+    times: list[np.ndarray] = [np.zeros(n)] if transactions else []
+    while active.size:
+        nxt = clock[active] + rng.exponential(1.0 / rate[active])
+        inside = nxt <= ages[active]
+        active, nxt = active[inside], nxt[inside]
+        x[active] += 1
+        tx[active] = nxt
+        clock[active] = nxt
+        if transactions:
+            ids.append(active)
+            times.append(nxt)
+        active = active[rng.random(active.size) >= dropout[active]]
+
+    monetary = np.zeros(n)
+    log = None
+    if gamma_gamma_params is not None:
+        p, q, v = (gamma_gamma_params[k] for k in ("p", "q", "gamma"))
+        scale = 1.0 / rng.gamma(q, 1.0 / v, n)  # per-customer 1/nu
+        if transactions:
+            cust = np.concatenate(ids)
+            when = np.concatenate(times)
+            value = rng.gamma(p, scale[cust])
+            log = pd.DataFrame({"customer": cust, "time": when, "value": value})
+            repeat = when > 0
+            sums = np.bincount(cust[repeat], weights=value[repeat], minlength=n)
+            monetary = np.where(x > 0, sums / np.maximum(x, 1), 0.0)
+        else:
+            # the mean of x Gamma(p, nu) draws is Gamma(p x, x nu)
+            repeat = x > 0
+            monetary[repeat] = rng.gamma(p * x[repeat], scale[repeat] / x[repeat])
+    elif transactions:
+        log = pd.DataFrame({"customer": np.concatenate(ids), "time": np.concatenate(times)})
+    return Simulated(x, tx, ages, monetary, log)
+
+
+def load_cdnow_transactions(path: str | Path | None = None) -> pd.DataFrame:
+    """The CDNOW transaction log as customer_id, date, cds, dollars (+ master_id).
+
+    `CDNOW_sample.txt` (the 1/10 sample of the 1997 Q1 cohort, 2,357 customers, the data
+    of the BG/NBD paper) has five whitespace-separated columns: the customer's id in the
+    master file, the sample id (1..2357, the ID of the published summaries), the date
+    yyyymmdd, the number of CDs and the dollar value. `CDNOW_master.txt` has four (id,
+    date, CDs, dollars) after a header line. customer_id is the sample id where there is
+    one. Without `path`, the sample file shipped in tests/data/cdnow.
+    """
+    path = Path(path) if path is not None else CDNOW_DIR / "CDNOW_sample.txt"
+    with open(path) as fh:
+        first = fh.readline().split()
+    header = 0 if first and not first[0].isdigit() else None
+    raw = pd.read_csv(path, sep=r"\s+", header=header, dtype=str)
+    if raw.shape[1] == 5:
+        raw.columns = ["master_id", "customer_id", "date", "cds", "dollars"]
+    elif raw.shape[1] == 4:
+        raw.columns = ["customer_id", "date", "cds", "dollars"]
+    else:
+        raise ValueError(f"{path}: expected 4 or 5 columns, found {raw.shape[1]}")
+    out = pd.DataFrame({"customer_id": raw["customer_id"].astype("int64")})
+    if "master_id" in raw:
+        out["master_id"] = raw["master_id"].astype("int64")
+    out["date"] = pd.to_datetime(raw["date"], format="%Y%m%d")
+    out["cds"] = raw["cds"].astype("int64")
+    out["dollars"] = raw["dollars"].astype(float)
+    return out
