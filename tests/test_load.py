@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from retention import db
+from retention.ingest.formats import load_path
 from retention.ingest.load import LoadError, load_folder
 
 LOADED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -209,7 +210,7 @@ def test_rees46_sample_loads_without_loss(sample_data, database_url):
     sample = sample_data / "rees46_sample_2019-10-01.csv"
     with open(sample, newline="") as fh:
         records = list(csv.DictReader(fh))
-    report = load_folder(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
+    report = load_path(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
     assert report.quarantined == 0
     with db.connect(database_url) as conn:
         events = conn.execute(
@@ -225,7 +226,7 @@ def test_rees46_sample_loads_without_loss(sample_data, database_url):
     assert sessions == len({r["user_session"] for r in records})
     assert first == (datetime(2019, 10, 1, tzinfo=timezone.utc),
                      datetime(2019, 10, 1, 2, 28, tzinfo=timezone.utc).replace(second=first[1].second))
-    again = load_folder(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
+    again = load_path(sample, database_url, fmt="rees46", loaded_at=LOADED_AT)
     assert sum(t.inserted + t.updated for t in again.tables) == 0
 
 
@@ -382,3 +383,8 @@ def test_concurrent_cli_loads_in_separate_processes(tmp_path, database_url):
     with db.connect(database_url) as conn:
         loads = conn.execute("select status, count(*) from ops.loads group by 1").fetchall()
     assert loads == [("succeeded", 4)]
+
+
+def test_an_unknown_format_is_refused_by_name(database_url, tmp_path):
+    with pytest.raises(LoadError, match="unknown format 'parquet'"):
+        load_path(tmp_path, database_url, fmt="parquet", loaded_at=LOADED_AT)

@@ -11,6 +11,7 @@ import pytest
 from retention import db
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import load_campaign
+from retention.ingest.formats import load_path
 from retention.ingest.load import load_folder
 from retention.triggers import run_triggers
 from retention.triggers.config import TRIGGERS, TriggerSettings
@@ -69,7 +70,7 @@ def _run_every(url: str, start: datetime, end: datetime, step: timedelta, **kw) 
 
 def test_rees46_sample_through_the_abandoned_cart_trigger(database_url, sample_data):
     path = sample_data / "rees46_sample_2019-10-01.csv"
-    load_folder(path, database_url, fmt="rees46", loaded_at=datetime(2019, 10, 2, tzinfo=UTC))
+    load_path(path, database_url, fmt="rees46", loaded_at=datetime(2019, 10, 2, tzinfo=UTC))
     campaigns = {"abandoned_cart": load_campaign("abandoned_cart")}
     # the DAG's 15-minute runs, from the first event until every window has closed
     results = _run_every(database_url, datetime(2019, 10, 1, tzinfo=UTC),

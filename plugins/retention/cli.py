@@ -35,10 +35,10 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from retention.ingest.load import load_folder
+    from retention.ingest.formats import load_path
 
-    report = load_folder(args.path, loaded_at=args.loaded_at, currency=args.currency,
-                         fmt=args.format)
+    report = load_path(args.path, loaded_at=args.loaded_at, currency=args.currency,
+                       fmt=args.format)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if args.check:
         from retention.ingest.quality import run_checkpoint
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="load a folder of contract CSV files (or one file) into raw")
     p.add_argument("path")
-    p.add_argument("--format", choices=["contract", "rees46"], default="contract")
+    p.add_argument("--format", choices=["contract", "rees46"], default="contract",
+                   help="input format (retention.ingest.formats.LOADERS)")
     p.add_argument("--currency", help="the shop's reporting currency (overrides RETENTION_CURRENCY)")
     p.add_argument("--loaded-at", type=_timestamp,
                    help="the load's time; later timestamps are quarantined (default: now)")

@@ -521,7 +521,7 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
 
 
 def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime | None = None,
-                currency: str | None = None, fmt: str = "contract") -> LoadReport:
+                currency: str | None = None) -> LoadReport:
     """Load a folder of contract CSV/CSV.gz files (or one file) into schema raw.
 
     `loaded_at` is the load's own time: timestamps after it are quarantined as future ones.
@@ -529,12 +529,6 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
     """
     path = Path(path).resolve()
     loaded_at = loaded_at or datetime.now(timezone.utc)
-    if fmt == "rees46":
-        from retention.ingest.rees46 import load_rees46
-
-        return load_rees46(path, url, loaded_at=loaded_at)
-    if fmt != "contract":
-        raise LoadError(f"unknown format {fmt!r} (expected contract or rees46)")
     files, ignored = discover(path)
     if not files:
         raise LoadError(f"{path}: no contract files found (expected e.g. customers.csv, orders.csv)")
