@@ -110,7 +110,6 @@ def dispatcher_process(url: str, env: dict[str, str], channel: str, *,
                           "reconciled": result["reconciled"]}}), flush=True)
     """)
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT / "plugins")}
-    full_env.pop("RETENTION_FAILPOINT", None)
     return subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

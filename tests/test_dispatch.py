@@ -136,7 +136,9 @@ def test_rerunning_the_campaign_sends_nothing_again(database_url, providers):
     assert len(providers.received) == requests_before
 
 
-def _dispatch_in_subprocess(url: str, env: dict, failpoint: str | None) -> int:
+def _dispatch_in_subprocess(url: str, env: dict, kill_at: tuple[str, int]) -> int:
+    """`dispatch_step` of the e-mail wave in a process of its own that dies (exit 137)
+    at the `kill_at` = (point, nth) hit."""
     code = textwrap.dedent(f"""
         import sys
         from datetime import datetime, timezone
@@ -145,30 +147,29 @@ def _dispatch_in_subprocess(url: str, env: dict, failpoint: str | None) -> int:
         from retention.campaigns.policy import Policy
         from retention.campaigns.spec import parse_campaign
         from retention.connections import channels_from_env
+        from retention_dev.faults import KillAt
         spec = {CASCADE!r}
         c = parse_campaign(spec, "cascade.yaml")
         policy = Policy(3, 7, 2, 7, __import__("datetime").time(21), __import__("datetime").time(9),
                         "Europe/Kyiv", 0.05)
         run = start_run(c, datetime(2026, 11, 2, 7, tzinfo=timezone.utc), {url!r}, policy)
-        dispatch_step(c, run, "email", channels_from_env(["email"]), {url!r})
+        dispatch_step(c, run, "email", channels_from_env(["email"]), {url!r},
+                      on_point=KillAt(*{kill_at!r}))
     """)
     full_env = dict(os.environ, **env)
-    full_env.pop("RETENTION_FAILPOINT", None)
-    if failpoint:
-        full_env["RETENTION_FAILPOINT"] = failpoint
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
                           text=True).returncode
 
 
-@pytest.mark.parametrize("failpoint", ["dispatch.after_claim:2", "dispatch.after_send:2"])
-def test_worker_killed_mid_wave_then_retried_sends_each_email_once(failpoint, database_url,
+@pytest.mark.parametrize("kill_at", [("dispatch.after_claim", 2), ("dispatch.after_send", 2)])
+def test_worker_killed_mid_wave_then_retried_sends_each_email_once(kill_at, database_url,
                                                                     providers, monkeypatch):
     _shop(database_url, 2600)
     campaign = parse_campaign(CASCADE, "cascade.yaml")
     run = start_run(campaign, AS_OF, database_url, POLICY)
     plan_step(campaign, run, "email", database_url, POLICY)
     env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "RETENTION_"))}
-    assert _dispatch_in_subprocess(database_url, env, failpoint) == 137  # killed mid-wave
+    assert _dispatch_in_subprocess(database_url, env, kill_at) == 137  # killed mid-wave
     with db.connect(database_url) as conn:
         claimed = conn.execute("select count(*) from ops.messages where claim_token is not null"
                                ).fetchone()[0]

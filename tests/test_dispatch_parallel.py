@@ -2,7 +2,8 @@
 
 The workers are real "spawn" processes that build their channels from the connections
 (the AIRFLOW_CONN_* variables of the local stack), so the SDKs, the ledger and the
-servers are the same as in production; a worker killed by a failpoint leaves its claimed
+servers are the same as in production; a worker killed at a point of the send loop
+(`retention_dev.faults.KillAt`, pickled into the workers) leaves its claimed
 batch behind and the retry settles it without a duplicate.
 """
 
@@ -20,6 +21,7 @@ from retention.campaigns.engine import plan_step, start_run
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import parse_campaign
 from retention.connections import channels_from_env
+from retention_dev.faults import KillAt
 from retention_dev.stack import local_provider_stack
 
 AS_OF = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # noon in Kyiv: no quiet hours
@@ -60,8 +62,6 @@ def _shop(url: str, n: int) -> None:
 def providers(monkeypatch, request):
     """The local stack; its connections in the environment, which spawned workers inherit."""
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
-    monkeypatch.delenv("RETENTION_FAILPOINT", raising=False)
-    monkeypatch.delenv("RETENTION_FAILPOINT_PROCESS", raising=False)
     latency = getattr(request, "param", 0)
     with local_provider_stack(latency_ms=latency) as (handle, env):
         for key, value in env.items():
@@ -135,17 +135,14 @@ def test_two_processes_send_pushes_each_exactly_once(database_url, providers):
 
 
 @pytest.mark.parametrize("providers", [300], indirect=True)  # ms a request: both workers get work
-@pytest.mark.parametrize("failpoint", ["dispatch.after_claim:1", "dispatch.after_send:1"])
+@pytest.mark.parametrize("point", ["dispatch.after_claim", "dispatch.after_send"])
 def test_one_worker_process_killed_then_retried_sends_each_email_once(
-        failpoint, database_url, providers, monkeypatch):
+        point, database_url, providers):
     _shop(database_url, 6000)
     campaign, run = _plan(database_url, "email")
-    monkeypatch.setenv("RETENTION_FAILPOINT", failpoint)
-    monkeypatch.setenv("RETENTION_FAILPOINT_PROCESS", "1")  # only worker 1 dies
     with pytest.raises(WorkerProcessError, match="worker 1: exited with code 137"):
         dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
-                      processes=2)
-    monkeypatch.delenv("RETENTION_FAILPOINT")
+                      processes=2, on_point=KillAt(point, 1, process=1))  # only worker 1 dies
     with db.connect(database_url) as conn:
         claimed, sent = conn.execute(
             "select count(*) filter (where claim_token is not null), "
@@ -153,7 +150,7 @@ def test_one_worker_process_killed_then_retried_sends_each_email_once(
     assert claimed == 1000  # the dead worker's batch; its sibling sent the rest
     assert sent == 5000
     accepted_before = _accepted(providers)
-    assert len(accepted_before) == (6000 if failpoint.endswith("after_send:1") else 5000)
+    assert len(accepted_before) == (6000 if point == "dispatch.after_send" else 5000)
 
     counts = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
                            processes=2)
@@ -162,7 +159,7 @@ def test_one_worker_process_killed_then_retried_sends_each_email_once(
     assert set(statuses.values()) == {"sent"} and len(statuses) == 6000
     assert set(accepted) == set(statuses) and max(accepted.values()) == 1  # nothing twice
     reconciled = counts["reconciled"]
-    if failpoint.endswith("after_send:1"):  # the provider had taken it: recorded, not resent
+    if point == "dispatch.after_send":  # the provider had taken it: recorded, not resent
         assert reconciled == {"reconciled_sent": 1000, "released": 0, "unknown": 0}
     else:  # never sent: released and sent by the retry
         assert reconciled == {"reconciled_sent": 0, "released": 1000, "unknown": 0}

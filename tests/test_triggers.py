@@ -7,7 +7,6 @@ ops.trigger_hits and ops.messages.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -569,13 +568,13 @@ def test_a_run_killed_midway_is_completed_by_its_retry(shop):
         "from datetime import datetime, time, timezone;"
         "from retention.campaigns.policy import Policy;"
         "from retention.triggers import run_triggers;"
+        "from retention_dev.faults import KillAt;"
         "p = Policy(3, 7, 2, 7, time(21), time(9), 'UTC', 0.0);"
         "run_triggers(datetime(2026, 11, 2, 10, 45, tzinfo=timezone.utc),"
         " datetime(2026, 11, 2, 11, tzinfo=timezone.utc), sys.argv[1], policy=p,"
-        " triggers=['abandoned_cart'])")
+        " triggers=['abandoned_cart'], on_point=KillAt('triggers.after_detect'))")
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, RETENTION_FAILPOINT="triggers.after_detect:1")
-    died = subprocess.run([sys.executable, "-c", script, shop.url], cwd=root, env=env,
+    died = subprocess.run([sys.executable, "-c", script, shop.url], cwd=root,
                           capture_output=True, text=True)
     assert died.returncode == 137, died.stderr
     (chain,) = chains(shop)  # detection was committed, the step was not planned

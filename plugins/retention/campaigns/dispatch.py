@@ -92,24 +92,16 @@ log = logging.getLogger(__name__)
 UNKNOWN_OUTCOME = ("outcome unknown: the sending worker died after the request went out; "
                    "not resent to avoid a duplicate")
 NOTHING_RECONCILED = {"reconciled_sent": 0, "released": 0, "unknown": 0}
-#: test hook: with several worker processes, only the one with this index honours
-#: RETENTION_FAILPOINT (the others would inherit it and die too)
-FAILPOINT_PROCESS_ENV = "RETENTION_FAILPOINT_PROCESS"
+#: the points of the send loop at which `on_point` is called: a batch claimed (not yet
+#: marked as going out), marked as going out (request not yet made), the provider answered
+#: (outcomes not yet recorded)
+POINTS = ("dispatch.after_claim", "dispatch.before_send", "dispatch.after_send")
 
-
-class Failpoint(SystemExit):
-    pass
-
-
-def failpoint(name: str, counter: dict) -> None:
-    """Test hook: RETENTION_FAILPOINT=<name>:<n> kills the process at the n-th hit."""
-    spec = os.environ.get("RETENTION_FAILPOINT", "")
-    if not spec.startswith(name + ":"):
-        return
-    counter[name] = counter.get(name, 0) + 1
-    if counter[name] == int(spec.split(":", 1)[1]):
-        log.error("failpoint %s reached: exiting", name)
-        os._exit(137)
+#: `on_point(point, process)`: called at each of `POINTS` by the thread that reached it;
+#: `process` is the index (0 .. processes - 1) of the worker process that reached it, None
+#: in the dispatching process itself. Fault tests pass one that kills the process there
+#: (retention_dev.faults.KillAt).
+OnPoint = Callable[[str, int | None], None]
 
 
 def _seconds_setting(name: str) -> float:
@@ -555,19 +547,19 @@ def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,
                   release_at: datetime | None = None, workers: int = 1, processes: int = 1,
                   connections: Mapping[str, Mapping[str, Any]] | None = None,
                   on_batch: Callable[[str, int], None] | None = None,
-                  settle_wait: float | None = None) -> dict:
+                  settle_wait: float | None = None, on_point: OnPoint | None = None) -> dict:
     """Send every planned row of a campaign run's step whose not_before <= release_at
     (default: the step's time). Returns the step's counts and what settling did.
 
     `processes` > 1 sends with that many worker processes, each with `workers` threads
-    per channel (see `dispatch`)."""
+    per channel; `on_point` is called at the send loop's `POINTS` (see `dispatch`)."""
     step = campaign.step(step_name)
     at = step_time(campaign, run, step)
     release_at = release_at or at
     scope = {"campaign_id": campaign.id, "step": step.name, "run_id": run.run_id}
     result = dispatch(campaign, step_name, channels, scope, release_at, url=url,
                       workers=workers, processes=processes, connections=connections,
-                      on_batch=on_batch, settle_wait=settle_wait)
+                      on_batch=on_batch, settle_wait=settle_wait, on_point=on_point)
     counts = step_counts(run.run_id, step.name, url)
     counts.update(result)
     return counts
@@ -588,7 +580,7 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
              reconcile: bool = True,
              on_batch: Callable[[str, int], None] | None = None,
              extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None = None,
-             settle_wait: float | None = None) -> dict:
+             settle_wait: float | None = None, on_point: OnPoint | None = None) -> dict:
     """The send loop for any scope (a campaign run's step, or a chain step across its
     instances): settle, then claim, render, send, record; then wait (up to `settle_wait`
     seconds, default RETENTION_DISPATCH_SETTLE_WAIT_SECONDS) for claims that cannot be
@@ -600,9 +592,13 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
     `processes` > 1: that many worker processes send. They get `connections` (channel
     name -> connection dict, as `retention.connections.build_channel` takes; default:
     the `AIRFLOW_CONN_*` variables) and build their own channels; `channels` serve the
-    parent's settling only. `extra_context` must then be picklable (a module-level
-    function). `on_batch` is called in the parent. `reconcile=False` sends without
-    settling or waiting (one pass)."""
+    parent's settling only. `extra_context` and `on_point` must then be picklable (a
+    module-level function or an instance of a module-level class; each worker gets its
+    own copy). `on_batch` is called in the parent. `reconcile=False` sends without
+    settling or waiting (one pass).
+
+    `on_point(point, process)` (`OnPoint`), when given, is called at each of `POINTS` as
+    the send loop reaches it."""
     step = campaign.step(step_name)
     scope = {"run_id": None, **scope}
     wait_budget = settle_wait_seconds() if settle_wait is None else settle_wait
@@ -626,11 +622,11 @@ def dispatch(campaign: Campaign, step_name: str, channels: Mapping[str, Channel]
                 part = _send_in_processes(
                     processes, campaign, step_name, scope, release_at, url=url, workers=workers,
                     connections=_connections_for(channel_names, connections, processes),
-                    on_batch=on_batch, extra_context=extra_context)
+                    on_batch=on_batch, extra_context=extra_context, on_point=on_point)
             else:
                 part = _send(campaign, step_name, {n: channels[n] for n in channel_names}, scope,
                              release_at, url=url, workers=workers, on_batch=on_batch,
-                             extra_context=extra_context)
+                             extra_context=extra_context, on_point=on_point)
             _add(timings, part)
             if part.get("deferred"):
                 break  # the provider asked for a pause: the rest waits for a later pass
@@ -689,16 +685,17 @@ def _new_timings() -> dict:
 def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], scope: dict,
           release_at: datetime, *, url: str | None, workers: int,
           on_batch: Callable[[str, int], None] | None,
-          extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None) -> dict:
+          extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None,
+          on_point: OnPoint | None = None, process: int | None = None) -> dict:
     """`workers` threads per channel, each claiming, rendering, sending and recording
     batches until the scope has no planned row left for it, under one `ClaimOwner`.
-    Returns the seconds spent in each phase, summed over the threads."""
+    Returns the seconds spent in each phase, summed over the threads. `process`: this
+    worker process's index, passed to `on_point`."""
     step = campaign.step(step_name)
     variants = {v.name: v for v in campaign.variants}
     discount = float(campaign.promo.get("discount_percent", 10))
     valid_days = int(campaign.promo.get("valid_days", 7))
     exit_on_purchase = "purchase" in campaign.exit_on
-    counter: dict = {}
     errors: list[BaseException] = []
     timings = _new_timings()
     timings_lock = threading.Lock()
@@ -728,7 +725,8 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                     if suppressed:
                         continue
                     return
-                failpoint("dispatch.after_claim", counter)
+                if on_point is not None:
+                    on_point("dispatch.after_claim", process)
                 t1 = time.perf_counter()
                 categories = dict(conn.execute(
                     "select customer_id, preferred_category from marts.customer_lifetime "
@@ -759,10 +757,12 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                         unsubscribe_url=ctx["unsubscribe_url"]))
                     sent_at[message_id] = max(not_before or planned_at, planned_at)
                 _mark_sending(conn, token, owner)
-                failpoint("dispatch.before_send", counter)
+                if on_point is not None:
+                    on_point("dispatch.before_send", process)
                 t2 = time.perf_counter()
                 results = channel.send_batch(messages)
-                failpoint("dispatch.after_send", counter)
+                if on_point is not None:
+                    on_point("dispatch.after_send", process)
                 t3 = time.perf_counter()
                 lost = _record(conn, results, sent_at, channel, token)
                 t4 = time.perf_counter()
@@ -843,11 +843,12 @@ def _send_in_processes(processes: int, campaign: Campaign, step_name: str, scope
                        connections: dict[str, dict],
                        on_batch: Callable[[str, int], None] | None,
                        extra_context: Callable[[object, list[tuple]], Mapping[str, dict]] | None,
-                       ) -> dict:
+                       on_point: OnPoint | None = None) -> dict:
     ctx = multiprocessing.get_context("spawn")
     job = {"campaign": campaign, "step_name": step_name, "scope": scope,
            "release_at": release_at, "url": url, "workers": workers,
-           "connections": connections, "extra_context": extra_context}
+           "connections": connections, "extra_context": extra_context,
+           "on_point": on_point}
     children: list[tuple[int, multiprocessing.process.BaseProcess]] = []
     readers: dict[Any, int] = {}
     failures: dict[int, str] = {}
@@ -914,9 +915,6 @@ def _process_main(index: int, parent_pid: int, writer, job: dict) -> None:
     """A worker process: build the channels from their connections, send without
     reconciling, report batches and timings to the parent through `writer`."""
     _die_with_parent(parent_pid)
-    only = os.environ.get(FAILPOINT_PROCESS_ENV)
-    if only not in (None, "", str(index)):
-        os.environ.pop("RETENTION_FAILPOINT", None)
     from retention.connections import build_channel
 
     lock = threading.Lock()
@@ -932,7 +930,8 @@ def _process_main(index: int, parent_pid: int, writer, job: dict) -> None:
         timings = _send(job["campaign"], job["step_name"], channels, job["scope"],
                         job["release_at"], url=job["url"], workers=job["workers"],
                         on_batch=lambda name, n: report("batch", name, n),
-                        extra_context=job["extra_context"])
+                        extra_context=job["extra_context"], on_point=job["on_point"],
+                        process=index)
         report("done", timings)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit 1
         log.error("dispatch worker %s failed: %s", index, traceback.format_exc())

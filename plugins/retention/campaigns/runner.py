@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from retention import db
-from retention.campaigns.dispatch import dispatch_step, dispatch_threads
+from retention.campaigns.dispatch import OnPoint, dispatch_step, dispatch_threads
 from retention.campaigns.engine import plan_step, start_run, step_counts, step_time
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign
@@ -20,17 +20,20 @@ from retention.channels.base import Channel
 
 def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Channel],
                  url: str | None = None, policy: Policy | None = None,
-                 after_step: Callable[[str, str], object] | None = None) -> dict:
+                 after_step: Callable[[str, str], object] | None = None,
+                 on_point: OnPoint | None = None) -> dict:
     """Every step of a campaign in order, as the DAG runs them but without waiting: each
     step is planned at its own time (as_of + waits), so a later wave sees what the
     earlier ones reached. `after_step(run_id, step)` runs between steps (the demo feeds
-    the readers' webhook events there, as they would arrive during the wait)."""
+    the readers' webhook events there, as they would arrive during the wait).
+    `on_point` is passed to every dispatch (`retention.campaigns.dispatch.OnPoint`)."""
     run = start_run(campaign, as_of, url, policy)
     threads = dispatch_threads()
     waves = []
     for i, step in enumerate(campaign.steps):
         plan_step(campaign, run, step.name, url, policy)
-        dispatch_step(campaign, run, step.name, channels, url, workers=threads)
+        dispatch_step(campaign, run, step.name, channels, url, workers=threads,
+                      on_point=on_point)
         at = step_time(campaign, run, step)
         nxt = (step_time(campaign, run, campaign.steps[i + 1]) if i + 1 < len(campaign.steps)
                else None)
@@ -40,7 +43,7 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
                 "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
         if latest is not None and (nxt is None or latest <= nxt):
             dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at),
-                          workers=threads)
+                          workers=threads, on_point=on_point)
         if after_step is not None:
             after_step(run.run_id, step.name)
         counts = step_counts(run.run_id, step.name, url)

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from retention import db
-from retention.campaigns.dispatch import failpoint
+from retention.campaigns.dispatch import OnPoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, load_campaign
@@ -38,6 +38,11 @@ from retention.triggers.detect import DETECTORS
 from retention.triggers.health import record_health
 from retention.triggers.norms import cohort_norms, nudge_days
 from retention.triggers.state import ensure_trigger_tables
+
+
+#: the points of a run at which `on_point` is called: every trigger's moments recorded
+#: (committed) and no step planned yet; one flow's due steps planned
+POINTS = ("triggers.after_detect", "triggers.after_plan")
 
 
 class LazyChannels(Mapping):
@@ -114,7 +119,8 @@ def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: date
             "flagged": health["flagged"], "note": health["note"]}
 
 
-def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | None) -> dict:
+def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | None,
+          on_point: OnPoint | None) -> dict:
     from retention.campaigns.dispatch import dispatch
     from retention.triggers.recommend import chain_context
 
@@ -133,14 +139,15 @@ def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | Non
                 continue
             sent[f"{campaign.id}.{step.name}"] = dispatch(
                 campaign, step.name, channels, {"campaign_id": campaign.id, "step": step.name},
-                end, url=url, extra_context=chain_context)
+                end, url=url, extra_context=chain_context, on_point=on_point)
     return sent
 
 
 def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, channels,
          policy: Policy | None, settings: TriggerSettings | None,
          campaigns: Mapping[str, Campaign] | None, lock: str,
-         channel_orders=None, release_also: Sequence[str] = ()) -> dict:
+         channel_orders=None, release_also: Sequence[str] = (),
+         on_point: OnPoint | None = None) -> dict:
     start, end = as_utc(start), as_utc(end)
     if end <= start:
         raise ValueError(f"empty interval: {start.isoformat()} .. {end.isoformat()}")
@@ -173,19 +180,20 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
 
             exit_pass()
             cache: dict = {}
-            failpoints: dict = {}
             for n in names:
                 result["triggers"][n] = _detect(conn, n, loaded[n], start, end, settings, policy,
                                                 has_ropo, cache)
             if "norms" in cache:
                 result["cohort_norm_source"] = cache["norms"][2]
-            failpoint("triggers.after_detect", failpoints)
+            if on_point is not None:
+                on_point("triggers.after_detect", None)
             exit_pass()
             due: dict[str, dict[str, int]] = {}
             for n in names:
                 due[n] = plan_due_steps(conn, loaded[n], end, policy,
                                         channel_orders=channel_orders)
-                failpoint("triggers.after_plan", failpoints)
+                if on_point is not None:
+                    on_point("triggers.after_plan", None)
             result["exits"] = exits
         finally:
             conn.rollback()
@@ -197,7 +205,7 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
             # messages of other flows that waited for the customer's morning go out with
             # the next 15-minute run, not the next day's
             senders += [load_campaign(n) for n in release_also if n not in loaded]
-        result["dispatch"] = _send(senders, end, channels, url)
+        result["dispatch"] = _send(senders, end, channels, url, on_point)
     with db.connect(url) as conn:
         report = step_report(conn, [loaded[n] for n in names], end)
     for n in names:
@@ -211,13 +219,17 @@ def run_triggers(interval_start: datetime, interval_end: datetime, url: str | No
                  channels: Mapping | None = None, *, policy: Policy | None = None,
                  settings: TriggerSettings | None = None,
                  triggers: Sequence[str] | None = None,
-                 campaigns: Mapping[str, Campaign] | None = None) -> dict:
+                 campaigns: Mapping[str, Campaign] | None = None,
+                 on_point: OnPoint | None = None) -> dict:
     """One run of every trigger and lifecycle flow over (interval_start, interval_end].
 
     Without `channels` the run plans (ledger rows) and does not send; with them it also
     releases re-engagement messages whose quiet hours ended. Returns, per
     trigger, the moments found and chains started / extended / exited with the health
     verdict, and per chain step the messages planned at interval_end by status.
+
+    `on_point(point, None)` is called at each of `POINTS` (and passed to the dispatch,
+    `retention.campaigns.dispatch.OnPoint`).
     """
     settings = settings or load_settings()
     names = list(triggers or settings.priority)
@@ -225,7 +237,8 @@ def run_triggers(interval_start: datetime, interval_end: datetime, url: str | No
     if unknown:
         raise ValueError(f"unknown trigger(s): {', '.join(unknown)}")
     return _run(names, interval_start, interval_end, url, channels, policy, settings, campaigns,
-                "retention.triggers", release_also=() if triggers else (REENGAGEMENT,))
+                "retention.triggers", release_also=() if triggers else (REENGAGEMENT,),
+                on_point=on_point)
 
 
 def channel_orders_by_engagement(conn: psycopg.Connection, chain_ids: Sequence[str], step: Step,
@@ -262,14 +275,16 @@ def channel_orders_by_engagement(conn: psycopg.Connection, chain_ids: Sequence[s
 
 def run_reengagement(as_of: datetime, url: str | None = None, channels: Mapping | None = None,
                      *, policy: Policy | None = None, settings: TriggerSettings | None = None,
-                     campaign: Campaign | None = None) -> dict:
+                     campaign: Campaign | None = None, on_point: OnPoint | None = None) -> dict:
     """The daily re-engagement run over (as_of - 1 day, as_of]: lapsed customers enter
     (reminder, then a personal offer with an expiring code, then a feedback request),
-    each step on the channel where the customer engaged most."""
+    each step on the channel where the customer engaged most. `on_point` as for
+    `run_triggers`."""
     as_of = as_utc(as_of)
     return _run([REENGAGEMENT], as_of - timedelta(days=1), as_of, url, channels, policy,
                 settings, {REENGAGEMENT: campaign} if campaign else None,
-                "retention.reengagement", channel_orders=channel_orders_by_engagement)
+                "retention.reengagement", channel_orders=channel_orders_by_engagement,
+                on_point=on_point)
 
 
 def format_report(result: dict) -> str:
