@@ -44,8 +44,16 @@ def database_url() -> str:
     explicit = setting("RETENTION_DATABASE_URL") or os.environ.get("DATABASE_URL")
     if explicit:
         return explicit
-    server = _embedded_server()
-    _ensure_database(server.get_uri("postgres"), _EMBEDDED_DB)
+    # Processes that start together (pytest-xdist workers, parallel tasks) take turns:
+    # pgserver creates the data directory outside its own lock, and two processes would
+    # both try to create the database.
+    from filelock import FileLock
+
+    home = paths().pgdata.parent
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "pgdata.lock"):
+        server = _embedded_server()
+        _ensure_database(server.get_uri("postgres"), _EMBEDDED_DB)
     return server.get_uri(_EMBEDDED_DB)
 
 
