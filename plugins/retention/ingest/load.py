@@ -28,7 +28,6 @@ import csv
 import gzip
 import io
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import psycopg
 from psycopg import sql
 
 from retention import db
-from retention.config import setting
+from retention.config import settings
 from retention.ingest.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_NAME, Table
 from retention.db.schema import ensure_schemas
 
@@ -48,7 +47,6 @@ COPY_CHUNK = 1 << 20
 
 LOAD_LOCK = "retention.ingest.load"
 LOCK_TIMEOUT_ENV = "RETENTION_LOAD_LOCK_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT = 900.0
 
 NUMERIC = r"^[+-]?(\d{1,16}(\.\d*)?|\.\d+)$"
 INTEGER = r"^[+-]?\d{1,9}$"
@@ -240,19 +238,13 @@ STRICT_TIMESTAMP = (
 
 def _lock_timeout() -> float:
     """Seconds a load waits for another one to finish (RETENTION_LOAD_LOCK_TIMEOUT)."""
-    from retention.config import setting
+    from retention.config import SettingError
 
-    raw = (setting(LOCK_TIMEOUT_ENV) or "").strip()
-    if not raw:
-        return DEFAULT_LOCK_TIMEOUT
     try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise LoadError(f"{LOCK_TIMEOUT_ENV}={raw!r}: expected the seconds to wait for another "
-                        "load (e.g. 900; 0 waits without limit)")
-    return value
+        return settings().load_lock_timeout
+    except SettingError as exc:
+        raise LoadError(f"{exc} (the seconds to wait for another load, e.g. 900; 0 waits "
+                        "without limit)") from None
 
 
 def lock_loads(conn: psycopg.Connection) -> None:
@@ -275,25 +267,6 @@ def lock_loads(conn: psycopg.Connection) -> None:
                         f"to finish (set {LOCK_TIMEOUT_ENV} to wait longer, 0 without limit)"
                         ) from None
     conn.execute("select set_config('lock_timeout', %s, true)", (previous,))
-
-
-def ensure_cast_functions(conn: psycopg.Connection) -> None:
-    """ops.try_timestamptz(text): NULL where the text is no valid ISO-8601 timestamp with an
-    offset. Pure SQL (inlined, no exception block): a strict pattern, then a day-of-month
-    check against the month's length, then the cast, which can no longer fail.
-
-    Replaced under the load lock (taken here when the caller has not taken it): two
-    transactions replacing one function at once fail with "tuple concurrently updated"."""
-    lock_loads(conn)
-    conn.execute(f"""
-        create or replace function ops.try_timestamptz(v text) returns timestamptz
-        language sql immutable parallel safe as $$
-          select case
-            when v ~ '{STRICT_TIMESTAMP}'
-             and substr(v, 9, 2)::int <= extract(day from (make_date(substr(v, 1, 4)::int,
-                   substr(v, 6, 2)::int, 1) + interval '1 month - 1 day'))
-            then v::timestamptz end
-        $$;""")
 
 
 def tune_session(conn: psycopg.Connection) -> None:
@@ -437,7 +410,7 @@ def _upsert_sql(table: Table) -> sql.Composable:
 def _shop_currency(conn: psycopg.Connection, explicit: str | None,
                    loaded_at: datetime) -> str | None:
     """Explicit argument, then RETENTION_CURRENCY, then the currency fixed by an earlier load."""
-    chosen = explicit or setting("RETENTION_CURRENCY")
+    chosen = explicit or settings().currency
     if chosen:
         return chosen.strip().upper()
     row = conn.execute("select value from ops.shop_settings where key = 'currency'").fetchone()
@@ -537,7 +510,6 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         ensure_schemas(conn)
         conn.commit()
         lock_loads(conn)
-        ensure_cast_functions(conn)
         tune_session(conn)
         for name in REQUIRED_TABLES:
             if name not in files:
@@ -547,7 +519,7 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
                     raise LoadError(f"{path}: {name}.csv is required (raw.{name} is empty)")
         load_id = conn.execute(
             "insert into ops.loads (source, format, loaded_at, status) values (%s, %s, %s, "
-            "'running') returning load_id", (str(path), fmt, loaded_at)).fetchone()[0]
+            "'running') returning load_id", (str(path), "contract", loaded_at)).fetchone()[0]
         shop_currency = _shop_currency(conn, currency, loaded_at)
         results = []
         for pf in planned:
