@@ -29,6 +29,19 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.stop:
         print("embedded PostgreSQL stopped" if db.stop_embedded() else "embedded PostgreSQL was not running")
         return 0
+    if args.action in ("upgrade", "current"):
+        from retention.db import schema
+
+        if args.action == "upgrade":
+            schema.upgrade()
+        revision, head = schema.current(), schema.head()
+        if revision == head:
+            print(f"at {head} (head)" if args.action == "upgrade" else f"{head} (head)")
+        elif revision is None:
+            print("none (not migrated)")
+        else:
+            print(f"{revision} (head is {head}: run `retention db upgrade`)")
+        return 0
     url = db.database_url()
     print(url if args.show_password else db.redacted_url(url))
     return 0
@@ -162,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("db", help="print the database URL in use (password hidden)")
+    p = sub.add_parser("db", help="print the database URL in use (password hidden); "
+                                  "`db upgrade` migrates it to head, `db current` prints "
+                                  "its revision")
+    p.add_argument("action", nargs="?", choices=["url", "upgrade", "current"], default="url")
     p.add_argument("--show-password", action="store_true")
     p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL")
     p.set_defaults(func=cmd_db)

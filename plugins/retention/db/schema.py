@@ -1,49 +1,130 @@
-"""Schemas the pipeline owns outside dbt: raw (the contract's input) and ops (its own state)."""
+"""The tables the pipeline owns outside dbt, kept at the head of its Alembic migrations.
+
+Schemas `raw` (the contract's input), `ops` (the pipeline's own state) and the two tables
+of `marts` that `retention.warehouse.predict` writes are created and changed only by the
+revisions under `migrations/versions/`. Alembic records the revision in
+`ops.alembic_version`.
+
+* `upgrade(url)` runs `alembic upgrade head` (`retention db upgrade`); the Airflow init
+  container runs it before any task.
+* `ensure_schemas(conn)` is what the product's entry points call before they read or
+  write: one query when the database is at head, else the upgrade (on a connection of
+  its own, to the same database).
+
+Concurrent upgrades of one database are serialised by an advisory lock taken in env.py,
+so parallel tasks that each find the database behind head upgrade it once.
+
+A new revision: `retention.db.schema.revision("what it changes")` writes the file under
+`migrations/versions/`; fill in its upgrade() and downgrade().
+"""
 
 from __future__ import annotations
 
+import functools
+import threading
+from pathlib import Path
+
 import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from psycopg.conninfo import make_conninfo
+from sqlalchemy.pool import NullPool
 
-from retention.ingest.contract import raw_ddl
+from retention import db
 
-OPS_DDL = """
-create schema if not exists ops;
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+VERSION_SCHEMA = "ops"
+VERSION_TABLE = "alembic_version"
 
-create table if not exists ops.shop_settings (
-  key text primary key,
-  value text not null,
-  set_at timestamptz not null,
-  set_by text not null
-);
+#: Alembic's `context` and `op` are module-wide proxies: one command at a time per process
+#: (the advisory lock in env.py orders processes)
+_COMMAND_LOCK = threading.Lock()
 
-create table if not exists ops.loads (
-  load_id bigserial primary key,
-  source text not null,
-  format text not null,
-  loaded_at timestamptz not null,
-  status text not null,
-  summary jsonb not null default '{}'::jsonb,
-  error text
-);
 
-create table if not exists ops.quarantine (
-  table_name text not null,
-  source_file text not null,
-  line_no bigint not null,
-  reason text not null,
-  record jsonb not null,
-  load_id bigint not null,
-  quarantined_at timestamptz not null,
-  primary key (table_name, source_file, line_no)
-);
-"""
+def alembic_config(engine: sa.Engine | None = None) -> Config:
+    """The Alembic configuration of the package (no alembic.ini): env.py migrates through
+    `engine`. The engine travels in `attributes`, never in an option: options are
+    interpolated, and URLs hold `%` escapes."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+@functools.cache
+def head() -> str:
+    """The head revision of the migrations shipped with this package."""
+    with _COMMAND_LOCK:
+        heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"the migrations under {MIGRATIONS} have {len(heads)} heads "
+                           f"({', '.join(heads)}); merge them into one")
+    return heads[0]
+
+
+def _engine(url: str | None) -> sa.Engine:
+    return sa.create_engine(db.sqlalchemy_url(url), poolclass=NullPool)
+
+
+def _engine_like(conn: psycopg.Connection) -> sa.Engine:
+    """An engine whose connections go where `conn` goes (same server, user, database)."""
+    info = conn.info
+    conninfo = make_conninfo(**info.get_parameters(), password=info.password or None)
+    return sa.create_engine("postgresql+psycopg://", poolclass=NullPool,
+                            creator=lambda: psycopg.connect(conninfo))
+
+
+def _run(engine: sa.Engine, revision: str) -> None:
+    try:
+        with _COMMAND_LOCK:
+            command.upgrade(alembic_config(engine), revision)
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """`alembic upgrade <revision>` on the database at `url` (None: the configured one)."""
+    _run(_engine(url), revision)
+
+
+def downgrade(url: str | None, revision: str) -> None:
+    """`alembic downgrade <revision>`: reverts the revisions after `revision`."""
+    engine = _engine(url)
+    try:
+        with _COMMAND_LOCK:
+            command.downgrade(alembic_config(engine), revision)
+    finally:
+        engine.dispose()
+
+
+def current_of(conn: psycopg.Connection) -> str | None:
+    """The revision the database of `conn` is at; None for a database never migrated."""
+    present = conn.execute("select to_regclass(%s) is not null",
+                           (f"{VERSION_SCHEMA}.{VERSION_TABLE}",)).fetchone()[0]
+    if not present:
+        return None
+    rows = conn.execute(f"select version_num from {VERSION_SCHEMA}.{VERSION_TABLE}").fetchall()
+    return ",".join(sorted(r[0] for r in rows)) or None
+
+
+def current(url: str | None = None) -> str | None:
+    """The revision the database at `url` is at; None for a database never migrated."""
+    with db.connect(url) as conn:
+        return current_of(conn)
 
 
 def ensure_schemas(conn: psycopg.Connection) -> None:
-    """Create raw and ops if missing. Safe to call on every command."""
-    conn.execute("select pg_advisory_xact_lock(hashtext('retention.ensure_schemas'))")
-    conn.execute(raw_ddl())
-    conn.execute(OPS_DDL)
-    from retention.campaigns.ledger import LEDGER_DDL
+    """Bring the database of `conn` to head if it is not there. Safe to call on every
+    command: at head it is one query on `conn`, and it leaves `conn`'s transaction open
+    (the caller commits or rolls back as before)."""
+    if current_of(conn) == head():
+        return
+    _run(_engine_like(conn), "head")
 
-    conn.execute(LEDGER_DDL)
+
+def revision(message: str) -> None:
+    """Write a new, empty revision file after the head (for developers)."""
+    with _COMMAND_LOCK:
+        command.revision(alembic_config(), message=message)

@@ -199,6 +199,8 @@ TABLE_BY_NAME = {t.name: t for t in TABLES}
 LOAD_ORDER = [t.name for t in TABLES]
 REQUIRED_TABLES = [t.name for t in TABLES if not t.optional]
 
+#: SQL type of each contract type; the raw tables are created by the migrations
+#: (retention.db.schema), and tests/test_migrations.py checks the two agree
 SQL_TYPES = {
     "text": "text",
     "timestamptz": "timestamptz",
@@ -207,26 +209,3 @@ SQL_TYPES = {
     "boolean": "boolean",
 }
 
-
-def raw_ddl() -> str:
-    """CREATE statements for schema raw (idempotent)."""
-    parts = ["create schema if not exists raw;"]
-    for table in TABLES:
-        cols = [
-            f"  {c.name} {SQL_TYPES[c.type]}{' not null' if c.name in table.key else ''}"
-            for c in table.columns
-        ]
-        cols.append(f"  primary key ({', '.join(table.key)})")
-        parts.append(f"create table if not exists raw.{table.name} (\n" + ",\n".join(cols) + "\n);")
-    parts.append(RAW_INDEXES)
-    return "\n".join(parts)
-
-
-#: Indexes the pipeline's own reads need on raw, beyond the keys: the daily dbt build
-#: reads only the last days of raw.events (int_events_aggregated_daily, incremental), which
-#: without the first index is a scan of the whole clickstream; the dispatcher's claim
-#: looks up each claimed customer's orders since the message was planned (the purchase
-#: exit). The names are the ones the trigger tables use (retention.triggers.state), so no
-#: index is made twice.
-RAW_INDEXES = """create index if not exists trg_events_time on raw.events (occurred_at);
-create index if not exists trg_orders_customer_time on raw.orders (customer_id, ordered_at);"""

@@ -64,25 +64,6 @@ DEFAULT_FRESHNESS_LAGS: dict[str, timedelta] = {
 #: lower bounds stricter than "not negative", by column name
 MIN_VALUES: dict[str, int] = {"quantity": 1}
 
-QUALITY_DDL = """
-create table if not exists ops.data_quality_results (
-  run_key text not null,
-  load_id bigint,
-  as_of timestamptz not null,
-  table_name text not null,
-  expectation text not null,
-  column_name text,
-  severity text not null,
-  success boolean not null,
-  observed_value jsonb,
-  kwargs jsonb not null default '{}'::jsonb,
-  checked_at timestamptz not null
-);
-create unique index if not exists data_quality_results_key
-  on ops.data_quality_results (run_key, table_name, expectation, coalesce(column_name, ''));
-create index if not exists data_quality_results_as_of on ops.data_quality_results (as_of);
-"""
-
 _DATASOURCE = "warehouse"
 _URL_VARIABLE = "retention_quality_database_url"
 _SUITE_PREFIX = "raw."
@@ -423,7 +404,7 @@ def _results(checkpoint_result) -> dict[str, list[ExpectationResult]]:
 
 def _persist(url: str | None, report: QualityReport) -> None:
     with db.connect(url) as conn:
-        conn.execute(QUALITY_DDL)
+        ensure_schemas(conn)
         conn.execute("delete from ops.data_quality_results where run_key = %s", (report.run_key,))
         with conn.cursor() as cur:
             cur.executemany(
@@ -465,7 +446,6 @@ def run_checkpoint(url: str | None, as_of: datetime, tables: list[str] | None = 
     root.mkdir(parents=True, exist_ok=True)
     with db.connect(url) as conn:
         ensure_schemas(conn)
-        conn.execute(QUALITY_DDL)
         conn.commit()
         plans = _plan(conn, tables, load_id, lags)
 

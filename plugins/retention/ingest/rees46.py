@@ -28,7 +28,7 @@ from retention.ingest.load import (
     LoadReport,
     PlannedFile,
     check_and_write,
-    ensure_cast_functions,
+    lock_loads,
     read_header,
     stage_file,
     tune_session,
@@ -77,7 +77,7 @@ def load_rees46(path: Path, url: str | None = None, *, loaded_at: datetime) -> L
     with db.connect(url) as conn:
         ensure_schemas(conn)
         conn.commit()
-        ensure_cast_functions(conn)
+        lock_loads(conn)
         tune_session(conn)
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.ingest.load'))")
         load_id = conn.execute(

@@ -98,35 +98,6 @@ SUPPRESSING_DROP_REASONS = ("Bounced Address", "Unsubscribed Address", "Spam Rep
 SEND_RESULT_PROVIDERS = {"mobile_push": "fcm", "web_push": "fcm", "telegram": "telegram",
                          "sms": "sms_gateway", "viber": "viber_gateway", "email": PROVIDER}
 
-RESULTS_DDL = """
-create schema if not exists ops;
-
-create table if not exists ops.webhook_batches (
-  batch_id text primary key,
-  provider text not null,
-  received_at timestamptz not null,
-  signature_verified boolean not null,
-  events integer not null,
-  inserted integer not null,
-  duplicates integer not null,
-  invalid integer not null,
-  unmatched integer not null,
-  consent_changes integer not null,
-  deliveries integer not null default 1,
-  source_file text
-);
-
-create table if not exists ops.report_deliveries (
-  week_start date not null,
-  recipient text not null,
-  report_file text not null,
-  provider_message_id text,
-  sent_at timestamptz not null,
-  primary key (week_start, recipient)
-);
-"""
-
-
 class WebhookError(ValueError):
     """A request the receiver refuses; `status` is the HTTP status to answer.
 
@@ -158,8 +129,11 @@ DEFERRING_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.Pr
 
 
 def ensure_results_tables(conn: psycopg.Connection) -> None:
-    conn.execute("select pg_advisory_xact_lock(hashtext('retention.results.ddl'))")
-    conn.execute(RESULTS_DDL)
+    """ops.webhook_batches and ops.report_deliveries exist: the database is at the head of
+    the migrations (retention.db.schema)."""
+    from retention.db.schema import ensure_schemas
+
+    ensure_schemas(conn)
 
 
 # --- signature -------------------------------------------------------------------------

@@ -23,96 +23,13 @@ from datetime import datetime
 
 import psycopg
 
-from retention.campaigns.ledger import ensure_ledger
-
-TRIGGER_DDL = """
-create schema if not exists ops;
-
-create table if not exists ops.chain_instances (
-  chain_id text primary key,
-  trigger text not null,
-  campaign_id text not null,
-  customer_id text not null,
-  subject text not null,
-  status text not null check (status in ('active', 'completed', 'exited')),
-  started_at timestamptz not null,      -- the trigger moment (e.g. cart + window)
-  anchor_at timestamptz not null,       -- the latest subject event; exits count after it
-  next_step integer,                    -- index of the next step; null when ended
-  next_step_at timestamptz,
-  variant text not null,
-  holdout_kind text,
-  context jsonb not null default '{}'::jsonb,
-  extensions integer not null default 0,
-  exit_reason text,
-  ended_at timestamptz,
-  created_by_run timestamptz not null,  -- interval end of the run that started it
-  updated_at timestamptz not null
-);
-create unique index if not exists chain_instances_one_active
-  on ops.chain_instances (trigger, customer_id, subject) where status = 'active';
-create index if not exists chain_instances_due
-  on ops.chain_instances (campaign_id, next_step, next_step_at) where status = 'active';
-create index if not exists chain_instances_customer on ops.chain_instances (customer_id);
-
-create table if not exists ops.trigger_hits (
-  trigger text not null,
-  customer_id text not null,
-  event_key text not null,
-  subject text not null,
-  hit_at timestamptz not null,
-  anchor_at timestamptz not null,
-  chain_id text not null,
-  outcome text not null check (outcome in ('started', 'extended')),
-  run_end timestamptz not null,
-  primary key (trigger, customer_id, event_key)
-);
-create index if not exists trigger_hits_run on ops.trigger_hits (trigger, run_end);
-create index if not exists trigger_hits_chain on ops.trigger_hits (chain_id);
-
-create table if not exists ops.trigger_watermarks (
-  trigger text primary key,
-  scanned_until timestamptz not null
-);
-
-create table if not exists ops.trigger_health (
-  trigger text not null,
-  interval_start timestamptz not null,
-  interval_end timestamptz not null,
-  source_rows bigint,
-  started integer not null,
-  extended integer not null,
-  expected double precision,
-  history_runs integer not null,
-  flagged boolean not null,
-  note text,
-  primary key (trigger, interval_end)
-);
-"""
-
-#: The lookups the detection SQL makes on raw tables. Additive: raw tables are the
-#: loader's; these only speed up per-customer time-range lookups.
-RAW_INDEXES = """
-create index if not exists trg_events_customer_time on raw.events (customer_id, occurred_at);
-create index if not exists trg_events_time on raw.events (occurred_at);
-create index if not exists trg_events_product_time on raw.events (product_id, occurred_at);
-create index if not exists trg_orders_customer_time on raw.orders (customer_id, ordered_at);
-create index if not exists trg_orders_time on raw.orders (ordered_at);
-create index if not exists trg_product_changes_time on raw.product_changes (changed_at);
-create index if not exists trg_subscriptions_time on raw.channel_subscriptions (subscribed_at);
-"""
-
 
 def ensure_trigger_tables(conn: psycopg.Connection) -> None:
-    """Create the chain tables (and the ledger) if missing. Safe on every run."""
-    present = conn.execute("select to_regclass('ops.trigger_health') is not null "
-                           "and to_regclass('ops.messages') is not null "
-                           "and to_regclass('raw.trg_subscriptions_time') is not null").fetchone()[0]
-    if present:
-        return
-    ensure_ledger(conn)
-    conn.execute("select pg_advisory_xact_lock(hashtext('retention.ensure_triggers'))")
-    conn.execute(TRIGGER_DDL)
-    conn.execute(RAW_INDEXES)
+    """The chain tables and the raw indexes the scans use exist: the database is at the
+    head of the migrations (retention.db.schema, the baseline's OPS_TRIGGERS)."""
+    from retention.db.schema import ensure_schemas
+
+    ensure_schemas(conn)
 
 
 def chain_id_for(trigger: str, customer_id: str, subject: str, started_at: datetime) -> str:

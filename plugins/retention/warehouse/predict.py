@@ -508,42 +508,6 @@ PREDICTION_COLUMNS = (
     "expected_avg_order_value", "predicted_value_12m",
 )
 
-PREDICT_DDL = f"""
-create schema if not exists marts;
-
-create table if not exists {PREDICTIONS_TABLE} (
-  customer_id text not null,
-  as_of timestamptz not null,
-  purchases integer not null,
-  frequency integer,
-  recency double precision,
-  age double precision,
-  time_unit interval not null,
-  probability_alive double precision,
-  expected_purchases_90d double precision,
-  expected_purchases_365d double precision,
-  expected_avg_order_value double precision,
-  predicted_value_12m double precision,
-  primary key (as_of, customer_id)
-);
-
-create table if not exists {FITS_TABLE} (
-  as_of timestamptz not null,
-  model text not null check (model in ('bgnbd', 'gamma_gamma')),
-  params jsonb not null,
-  log_likelihood double precision not null,
-  customers integer not null,
-  converged boolean not null,
-  fitted_for timestamptz not null,
-  run_id text,
-  time_unit interval not null,
-  distinct_rows integer not null,
-  iterations integer not null,
-  message text,
-  primary key (as_of, model)
-);
-"""
-
 PURCHASES_RELATION = "intermediate.int_purchases_unified"
 
 # rfm_summary's definition, set-wise and server-side (UTC calendar days, purchases at or
@@ -657,14 +621,14 @@ def write_predictions(
     from psycopg import sql
 
     from retention import db
+    from retention.db.schema import ensure_schemas
 
     as_of_ts = _utc_timestamp(as_of)
     as_of_dt = as_of_ts.to_pydatetime()
     unit = timedelta(days=time_unit_days)
     as_of_sql = sql.Literal(as_of_dt)
     with db.connect(url) as conn:
-        conn.execute("select pg_advisory_xact_lock(hashtext('retention.warehouse.predict.ddl'))")
-        conn.execute(PREDICT_DDL)
+        ensure_schemas(conn)
         conn.commit()
         if conn.execute("select to_regclass(%s)", (PURCHASES_RELATION,)).fetchone()[0] is None:
             raise LookupError(f"{PURCHASES_RELATION} does not exist: build the dbt models "

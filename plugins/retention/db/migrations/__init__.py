@@ -1,0 +1,1 @@
+"""Alembic migrations of the schemas the pipeline owns (see retention.db.schema)."""

@@ -1,0 +1,1 @@
+"""One file per revision; the first is the baseline."""

@@ -1,0 +1,335 @@
+"""Alembic migrations of the schemas the pipeline owns (retention.db.schema).
+
+A fresh database upgraded to head has every table the product uses, with the exact
+columns, indexes, constraints and functions; a database made by the release before
+migrations (tests/data/schema_previous_release.sql, its rows included) is adopted and
+ends identical to a fresh one; an upgrade at head changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import psycopg
+import pytest
+
+from retention import db
+from retention.cli import main as cli_main
+from retention.db import schema
+from retention.ingest.contract import SQL_TYPES, TABLES
+
+from conftest import DATA, ROOT
+
+PREVIOUS_RELEASE = DATA / "schema_previous_release.sql"
+
+#: every table the product reads or writes outside dbt, by schema
+EXPECTED_TABLES = {
+    "raw": {t.name for t in TABLES},
+    "ops": {
+        "alembic_version", "shop_settings", "loads", "quarantine", "data_quality_results",
+        "campaign_runs", "audience_members", "messages", "claims", "message_events",
+        "consent_changes", "deactivated_addresses", "chain_instances", "trigger_hits",
+        "trigger_watermarks", "trigger_health", "webhook_batches", "report_deliveries",
+    },
+    "marts": {"customer_predicted_value", "predicted_value_fits"},
+}
+SCHEMAS = tuple(EXPECTED_TABLES)
+
+#: format_type() of each contract type
+PG_TYPES = {"text": "text", "timestamptz": "timestamp with time zone",
+            "numeric(18,2)": "numeric(18,2)", "integer": "integer", "boolean": "boolean"}
+
+
+def _tables(conn: psycopg.Connection) -> dict[str, set[str]]:
+    rows = conn.execute("select table_schema, table_name from information_schema.tables "
+                        "where table_schema = any(%s)", (list(SCHEMAS),)).fetchall()
+    found: dict[str, set[str]] = {s: set() for s in SCHEMAS}
+    for schema_name, table in rows:
+        found[schema_name].add(table)
+    return found
+
+
+def _snapshot(url: str) -> dict[str, list[tuple]]:
+    """Everything of the owned schemas a migration could change, in a comparable form."""
+    with db.connect(url) as conn:
+        return {
+            "columns": conn.execute(
+                """select c.relnamespace::regnamespace::text, c.relname,
+                          row_number() over (partition by c.oid order by a.attnum), a.attname,
+                          format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                          pg_get_expr(d.adbin, d.adrelid)
+                   from pg_attribute a
+                   join pg_class c on c.oid = a.attrelid
+                   left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+                   where c.relnamespace::regnamespace::text = any(%s) and c.relkind = 'r'
+                     and a.attnum > 0 and not a.attisdropped
+                   order by 1, 2, 3""", (list(SCHEMAS),)).fetchall(),
+            "indexes": conn.execute(
+                "select schemaname, tablename, indexname, indexdef from pg_indexes "
+                "where schemaname = any(%s) order by 1, 2, 3", (list(SCHEMAS),)).fetchall(),
+            "constraints": conn.execute(
+                """select conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+                   from pg_constraint
+                   where connamespace::regnamespace::text = any(%s) order by 1, 2""",
+                (list(SCHEMAS),)).fetchall(),
+            "functions": conn.execute(
+                """select p.oid::regprocedure::text, pg_get_functiondef(p.oid) from pg_proc p
+                   where p.pronamespace::regnamespace::text = any(%s) order by 1""",
+                (list(SCHEMAS),)).fetchall(),
+            "sequences": conn.execute(
+                "select schemaname, sequencename, data_type::text from pg_sequences "
+                "where schemaname = any(%s) order by 1, 2", (list(SCHEMAS),)).fetchall(),
+        }
+
+
+def _restore_previous_release(url: str) -> None:
+    with psycopg.connect(db.libpq_dsn(url), autocommit=True) as conn:
+        conn.execute(PREVIOUS_RELEASE.read_text())
+
+
+def _insert_rows(url: str) -> None:
+    with db.connect(url) as conn:
+        conn.execute("insert into raw.customers (customer_id, email) values ('c1', 'a@x.test')")
+        conn.execute("insert into raw.orders (order_id, customer_id, ordered_at, total_amount) "
+                     "values ('o1', 'c1', '2024-03-01T10:00:00Z', 12.5)")
+        conn.execute("insert into ops.loads (source, format, loaded_at, status) "
+                     "values ('landing/2024-03-01', 'contract', '2024-03-01T11:00:00Z', "
+                     "'succeeded')")
+        conn.execute("insert into ops.consent_changes (channel, address, unsubscribed_at, "
+                     "source) values ('email', 'a@x.test', '2024-03-02T00:00:00Z', 'sendgrid')")
+        conn.commit()
+
+
+def _rows(url: str) -> list[tuple]:
+    with db.connect(url) as conn:
+        return [
+            *conn.execute("select customer_id, email from raw.customers").fetchall(),
+            *conn.execute("select order_id, total_amount::text from raw.orders").fetchall(),
+            *conn.execute("select load_id, source, status from ops.loads").fetchall(),
+            *conn.execute("select channel, address from ops.consent_changes").fetchall(),
+        ]
+
+
+ROWS = [("c1", "a@x.test"), ("o1", "12.50"), (1, "landing/2024-03-01", "succeeded"),
+        ("email", "a@x.test")]
+
+
+@pytest.fixture(scope="module")
+def fresh_snapshot(make_database) -> dict[str, list[tuple]]:
+    url = make_database("mig")
+    schema.upgrade(url)
+    return _snapshot(url)
+
+
+def test_fresh_database_at_head_has_every_table(make_database):
+    url = make_database("mig")
+    assert schema.current(url) is None
+    schema.upgrade(url)
+    assert schema.current(url) == schema.head()
+    with db.connect(url) as conn:
+        assert _tables(conn) == EXPECTED_TABLES
+        columns = {(t, c): (typ, notnull, default) for _, t, _, c, typ, notnull, default
+                   in conn.execute(
+                       """select c.relnamespace::regnamespace::text, c.relname, a.attnum,
+                                 a.attname, format_type(a.atttypid, a.atttypmod),
+                                 a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+                          from pg_attribute a join pg_class c on c.oid = a.attrelid
+                          left join pg_attrdef d on d.adrelid = a.attrelid
+                                                and d.adnum = a.attnum
+                          where c.relnamespace = 'ops'::regnamespace and a.attnum > 0
+                            and not a.attisdropped""").fetchall()}
+        assert columns["messages", "status"] == ("text", True, None)
+        assert columns["messages", "cap_class"] == ("text", True, "'promo'::text")
+        assert columns["messages", "settle_after"] == ("timestamp with time zone", False, None)
+        assert columns["loads", "load_id"] == (
+            "bigint", True, "nextval('ops.loads_load_id_seq'::regclass)")
+        assert columns["message_events", "payload"] == ("jsonb", True, "'{}'::jsonb")
+        assert columns["webhook_batches", "deliveries"] == ("integer", True, "1")
+        indexes = dict(conn.execute("select indexname, indexdef from pg_indexes "
+                                    "where schemaname in ('raw', 'ops')").fetchall())
+        assert indexes["messages_claimed"] == (
+            "CREATE INDEX messages_claimed ON ops.messages USING btree (claim_token) "
+            "WHERE (claim_token IS NOT NULL)")
+        assert indexes["chain_instances_one_active"] == (
+            "CREATE UNIQUE INDEX chain_instances_one_active ON ops.chain_instances USING btree "
+            "(trigger, customer_id, subject) WHERE (status = 'active'::text)")
+        assert indexes["data_quality_results_key"] == (
+            "CREATE UNIQUE INDEX data_quality_results_key ON ops.data_quality_results "
+            "USING btree (run_key, table_name, expectation, COALESCE(column_name, ''::text))")
+        assert indexes["trg_events_time"] == (
+            "CREATE INDEX trg_events_time ON raw.events USING btree (occurred_at)")
+        status_check = conn.execute(
+            "select pg_get_constraintdef(oid) from pg_constraint "
+            "where conname = 'messages_status_check'").fetchone()[0]
+        assert "'unknown'::text" in status_check
+        assert conn.execute(
+            "select conrelid::regclass::text from pg_constraint where contype = 'f' "
+            "and confrelid = 'ops.campaign_runs'::regclass").fetchall() == [
+                ("ops.audience_members",)]
+        # the loader's cast: a valid timestamp, an impossible day, no offset
+        assert conn.execute(
+            "select ops.try_timestamptz('2024-02-29T10:00:00+02:00') "
+            "= '2024-02-29T08:00:00Z'::timestamptz, ops.try_timestamptz('2023-02-29T10:00:00Z'), "
+            "ops.try_timestamptz('2024-02-01T10:00:00')").fetchone() == (True, None, None)
+
+
+def test_raw_tables_are_the_contracts(fresh_snapshot):
+    """The contract (what the loader validates) and the migrated raw tables agree."""
+    migrated: dict[str, list[tuple]] = {}
+    for schema_name, table, _, column, typ, notnull, _ in fresh_snapshot["columns"]:
+        if schema_name == "raw":
+            migrated.setdefault(table, []).append((column, typ, notnull))
+    expected = {t.name: [(c.name, PG_TYPES[SQL_TYPES[c.type]], c.name in t.key)
+                         for c in t.columns] for t in TABLES}
+    assert migrated == expected
+    keys = {name: d for table, name, d in fresh_snapshot["constraints"]
+            if table.startswith("raw.")}
+    for t in TABLES:
+        assert keys[f"{t.name}_pkey"] == f"PRIMARY KEY ({', '.join(t.key)})"
+
+
+def test_previous_release_database_is_adopted(make_database, fresh_snapshot):
+    url = make_database("mig")
+    _restore_previous_release(url)
+    _insert_rows(url)
+    assert schema.current(url) is None
+    schema.upgrade(url)
+    assert schema.current(url) == schema.head()
+    assert _rows(url) == ROWS
+    assert _snapshot(url) == fresh_snapshot
+
+
+def test_partial_previous_release_database_is_completed(make_database, fresh_snapshot):
+    """A database where only loads ran (no trigger, results or prediction tables), with a
+    ledger from before the unknown status: the upgrade adds what is missing."""
+    url = make_database("mig")
+    _restore_previous_release(url)
+    with db.connect(url) as conn:
+        conn.execute("""
+            drop table ops.chain_instances, ops.trigger_hits, ops.trigger_watermarks,
+                       ops.trigger_health, ops.webhook_batches, ops.report_deliveries,
+                       ops.data_quality_results, marts.customer_predicted_value,
+                       marts.predicted_value_fits;
+            drop index raw.trg_events_product_time, raw.trg_subscriptions_time;
+            drop function ops.try_timestamptz(text);
+            alter table ops.messages drop column settle_after;
+            alter table ops.messages drop constraint messages_status_check;
+            alter table ops.messages add constraint messages_status_check
+              check (status in ('planned', 'sent', 'failed', 'suppressed', 'holdout'));
+            insert into ops.messages (message_id, campaign_id, run_id, step, channel,
+                                      customer_id, variant, status, planned_at)
+            values ('m1', 'welcome', 'welcome@2024-03-01', 'email_1', 'email', 'c1', 'a',
+                    'sent', '2024-03-01T00:00:00Z');""")
+        conn.commit()
+    _insert_rows(url)
+    schema.upgrade(url)
+    assert _rows(url) == ROWS
+    assert _snapshot(url) == fresh_snapshot
+    with db.connect(url) as conn:
+        assert conn.execute("select message_id, status, settle_after from ops.messages"
+                            ).fetchall() == [("m1", "sent", None)]
+        # the status the swapped check lets in
+        conn.execute("update ops.messages set status = 'unknown'")
+
+
+def test_upgrade_at_head_is_a_no_op(make_database, fresh_snapshot):
+    url = make_database("mig")
+    schema.upgrade(url)
+    _insert_rows(url)
+    schema.upgrade(url)
+    with db.connect(url) as conn:
+        schema.ensure_schemas(conn)
+        conn.commit()
+        assert conn.execute("select version_num from ops.alembic_version").fetchall() == [
+            (schema.head(),)]
+    assert _rows(url) == ROWS
+    assert _snapshot(url) == fresh_snapshot
+
+
+def test_ensure_schemas_at_head_does_not_migrate(make_database):
+    """At head, ensure_schemas answers from the version table: it does not wait for the
+    migration lock that an upgrade takes."""
+    url = make_database("mig")
+    schema.upgrade(url)
+    with db.connect(url) as holder:
+        holder.execute("select pg_advisory_xact_lock(hashtext('retention.db.migrations'))")
+        done = threading.Event()
+
+        def ensure() -> None:
+            with db.connect(url) as conn:
+                schema.ensure_schemas(conn)
+            done.set()
+
+        worker = threading.Thread(target=ensure, daemon=True)
+        worker.start()
+        finished = done.wait(timeout=20)
+        holder.rollback()
+        worker.join(timeout=60)
+    assert finished, "ensure_schemas at head waited for the migration lock"
+
+
+def test_ensure_schemas_upgrades_a_fresh_database(make_database):
+    url = make_database("mig")
+    with db.connect(url) as conn:
+        schema.ensure_schemas(conn)
+        # the caller's connection sees the tables at once
+        assert conn.execute("select count(*) from ops.messages").fetchone() == (0,)
+    assert schema.current(url) == schema.head()
+
+
+def test_concurrent_upgrades_of_a_fresh_database(make_database, fresh_snapshot):
+    """Threads of one process and separate processes upgrading one database at once: each
+    succeeds, and the revisions ran once."""
+    url = make_database("mig")
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            schema.upgrade(url)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    code = f"from retention.db import schema; schema.upgrade({url!r})"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
+    assert errors == []
+    assert outcomes == [(0, "")] * 3
+    assert _snapshot(url) == fresh_snapshot
+    with db.connect(url) as conn:
+        assert conn.execute("select version_num from ops.alembic_version").fetchall() == [
+            (schema.head(),)]
+
+
+def test_baseline_is_not_reverted(make_database):
+    url = make_database("mig")
+    schema.upgrade(url)
+    _insert_rows(url)
+    with pytest.raises(RuntimeError, match="baseline is not reverted"):
+        schema.downgrade(url, "base")
+    assert schema.current(url) == schema.head()
+    assert _rows(url) == ROWS
+
+
+def test_cli_db_upgrade_and_current(make_database, monkeypatch, capsys):
+    url = make_database("mig")
+    monkeypatch.setenv("RETENTION_DATABASE_URL", url)
+    assert cli_main(["db", "current"]) == 0
+    assert capsys.readouterr().out.strip() == "none (not migrated)"
+    assert cli_main(["db", "upgrade"]) == 0
+    assert capsys.readouterr().out.strip() == f"at {schema.head()} (head)"
+    assert cli_main(["db", "current"]) == 0
+    assert capsys.readouterr().out.strip() == f"{schema.head()} (head)"
+    with db.connect(url) as conn:
+        assert _tables(conn) == EXPECTED_TABLES
