@@ -24,14 +24,14 @@ import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from retention.config import setting
+from retention.config import settings
 from retention_airflow.assets import RAW_TABLES
 from retention_airflow.run_context import run_as_of
 
 
 @dag(
     dag_id="retention_ingest",
-    schedule=setting("RETENTION_INGEST_SCHEDULE") or "@hourly",
+    schedule=settings().ingest_schedule,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

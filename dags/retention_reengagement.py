@@ -21,13 +21,13 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from retention.config import setting
+from retention.config import settings
 
 
 def _channels():
     """The channels' clients from their Airflow connections, each built when a message
     for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
-    if (setting("RETENTION_TRIGGERS_SEND") or "true").lower() in ("0", "false", "no"):
+    if not settings().triggers_send:
         return None
     from retention.triggers.runner import LazyChannels
     from retention_airflow.hooks import ChannelHook

@@ -26,7 +26,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from retention.config import setting
+from retention.config import settings
 from retention_airflow.assets import table_asset
 from retention_airflow.run_context import run_as_of
 
@@ -36,7 +36,7 @@ CAMPAIGN_RESULTS = table_asset("marts", "campaign_results")
 
 @dag(
     dag_id="retention_results",
-    schedule=setting("RETENTION_RESULTS_SCHEDULE") or "@hourly",
+    schedule=settings().results_schedule,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -29,13 +29,13 @@ import pendulum
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from retention.config import setting
+from retention.config import settings
 from retention_airflow.run_context import run_as_of
 
 
 @dag(
     dag_id="retention_weekly_report",
-    schedule=setting("RETENTION_REPORT_SCHEDULE") or "0 8 * * 1",
+    schedule=settings().report_schedule,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

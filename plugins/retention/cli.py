@@ -12,7 +12,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from retention.config import SETTINGS
+from retention.config import Settings
 
 
 def _timestamp(value: str) -> datetime:
@@ -161,8 +161,9 @@ def _default_as_of():
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    for name, (default, text) in SETTINGS.items():
-        print(f"{name}\n    {text}\n    default: {default or '(none)'}")
+    for field, info in Settings.model_fields.items():
+        print(f"{Settings.variable(field)}\n    {info.description}\n"
+              f"    default: {Settings.shown(info.default)}")
     return 0
 
 

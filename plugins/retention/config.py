@@ -1,135 +1,180 @@
-"""Settings, read from `RETENTION_*` environment variables.
+"""Settings, read from `RETENTION_*` environment variables into one typed object.
 
-Every setting has one place here so the README, the CLI and the DAGs agree on names.
+`Settings` has one field per setting (name, type, default, description), so the README,
+`retention settings` and the DAGs agree on names, and a bad value fails at once with
+`SettingError` naming the variable. `settings()` returns the values the environment holds
+at the moment of the call: it keeps the last object only for exactly the same
+`RETENTION_*` environment, so a changed variable is never answered from an older read.
 Secrets never have defaults in code: they come from the environment or Airflow connections.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENV_PREFIX = "RETENTION_"
 
-#: name -> (default, description); the README table is generated from this.
-SETTINGS: dict[str, tuple[str | None, str]] = {
-    "RETENTION_DATABASE_URL": (
-        None,
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class SettingError(ValueError):
+    """A `RETENTION_*` variable holds a value its setting cannot take."""
+
+
+class Settings(BaseSettings):
+    """One field per `RETENTION_<FIELD>` variable; an empty variable counts as unset."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True,
+                                      frozen=True, extra="ignore")
+
+    # repr=False: values that may hold a password or a key stay out of reprs and errors
+    database_url: str | None = Field(None, repr=False, description=(
         "SQLAlchemy URL of the warehouse (postgresql://user:pass@host:5432/db). "
-        "Unset: an embedded PostgreSQL 16 (pgserver) under RETENTION_HOME/pgdata.",
-    ),
-    "RETENTION_CURRENCY": (
-        None,
+        "Unset: an embedded PostgreSQL 16 (pgserver) under RETENTION_HOME/pgdata."))
+    currency: str | None = Field(None, description=(
         "The shop's reporting currency (ISO-4217). Unset: taken from the first load "
-        "(the most frequent currency of its orders) and then fixed in ops.shop_settings.",
-    ),
-    "RETENTION_HOME": (
-        str(PROJECT_ROOT / ".retention"),
-        "Working folder: embedded database, landing folder, data-quality results, reports.",
-    ),
-    "RETENTION_LANDING_DIR": (
-        None,
-        "Folder the ingest DAG loads from. Unset: RETENTION_HOME/landing.",
-    ),
-    "RETENTION_DBT_PROJECT_DIR": (
-        str(PROJECT_ROOT / "dbt_project"),
-        "The dbt project the build runs.",
-    ),
-    "RETENTION_DBT_THREADS": ("2", "dbt threads."),
-    "RETENTION_DISPATCH_THREADS": (
-        "2",
+        "(the most frequent currency of its orders) and then fixed in ops.shop_settings."))
+    home: Path = Field(PROJECT_ROOT / ".retention", description=(
+        "Working folder: embedded database, landing folder, data-quality results, reports."))
+    landing_dir: Path | None = Field(None, description=(
+        "Folder the ingest DAG loads from. Unset: RETENTION_HOME/landing."))
+    dbt_project_dir: Path = Field(PROJECT_ROOT / "dbt_project", description=(
+        "The dbt project the build runs."))
+    dbt_threads: int = Field(2, ge=1, description="dbt threads.")
+    dispatch_threads: int = Field(2, ge=1, description=(
         "Sending threads per channel in a campaign step (each claims, renders, sends and "
-        "records its own batches): one batch is rendered while another is on the wire.",
-    ),
-    "RETENTION_CLAIM_LEASE_SECONDS": (
-        "60",
+        "records its own batches): one batch is rendered while another is on the wire."))
+    claim_lease_seconds: Seconds = Field(60.0, description=(
         "Lease of a dispatcher's claim on ledger rows, renewed while it runs. Another "
         "dispatcher settles a claim only once its lease expired and its owner's database "
-        "session is gone. Longer than any one provider request.",
-    ),
-    "RETENTION_DISPATCH_SETTLE_WAIT_SECONDS": (
-        "120",
+        "session is gone. Longer than any one provider request."))
+    dispatch_settle_wait_seconds: Seconds = Field(120.0, description=(
         "How long a dispatcher that has sent everything it could waits for claims it cannot "
         "settle yet (another live dispatcher's batch, an unknown e-mail outcome before the "
         "provider's activity log can tell) before it returns and leaves them to the next "
-        "pass.",
-    ),
-    "RETENTION_LOAD_LOCK_TIMEOUT": (
-        "900",
+        "pass."))
+    load_lock_timeout: Seconds = Field(900.0, description=(
         "Seconds a load waits for another load of the same database to finish before it "
-        "fails with 'another load is running' (0: no limit).",
-    ),
-    "RETENTION_WAIT_SCALE": (
-        "1",
+        "fails with 'another load is running' (0: no limit)."))
+    wait_scale: Seconds = Field(1.0, description=(
         "Multiplier for every wait between campaign steps (tests and demos shorten them, "
-        "e.g. 0.0001).",
-    ),
-    "RETENTION_PROMO_SECRET": (
-        None,
-        "Secret that keys personal promo codes and unsubscribe links (HMAC). Required to send.",
-    ),
-    "RETENTION_UNSUBSCRIBE_URL": (
-        "https://shop.example/unsubscribe",
-        "Base of the one-click unsubscribe link put in every message.",
-    ),
-    "RETENTION_SHOP_URL": (
-        "https://shop.example",
-        "Base of product links in messages (recommendations, carts).",
-    ),
-    "RETENTION_INGEST_SCHEDULE": ("@hourly", "Schedule of the ingest DAG (landing folder)."),
-    "RETENTION_TRIGGERS_SCHEDULE": ("*/15 * * * *", "Schedule of the trigger-chain DAG."),
-    "RETENTION_TRIGGERS_SEND": (
-        "true",
-        "false: the trigger and re-engagement DAGs plan ledger rows but do not send.",
-    ),
-    "RETENTION_USE_POOLS": (
-        "true",
-        "false (or 0, no): campaign DAG steps run without the per-provider Airflow pools.",
-    ),
-    "RETENTION_ASSET_HOST": (
-        "warehouse",
+        "e.g. 0.0001)."))
+    promo_secret: str | None = Field(None, repr=False, description=(
+        "Secret that keys personal promo codes and unsubscribe links (HMAC). Required to send."))
+    unsubscribe_url: str = Field("https://shop.example/unsubscribe", description=(
+        "Base of the one-click unsubscribe link put in every message."))
+    shop_url: str = Field("https://shop.example", description=(
+        "Base of product links in messages (recommendations, carts)."))
+    ingest_schedule: str = Field("@hourly", description=(
+        "Schedule of the ingest DAG (landing folder)."))
+    triggers_schedule: str = Field("*/15 * * * *", description=(
+        "Schedule of the trigger-chain DAG."))
+    triggers_send: bool = Field(True, description=(
+        "false: the trigger and re-engagement DAGs plan ledger rows but do not send."))
+    use_pools: bool = Field(True, description=(
+        "false (or 0, no): campaign DAG steps run without the per-provider Airflow pools."))
+    asset_host: str = Field("warehouse", description=(
         "Host name in the Airflow Asset URIs of the warehouse tables (a logical name, "
-        "never connected to).",
-    ),
-    "RETENTION_ASSET_DATABASE": (
-        "retention",
-        "Database name in the Airflow Asset URIs of the warehouse tables (a logical name).",
-    ),
-    "RETENTION_SENDGRID_WEBHOOK_KEY": (
-        None,
+        "never connected to)."))
+    asset_database: str = Field("retention", description=(
+        "Database name in the Airflow Asset URIs of the warehouse tables (a logical name)."))
+    sendgrid_webhook_key: str | None = Field(None, repr=False, description=(
         "SendGrid Event Webhook verification key (PEM or base64 DER). Required: the receiver "
         "does not start without it (except with --insecure-no-signature, local use only); "
-        "unsigned, forged or stale batches get 403 and nothing is written.",
-    ),
-    "RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS": (
-        "600",
-        "How far (seconds, either way) a SendGrid webhook signature's timestamp may be from "
-        "the receiver's clock; a stale or future-dated signature gets 403.",
-    ),
-    "RETENTION_WEBHOOK_DIR": (
-        None,
-        "Where webhook batches land before they are loaded. Unset: RETENTION_HOME/webhooks.",
-    ),
-    "RETENTION_ATTRIBUTION_WINDOWS": (
-        None,
-        "Per-channel attribution windows in hours, JSON, e.g. `{\"email\": 48}`. Unset: "
-        "email 72, mobile and web push 24, telegram 48, sms and viber 24.",
-    ),
-    "RETENTION_RESULTS_SCHEDULE": ("@hourly", "Schedule of the results (attribution) DAG."),
-    "RETENTION_REPORT_SCHEDULE": ("0 8 * * 1", "Schedule of the weekly marketer report DAG."),
-    "RETENTION_REPORT_RECIPIENTS": (
-        None,
+        "unsigned, forged or stale batches get 403 and nothing is written."))
+    sendgrid_webhook_tolerance_seconds: float = Field(
+        600.0, gt=0, allow_inf_nan=False, description=(
+            "How far (seconds, either way) a SendGrid webhook signature's timestamp may be "
+            "from the receiver's clock; a stale or future-dated signature gets 403."))
+    webhook_dir: Path | None = Field(None, description=(
+        "Where webhook batches land before they are loaded. Unset: RETENTION_HOME/webhooks."))
+    # NoDecode: the JSON is parsed by the validator below, so a malformed value is a
+    # validation error naming the variable like any other
+    attribution_windows: Annotated[dict[str, Seconds] | None, NoDecode] = Field(
+        None, description=(
+            "Per-channel attribution windows in hours, JSON, e.g. `{\"email\": 48}`. Unset: "
+            "email 72, mobile and web push 24, telegram 48, sms and viber 24."))
+    results_schedule: str = Field("@hourly", description=(
+        "Schedule of the results (attribution) DAG."))
+    report_schedule: str = Field("0 8 * * 1", description=(
+        "Schedule of the weekly marketer report DAG."))
+    report_recipients: str | None = Field(None, description=(
         "Marketers who get the weekly report (comma-separated e-mail addresses). Unset: "
-        "the report is written and kept, not sent.",
-    ),
-}
+        "the report is written and kept, not sent."))
+
+    @field_validator("attribution_windows", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("expected a JSON object of channel: hours, e.g. {\"email\": 48}")
+        return parsed
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The environment variable of a field: `claim_lease_seconds` ->
+        `RETENTION_CLAIM_LEASE_SECONDS`."""
+        return ENV_PREFIX + field.upper()
+
+    @staticmethod
+    def shown(default: object) -> str:
+        """A default as `retention settings` and the README show it."""
+        if default is None:
+            return "(none)"
+        if isinstance(default, bool):
+            return str(default).lower()
+        if isinstance(default, float):
+            return f"{default:g}"
+        return str(default)
 
 
-def setting(name: str) -> str | None:
-    default, _ = SETTINGS[name]
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+def _explain(exc: ValidationError) -> SettingError:
+    problems = []
+    for error in exc.errors():
+        field, *inner = [str(part) for part in error["loc"]] or [""]
+        info = Settings.model_fields.get(field)
+        name = Settings.variable(field) if info else field
+        where = f" (at {'.'.join(inner)})" if inner else ""
+        shown = "" if info is None or info.repr is False else f"={error.get('input')!r}"
+        problems.append(f"{name}{where}{shown}: {error['msg']}")
+    return SettingError("invalid setting: " + "; ".join(problems))
+
+
+_lock = threading.Lock()
+_last: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+
+
+def settings() -> Settings:
+    """The settings as the environment holds them now (raises `SettingError`)."""
+    global _last
+    # the key is every RETENTION_* variable as it is now, compared in full each call
+    key = tuple(sorted((k, v) for k, v in os.environ.items()
+                       if k[:len(ENV_PREFIX)].upper() == ENV_PREFIX))
+    last = _last
+    if last is not None and last[0] == key:
+        return last[1]
+    try:
+        current = Settings()
+    except ValidationError as exc:
+        raise _explain(exc) from None
+    with _lock:
+        _last = (key, current)
+    return current
 
 
 @dataclass(frozen=True)
@@ -142,8 +187,7 @@ class Paths:
 
     @property
     def landing(self) -> Path:
-        explicit = setting("RETENTION_LANDING_DIR")
-        return Path(explicit) if explicit else self.home / "landing"
+        return settings().landing_dir or self.home / "landing"
 
     @property
     def data_quality(self) -> Path:
@@ -155,5 +199,4 @@ class Paths:
 
 
 def paths() -> Paths:
-    home = Path(setting("RETENTION_HOME") or PROJECT_ROOT / ".retention")
-    return Paths(home=home)
+    return Paths(home=settings().home)

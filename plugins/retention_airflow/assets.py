@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from airflow.sdk import Asset
 
-from retention.config import setting
+from retention.config import settings
 from retention.ingest.contract import LOAD_ORDER
 
-_HOST = setting("RETENTION_ASSET_HOST") or "warehouse"
-_DATABASE = setting("RETENTION_ASSET_DATABASE") or "retention"
+_HOST = settings().asset_host
+_DATABASE = settings().asset_database
 
 
 def table_asset(schema: str, table: str) -> Asset:

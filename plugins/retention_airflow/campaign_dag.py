@@ -25,7 +25,7 @@ from airflow.sdk import chain, dag, task
 from airflow.sdk.bases.sensor import PokeReturnValue
 
 from retention.campaigns.spec import Campaign, load_campaign
-from retention.config import setting
+from retention.config import settings
 from retention_airflow.run_context import run_as_of
 
 PROVIDER_POOLS = {"email": "sendgrid", "mobile_push": "fcm", "web_push": "fcm",
@@ -40,7 +40,7 @@ def _run_info(run: dict):
 
 
 def _pool(campaign: Campaign, step_index: int) -> dict:
-    if (setting("RETENTION_USE_POOLS") or "true").lower() in ("0", "false", "no"):
+    if not settings().use_pools:
         return {}
     return {"pool": PROVIDER_POOLS[campaign.steps[step_index].channels[0]]}
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from retention import db
-from retention.config import paths, setting
+from retention.config import paths, settings
 
 DEFAULT_END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 #: the weekly cascade's Monday run inside the sample's history, so its results come back
@@ -192,7 +192,7 @@ def _print_summary(summary: dict) -> None:
 def _ensure_promo_secret(home: Path) -> None:
     """Promo codes and unsubscribe links are keyed by RETENTION_PROMO_SECRET. The demo
     makes one for this machine (kept in RETENTION_HOME, never in the repository)."""
-    if setting("RETENTION_PROMO_SECRET"):
+    if settings().promo_secret:
         return
     keep = home / "demo_promo_secret"
     try:

@@ -86,6 +86,7 @@ from retention.campaigns.engine import RunInfo, step_counts, step_time
 from retention.campaigns.render import context_for, render
 from retention.campaigns.spec import Campaign
 from retention.channels.base import Channel, OutboundMessage, SendResult
+from retention.config import settings
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +105,13 @@ POINTS = ("dispatch.after_claim", "dispatch.before_send", "dispatch.after_send")
 OnPoint = Callable[[str, int | None], None]
 
 
-def _seconds_setting(name: str) -> float:
-    from retention.config import setting
-
-    value = setting(name)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
-    return seconds
-
-
 def lease_seconds() -> float:
     """RETENTION_CLAIM_LEASE_SECONDS (at least 1)."""
-    return max(1.0, _seconds_setting("RETENTION_CLAIM_LEASE_SECONDS"))
+    return max(1.0, settings().claim_lease_seconds)
 
 
 def settle_wait_seconds() -> float:
-    return _seconds_setting("RETENTION_DISPATCH_SETTLE_WAIT_SECONDS")
+    return settings().dispatch_settle_wait_seconds
 
 
 class ClaimLost(RuntimeError):
@@ -530,16 +518,7 @@ def _unsettled(conn, scope: dict, release_at: datetime) -> dict:
 
 def dispatch_threads() -> int:
     """RETENTION_DISPATCH_THREADS: sending threads per channel (at least 1)."""
-    from retention.config import setting
-
-    value = setting("RETENTION_DISPATCH_THREADS") or "1"
-    try:
-        threads = int(value)
-    except ValueError:
-        raise ValueError(f"RETENTION_DISPATCH_THREADS must be a whole number, not {value!r}") from None
-    if threads < 1:
-        raise ValueError(f"RETENTION_DISPATCH_THREADS must be at least 1, not {threads}")
-    return threads
+    return settings().dispatch_threads
 
 
 def dispatch_step(campaign: Campaign, run: RunInfo, step_name: str,

@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
-from retention.config import PROJECT_ROOT, setting
+from retention.config import PROJECT_ROOT, settings
 
 TEMPLATES_DIR = PROJECT_ROOT / "include" / "templates"
 
@@ -59,7 +59,7 @@ def environment(root: str = str(TEMPLATES_DIR)) -> SandboxedEnvironment:
 
 
 def promo_secret() -> bytes:
-    secret = setting("RETENTION_PROMO_SECRET")
+    secret = settings().promo_secret
     if not secret:
         raise TemplateError("RETENTION_PROMO_SECRET is not set: it keys promo codes and "
                             "unsubscribe links (set it in the environment)")
@@ -77,7 +77,7 @@ def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = ""
 
 
 def unsubscribe_url(message_id: str, base: str | None = None) -> str:
-    base = base or setting("RETENTION_UNSUBSCRIBE_URL") or "https://shop.example/unsubscribe"
+    base = base or settings().unsubscribe_url
     token = base64.urlsafe_b64encode(_mac("unsubscribe", message_id)).decode()[:22]
     return f"{base}?{urlencode({'m': message_id, 't': token})}"
 

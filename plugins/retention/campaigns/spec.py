@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from retention.config import PROJECT_ROOT, setting
+from retention.config import PROJECT_ROOT, settings
 from retention.ingest.contract import CHANNELS
 
 CAMPAIGNS_DIR = PROJECT_ROOT / "include" / "campaigns"
@@ -208,7 +208,7 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 3d)")
     value, unit = float(m.group(1)), m.group(2)
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    scale = float(setting("RETENTION_WAIT_SCALE") or 1.0)
+    scale = settings().wait_scale
     return timedelta(seconds=value * seconds * scale)
 
 

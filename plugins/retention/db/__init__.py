@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 import sqlalchemy as sa
 
-from retention.config import paths, setting
+from retention.config import paths, settings
 
 _EMBEDDED_DB = "retention"
 
@@ -41,7 +41,7 @@ def _ensure_database(admin_url: str, name: str) -> None:
 
 def database_url() -> str:
     """The SQLAlchemy URL in use (credentials included; never log it, use `redacted_url`)."""
-    explicit = setting("RETENTION_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    explicit = settings().database_url or os.environ.get("DATABASE_URL")
     if explicit:
         return explicit
     # Processes that start together (pytest-xdist workers, parallel tasks) take turns:

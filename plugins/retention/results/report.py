@@ -38,7 +38,7 @@ import jinja2
 from markupsafe import Markup
 
 from retention import db
-from retention.config import paths, setting
+from retention.config import paths, settings
 from retention.results import charts
 from retention.results.charts import Interval, Series
 from retention.results.report_template import TEMPLATE
@@ -51,7 +51,6 @@ SECTIONS = ("summary", "cascade-funnel", "campaign-revenue", "experiments", "tri
 CHARTS = ("chart-cascade-funnel", "chart-campaign-revenue", "chart-experiments-conversion",
           "chart-experiments-revenue", "chart-trigger-revenue", "chart-trigger-share",
           "chart-cohort-curves", "chart-rpr-30d", "chart-ropo-share")
-RECIPIENTS_ENV = "RETENTION_REPORT_RECIPIENTS"
 ROPO_WEEKS = 12
 COHORT_MONTHS = 12
 
@@ -436,7 +435,7 @@ def write_report(week: date | str | None = None, url: str | None = None,
 
 def configured_recipients() -> list[str]:
     """RETENTION_REPORT_RECIPIENTS: comma- or space-separated e-mail addresses."""
-    raw = setting(RECIPIENTS_ENV) or ""
+    raw = settings().report_recipients or ""
     return [r for r in re.split(r"[,\s;]+", raw) if r]
 
 

@@ -25,7 +25,6 @@ A difference is "significant" when p < 1 - confidence; otherwise the verdict say
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -33,13 +32,12 @@ from datetime import datetime, timezone
 from scipy import stats
 
 from retention import db
-from retention.config import setting
+from retention.config import settings
 
 #: hours after a message within which a purchase is credited to it, per channel; the same
 #: defaults as models/marts/message_attribution.sql
 DEFAULT_WINDOW_HOURS: dict[str, float] = {"email": 72, "mobile_push": 24, "web_push": 24,
                                           "telegram": 48, "sms": 24, "viber": 24}
-WINDOWS_ENV = "RETENTION_ATTRIBUTION_WINDOWS"
 NOT_SIGNIFICANT = "not significant yet"
 
 
@@ -48,13 +46,7 @@ def attribution_windows() -> dict[str, float]:
     (JSON, e.g. `{"email": 48}`), which models/marts/message_attribution.sql reads too, so
     attribution and uplift measure the same windows."""
     windows = dict(DEFAULT_WINDOW_HOURS)
-    raw = (setting(WINDOWS_ENV) or "").strip()
-    if raw:
-        try:
-            override = json.loads(raw)
-            windows.update({str(k): float(v) for k, v in override.items()})
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise ValueError(f"{WINDOWS_ENV} must be a JSON object of channel: hours") from exc
+    windows.update(settings().attribution_windows or {})
     return windows
 
 

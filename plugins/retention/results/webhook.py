@@ -75,7 +75,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg.types.json import Jsonb
 
 from retention import db
-from retention.config import paths, setting
+from retention.config import paths, settings
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,6 @@ PROVIDER = "sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 KEY_ENV = "RETENTION_SENDGRID_WEBHOOK_KEY"
-TOLERANCE_ENV = "RETENTION_SENDGRID_WEBHOOK_TOLERANCE_SECONDS"
-DIR_ENV = "RETENTION_WEBHOOK_DIR"
 #: deepest nesting of arrays and objects a batch may have (SendGrid's events are flat but
 #: for `custom_args` and `category`)
 MAX_NESTING = 32
@@ -155,20 +153,13 @@ def load_verification_key(text: str) -> ec.EllipticCurvePublicKey:
 
 def configured_key() -> ec.EllipticCurvePublicKey | None:
     """The verification key from the environment, or None when verification is off."""
-    text = (setting(KEY_ENV) or "").strip()
+    text = (settings().sendgrid_webhook_key or "").strip()
     return load_verification_key(text) if text else None
 
 
 def signature_tolerance() -> float:
     """Seconds a signature's timestamp may be from the receiver's clock, either way."""
-    text = setting(TOLERANCE_ENV) or "600"
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{TOLERANCE_ENV} must be a positive number of seconds, not {text!r}")
-    return value
+    return settings().sendgrid_webhook_tolerance_seconds
 
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
@@ -292,7 +283,7 @@ def check_request(body: bytes, headers: Mapping[str, str],
 
 def webhook_dir() -> Path:
     """Where batches land: RETENTION_WEBHOOK_DIR, else RETENTION_HOME/webhooks."""
-    explicit = (setting(DIR_ENV) or "").strip()
+    explicit = settings().webhook_dir
     return Path(explicit) if explicit else paths().home / "webhooks"
 
 

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 import psycopg
 
 from retention.campaigns.render import category_label
-from retention.config import setting
+from retention.config import settings
 
 SHOP_URL = "https://shop.example"
 N = 3  # products a message shows
@@ -29,7 +29,7 @@ POPULAR_DAYS = 90
 
 
 def shop_url() -> str:
-    return (setting("RETENTION_SHOP_URL") or SHOP_URL).rstrip("/")
+    return settings().shop_url.rstrip("/")
 
 
 def _has(conn: psycopg.Connection, relation: str) -> bool:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from retention import db
-from retention.config import setting
+from retention.config import settings
 
 _PROFILE_ENV = {
     "host": "RETENTION_DBT_HOST",
@@ -63,7 +63,7 @@ class BuildError(RuntimeError):
 
 
 def project_dir() -> Path:
-    return Path(setting("RETENTION_DBT_PROJECT_DIR") or "dbt_project").resolve()
+    return settings().dbt_project_dir.resolve()
 
 
 def target_dir() -> Path:
@@ -117,7 +117,7 @@ def _profile_env(url: str | None) -> Iterator[None]:
     try:
         for key, name in _PROFILE_ENV.items():
             os.environ[name] = str(params[key])
-        os.environ[_THREADS_ENV] = setting(_THREADS_ENV) or "2"
+        os.environ[_THREADS_ENV] = str(settings().dbt_threads)
         # JIT compiles every large query anew, and a build runs many of them once each,
         # so compiling costs more than it saves on these one-pass queries (measured:
         # bench/RESULTS.md, "Figures moved from docstrings"); sorts and hashes of a few
