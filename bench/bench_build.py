@@ -61,15 +61,16 @@ STEPS = ("plain", "incremental", "floor", "airflow", "cosmos")
 
 
 def _dag_layers() -> tuple[str, ...]:
-    """The dbt layer task ids of dags/retention_dbt_build.py (its LAYERS, read without
-    importing Airflow)."""
-    import ast
+    """The dbt layer task ids of dags/retention_dbt_build.py: `dbt_<layer>` for each
+    selector `layer_<layer>` of dbt_project/selectors.yml (read without importing Airflow)."""
+    import yaml
 
-    tree = ast.parse((ROOT / "dags" / "retention_dbt_build.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "LAYERS":
-            return tuple(f"dbt_{k}" for k in ast.literal_eval(node.value))
-    raise RuntimeError("LAYERS not found in dags/retention_dbt_build.py")
+    selectors = yaml.safe_load((ROOT / "dbt_project" / "selectors.yml").read_text())["selectors"]
+    layers = tuple(f"dbt_{s['name'][len('layer_'):]}" for s in selectors
+                   if s["name"].startswith("layer_"))
+    if not layers:
+        raise RuntimeError("no layer_<name> selector in dbt_project/selectors.yml")
+    return layers
 
 
 DAG_LAYERS = _dag_layers()

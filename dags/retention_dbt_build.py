@@ -1,13 +1,15 @@
 """
 ### dbt build: customer lifetime tables, after every ingest
 
-Scheduled on the raw Assets the ingest DAG emits. One task per dbt layer, in order:
-staging with intermediate, the marts (lifetime marts and product recommendations), the
-campaign marts (attribution, results); then the predicted
-customer value (BG/NBD + Gamma-Gamma) and the dbt docs. A data engineer sees which layer
-failed in the grid and its failing models in the log; a retry re-runs only the nodes that
-failed or were skipped (`dbt retry`), not the whole layer. The lifetime marts are
-published as Assets for the campaign DAGs.
+Scheduled on the raw Assets the ingest DAG emits. One task per dbt layer, in order: the
+layers are the selectors of dbt_project/selectors.yml named `layer_<name>` (task
+`dbt_<name>`): staging with intermediate, the lifetime marts (with product
+recommendations), the campaign marts (attribution, results). Then the predicted customer
+value (BG/NBD + Gamma-Gamma), the tests of the tables it writes (selector
+`predicted_value_tests`), and the dbt docs. A data engineer sees which layer failed in the
+grid and its failing models in the log; a retry re-runs only the nodes that failed or
+were skipped (`dbt retry`), not the whole layer. Each layer task publishes the marts it
+builds as Assets (the marts and their layers: plugins/retention_airflow/assets.py).
 
 Everything is built as of the run's data interval end (dbt var `as_of`), so a re-run or a
 backfill for a past date gives what that date would have given.
@@ -21,12 +23,9 @@ model while dbt's other thread idles. Hence as few layers as still show a data e
 where a build failed, cut where the barrier costs least: the staging models and their
 tests go with the intermediate models (their tests of raw then run beside the
 intermediate models, as in `dbt build`), and product_recommendations (it reads only
-intermediate tables) goes with the lifetime marts, so it runs beside them. With that
-layout the layer tasks take about as long as a plain `dbt build` of the same nodes; the
-comparison with a plain build and with Cosmos is measured by bench/bench_build.py, in
-bench/RESULTS.md, section "dbt build at 1,000,000 customers: per-customer purchase
-tables, weekly recommendations" (and, for Cosmos, "dbt build (bench/bench_build.py):
-Airflow per-layer DAG and Cosmos against a plain build").
+intermediate tables) goes with the lifetime marts, so it runs beside them.
+bench/bench_build.py compares the layer tasks with a plain build and with Cosmos
+(figures in bench/RESULTS.md).
 Like `retention build`, the tasks leave out the dbt unit tests (CI runs them).
 """
 
@@ -37,42 +36,30 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from retention_airflow.assets import MARTS, PREDICTED_VALUE, RAW_TABLES
+from retention_airflow.assets import MARTS, PREDICTED, RAW_TABLES, dbt_layers, mart_layers
 from retention_airflow.run_context import run_as_of
 
-LAYERS = {
-    # staging views and the intermediate tables in one dbt invocation: the tests of raw and
-    # staging run beside the intermediate models (as in a plain `dbt build`), not before
-    # them behind a barrier
-    "staging_and_intermediate": {"select": "path:models/staging path:models/intermediate"},
-    # product_recommendations reads only intermediate models: in this layer dbt's threads
-    # run it beside the lifetime marts, as a plain `dbt build` would (a layer is a barrier)
-    "lifetime_marts": {
-        "select": ("customer_lifetime cohort_retention customer_category_affinity "
-                   "customer_top_category_affinity ropo_purchases product_recommendations"),
-    },
-    # source:ops: the tests of the ops sources the campaign marts read, which no model
-    # selection picks up (so the layers run exactly the tests of a plain `dbt build`)
-    "campaign_marts": {"select": "message_attribution campaign_results source:ops"},
-}
+#: {layer: selector} in build order (dbt_project/selectors.yml)
+LAYERS = dbt_layers()
+PREDICTED_VALUE_TESTS = "predicted_value_tests"
 
 
-def build_layer(layer: str) -> dict:
-    """`dbt build` of one layer; on a retry `dbt retry`, which re-runs only what failed.
+def build_layer(selector: str) -> dict:
+    """`dbt build` of one selector of selectors.yml; on a retry `dbt retry`, which re-runs
+    only what failed.
 
-    Only the tests whose every parent is in this layer or an earlier one run
-    (`--indirect-selection buildable`): dbt's default would run a test of an intermediate
-    model that also reads stg_customers with the staging layer, before that model is
-    built (it fails on a new warehouse, and tests the previous build's table otherwise),
-    and run a dozen tests twice."""
+    The layer selectors run only the tests whose every parent is in this layer or an
+    earlier one (`indirect_selection: buildable`): dbt's default would run a test of an
+    intermediate model that also reads stg_customers with the staging layer, before that
+    model is built (it fails on a new warehouse, and tests the previous build's table
+    otherwise), and run a dozen tests twice."""
     from retention.warehouse.build import build
     from retention.warehouse.dbt_tasks import retry_failed
 
     ctx = get_current_context()
     if ctx["ti"].try_number > 1:
         return retry_failed(run_as_of())
-    return build(as_of=run_as_of(), select=LAYERS[layer]["select"],
-                 exclude=LAYERS[layer].get("exclude"), indirect_selection="buildable")
+    return build(as_of=run_as_of(), select=f"selector:{selector}")
 
 
 @dag(
@@ -87,14 +74,15 @@ def build_layer(layer: str) -> dict:
 )
 def retention_dbt_build():
     previous = None
-    for layer in LAYERS:
-        outlets = [MARTS[m] for m in MARTS] if layer == "lifetime_marts" else []
-        current = task(task_id=f"dbt_{layer}", outlets=outlets)(build_layer)(layer)
+    built_by = mart_layers()
+    for layer, selector in LAYERS.items():
+        outlets = [MARTS[m] for m, mart_layer in built_by.items() if mart_layer == layer]
+        current = task(task_id=f"dbt_{layer}", outlets=outlets)(build_layer)(selector)
         if previous is not None:
             previous >> current
         previous = current
 
-    @task(outlets=[PREDICTED_VALUE])
+    @task(outlets=list(PREDICTED.values()))
     def predicted_value() -> dict:
         from retention.warehouse.predict import write_predictions
 
@@ -106,7 +94,10 @@ def retention_dbt_build():
 
         return str(generate_docs(run_as_of()))
 
-    previous >> [predicted_value(), dbt_docs()]
+    predictions = predicted_value()
+    tests = task(task_id=f"dbt_{PREDICTED_VALUE_TESTS}")(build_layer)(PREDICTED_VALUE_TESTS)
+    previous >> [predictions, dbt_docs()]
+    predictions >> tests
 
 
 retention_dbt_build()

@@ -93,23 +93,22 @@ def _dbt_ls(args: list[str]) -> set[str]:
 
 
 def test_dbt_build_layers_run_every_node_exactly_once():
-    """The layer tasks of retention_dbt_build together select exactly the models and data
-    tests of a plain `dbt build`, none of them twice (unit tests run in CI, not in
-    production builds: tests/test_dbt_lifetime.py)."""
-    import ast
+    """The layer tasks of retention_dbt_build (the `layer_<name>` selectors of
+    dbt_project/selectors.yml) together select exactly the models and data tests of a
+    plain `dbt build` (selector `default`), none of them twice; with the tests of the
+    tables Python writes, run after them, that is every node of the project (unit tests
+    run in CI, not in production builds: tests/test_dbt_lifetime.py)."""
+    from retention_airflow.assets import dbt_layers
 
-    tree = ast.parse((ROOT / "dags" / "retention_dbt_build.py").read_text())
-    layers = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                  and getattr(n.targets[0], "id", None) == "LAYERS")
     everything = _dbt_ls([])
     assert len(everything) > 200
     seen: list[str] = []
-    for layer in layers.values():
-        args = ["--select", *layer["select"].split(), "--indirect-selection", "buildable"]
-        if layer.get("exclude"):
-            args += ["--exclude", *layer["exclude"].split()]
-        seen += sorted(_dbt_ls(args))
+    for selector in dbt_layers().values():
+        seen += sorted(_dbt_ls(["--selector", selector]))
     assert sorted(seen) == sorted(everything)  # the same nodes, each once
+    after = _dbt_ls(["--selector", "predicted_value_tests"])
+    assert after and not after & everything
+    assert everything | after == _dbt_ls(["--select", "fqn:*"])
 
 
 def test_dbt_build_dag_builds_the_marts_as_of_the_interval_end(airflow_db, database_url, tmp_path,
@@ -125,7 +124,9 @@ def test_dbt_build_dag_builds_the_marts_as_of_the_interval_end(airflow_db, datab
     end = datetime(2026, 10, 31, tzinfo=timezone.utc)
     load_folder(shop, database_url, loaded_at=end, currency="UAH")
     dag = DagBag(dag_folder=str(ROOT / "dags" / "retention_dbt_build.py")).dags["retention_dbt_build"]
-    layers = [t.task_id for t in dag.tasks if t.task_id.startswith("dbt_") and t.task_id != "dbt_docs"]
+    from retention_airflow.assets import dbt_layers
+
+    layers = [f"dbt_{layer}" for layer in dbt_layers()]
     run = dag.partial_subset(task_ids=layers, include_upstream=False,
                              include_downstream=False).test(logical_date=end)
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}

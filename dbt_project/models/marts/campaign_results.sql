@@ -20,12 +20,12 @@
 with
 
 ledger as (
-    select * from {{ source('ops', 'messages') }}
+    select * from {{ ref('stg_ops_messages') }}
     where planned_at <= {{ as_of() }}
 ),
 
 events as (
-    select * from {{ source('ops', 'message_events') }}
+    select * from {{ ref('stg_ops_message_events') }}
     where occurred_at <= {{ as_of() }} and message_id is not null
 ),
 

@@ -36,7 +36,7 @@ windows (channel, window_hours) as (
 ),
 
 ledger as (
-    select * from {{ source('ops', 'messages') }}
+    select * from {{ ref('stg_ops_messages') }}
 ),
 
 touches as (

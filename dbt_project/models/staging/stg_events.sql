@@ -2,8 +2,7 @@ with
 
 source as (
 
-    select * from {{ source('raw', 'events') }}
-    where occurred_at <= {{ as_of() }}
+    {{ raw_rows_as_of('events', 'occurred_at') }}
 
 ),
 

@@ -2,8 +2,7 @@ with
 
 source as (
 
-    select * from {{ source('raw', 'offline_receipts') }}
-    where purchased_at <= {{ as_of() }}
+    {{ raw_rows_as_of('offline_receipts', 'purchased_at') }}
 
 ),
 

@@ -2,8 +2,7 @@ with
 
 source as (
 
-    select * from {{ source('raw', 'orders') }}
-    where ordered_at <= {{ as_of() }}
+    {{ raw_rows_as_of('orders', 'ordered_at') }}
 
 ),
 

@@ -2,8 +2,7 @@ with
 
 source as (
 
-    select * from {{ source('raw', 'product_changes') }}
-    where changed_at <= {{ as_of() }}
+    {{ raw_rows_as_of('product_changes', 'changed_at') }}
 
 ),
 

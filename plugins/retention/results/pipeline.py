@@ -52,8 +52,11 @@ def build_attribution(as_of: datetime, url: str | None = None, *,
         ensure_schemas(conn)
         ensure_results_tables(conn)
         conn.commit()
+        # the purchases and the staging views of the ledger and its events
         parents_built = conn.execute(
-            "select to_regclass('intermediate.int_purchases_unified') is not null").fetchone()[0]
+            "select to_regclass('intermediate.int_purchases_unified') is not null"
+            " and to_regclass('staging.stg_ops_messages') is not null"
+            " and to_regclass('staging.stg_ops_message_events') is not null").fetchone()[0]
     prefix = "+" if with_parents or not parents_built else ""
     result = run_dbt(["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)}),
                       "--select", *(prefix + m for m in ATTRIBUTION_MODELS),

@@ -1,0 +1,25 @@
+-- Provider events as the results marts read them, without the address (PII) and the raw
+-- payload. Every row is kept: campaign_results applies as_of to occurred_at.
+with
+
+source as (
+
+    select * from {{ source('ops', 'message_events') }}
+
+),
+
+renamed as (
+
+    select
+        provider,
+        provider_event_id,
+        message_id,
+        event_type,
+        occurred_at,
+        received_at
+
+    from source
+
+)
+
+select * from renamed
