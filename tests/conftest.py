@@ -1,8 +1,16 @@
-"""Shared fixtures: a fresh PostgreSQL database per test session (never a mock).
+"""Shared fixtures: a fresh PostgreSQL database per test (never a mock).
 
 The server is RETENTION_TEST_DATABASE_URL, else RETENTION_DATABASE_URL, else the embedded
-pgserver the quick start uses. Each session creates its own database on it and drops it
-at the end, so tests never touch a developer's data.
+pgserver the quick start uses, started on first use by a test that asks for a database
+(never at import or collection). Every database a session creates gets a unique name and
+is dropped at the end, so tests never touch a developer's data and pytest-xdist workers
+never share one.
+
+Tests marked `unit` need no database, no server and no Airflow (`bin/test -m unit`). The
+hooks below hold them to it: a unit test that asks for a database or Airflow fixture fails
+before any fixture is set up, and while a unit test runs the database settings point at a
+socket that does not exist, so reaching PostgreSQL any other way fails too. A collection
+that imported pgserver (the embedded server) is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +47,48 @@ from retention.db.schema import ensure_schemas  # noqa: E402
 #: sample data the tests read, shipped in the repository (docs/CONTRACT.md section 6)
 DATA = ROOT / "tests" / "data"
 
+#: fixtures that reach PostgreSQL or Airflow; a test marked `unit` may use none of them
+NOT_UNIT_FIXTURES = frozenset({"server_url", "make_database", "database_url", "airflow_db",
+                               "airflow_deployment"})
+#: the database a unit test sees: a socket directory that does not exist, named for the rule
+UNIT_DATABASE_URL = "postgresql://unit@/unit?host=/unit-tests-use-no-database"
+_DATABASE_SETTINGS = ("RETENTION_TEST_DATABASE_URL", "RETENTION_DATABASE_URL", "DATABASE_URL")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if "pgserver" in sys.modules:
+        raise pytest.UsageError(
+            "collecting the tests imported pgserver: a test module starts the embedded "
+            "PostgreSQL at import; ask for a database fixture instead")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("unit") is None:
+        return
+    used = sorted(NOT_UNIT_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if used:
+        pytest.fail(f"{item.nodeid} is marked unit but uses {', '.join(used)}: a unit test "
+                    "needs no database, no server and no Airflow", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    saved = {name: os.environ.get(name) for name in _DATABASE_SETTINGS}
+    os.environ["RETENTION_TEST_DATABASE_URL"] = UNIT_DATABASE_URL
+    os.environ["RETENTION_DATABASE_URL"] = UNIT_DATABASE_URL
+    os.environ.pop("DATABASE_URL", None)
+    try:
+        return (yield)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
 
 def _server_url() -> str:
     explicit = os.environ.get("RETENTION_TEST_DATABASE_URL") or os.environ.get(
@@ -60,7 +110,8 @@ def server_url() -> str:
 
 @pytest.fixture(scope="session")
 def make_database(server_url):
-    """Factory: a new empty database on the test server; all dropped at session end."""
+    """Factory: a new empty database on the test server, uniquely named (also across
+    pytest-xdist workers); all dropped at session end."""
     created: list[str] = []
     admin = _with_database(server_url, "postgres")
 

@@ -9,6 +9,8 @@ import pytest
 from retention.campaigns.render import template_files
 from retention.campaigns.spec import CampaignError, load_all, load_campaign, parse_campaign
 
+pytestmark = pytest.mark.unit
+
 VALID = textwrap.dedent("""\
     id: demo
     kind: promo

@@ -268,6 +268,7 @@ def test_sendgrid_timeout_after_the_request_is_unknown_and_not_resent(api_key, w
         server.stop()  # releases the held request
 
 
+@pytest.mark.unit
 def test_sendgrid_connection_refused_is_retried(api_key, waits):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -606,6 +607,7 @@ class _FakeTransport:
     (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", 200, b"x", False),
     (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
 ])
+@pytest.mark.unit
 def test_fcm_async_connection_parses_answers_fed_byte_by_byte(raw, status, body, kept):
     import asyncio
 
@@ -631,6 +633,7 @@ def test_fcm_async_connection_parses_answers_fed_byte_by_byte(raw, status, body,
     (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed HTTP answer"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed HTTP answer"),
 ])
+@pytest.mark.unit
 def test_fcm_async_connection_lost_or_malformed_is_a_connection_error(raw, lost):
     import asyncio
 
@@ -705,6 +708,7 @@ def test_telegram_sends_at_most_30_a_second(waits):
         server.stop()
 
 
+@pytest.mark.unit
 def test_token_bucket_windows_and_burst(waits):
     bucket = TokenBucket(30, clock=waits.clock, sleep=waits.sleep)
     grants = [bucket.acquire() for _ in range(91)]

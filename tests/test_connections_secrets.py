@@ -20,6 +20,8 @@ import pytest
 from retention.connections import ConnectionError_, build_channel, channels_from_env
 from retention_dev.servers import fake_service_account
 
+pytestmark = pytest.mark.unit
+
 SECRET = "sk-live-9f3a7c1e-Do-Not-Log-Me"
 
 

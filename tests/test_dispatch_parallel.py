@@ -244,6 +244,7 @@ def test_push_channel_applies_the_environments_proxy_resolved_when_built(monkeyp
         handle.stop()
 
 
+@pytest.mark.unit
 def test_worker_processes_share_a_providers_rate_limit():
     """Telegram's 30 messages/s (or a gateway's max_per_second) hold for the wave: with
     4 worker processes each builds its channel with a quarter of it."""

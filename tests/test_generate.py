@@ -22,6 +22,8 @@ from retention.ingest.contract import (
 )
 from retention_dev.generate import DEFAULT_END, ShopKnobs, generate_shop
 
+pytestmark = pytest.mark.unit
+
 CUSTOMERS = 20_000
 END = pd.Timestamp(DEFAULT_END)
 

@@ -37,6 +37,7 @@ def cdnow_bgnbd(cdnow_summary) -> P.BGNBDFit:
 # ------------------------------------------------------------------------- CDNOW paper
 
 
+@pytest.mark.unit
 def test_cdnow_loader_reads_the_sample():
     tx = samples.load_cdnow_transactions(CDNOW_DIR / "CDNOW_sample.txt")
     assert len(tx) == 6919
@@ -48,6 +49,7 @@ def test_cdnow_loader_reads_the_sample():
     assert tx["date"].max() == pd.Timestamp("1998-06-30")
 
 
+@pytest.mark.unit
 def test_rfm_summary_matches_the_published_cdnow_summary(cdnow_summary):
     published = pd.read_csv(CDNOW_DIR / "cdnow_customers_summary_with_transactions.csv",
                             index_col="ID")
@@ -60,6 +62,7 @@ def test_rfm_summary_matches_the_published_cdnow_summary(cdnow_summary):
     assert (ours["purchases"] >= ours["frequency"] + 1).all()
 
 
+@pytest.mark.unit
 def test_bgnbd_reproduces_the_paper_on_cdnow_weeks_1_to_39(cdnow_bgnbd):
     fit = cdnow_bgnbd
     assert fit.converged and fit.customers == 2357
@@ -69,6 +72,7 @@ def test_bgnbd_reproduces_the_paper_on_cdnow_weeks_1_to_39(cdnow_bgnbd):
     assert abs(fit.log_likelihood - (-9582.4)) <= 0.1
 
 
+@pytest.mark.unit
 def test_bgnbd_expectations_match_the_paper_spreadsheet(cdnow_bgnbd):
     # Fader, Hardie and Lee (2005): customer with x=2, t_x=30.43, T=38.86 over 39 weeks.
     assert abs(cdnow_bgnbd.expected_purchases(39, 2, 30.43, 38.86) - 1.226) < 1e-3
@@ -77,6 +81,7 @@ def test_bgnbd_expectations_match_the_paper_spreadsheet(cdnow_bgnbd):
                                [0.0078, 0.0532, 0.1506, 1.0405, 1.0437, 1.8576], atol=1e-3)
 
 
+@pytest.mark.unit
 def test_gamma_gamma_reproduces_the_note_on_cdnow(cdnow_summary):
     fit = P.fit_gamma_gamma(cdnow_summary["frequency"], cdnow_summary["monetary_value"])
     assert fit.converged and fit.customers == 946
@@ -93,6 +98,7 @@ def test_gamma_gamma_reproduces_the_note_on_cdnow(cdnow_summary):
 # --------------------------------------------------------------------- model properties
 
 
+@pytest.mark.unit
 def test_probability_alive_properties(cdnow_bgnbd):
     fit = cdnow_bgnbd
     # BG/NBD lets a customer drop out only right after a repeat purchase: no repeat, alive
@@ -107,6 +113,7 @@ def test_probability_alive_properties(cdnow_bgnbd):
     assert fit.probability_alive(10, 20.0, 38.0) < fit.probability_alive(1, 20.0, 38.0)
 
 
+@pytest.mark.unit
 def test_expected_purchases_grow_with_horizon_and_vanish_for_the_lost(cdnow_bgnbd):
     fit = cdnow_bgnbd
     horizons = np.array([1.0, 13.0, 52.0, 104.0])
@@ -120,6 +127,7 @@ def test_expected_purchases_grow_with_horizon_and_vanish_for_the_lost(cdnow_bgnb
     assert np.all(np.isfinite(extreme)) and np.all(extreme > 0)
 
 
+@pytest.mark.unit
 def test_aggregated_likelihood_equals_the_per_customer_sum(cdnow_summary):
     params = np.array([0.3, 5.0, 0.9, 2.0])
     s = cdnow_summary
@@ -132,6 +140,7 @@ def test_aggregated_likelihood_equals_the_per_customer_sum(cdnow_summary):
         np.testing.assert_array_equal(distinct[agg.inverse], s[column].to_numpy(dtype=float))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model", ["bgnbd", "gamma_gamma"])
 def test_analytic_gradient_matches_finite_differences(cdnow_summary, model):
     s = cdnow_summary
@@ -151,6 +160,7 @@ def test_analytic_gradient_matches_finite_differences(cdnow_summary, model):
     assert error / scale < 1e-4
 
 
+@pytest.mark.unit
 def test_simulated_population_is_recovered():
     true = {"r": 0.25, "alpha": 4.0, "a": 0.8, "b": 2.5}
     spend = {"p": 6.0, "q": 4.0, "gamma": 15.0}
@@ -171,6 +181,7 @@ def test_simulated_population_is_recovered():
         assert getattr(gg, name) == pytest.approx(value, rel=0.15), name
 
 
+@pytest.mark.unit
 def test_simulated_transaction_log_round_trips_through_rfm_summary():
     sim = samples.simulate(2_000, {"r": 0.5, "alpha": 3.0, "a": 0.8, "b": 2.5},
                      {"p": 6.0, "q": 4.0, "gamma": 15.0}, T=30.0, seed=3, transactions=True)
@@ -192,6 +203,7 @@ def test_simulated_transaction_log_round_trips_through_rfm_summary():
 # ------------------------------------------------------------------------- rfm_summary
 
 
+@pytest.mark.unit
 def test_rfm_summary_definitions():
     t = pd.Timestamp
     tx = pd.DataFrame({
@@ -219,6 +231,7 @@ def test_rfm_summary_definitions():
     assert nothing.empty and "frequency" in nothing.columns
 
 
+@pytest.mark.unit
 def test_scoring_uses_days_converted_to_time_units_and_discounts(cdnow_summary, cdnow_bgnbd):
     gg = P.fit_gamma_gamma(cdnow_summary["frequency"], cdnow_summary["monetary_value"])
     scores = P.score_customers(cdnow_summary, cdnow_bgnbd, gg, time_unit_days=7.0)

@@ -254,6 +254,7 @@ def _rows_with(pixels: np.ndarray, color: str) -> np.ndarray:
     return np.flatnonzero((pixels == rgb).all(axis=2).any(axis=1))
 
 
+@pytest.mark.unit
 def test_weeks():
     assert parse_week("2026-W43") == WEEK == parse_week("2026-10-22") == parse_week("2026w43")
     assert week_label(WEEK) == "2026-W43"

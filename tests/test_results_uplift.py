@@ -22,6 +22,7 @@ def _arm(name: str, revenue: np.ndarray) -> ArmStats:
                     float((revenue ** 2).sum()))
 
 
+@pytest.mark.unit
 def test_welch_from_sums_equals_scipy_on_the_raw_values():
     rng = np.random.default_rng(7)
     a = np.where(rng.random(3000) < 0.1, rng.gamma(2.0, 50.0, 3000), 0.0)
@@ -34,6 +35,7 @@ def test_welch_from_sums_equals_scipy_on_the_raw_values():
     assert (d.ci_low, d.ci_high) == (pytest.approx(ci.low, rel=1e-6), pytest.approx(ci.high, rel=1e-6))
 
 
+@pytest.mark.unit
 def test_two_proportion_z_test_equals_the_uncorrected_chi_square():
     treated, control = ArmStats("B", 1500, 150, 0.0), ArmStats("A", 1500, 118, 0.0)
     d = proportion_difference(treated, control)
@@ -44,6 +46,7 @@ def test_two_proportion_z_test_equals_the_uncorrected_chi_square():
     assert d.ci_high - d.ci_low == pytest.approx(2 * 1.959964 * se, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_conversion_interval_covers_the_true_effect_about_95_percent_of_the_time():
     rng = np.random.default_rng(11)
     n, p0, p1 = 2000, 0.05, 0.08
@@ -55,6 +58,7 @@ def test_conversion_interval_covers_the_true_effect_about_95_percent_of_the_time
     assert 0.92 <= covered / 400 <= 0.98
 
 
+@pytest.mark.unit
 def test_wording_says_not_significant_yet_when_it_is_not():
     close = proportion_difference(ArmStats("B", 400, 42, 0.0), ArmStats("A", 400, 40, 0.0))
     clear = proportion_difference(ArmStats("B", 4000, 480, 0.0), ArmStats("A", 4000, 320, 0.0))

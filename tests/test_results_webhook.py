@@ -114,6 +114,7 @@ def _signed(private: ec.EllipticCurvePrivateKey, body: bytes, ts: str | None = N
     return {SIGNATURE_HEADER: sign_batch(private, body, ts), TIMESTAMP_HEADER: ts}
 
 
+@pytest.mark.unit
 def test_signature_is_ecdsa_over_timestamp_and_raw_body(keypair):
     private, public_b64 = keypair
     key = webhook.load_verification_key(public_b64)

@@ -158,6 +158,7 @@ def test_silent_tracker_is_flagged_against_the_recent_norm(shop):
     assert verdict["started"] == 17 and not verdict["flagged"]
 
 
+@pytest.mark.unit
 def test_poisson_cdf():
     assert poisson_cdf(0, 20) == pytest.approx(2.06e-9, rel=1e-2)
     assert poisson_cdf(20, 20) == pytest.approx(0.559, abs=1e-3)
@@ -214,6 +215,7 @@ def _context(step: str, channel: str) -> dict:
     return ctx
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("campaign_id", [*TRIGGERS, REENGAGEMENT])
 def test_every_chain_step_renders_on_every_channel_it_may_use(campaign_id, monkeypatch):
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
@@ -270,6 +272,7 @@ def test_reengagement_dag_runs_one_day(airflow_db, shop, monkeypatch):
     assert chain["customer_id"] == "lapsed" and chain["started_at"] == MORNING.replace(hour=8)
 
 
+@pytest.mark.unit
 def test_every_trigger_has_settings_and_a_campaign():
     settings = TriggerSettings()
     assert sorted(settings.priority) == sorted(TRIGGERS)
