@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -94,7 +93,7 @@ def serve_main(argv: Sequence[str]) -> int:
 
     class Counts(Provider):
         name = "bench"
-        routes = (Route(("GET",), re.compile(r"/bench/counts"), "counts", False),)
+        routes = (Route(("GET",), "/bench/counts", "counts", False),)
 
         def __init__(self, providers, **options) -> None:
             self.others = providers

@@ -1,6 +1,8 @@
-"""The local provider servers' HTTP layer (one asyncio event loop): keep-alive, requests
-pipelined on one connection answered in order after their latency, concurrent latency,
-malformed and chunked requests, held ("timeout") requests released by stop; faults after
+"""The local provider servers on the wire (Starlette on uvicorn): keep-alive and its idle
+timeout, requests pipelined on one connection answered in order after their latency,
+concurrent latency, malformed, chunked, oversized and misrouted requests, held
+("timeout") requests released by stop, a request processed when its client hung up
+during the latency; the framing outcomes ("chunked", "close", "drop"), faults after
 acceptance ("accept_timeout", "accept_drop"), SendGrid's activity lag, and the
 per-recipient and per-message-id counts of what each provider accepted."""
 
@@ -21,8 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from retention_dev.servers import (SendGridProvider, TelegramProvider, serve,
-                                               start)
+from retention_dev.servers import PROVIDERS, SendGridProvider, TelegramProvider, serve, start
 
 
 def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, dict, bytes]:
@@ -72,6 +73,9 @@ def test_latency_overlaps_across_connections_and_keep_alive_is_reused():
     url, server = start("gateway", latency_ms=100)
     try:
         session = requests.Session()
+        for i in range(3):  # one after the other: one connection, kept alive
+            assert session.post(f"{url}/gateway/x", json={"to": f"k{i}"}, timeout=5).ok
+        assert server.connections_accepted == 1
         results = []
 
         def send(i: int) -> None:
@@ -85,24 +89,74 @@ def test_latency_overlaps_across_connections_and_keep_alive_is_reused():
             th.join()
         assert results == [200] * 40
         assert time.perf_counter() - t < 2.0  # 40 x 100 ms would be 4 s one at a time
-        assert len(server.received) == 40
+        assert len(server.received) == 43
     finally:
         server.stop()
 
 
-def test_malformed_chunked_unknown_and_unsupported():
-    url, server = start("gateway")
+def test_malformed_chunked_oversized_unknown_and_unsupported():
+    """uvicorn answers a malformed request 400 and reads a chunked request body; Starlette
+    refuses a body over the limit (413, by its Content-Length or as it arrives chunked),
+    an unknown path (404) and a method the route does not take (405), none processed."""
+    _, server = serve([PROVIDERS["gateway"]()], max_body_bytes=100)
+    url = server.base_url
     host, port = url.removeprefix("http://").split(":")
+    big = json.dumps({"to": "9", "text": "x" * 100}).encode()
     try:
         for raw, status in ((b"NONSENSE\r\n\r\n", 400),
-                            (b"POST /gateway/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"2\r\n{}\r\n0\r\n\r\n", 411),
-                            (b"DELETE /gateway/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 501),
+                            (b"POST /gateway/x HTTP/1.1\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"to\"\r\n6\r\n: \"1\"}\r\n"
+                             b"0\r\n\r\n", 200),
+                            (b"POST /gateway/x HTTP/1.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(big), big), 413),
+                            (b"POST /gateway/x HTTP/1.1\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                             % (len(big), big), 413),
+                            (b"DELETE /gateway/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
                             (b"GET /nowhere HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 404)):
             with socket.create_connection((host, int(port))) as sock:
+                sock.settimeout(5)
                 sock.sendall(raw)
                 assert _read_response(sock, bytearray())[0] == status, raw
-        assert requests.post(f"{url}/gateway/x", json={"to": "1"}, timeout=5).status_code == 200
+        assert [(r.body, r.status) for r in server.received] == [({"to": "1"}, 200)]
+        assert requests.post(f"{url}/gateway/x", json={"to": "2"}, timeout=5).status_code == 200
+        assert server.accepted_recipients() == Counter({"1": 1, "2": 1})
+    finally:
+        server.stop()
+
+
+def test_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout():
+    _, server = serve([PROVIDERS["gateway"]()], keep_alive_seconds=0.3)
+    host, port = server.base_url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(5)
+            sock.sendall(_post("/gateway/x", {"to": "1"}, host))
+            buffer = bytearray()
+            assert _read_response(sock, buffer)[0] == 200
+            t = time.perf_counter()
+            assert _read_until_closed(sock) == b""  # closed by the server, no answer
+            assert 0.25 <= time.perf_counter() - t < 3
+        assert server.connections_accepted == 1
+    finally:
+        server.stop()
+
+
+def test_request_is_processed_when_its_client_hangs_up_during_the_latency():
+    """The client gives up before the latency is over; the provider took the request all
+    the same (counted once), and answers nobody."""
+    url, server = start("sendgrid", api_keys={SG_KEY}, latency_ms=1000)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(requests.ReadTimeout):
+            _send_mail(url, _mail((["Joy@example.com"], "m-11")), timeout=0.3)
+        assert time.perf_counter() - t < 0.9
+        assert server.accepted_recipients() == Counter({"joy@example.com": 1})
+        assert server.accepted_message_ids() == Counter({"m-11": 1})
+        [rec] = server.received
+        assert (rec.outcome, rec.status) == ("ok", 202)
+        assert [m["to_email"] for m in _activity(url, "m-11")] == ["joy@example.com"]
+        assert server.accepted_recipients() == Counter({"joy@example.com": 1})  # not twice
     finally:
         server.stop()
 
@@ -134,33 +188,34 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 
 def test_chunked_close_and_drop_outcomes():
     """The framing switches HTTP clients are tested with: a chunked answer (several
-    chunks, an extension, a trailer), an answer with Connection: close (then closed), a
-    connection closed without an answer."""
+    chunks), an answer with Connection: close (then closed), a connection closed without
+    an answer."""
     url, server = start("gateway", sequence=["chunked", "close", "drop"])
     host, port = url.removeprefix("http://").split(":")
     try:
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(_post("/gateway/x", {"to": "1"}, host))
             buffer = bytearray()
-            while not buffer.endswith(b"0\r\nX-Trailer: 1\r\n\r\n"):
+            while not buffer.endswith(b"\r\n0\r\n\r\n"):
                 chunk = sock.recv(65536)
                 assert chunk, "closed before the last chunk"
                 buffer += chunk
             head, _, body = bytes(buffer).partition(b"\r\n\r\n")
-            assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
-            assert body.split(b"\r\n")[0] == b"7" and b"7;ext=1\r\n" in body
-            decoded, rest = b"", body
+            head = head.lower()
+            assert b"transfer-encoding: chunked" in head and b"content-length" not in head
+            decoded, rest, sizes = b"", body, []
             while True:
                 size_line, _, rest = rest.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
+                sizes.append(int(size_line, 16))
+                if sizes[-1] == 0:
                     break
-                decoded, rest = decoded + rest[:size], rest[size + 2:]
+                decoded, rest = decoded + rest[:sizes[-1]], rest[sizes[-1] + 2:]
+            assert rest == b"\r\n" and len(sizes) > 3 and sizes[0] == 7
             assert json.loads(decoded)["message"]["id"] == "gw-1"
             # the connection is kept: the next answer comes on it, then it is closed
             sock.sendall(_post("/gateway/x", {"to": "2"}, host))
             answer = _read_until_closed(sock)
-            assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in answer
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nconnection: close\r\n" in answer
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["message"]["id"] == "gw-2"
         with socket.create_connection((host, int(port))) as sock:
             sock.sendall(_post("/gateway/x", {"to": "3"}, host))

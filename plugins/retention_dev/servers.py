@@ -11,16 +11,23 @@ provider would see, without an account or the network.
 | telegram | `POST /bot<token>/sendMessage` (JSON or form), `getMe` | `{"ok": true, "result": {...}}` | `{"ok": false, "error_code", "description", "parameters": {"retry_after"}}` |
 | gateway | any `/gateway/...` (a shop's SMS / Viber provider) | configurable JSON | configurable |
 
+The HTTP layer is Starlette served by uvicorn (httptools, uvloop) on a thread of the
+calling process: HTTP/1.1 with keep-alive (idle connections closed after
+`keep_alive_seconds`), pipelined requests answered in order, request bodies above
+`max_body_bytes` refused with 413, malformed requests with 400, unknown paths 404 and
+methods a route does not take 405 (JSON bodies).
+
 Every provider has switches, given to `start(...)` or changed at runtime with
 `handle.configure(...)`: `latency_ms` per request (a request received in full is
-processed after it even if its client hung up meanwhile, as a real provider would), an explicit `sequence` of outcomes
+processed at once and answered after the latency; it stays processed, and counted, if
+its client hung up meanwhile, as at a real provider), an explicit `sequence` of outcomes
 (`"ok"`, `"timeout"` or an HTTP status such as 429 or 503, consumed one per request), or
 seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`,
 `accept_timeout_fraction`, `accept_drop_fraction`), `retry_after` seconds for 429s, and
 the provider's invalid credentials, addresses and tokens. A "timeout" holds the request
 without answering for `hang_seconds` (or until the server stops) so the client's own
 timeout fires. Outcomes for HTTP clients' framing: `"chunked"` answers as "ok" with a
-chunked body (`Transfer-Encoding: chunked`, several chunks), `"close"` as "ok" with
+chunked body (`Transfer-Encoding: chunked`, chunks of 7 bytes), `"close"` as "ok" with
 `Connection: close` and then closes the connection, `"drop"` closes the connection
 without answering (recorded with status None). Faults after the provider took the
 request, after which a client that resends delivers twice: `"accept_timeout"` processes the
@@ -40,7 +47,9 @@ delivery, answered or not ("accept_timeout", "accept_drop"). `accepted_recipient
 personalization's `to` address lower-cased and its `message_id` custom argument, sandbox
 sends excluded; FCM: `message.token` and `message.data["message_id"]`; Telegram: the
 `chat_id`; gateway: the values at `address_path`, by default `address_field`, and at
-`message_id_path`, not for `rejected_addresses`), while `record_bodies` is on; a handle serving several providers answers `{provider: Counter}`.
+`message_id_path`, not for `rejected_addresses`), while `record_bodies` is on; a handle
+serving several providers answers `{provider: Counter}`. `connections_accepted` counts
+the TCP connections the server accepted (keep-alive reuse shows).
 
 In-process: `base_url, handle = start("sendgrid", api_keys={"SG.test"})`, `handle.stop()`.
 Command line (all providers on one port, for the demo):
@@ -65,12 +74,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
-from retention.aio import new_event_loop
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 Outcome = Any  # "ok" | "timeout" | "drop" | "chunked" | "close" | "accept_timeout" |
 #                 "accept_drop" | int (an HTTP status)
@@ -159,7 +172,7 @@ class Incoming:
 @dataclass(frozen=True)
 class Route:
     methods: tuple[str, ...]
-    pattern: re.Pattern
+    path: str  # a Starlette path template: "/bot{token}/sendMessage", "/gateway/{rest:path}"
     handler: str
     faulty: bool  # latency and injected failures apply
 
@@ -185,7 +198,6 @@ class Provider:
         self._recipients: Counter = Counter()
         self._message_ids: Counter = Counter()
         self._counter = itertools.count(1)
-        self.stop_event = threading.Event()
         for name, default in {**self.COMMON, **self.OPTIONS}.items():
             setattr(self, name, default() if callable(default) else default)
         self._sequence: deque = deque()
@@ -282,28 +294,14 @@ class Provider:
             self._message_ids.update(message_ids)
 
     # serving ----------------------------------------------------------------
-    def match(self, method: str, path: str) -> tuple[Route, dict] | None:
-        for route in self.routes:
-            m = route.pattern.fullmatch(path)
-            if m and method in route.methods:
-                return route, m.groupdict()
-        return None
-
     def delay(self, route: Route) -> float:
-        """Seconds to wait before answering a request on `route` (the latency switch)."""
+        """Seconds between processing a request on `route` and answering it (the latency
+        switch)."""
         return self.latency_ms / 1000 if route.faulty and self.latency_ms else 0.0
 
-    def handle(self, route: Route, inc: Incoming) -> Reply | object:
-        """Answer a request, waiting out the latency in this thread (the server waits
-        without a thread: `delay`, then `respond`)."""
-        wait = self.delay(route)
-        if wait:
-            self.stop_event.wait(wait)
-        return self.respond(route, inc)
-
     def respond(self, route: Route, inc: Incoming) -> Reply | object:
-        """The answer once the latency is over: authentication, the switches' outcome, the
-        handler; recorded. `HANG` means: answer nothing, hold the connection; `DROP`:
+        """Process a request received in full: authentication, the switches' outcome, the
+        handler; recorded; the answer to send once the latency is over. `HANG` means: answer nothing, hold the connection; `DROP`:
         close it without an answer; a `Withheld`: the handler's answer, not to be sent."""
         handler: Callable[[Incoming], Reply] = getattr(self, route.handler)
         if not route.faulty:
@@ -576,8 +574,8 @@ def _is_sandbox(body: dict) -> bool:
 
 class SendGridProvider(Provider):
     name = "sendgrid"
-    routes = (Route(("POST",), re.compile(r"/v3/mail/send"), "mail_send", True),
-              Route(("GET",), re.compile(r"/v3/messages"), "activity", True))
+    routes = (Route(("POST",), "/v3/mail/send", "mail_send", True),
+              Route(("GET",), "/v3/messages", "activity", True))
     OPTIONS = dict(api_keys=None, invalid_addresses=set, activity_lag_seconds=0.0)
     _ACTIVITY_QUERY = re.compile(r"""^\(?\s*unique_args\['([\w.-]+)'\]\s*=\s*"([^"]*)"\s*\)?$""")
 
@@ -679,9 +677,8 @@ FCM_MESSAGE_FIELDS = {"name", "data", "notification", "android", "webpush", "apn
 
 class FcmProvider(Provider):
     name = "fcm"
-    routes = (Route(("POST",), re.compile(r"/token"), "token", False),
-              Route(("POST",), re.compile(r"/v1/projects/(?P<project>[^/]+)/messages:send"),
-                    "send", True))
+    routes = (Route(("POST",), "/token", "token", False),
+              Route(("POST",), "/v1/projects/{project}/messages:send", "send", True))
     OPTIONS = dict(project_id=None, unregistered_tokens=set, invalid_tokens=set,
                    public_keys=list, token_lifetime=3600)
 
@@ -870,9 +867,8 @@ def telegram_html_text(html: str) -> tuple[str, str | None]:
 
 class TelegramProvider(Provider):
     name = "telegram"
-    routes = (Route(("POST", "GET"), re.compile(r"/bot(?P<token>[^/]+)/sendMessage"),
-                    "send_message", True),
-              Route(("POST", "GET"), re.compile(r"/bot(?P<token>[^/]+)/getMe"), "get_me", False))
+    routes = (Route(("POST", "GET"), "/bot{token}/sendMessage", "send_message", True),
+              Route(("POST", "GET"), "/bot{token}/getMe", "get_me", False))
     OPTIONS = dict(bot_tokens=None, blocked_chat_ids=set, unknown_chat_ids=set)
     TOKEN_RE = re.compile(r"\d+:[A-Za-z0-9_-]+")
 
@@ -986,7 +982,8 @@ class GatewayProvider(Provider):
     requests answered `rejected_response` are not counted."""
 
     name = "gateway"
-    routes = (Route(("POST", "PUT", "GET"), re.compile(r"/gateway(/.*)?"), "deliver", True),)
+    routes = (Route(("POST", "PUT", "GET"), "/gateway", "deliver", True),
+              Route(("POST", "PUT", "GET"), "/gateway/{rest:path}", "deliver", True))
     OPTIONS = dict(expected_headers=dict, address_field="to", rejected_addresses=set,
                    address_path=None, message_id_path=None,
                    accepted_response=lambda: {"status": "accepted", "message": {"id": "gw-{n}"}},
@@ -1033,245 +1030,182 @@ PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in
 
 # --------------------------------------------------------------------------- HTTP server
 
-# The server is one asyncio event loop (uvloop when installed) in a background thread:
-# HTTP/1.1 with keep-alive, requests on a connection answered in order, the latency a
-# timer rather than a sleeping thread. A thread per connection (http.server's
-# ThreadingHTTPServer, used before) cost about 280 us of CPU per request under a
-# benchmark's 1,000 concurrent connections, on the cores the client needs; this costs
-# a fraction of that. Bodies are read by Content-Length, as before; chunked request
-# bodies are refused (411), none of the clients sends them.
+# The providers are a Starlette app (one route per provider route) served by uvicorn
+# (httptools, uvloop) on a thread of this process: uvicorn parses requests and frames
+# answers (Content-Length, chunked), keeps connections alive and answers pipelined
+# requests on a connection in order. The latency is an awaited sleep, not a thread.
 
-_MAX_HEAD = 64 * 1024
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
-_SERVER_HEADER = "Server: retention-local-providers\r\n"
-
-
-class _Date:
-    """The Date header, formatted once a second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = ""
-
-    def header(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second, self._value = now, f"Date: {formatdate(now, usegmt=True)}\r\n"
-        return self._value
+#: largest request body accepted (413 beyond it); SendGrid's own limit is 30 MB a message
+MAX_BODY_BYTES = 30 * 1024 * 1024
+#: idle seconds before a kept-alive connection is closed (nginx's default)
+KEEP_ALIVE_SECONDS = 75.0
+#: connections waiting to be accepted: send_each's and the bench's hundreds at once
+BACKLOG = 1024
+#: seconds `stop` lets answers in progress finish before cancelling them
+STOP_GRACE_SECONDS = 5
+#: the ASGI scope extension through which a route closes its connection unanswered
+DROP_EXTENSION = "retention.drop_connection"
+CHUNK_BYTES = 7  # the "chunked" outcome's chunk size: several chunks for any body
 
 
-def _encode_response(reply: Reply, close: bool, date: _Date) -> bytes:
-    payload = reply.encoded()
-    head = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, '')}\r\n", _SERVER_HEADER,
-            date.header()]
-    if reply.body is not None:
-        head.append(f"Content-Type: {JSON if isinstance(reply.body, (dict, list)) else 'text/plain'}\r\n")
-    head += [f"{name}: {value}\r\n" for name, value in reply.headers.items()]
-    if reply.framing == "chunked":
-        head.append("Transfer-Encoding: chunked\r\n")
-    else:
-        head.append(f"Content-Length: {len(payload)}\r\n")
-    if close:
-        head.append("Connection: close\r\n")
-    head.append("\r\n")
-    if reply.framing == "chunked":  # chunks of 7 bytes, one with an extension, a trailer
-        chunks = [payload[i:i + 7] for i in range(0, len(payload), 7)]
-        body = b"".join(b"%x%s\r\n%s\r\n" % (len(c), b";ext=1" if i == 1 else b"", c)
-                        for i, c in enumerate(chunks))
-        return "".join(head).encode("latin-1") + body + b"0\r\nX-Trailer: 1\r\n\r\n"
-    return "".join(head).encode("latin-1") + payload
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which also counts the connections it accepts and
+    offers each request, as the scope extension `DROP_EXTENSION`, a callable that closes
+    the connection without an answer (the "drop" faults): the request's cycle is marked
+    disconnected first, so uvicorn neither answers for the app nor reports it."""
 
+    stats: _Stats  # set per server (see `serve`)
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parses requests from the byte stream, answers them one
-    after the other (a request's latency is a timer; the next request waits for it)."""
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.stats.connections_accepted += 1
 
-    def __init__(self, server: _Server) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.busy = False  # a request is waiting for its latency (or hangs)
-        self.timer: asyncio.TimerHandle | None = None
-        self.processing = False  # a request is waiting out its latency
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            self.scope.setdefault("extensions", {})[DROP_EXTENSION] = (
+                lambda: self._drop(cycle))
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:  # no Nagle wait on the client's delayed ACK (40 ms a request)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - not TCP
-                pass
-        self.server.connections.add(self)
-        self.server.connections_accepted += 1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        # a request received in full is still processed when its client hung up during
-        # the latency wait, as a real provider does: only the answer is lost
-        if self.timer is not None and not self.processing:
-            self.timer.cancel()
-            self.timer = None
-        self.transport = None
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.busy:
-            self._next()
-
-    def _close(self) -> None:
-        if self.transport is not None:
+    def _drop(self, cycle: Any) -> None:
+        cycle.disconnected = True
+        if not self.transport.is_closing():
             self.transport.close()
 
-    def _fail(self, status: int, message: str) -> None:
-        self._write(Reply(status, {"error": message}), close=True)
 
-    def _write(self, reply: Reply, close: bool) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        self.transport.write(_encode_response(reply, close, self.server.date))
-        if close:
-            self.transport.close()
+@dataclass
+class _Stats:
+    connections_accepted: int = 0  # since the server started
 
-    def _next(self) -> None:
-        """Answer the complete requests in the buffer, until one has to wait."""
-        while not self.busy and self.transport is not None and not self.transport.is_closing():
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > _MAX_HEAD:
-                    self._fail(431, "request header too large")
-                return
-            lines = self.buffer[:end].decode("latin-1").split("\r\n")
-            try:
-                method, target, version = lines[0].split(" ")
-                if not version.startswith("HTTP/1."):
-                    raise ValueError(version)
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    name, colon, value = line.partition(":")
-                    if not colon:
-                        raise ValueError(line)
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length") or 0)
-                if length < 0:
-                    raise ValueError(length)
-            except ValueError:
-                self._fail(400, "malformed request")
-                return
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                self._fail(411, "a Content-Length is required")
-                return
-            start = end + 4
-            if len(self.buffer) < start + length:
-                return
-            raw = bytes(self.buffer[start:start + length])
-            del self.buffer[:start + length]
-            connection = headers.get("connection", "").lower()
-            close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-            self._request(method, target, headers, raw, close)
 
-    def _request(self, method: str, target: str, headers: dict[str, str], raw: bytes,
-                 close: bool) -> None:
-        if method not in ("GET", "POST", "PUT"):
-            self._write(Reply(501, {"error": f"unsupported method {method}"}), close)
-            return
-        path, _, query = target.partition("?")
-        for provider in self.server.providers:
-            found = provider.match(method, path)
-            if found:
-                break
-        else:
-            self._write(Reply(404, {"error": f"no route for {method} {path}"}), close)
-            return
-        route, params = found
-        inc = Incoming(method, path, {k: v[-1] for k, v in parse_qs(query).items()}, headers,
-                       raw, params)
-        wait = provider.delay(route)
-        if wait:
-            self.busy = True
-            self.processing = True
-            self.timer = self.server.loop.call_later(wait, self._respond, provider, route, inc,
-                                                     close, True)
-        else:
-            self._respond(provider, route, inc, close, False)
+class _Endpoint:
+    """One provider route as an ASGI app: reads the body, has the provider process the
+    request at once (authentication, the switches' outcome, the handler, the record),
+    then waits out the latency and answers, holds or drops as the outcome says.
 
-    def _respond(self, provider: Provider, route: Route, inc: Incoming, close: bool,
-                 waited: bool) -> None:
-        """Answer `inc`; after a wait (`waited`), go on with requests that came meanwhile
-        (otherwise `_next`'s loop does)."""
-        self.timer = None
-        self.processing = False
+    The processing is synchronous and comes right after the body is read, before any
+    wait, so a request is processed (and counted, if accepted) whether or not its client
+    is still there for the answer, as at a real provider: no disconnect or cancellation
+    can come between reading it and processing it. A client that hangs up before its
+    body was read (uvicorn then reports the disconnect instead) sent nothing."""
+
+    def __init__(self, server: _Uvicorn, provider: Provider, route: Route) -> None:
+        self.server, self.provider, self.route = server, provider, route
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        request = Request(scope, receive)
         try:
-            reply = provider.respond(route, inc)
-        except Exception as exc:  # noqa: BLE001 - a handler's bug answers 500, like http.server
+            raw = await request.body()
+        except ClientDisconnect:  # not received in full: not processed, nobody to answer
+            return
+        inc = Incoming(scope["method"], scope["path"], dict(request.query_params),
+                       dict(request.headers), raw, dict(scope.get("path_params") or {}))
+        provider = self.provider
+        try:
+            reply = provider.respond(self.route, inc)
+        except Exception as exc:  # noqa: BLE001 - a handler's bug answers 500
             reply = Reply(500, {"error": f"{type(exc).__name__}: {exc}"})
-        if self.transport is None:  # the client is gone: processed, nobody to answer
-            return
+        wait = provider.delay(self.route)
+        if wait and not await self.server.hold(wait):
+            reply = DROP  # the server stops: no answer
         if reply is HANG:  # hold the connection, answer nothing, then drop it
-            self.busy = True
-            self.timer = self.server.loop.call_later(provider.hang_seconds, self._close)
+            await self.server.hold(provider.hang_seconds)
+        elif isinstance(reply, Withheld):  # processed; the answer is not sent (or sent late)
+            if reply.hang and await self.server.hold(provider.hang_seconds) and reply.late:
+                await _answer(reply.reply, send)
+                return
+        elif reply is not DROP:
+            await _answer(reply, send)  # type: ignore[arg-type]
             return
-        if reply is DROP:  # close the connection without an answer
-            self.busy = True
-            self._close()
-            return
-        if isinstance(reply, Withheld):  # processed; the answer is not sent (or sent late)
-            self.busy = True
-            if not reply.hang:
-                self._close()
-            elif reply.late:
-                self.timer = self.server.loop.call_later(provider.hang_seconds, self._answer,
-                                                         reply.reply, close, True)
-            else:
-                self.timer = self.server.loop.call_later(provider.hang_seconds, self._close)
-            return
-        self._answer(reply, close, waited)  # type: ignore[arg-type]
-
-    def _answer(self, reply: Reply, close: bool, waited: bool) -> None:
-        """Write `reply`; after a wait (`waited`), go on with requests that came meanwhile."""
-        self.timer = None
-        if self.transport is None:
-            return
-        close = close or reply.framing == "close"
-        self._write(reply, close)
-        self.busy = False
-        if waited and self.buffer and not close:
-            self._next()
+        scope["extensions"][DROP_EXTENSION]()  # close the connection without an answer
 
 
-class _Server:
-    """The listening socket and its connections, on an event loop run by a thread."""
+async def _answer(reply: Reply, send: Callable) -> None:
+    payload = reply.encoded()
+    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+               for k, v in reply.headers.items()]
+    if reply.body is not None:
+        ctype = JSON if isinstance(reply.body, (dict, list)) else "text/plain; charset=utf-8"
+        headers.append((b"content-type", ctype.encode()))
+    if reply.framing == "close":
+        headers.append((b"connection", b"close"))  # uvicorn closes after the answer
+    if reply.framing == "chunked":  # no Content-Length: uvicorn frames each piece a chunk
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        for i in range(0, len(payload), CHUNK_BYTES):
+            await send({"type": "http.response.body", "body": payload[i:i + CHUNK_BYTES],
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
-    def __init__(self, address: tuple[str, int], providers: list[Provider]) -> None:
-        self.providers = providers
-        self.connections: set[_Connection] = set()
-        self.connections_accepted = 0  # since the server started
-        self.date = _Date()
-        self.loop = new_event_loop()
-        # hundreds of concurrent connects from send_each's thread pool
-        self.listener = self.loop.run_until_complete(self.loop.create_server(
-            lambda: _Connection(self), address[0], address[1], backlog=1024,
-            reuse_address=True))
-        self.server_address = self.listener.sockets[0].getsockname()
 
-    def serve_forever(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 (no route) and 405 (a method the route does not take), as JSON."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                        exc.status_code, headers=exc.headers)
 
-    def shutdown(self) -> None:
-        """Stop listening, drop every connection (held requests too), stop the loop."""
-        def stop() -> None:
-            self.listener.close()
-            for connection in list(self.connections):
-                if connection.timer is not None:
-                    connection.timer.cancel()
-                if connection.transport is not None:
-                    connection.transport.abort()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(stop)
 
-    def server_close(self) -> None:
-        pass  # the loop is closed by the handle, once its thread is done
+def _routes(server: _Uvicorn, providers: list[Provider]) -> list[StarletteRoute]:
+    return [StarletteRoute(route.path, _Endpoint(server, provider, route),
+                           methods=list(route.methods), name=f"{provider.name}.{route.handler}")
+            for provider in providers for route in provider.routes]
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling the starting thread when it listens, with `hold` for the
+    routes: a wait that ends early when the server stops."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+    async def hold(self, seconds: float) -> bool:
+        """Wait `seconds`; False if the server began to stop meanwhile."""
+        stopping = self._stopping
+        if stopping.is_set():  # type: ignore[union-attr]
+            return False
+        if seconds <= 0:
+            return True
+        try:
+            await asyncio.wait_for(stopping.wait(), seconds)  # type: ignore[union-attr]
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    def begin_stop(self) -> None:
+        """From any thread: release held requests (their connections are dropped), stop
+        accepting, let answers in progress finish, end."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._stopping.set)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        self.should_exit = True
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)  # connections queue from here on, before the loop runs
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ServerHandle:
@@ -1279,12 +1213,14 @@ class ServerHandle:
     `accepted_recipients` and `accepted_message_ids` are that provider's; with several,
     the counts are `{provider name: Counter}`; `providers[name]` reaches each of them."""
 
-    def __init__(self, server: _Server, thread: threading.Thread) -> None:
+    def __init__(self, server: _Uvicorn, thread: threading.Thread, sock: socket.socket,
+                 providers: list[Provider], stats: _Stats) -> None:
         self._server = server
         self._thread = thread
-        self.providers: dict[str, Provider] = {p.name: p for p in server.providers}
-        host, port = server.server_address[:2]
-        self.base_url = f"http://{host}:{port}"
+        self._stats = stats
+        self.providers: dict[str, Provider] = {p.name: p for p in providers}
+        host, port = sock.getsockname()[:2]
+        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def provider(self) -> Provider:
@@ -1299,7 +1235,7 @@ class ServerHandle:
     @property
     def connections_accepted(self) -> int:
         """TCP connections accepted since the server started (keep-alive reuse shows)."""
-        return self._server.connections_accepted
+        return self._stats.connections_accepted
 
     @property
     def accepted(self) -> list[RecordedRequest]:
@@ -1323,15 +1259,11 @@ class ServerHandle:
             p.clear()
 
     def stop(self) -> None:
-        for p in self.providers.values():
-            p.stop_event.set()  # releases held ("timeout") requests
+        """Drop held requests, close every connection, stop serving; returns once done."""
         if not self._thread.is_alive():
             return
-        self._server.shutdown()
+        self._server.begin_stop()
         self._thread.join()
-        loop = self._server.loop
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -1340,15 +1272,51 @@ class ServerHandle:
         self.stop()
 
 
-def serve(providers: Iterable[Provider], host: str = "127.0.0.1", port: int = 0
+def serve(providers: Iterable[Provider], host: str = "127.0.0.1", port: int = 0, *,
+          max_body_bytes: int = MAX_BODY_BYTES, keep_alive_seconds: float = KEEP_ALIVE_SECONDS
           ) -> tuple[str, ServerHandle]:
+    """Serve `providers` on one port (0: a free one) in a thread of this process and
+    return once it accepts connections: (base_url, handle). Request bodies above
+    `max_body_bytes` get 413; a kept-alive connection idle `keep_alive_seconds` is
+    closed."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("the local provider servers listen on loopback only")
-    server = _Server((host, port), list(providers))
-    thread = threading.Thread(target=server.serve_forever,
-                              name=f"local-provider-{server.server_address[1]}", daemon=True)
+    providers = list(providers)
+    stats = _Stats()
+    protocol = type("LocalProviderProtocol", (_Protocol,), {"stats": stats})
+    app = Starlette(exception_handlers={HTTPException: _http_error},
+                    max_body_size=max_body_bytes)
+    config = uvicorn.Config(
+        app, http=protocol, ws="none", lifespan="off", interface="asgi3",
+        timeout_keep_alive=keep_alive_seconds,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=STOP_GRACE_SECONDS, backlog=BACKLOG,
+        access_log=False, log_config=None,  # the process's logging stays as configured
+        server_header=False, headers=[("server", "retention-local-providers")],
+        proxy_headers=False)
+    server = _Uvicorn(config)
+    app.router.routes.extend(_routes(server, providers))
+    sock = _bind(host, port)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            failure.append(exc)
+        finally:
+            server.ready.set()
+            sock.close()
+
+    thread = threading.Thread(target=run, name=f"local-provider-{sock.getsockname()[1]}",
+                              daemon=True)
+    handle = ServerHandle(server, thread, sock, providers, stats)
     thread.start()
-    handle = ServerHandle(server, thread)
+    server.ready.wait(30)
+    if failure or not server.started:
+        server.should_exit = True
+        thread.join(5)
+        raise RuntimeError("the local provider server did not start") from (
+            failure[0] if failure else None)
     return handle.base_url, handle
 
 
