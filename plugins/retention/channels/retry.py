@@ -13,6 +13,8 @@ so it is never retried blindly; `classify_transport_error` tells the two kinds a
 Anything else (400, 401, 403, 404...) is a `PermanentError`: the affected messages fail
 with the provider's reason, without a retry.
 
+The retrying itself is tenacity's (`RetryPolicy.retrying()`): retry on `TransientError`,
+stop after the attempts or at a too-long Retry-After, wait Retry-After or the backoff.
 Sleep and clock are injectable so tests count waits instead of sleeping.
 """
 
@@ -27,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
+
+import tenacity
 
 T = TypeVar("T")
 
@@ -87,12 +91,35 @@ class RetryAfterTooLong(RetriesExhausted):
         return f"{self.label}: Retry-After {self.retry_after:.0f} s"
 
 
+class _stop_on_long_retry_after(tenacity.stop.stop_base):
+    """Stop when the provider asked for a longer wait than `limit` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        after = getattr(retry_state.outcome.exception(), "retry_after", None)
+        return after is not None and after > self.limit
+
+
+class _wait_retry_after_or_backoff(tenacity.wait.wait_base):
+    """The failure's Retry-After if it named one, else the policy's jittered backoff."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        after = getattr(retry_state.outcome.exception(), "retry_after", None)
+        return self.policy.delay(retry_state.attempt_number, after)
+
+
 @dataclass
 class RetryPolicy:
     """Up to `max_attempts` tries in all. Wait before retry n (1-based): the provider's
-    Retry-After if it gave one, else `min(max_delay, base_delay * 2**(n-1))` reduced by
-    up to `jitter` (a fraction) drawn from `random.Random(seed)`. A Retry-After over
-    `max_retry_after` seconds ends the retries (`RetryAfterTooLong`)."""
+    Retry-After if it gave one, else `min(max_delay, base_delay * 2**(n-1))` (tenacity's
+    `wait_exponential`) reduced by up to `jitter` (a fraction) drawn from
+    `random.Random(seed)`. A Retry-After over `max_retry_after` seconds ends the retries
+    (`RetryAfterTooLong`). `retrying()` is the policy as a `tenacity.Retrying`."""
 
     max_attempts: int = 5
     base_delay: float = 0.5
@@ -103,37 +130,60 @@ class RetryPolicy:
     sleep: Callable[[float], None] = time.sleep
     _random: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+    _exponential: tenacity.wait.wait_exponential = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be a fraction between 0 and 1")
         self._random = random.Random(self.seed)
+        self._exponential = tenacity.wait_exponential(multiplier=self.base_delay,
+                                                      max=self.max_delay)
 
     def delay(self, retry_number: int, retry_after: float | None = None) -> float:
+        """The wait before retry `retry_number` (1-based)."""
         if retry_after is not None and retry_after >= 0:
             return float(retry_after)
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (retry_number - 1))
+        state = tenacity.RetryCallState(None, None, (), {})
+        state.attempt_number = retry_number
+        ceiling = self._exponential(state)
         with self._lock:
             r = self._random.random()
         return ceiling * (1 - self.jitter * r)
+
+    def retrying(self, on_retry: Callable[[TransientError], None] | None = None
+                 ) -> tenacity.Retrying:
+        """A `tenacity.Retrying` that retries `TransientError` only, waits `delay()`,
+        stops after `max_attempts` or at a Retry-After over `max_retry_after`, and then
+        raises `RetryAfterTooLong` or `RetriesExhausted` naming the last failure. Every
+        other exception passes through at once. `on_retry(error)` runs before each wait.
+        One per call: a `Retrying` keeps per-call state."""
+
+        def give_up(state: tenacity.RetryCallState) -> Any:
+            exc = state.outcome.exception()
+            if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
+                raise RetryAfterTooLong(exc.label, state.attempt_number, exc.retry_after) from exc
+            raise RetriesExhausted(exc.label, state.attempt_number) from exc
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if on_retry:
+                on_retry(state.outcome.exception())
+
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientError),
+            stop=(tenacity.stop_after_attempt(self.max_attempts)
+                  | _stop_on_long_retry_after(self.max_retry_after)),
+            wait=_wait_retry_after_or_backoff(self),
+            sleep=lambda seconds: self.sleep(float(seconds)),
+            before_sleep=before_sleep,
+            retry_error_callback=give_up)
 
     def call(self, attempt: Callable[[], T],
              on_retry: Callable[[TransientError], None] | None = None) -> T:
         """Run `attempt` until it returns, raises a non-transient error, or the attempts
         are used up (`RetriesExhausted` naming the last failure)."""
-        tries = 1
-        while True:
-            try:
-                return attempt()
-            except TransientError as exc:
-                if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
-                    raise RetryAfterTooLong(exc.label, tries, exc.retry_after) from exc
-                if tries >= self.max_attempts:
-                    raise RetriesExhausted(exc.label, tries) from exc
-                self.sleep(self.delay(tries, exc.retry_after))
-                if on_retry:
-                    on_retry(exc)
-                tries += 1
+        return self.retrying(on_retry)(attempt)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
