@@ -3,15 +3,15 @@
 `Settings` has one field per setting (name, type, default, description), so the README,
 `retention settings` and the DAGs agree on names, and a bad value fails at once with
 `SettingError` naming the variable. `settings()` returns the values the environment holds
-at the moment of the call: it keeps the last object only for exactly the same
-`RETENTION_*` environment, so a changed variable is never answered from an older read.
+at the moment of the call: it compares every variable of `Settings` with the last read on
+each call and reuses that object only when all are unchanged, so a changed variable (a
+test's monkeypatch.setenv included) is never answered from an older read.
 Secrets never have defaults in code: they come from the environment or Airflow connections.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -29,10 +29,17 @@ class SettingError(ValueError):
     """A `RETENTION_*` variable holds a value its setting cannot take."""
 
 
-class Settings(BaseSettings):
-    """One field per `RETENTION_<FIELD>` variable; an empty variable counts as unset."""
+def _variable(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True,
+
+class Settings(BaseSettings):
+    """One field per `RETENTION_<FIELD>` variable, matched exactly (upper case); an empty
+    variable counts as unset. Fields can also be given by name: `Settings(home=...)`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, alias_generator=_variable,
+                                      case_sensitive=True, validate_by_name=True,
+                                      validate_by_alias=True, env_ignore_empty=True,
                                       frozen=True, extra="ignore")
 
     # repr=False: values that may hold a password or a key stay out of reprs and errors
@@ -127,9 +134,9 @@ class Settings(BaseSettings):
 
     @classmethod
     def variable(cls, field: str) -> str:
-        """The environment variable of a field: `claim_lease_seconds` ->
+        """The environment variable of a field (its alias): `claim_lease_seconds` ->
         `RETENTION_CLAIM_LEASE_SECONDS`."""
-        return ENV_PREFIX + field.upper()
+        return cls.model_fields[field].alias or _variable(field)
 
     @staticmethod
     def shown(default: object) -> str:
@@ -146,25 +153,37 @@ class Settings(BaseSettings):
 def _explain(exc: ValidationError) -> SettingError:
     problems = []
     for error in exc.errors():
-        field, *inner = [str(part) for part in error["loc"]] or [""]
-        info = Settings.model_fields.get(field)
-        name = Settings.variable(field) if info else field
+        name, *inner = [str(part) for part in error["loc"]] or [""]
+        info = next((info for info in Settings.model_fields.values() if info.alias == name), None)
         where = f" (at {'.'.join(inner)})" if inner else ""
         shown = "" if info is None or info.repr is False else f"={error.get('input')!r}"
         problems.append(f"{name}{where}{shown}: {error['msg']}")
     return SettingError("invalid setting: " + "; ".join(problems))
 
 
-_lock = threading.Lock()
-_last: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+_last: tuple[tuple, Settings] | None = None
+
+
+_VARIABLES = tuple(Settings.variable(field) for field in Settings.model_fields)
+_RAW_VARIABLES = tuple(os.fsencode(name) for name in _VARIABLES)
+
+
+def _environment_key() -> tuple:
+    """The value of each variable `Settings` reads, as the environment holds it now. On
+    POSIX it looks them up in the bytes table `os.environ` writes through (`_data`):
+    `os.environ.get` of an unset variable costs an exception each, and renders call
+    `settings()` per message (bench/RESULTS.md)."""
+    raw = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(raw, dict):
+        return tuple(map(raw.get, _RAW_VARIABLES))
+    return tuple(map(os.environ.get, _VARIABLES))
 
 
 def settings() -> Settings:
     """The settings as the environment holds them now (raises `SettingError`)."""
     global _last
-    # the key is every RETENTION_* variable as it is now, compared in full each call
-    key = tuple(sorted((k, v) for k, v in os.environ.items()
-                       if k[:len(ENV_PREFIX)].upper() == ENV_PREFIX))
+    # compared in full on every call: a changed, added or removed variable is a new key
+    key = _environment_key()
     last = _last
     if last is not None and last[0] == key:
         return last[1]
@@ -172,7 +191,7 @@ def settings() -> Settings:
         current = Settings()
     except ValidationError as exc:
         raise _explain(exc) from None
-    with _lock:
+    if _environment_key() == key:  # kept only if nothing changed while it was read
         _last = (key, current)
     return current
 
