@@ -9,7 +9,7 @@ events.occurred_at) rounded up to the next UTC midnight (a timestamp at exactly 
 stays), i.e. "the end of the last day with data". Every model ignores rows after it, so
 building again for the same as_of gives the same rows, and building for an earlier as_of
 gives the numbers of the data up to it. The incremental models handle an earlier as_of
-by themselves, no full refresh needed (dbt_project/dbt_project.yml lists them; the
+by themselves, no full refresh needed (materialized incremental in their YAML; the
 paths below are in dbt_project/):
 int_events_aggregated_daily rewrites every day from that as_of's day on
 (macros/incremental_replace_window.sql); the four per-customer purchase tables and the
@@ -200,8 +200,9 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
     """`dbt build` as of `as_of` (default: `default_as_of(url)`), then the headline numbers.
 
     `select` is passed to dbt `--select` (space-separated selection, e.g.
-    "customer_lifetime+"), or names a YAML selector as "selector:lifetime"; `exclude`
-    is passed to `--exclude`.
+    "customer_lifetime+"), or names a YAML selector as "selector:lifetime"; without it dbt
+    builds selector `default` of dbt_project/selectors.yml (everything but the tests of
+    the tables predict.py writes afterwards). `exclude` is passed to `--exclude`.
     `indirect_selection` is dbt's `--indirect-selection` for the tests of `select`
     ("buildable": only tests whose every parent is selected or upstream of the selection).
     `unit_tests`: also run the dbt unit tests (`unit_tests:` in the model YAML). Off by
