@@ -16,6 +16,9 @@ import pytest
 
 from retention import db
 
+# one after another on one pytest-xdist worker: a real Airflow scheduler deployment
+pytestmark = pytest.mark.xdist_group("serial")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOP_END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 

@@ -32,6 +32,9 @@ from retention.warehouse.build import BuildError, build, default_as_of, summary
 from retention.ingest.contract import TABLES
 from retention.db.schema import ensure_schemas
 
+# one pytest-xdist worker runs the module: its generated shop is built once
+pytestmark = pytest.mark.xdist_group("test_dbt_lifetime")
+
 UTC = timezone.utc
 SELECT = "selector:lifetime"  # the lifetime models and their tests (dbt_project/selectors.yml)
 DAY = timedelta(days=1)

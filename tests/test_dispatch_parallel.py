@@ -24,6 +24,10 @@ from retention.connections import channels_from_env
 from retention_dev.faults import KillAt
 from retention_dev.stack import local_provider_stack
 
+# one after another on one pytest-xdist worker: worker processes racing for claims
+# under short leases
+pytestmark = pytest.mark.xdist_group("serial")
+
 AS_OF = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # noon in Kyiv: no quiet hours
 POLICY = Policy(global_cap=100, global_cap_days=7, channel_cap=100, channel_cap_days=7,
                 quiet_start=time(21), quiet_end=time(9), default_timezone="Europe/Kyiv",

@@ -39,6 +39,9 @@ from faults import make_shop, plan, tally
 from retention import db
 from retention_dev.stack import local_provider_stack
 
+# one after another on one pytest-xdist worker: a real Airflow scheduler deployment
+pytestmark = pytest.mark.xdist_group("serial")
+
 TESTS = Path(__file__).resolve().parent
 DAG_ID = "fault_airflow_retry"
 N = 10_000                # recipients: ten SendGrid requests of 1000

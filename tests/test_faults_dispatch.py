@@ -23,6 +23,9 @@ from retention.campaigns.dispatch import dispatch_step
 from retention.connections import channels_from_env
 from retention_dev.stack import local_provider_stack
 
+# one after another on one pytest-xdist worker: faults timed against provider latency
+pytestmark = pytest.mark.xdist_group("serial")
+
 
 @pytest.fixture()
 def stack(monkeypatch, request):

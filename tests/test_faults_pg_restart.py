@@ -34,6 +34,10 @@ from retention import db
 from retention_dev.stack import local_provider_stack
 from retention.db.schema import ensure_schemas
 
+# one after another on one pytest-xdist worker: a private PostgreSQL cluster restarted
+# mid-send
+pytestmark = pytest.mark.xdist_group("serial")
+
 
 
 def _free_port() -> int:

@@ -29,6 +29,9 @@ from retention.results.report import (
     write_report,
 )
 
+# one pytest-xdist worker runs the module: its built shop is made once
+pytestmark = pytest.mark.xdist_group("test_results_report")
+
 END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 WEEK = date(2026, 10, 19)  # ISO week 2026-W43
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -21,6 +21,9 @@ from retention import db
 from retention.ingest.contract import LOAD_ORDER
 from test_dags import _drop
 
+# one after another on one pytest-xdist worker: a real Airflow scheduler deployment
+pytestmark = pytest.mark.xdist_group("serial")
+
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "retention_ingest"
 

@@ -16,6 +16,9 @@ from retention.ingest.load import load_folder
 from retention.triggers import run_triggers
 from retention.triggers.config import TRIGGERS, TriggerSettings
 
+# one pytest-xdist worker runs the module: its generated shop is made once
+pytestmark = pytest.mark.xdist_group("test_triggers_data")
+
 UTC = timezone.utc
 POLICY = Policy(global_cap=3, global_cap_days=7, channel_cap=2, channel_cap_days=7,
                 quiet_start=time(21), quiet_end=time(9), default_timezone="Europe/Kyiv",
