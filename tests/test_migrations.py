@@ -9,15 +9,17 @@ ends identical to a fresh one; an upgrade at head changes nothing.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import threading
 
 import psycopg
 import pytest
+import yaml
 
 from retention import db
-from retention.cli import main as cli_main
+from retention.cli import build_parser, main as cli_main
 from retention.db import schema
 from retention.ingest.contract import SQL_TYPES, TABLES
 
@@ -281,9 +283,18 @@ def test_ensure_schemas_upgrades_a_fresh_database(make_database):
 
 
 def test_concurrent_upgrades_of_a_fresh_database(make_database, fresh_snapshot):
-    """Threads of one process and separate processes upgrading one database at once: each
-    succeeds, and the revisions ran once."""
+    """Processes (and threads of one process) upgrading one fresh database at the same
+    moment: each succeeds, and the revisions ran once."""
     url = make_database("mig")
+    code = ("import sys; from retention.db import schema; schema.head(); "
+            "print('ready', flush=True); sys.stdin.readline(); "
+            f"schema.upgrade({url!r})")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(4)]
+    for p in processes:  # every process has imported Alembic and read the scripts
+        assert p.stdout.readline() == "ready\n", p.stderr.read()
     start = threading.Barrier(3)
     errors: list[BaseException] = []
 
@@ -294,18 +305,18 @@ def test_concurrent_upgrades_of_a_fresh_database(make_database, fresh_snapshot):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    code = f"from retention.db import schema; schema.upgrade({url!r})"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    threads = [threading.Thread(target=run) for _ in range(3)]
+    threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
+    for p in processes:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    start.wait()
     for t in threads:
         t.join(timeout=120)
     outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
     assert errors == []
-    assert outcomes == [(0, "")] * 3
+    assert outcomes == [(0, "")] * len(processes)
     assert _snapshot(url) == fresh_snapshot
     with db.connect(url) as conn:
         assert conn.execute("select version_num from ops.alembic_version").fetchall() == [
@@ -333,3 +344,19 @@ def test_cli_db_upgrade_and_current(make_database, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == f"{schema.head()} (head)"
     with db.connect(url) as conn:
         assert _tables(conn) == EXPECTED_TABLES
+
+
+@pytest.mark.unit
+def test_airflow_init_upgrades_the_warehouse():
+    """docker-compose's init container, which every Airflow service waits for, runs
+    `retention db upgrade` against the database the tasks use."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    args = shlex.split(services["airflow-init"]["command"])
+    assert args[:2] == ["bash", "-c"], args
+    steps = [shlex.split(step) for step in args[2].split("&&")]
+    upgrade = [s for s in steps if s[:3] == ["python", "-m", "retention.cli"]]
+    assert len(upgrade) == 1, steps
+    assert build_parser().parse_args(upgrade[0][3:]).action == "upgrade"
+    assert (services["airflow-init"]["environment"]["RETENTION_DATABASE_URL"]
+            == services["airflow-worker"]["environment"]["RETENTION_DATABASE_URL"])
