@@ -3,7 +3,7 @@
 The servers run in their own process (`python -m retention_dev.servers`),
 so this process's time is the channel's: SDK, JSON, HTTP. E-mail goes through
 SendGridChannel (1,000 personalizations a request), push through FirebaseChannel
-(firebase-admin `send_each`, 500 messages a call, each its own HTTP request); several
+(FCM HTTP v1 over aiohttp, 500 messages a call, each its own HTTP request); several
 `send_batch` calls are kept in flight by a thread pool, as the dispatcher's workers do.
 
     .venv/bin/python bench/bench_channels.py                      # 100,000 of each
@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--email-inflight", default="1,4", help="send_batch calls in flight")
     parser.add_argument("--push-inflight", default="1,2")
     parser.add_argument("--no-proxy-env", action="store_true",
-                        help="FirebaseChannel(proxies_from_env=False): ~25%% less CPU per push")
+                        help="FirebaseChannel(proxies_from_env=False): no proxy from the environment")
     parser.add_argument("--skip-email", action="store_true")
     parser.add_argument("--skip-push", action="store_true")
     args = parser.parse_args()
@@ -118,7 +118,7 @@ def main() -> int:
                 for inflight in [int(x) for x in args.push_inflight.split(",")]:
                     with FirebaseChannel(info, base_url=url, retry=retry,
                                          proxies_from_env=not args.no_proxy_env) as channel:
-                        rows.append(("push (FCM send_each, 500/call)", inflight,
+                        rows.append(("push (FCM v1, 500/call)", inflight,
                                      run(channel, messages, inflight)))
         finally:
             proc.terminate()

@@ -7,6 +7,7 @@ request gets a 429, a 5xx or a timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import socket
@@ -410,18 +411,14 @@ def fcm(fcm_server, waits):
         channel.close()
 
 
-TRANSPORTS = ["async", "lean", "requests"]
-
-
 def _fcm_sends(server) -> list:
     return [r for r in server.received if r.path.endswith("/messages:send")]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_501_pushes_in_batches_of_500_with_unregistered_mapped(fcm, transport):
+def test_fcm_501_pushes_in_batches_of_500_with_unregistered_mapped(fcm):
     make, server = fcm
     server.configure(unregistered_tokens={"token-7", "token-500"}, invalid_tokens={"token-9"})
-    channel = make(transport=transport)
+    channel = make()
     messages = [push(i) for i in range(501)]  # send_each refuses more than 500 at once
 
     results = channel.send_batch(messages)
@@ -461,12 +458,33 @@ def test_web_push_payload(fcm):
         "projects/shop-push/messages/")
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_5xx_storm_then_success_delivers_each_once(fcm, waits, transport):
+def test_fcm_android_ttl_and_a_message_without_token(fcm, waits):
+    make, server = fcm
+    channel = make(ttl_seconds=3600)
+    blank = dataclasses.replace(push(2), address=None)
+    results = channel.send_batch([push(1), blank])
+    [request] = _fcm_sends(server)  # nothing goes out for the message without a token
+    assert request.body["message"]["android"] == {"priority": "normal", "ttl": "3600s"}
+    assert [(r.status, r.reason, r.deactivate_address) for r in results] == [
+        ("sent", None, False), ("failed", "no FCM registration token", False)]
+
+
+def test_fcm_retry_after_beyond_the_policy_defers_without_waiting(fcm, waits):
+    make, server = fcm
+    server.configure(rate_limit_fraction=1.0, retry_after=600)
+    channel = make()
+    results = channel.send_batch([push(1), push(2)])
+    assert len(_fcm_sends(server)) == 2
+    assert [(r.status, r.reason) for r in results] == [("deferred", "429: Retry-After 600 s")] * 2
+    assert waits.calls == [] and channel.stats.retries == 0
+    server.configure(rate_limit_fraction=0.0)
+
+
+def test_fcm_5xx_storm_then_success_delivers_each_once(fcm, waits):
     make, server = fcm
     messages = [push(i) for i in range(10)]
     server.configure(sequence=[503] * 10 + [500] * 4)  # round 1: all fail; round 2: four fail
-    channel = make(transport=transport)
+    channel = make()
 
     results = channel.send_batch(messages)
 
@@ -478,11 +496,10 @@ def test_fcm_5xx_storm_then_success_delivers_each_once(fcm, waits, transport):
     assert len(waits.calls) == 2 and channel.stats.retries == 14
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_429_waits_retry_after_then_exhausts(fcm, waits, transport):
+def test_fcm_429_waits_retry_after_then_exhausts(fcm, waits):
     make, server = fcm
     server.configure(rate_limit_fraction=1.0, retry_after=4)
-    channel = make(retry=policy(waits, attempts=3), transport=transport)
+    channel = make(retry=policy(waits, attempts=3))
     results = channel.send_batch([push(1), push(2)])
     assert len(_fcm_sends(server)) == 6
     assert waits.calls == [4.0, 4.0]
@@ -490,21 +507,19 @@ def test_fcm_429_waits_retry_after_then_exhausts(fcm, waits, transport):
     server.configure(rate_limit_fraction=0.0)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_timeout_is_unknown_and_never_resent(fcm, waits, transport):
+def test_fcm_timeout_is_unknown_and_never_resent(fcm, waits):
     make, server = fcm
     server.configure(sequence=["timeout", "ok"], hang_seconds=10)
-    channel = make(transport=transport, timeout=0.5)
+    channel = make(timeout=0.5)
     [result] = channel.send_batch([push(1)])
     assert (result.status, result.reason) == ("unknown", "outcome unknown: timeout")
     assert [r.outcome for r in _fcm_sends(server)] == ["timeout"]
     assert channel.stats.retries == 0 and waits.calls == []
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_revoked_access_token_is_refreshed_once(fcm, transport):
+def test_fcm_revoked_access_token_is_refreshed_once(fcm):
     make, server = fcm
-    channel = make(transport=transport)
+    channel = make()
     assert channel.send_batch([push(1)])[0].status == "sent"
     server.provider.revoke_tokens()
     results = channel.send_batch([push(2), push(3)])
@@ -512,55 +527,40 @@ def test_fcm_revoked_access_token_is_refreshed_once(fcm, transport):
     statuses = [r.status for r in _fcm_sends(server)]
     assert statuses.count(200) == 3 and set(statuses) <= {200, 401}
     tokens = [r for r in server.received if r.path == "/token"]
-    # the first token and one refresh however many requests saw 401 (the SDK's own
-    # AuthorizedSession refreshes once per thread that did)
-    assert len(tokens) == 2 if transport != "requests" else 2 <= len(tokens) <= 3
+    assert len(tokens) == 2  # the first token and one refresh however many requests saw 401
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_connection_refused_is_retried_then_failed(fcm_server, waits, transport):
+def test_fcm_connection_refused_is_retried_then_failed(fcm_server, waits):
     url, _, info = fcm_server
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with FirebaseChannel(info, base_url=closed, retry=policy(waits, attempts=2),
-                         transport=transport) as channel:
+    with FirebaseChannel(info, base_url=closed, retry=policy(waits, attempts=2)) as channel:
         [result] = channel.send_batch([push(1)])
     assert (result.status, result.reason) == ("failed", "retries exhausted: connection error")
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_proxy_in_environment_keeps_the_sdk_session(fcm_server, monkeypatch, transport):
-    from firebase_admin import messaging
-
-    from retention.channels.fcm_transport import LeanAsyncFcmClient, LeanFcmSession
-
+def test_fcm_proxy_is_resolved_from_the_environment_when_built(fcm_server, monkeypatch):
     url, _, info = fcm_server
-    lean = {"async": LeanAsyncFcmClient, "lean": LeanFcmSession}.get(transport)
-
-    def clients_of(channel):
-        service = messaging._get_messaging_service(channel._app)  # noqa: SLF001
-        return service._client.session, service._async_client  # noqa: SLF001
-
-    with FirebaseChannel(info, base_url=url, transport=transport) as channel:
-        assert channel.transport == transport
-        assert lean is None or any(isinstance(c, lean) for c in clients_of(channel))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                 "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with FirebaseChannel(info, base_url=url) as channel:
+        assert channel.proxy is None
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    with FirebaseChannel(info, base_url=url, transport=transport) as channel:
-        assert channel.transport == "requests" and channel._loop is None  # noqa: SLF001
-        session, async_client = clients_of(channel)
-        assert not isinstance(session, LeanFcmSession)
-        assert not isinstance(async_client, LeanAsyncFcmClient)
-        assert session.proxies["http"] == "http://127.0.0.1:9"
+    with FirebaseChannel(info, base_url=url) as channel:
+        assert channel.proxy == "http://127.0.0.1:9"
+    with FirebaseChannel(info, base_url=url, proxies_from_env=False) as channel:
+        assert channel.proxy is None
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with FirebaseChannel(info, base_url=url) as channel:
+        assert channel.proxy is None
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_chunked_answers_are_read(fcm, transport):
+def test_fcm_chunked_answers_are_read(fcm):
     make, server = fcm
     server.configure(sequence=["chunked"] * 3)
-    channel = make(transport=transport)
+    channel = make()
     results = channel.send_batch([push(i) for i in range(3)])
     assert [r.status for r in results] == ["sent"] * 3
     assert sorted(r.provider_message_id for r in results) == \
@@ -568,10 +568,9 @@ def test_fcm_chunked_answers_are_read(fcm, transport):
     assert [r.outcome for r in _fcm_sends(server)] == ["chunked"] * 3
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_connection_close_answer_opens_a_new_connection(fcm, waits, transport):
+def test_fcm_connection_close_answer_opens_a_new_connection(fcm, waits):
     make, server = fcm
-    channel = make(transport=transport)
+    channel = make()
     assert channel.send_batch([push(1)])[0].status == "sent"
     before = server.connections_accepted
     assert channel.send_batch([push(2)])[0].status == "sent"
@@ -585,11 +584,10 @@ def test_fcm_connection_close_answer_opens_a_new_connection(fcm, waits, transpor
     assert channel.stats.retries == 0 and waits.calls == []
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_fcm_connection_closed_without_an_answer_is_unknown(fcm, waits, transport):
+def test_fcm_connection_closed_without_an_answer_is_unknown(fcm, waits):
     make, server = fcm
     server.configure(sequence=["drop", "ok"])
-    channel = make(transport=transport)
+    channel = make()
     [result] = channel.send_batch([push(1)])
     assert (result.status, result.reason) == (
         "unknown", "outcome unknown: connection lost before the answer")
@@ -599,18 +597,14 @@ def test_fcm_connection_closed_without_an_answer_is_unknown(fcm, waits, transpor
     assert [r.outcome for r in _fcm_sends(server)] == ["drop", "ok"]
 
 
-def test_fcm_async_pool_is_bounded(fcm):
-    from firebase_admin import messaging
-
+def test_fcm_pool_is_bounded(fcm):
     make, server = fcm
-    channel = make(transport="async", pool_size=3)
-    client = messaging._get_messaging_service(channel._app)._async_client  # noqa: SLF001
+    channel = make(pool_size=3)
     assert channel.send_batch([push(0)])[0].status == "sent"  # the token, a first connection
     before = server.connections_accepted
     results = channel.send_batch([push(i) for i in range(1, 41)])
     assert [r.status for r in results] == ["sent"] * 40
     assert server.connections_accepted - before == 2  # 40 requests on at most 3 connections
-    assert client.open_connections == 3
 
 
 def test_fcm_unknown_access_token_is_401(fcm_server):
@@ -620,94 +614,6 @@ def test_fcm_unknown_access_token_is_401(fcm_server):
                              headers={"Authorization": "Bearer made-up"}, timeout=5)
     assert response.status_code == 401
     assert response.json()["error"]["status"] == "UNAUTHENTICATED"
-
-
-def _sent_request(loop):
-    """A _Connection on a fake transport with one request sent: (conn, transport, waiter)."""
-    from retention.channels.fcm_transport import _Connection
-
-    conn, transport = _Connection(), _FakeTransport()
-    conn.connection_made(transport)
-    waiter = loop.create_future()
-    conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
-    return conn, transport, waiter
-
-
-class _FakeTransport:
-    def __init__(self) -> None:
-        self.written, self.closed = b"", False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-
-@pytest.mark.parametrize("raw, status, body, kept", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd", 200, b"abcd", True),
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n"
-     b"Retry-After: 3\r\n\r\n{}", 404, b"{}", True),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n"
-     b"A\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n", 200, b"abc0123456789", True),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 200, b"", True),
-    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx", 200, b"x",
-     False),
-    (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", 200, b"x", False),
-    (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
-])
-@pytest.mark.unit
-def test_fcm_async_connection_parses_answers_fed_byte_by_byte(raw, status, body, kept):
-    import asyncio
-
-    loop = asyncio.new_event_loop()
-    try:
-        conn, transport, waiter = _sent_request(loop)
-        for i in range(len(raw)):
-            assert not waiter.done(), raw[:i]
-            conn.data_received(raw[i:i + 1])
-        got_status, headers, got_body = waiter.result()
-        assert (got_status, got_body, conn.alive, transport.closed) == (status, body, kept,
-                                                                         not kept)
-        if status == 404:
-            assert headers["retry-after"] == "3"
-    finally:
-        loop.close()
-
-
-@pytest.mark.parametrize("raw, lost", [
-    (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", None),  # no length: the body ends with the connection
-    (b"", "before an answer"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "in the middle of an answer"),
-    (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed HTTP answer"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "malformed HTTP answer"),
-])
-@pytest.mark.unit
-def test_fcm_async_connection_lost_or_malformed_is_a_connection_error(raw, lost):
-    import asyncio
-
-    import httpx
-
-    from retention.channels.fcm_transport import ConnectionLost
-
-    loop = asyncio.new_event_loop()
-    try:
-        conn, transport, waiter = _sent_request(loop)
-        if raw:
-            conn.data_received(raw)
-        if not waiter.done():
-            conn.connection_lost(None)
-        if lost is None:
-            assert waiter.result()[2] == b"until the end"
-        else:
-            with pytest.raises(ConnectionLost, match=lost) as caught:
-                waiter.result()
-            assert isinstance(caught.value, httpx.ConnectError)  # firebase-admin: Unavailable
-        assert not conn.alive
-    finally:
-        loop.close()
 
 
 # --------------------------------------------------------------------------- Telegram
