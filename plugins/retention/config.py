@@ -140,7 +140,7 @@ class Settings(BaseSettings):
 
     @staticmethod
     def shown(default: object) -> str:
-        """A default as `retention settings` and the README show it."""
+        """A default as `retention settings` prints it."""
         if default is None:
             return "(none)"
         if isinstance(default, bool):
@@ -161,11 +161,10 @@ def _explain(exc: ValidationError) -> SettingError:
     return SettingError("invalid setting: " + "; ".join(problems))
 
 
-_last: tuple[tuple, Settings] | None = None
-
-
 _VARIABLES = tuple(Settings.variable(field) for field in Settings.model_fields)
 _RAW_VARIABLES = tuple(os.fsencode(name) for name in _VARIABLES)
+#: (values of _VARIABLES, the Settings read from them) of the last read
+_last: tuple[tuple, Settings] | None = None
 
 
 def _environment_key() -> tuple:
