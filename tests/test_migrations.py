@@ -333,6 +333,21 @@ def test_baseline_is_not_reverted(make_database):
     assert _rows(url) == ROWS
 
 
+def test_a_database_of_a_newer_release_is_refused(make_database, monkeypatch, capsys):
+    url = make_database("mig")
+    schema.upgrade(url)
+    with db.connect(url) as conn:
+        conn.execute("update ops.alembic_version set version_num = '0999_from_the_future'")
+        conn.commit()
+    with pytest.raises(schema.UnknownRevision, match="0999_from_the_future.*newer release"):
+        schema.upgrade(url)
+    with db.connect(url) as conn, pytest.raises(schema.UnknownRevision):
+        schema.ensure_schemas(conn)
+    monkeypatch.setenv("RETENTION_DATABASE_URL", url)
+    assert cli_main(["db", "upgrade"]) == 2
+    assert "0999_from_the_future" in capsys.readouterr().err
+
+
 def test_cli_db_upgrade_and_current(make_database, monkeypatch, capsys):
     url = make_database("mig")
     monkeypatch.setenv("RETENTION_DATABASE_URL", url)

@@ -32,8 +32,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.action in ("upgrade", "current"):
         from retention.db import schema
 
-        if args.action == "upgrade":
-            schema.upgrade()
+        try:
+            if args.action == "upgrade":
+                schema.upgrade()
+        except schema.UnknownRevision as exc:
+            print(f"retention: {exc}", file=sys.stderr)
+            return 2
         revision, head = schema.current(), schema.head()
         if revision == head:
             print(f"at {head} (head)" if args.action == "upgrade" else f"{head} (head)")

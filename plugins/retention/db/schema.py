@@ -54,14 +54,32 @@ def alembic_config(engine: sa.Engine | None = None) -> Config:
 
 
 @functools.cache
-def head() -> str:
-    """The head revision of the migrations shipped with this package."""
+def _scripts() -> tuple[str, frozenset[str]]:
     with _COMMAND_LOCK:
-        heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+        script = ScriptDirectory.from_config(alembic_config())
+        heads = script.get_heads()
+        known = frozenset(r.revision for r in script.walk_revisions())
     if len(heads) != 1:
         raise RuntimeError(f"the migrations under {MIGRATIONS} have {len(heads)} heads "
                            f"({', '.join(heads)}); merge them into one")
-    return heads[0]
+    return heads[0], known
+
+
+def head() -> str:
+    """The head revision of the migrations shipped with this package."""
+    return _scripts()[0]
+
+
+class UnknownRevision(RuntimeError):
+    """The database is at a revision these migrations do not have (a newer release)."""
+
+
+def _check_known(revision: str | None) -> None:
+    if revision is not None and not set(revision.split(",")) <= _scripts()[1]:
+        raise UnknownRevision(
+            f"the database is at revision {revision}, which this release of the pipeline "
+            f"does not have (its head is {head()}): a newer release migrated it; run that "
+            "release's code against it")
 
 
 def _engine(url: str | None) -> sa.Engine:
@@ -86,6 +104,7 @@ def _run(engine: sa.Engine, revision: str) -> None:
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     """`alembic upgrade <revision>` on the database at `url` (None: the configured one)."""
+    _check_known(current(url))
     _run(_engine(url), revision)
 
 
@@ -119,8 +138,10 @@ def ensure_schemas(conn: psycopg.Connection) -> None:
     """Bring the database of `conn` to head if it is not there. Safe to call on every
     command: at head it is one query on `conn`, and it leaves `conn`'s transaction open
     (the caller commits or rolls back as before)."""
-    if current_of(conn) == head():
+    revision = current_of(conn)
+    if revision == head():
         return
+    _check_known(revision)
     _run(_engine_like(conn), "head")
 
 
