@@ -111,12 +111,13 @@ class FcmClient:
         self._headers: dict[str, str] = {}
         self._headers_token: str | None = None
         self.refreshes = 0  # tokens fetched after a 401
-        self._thread = LoopThread(name=name)
+        thread = LoopThread(name=name)
         try:
-            self._session, self._refresh_lock = self._thread.run(self._open(ssl_context))
+            self._session, self._refresh_lock = thread.run(self._open(ssl_context))
         except BaseException:
-            self._thread.stop()
+            thread.stop()
             raise
+        self._thread: LoopThread | None = thread
 
     async def _open(self, ssl_context: ssl.SSLContext | None
                     ) -> tuple[aiohttp.ClientSession, asyncio.Lock]:
@@ -161,8 +162,11 @@ class FcmClient:
     def send_all(self, messages: Sequence[Mapping[str, Any]]) -> list[FcmAnswer]:
         """Send each v1 `message` object as its own request, all at once; one answer
         per message, in order."""
+        thread = self._thread
+        if thread is None:
+            raise RuntimeError("the FCM client is closed")
         self.ensure_token()
-        return self._thread.run(self._send_all(messages))
+        return thread.run(self._send_all(messages))
 
     async def _send_all(self, messages: Sequence[Mapping[str, Any]]) -> list[FcmAnswer]:
         return await asyncio.gather(*(self._send(_ENCODE({"message": m}).encode("utf-8"))
