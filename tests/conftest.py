@@ -55,6 +55,23 @@ UNIT_DATABASE_URL = "postgresql://unit@/unit?host=/unit-tests-use-no-database"
 _DATABASE_SETTINGS = ("RETENTION_TEST_DATABASE_URL", "RETENTION_DATABASE_URL", "DATABASE_URL")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a pytest-xdist worker under --dist loadgroup: a test's xdist_group goes into its node
+    id (`...::test@group`), which is what the controller schedules by. pytest-xdist 3.8 sets
+    it through `Item._nodeid`, which pytest 9 no longer reads, so the groups would be
+    ignored; this sets the node id itself."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if "pgserver" in sys.modules:
         raise pytest.UsageError(

@@ -1,4 +1,5 @@
-"""The unit tier keeps its promise: a test marked `unit` reaches no database.
+"""The unit tier keeps its promise (a test marked `unit` reaches no database), and an
+xdist_group keeps its tests on one pytest-xdist worker.
 
 Each case runs pytest in a subprocess on a small test module written to a temporary
 folder, with tests/conftest.py loaded as a plugin (`-p conftest`) and a database setting
@@ -9,6 +10,7 @@ server.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ELSEWHERE = "postgresql://other@/other?host=/no-such-folder-either"
 
 
-def _pytest(folder: Path, module: str) -> subprocess.CompletedProcess:
+def _pytest(folder: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     (folder / "test_inner.py").write_text(textwrap.dedent(module))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTEST", "RETENTION_")) and k != "DATABASE_URL"}
@@ -35,7 +37,7 @@ def _pytest(folder: Path, module: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"),
          "--rootdir", str(folder), "-p", "conftest", "-p", "no:cacheprovider",
-         "-rA", str(folder / "test_inner.py")],
+         "-rA", *args, str(folder)],
         cwd=folder, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -90,3 +92,33 @@ def test_a_module_that_starts_the_embedded_server_at_import_is_refused(tmp_path)
     assert run.returncode == 4, out  # usage error: nothing ran
     assert "collecting the tests imported pgserver" in out
     assert "test_anything" not in out.split("collecting the tests")[1]
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path):
+    """Two modules in one xdist_group and one module without: under -n 2 the group's six
+    tests all run on one worker, each after the other, while the rest may go anywhere."""
+    grouped = """
+        import pytest
+
+        pytestmark = pytest.mark.xdist_group("serial")
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_grouped(i):
+            pass
+    """
+    (tmp_path / "test_other_grouped.py").write_text(textwrap.dedent(grouped))
+    (tmp_path / "test_free.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_free(i):
+            pass
+    """))
+    run = _pytest(tmp_path, grouped, "-n", "2", "-v")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    ran = re.findall(r"^\[(gw\d)\] \[ *\d+%\] PASSED (\S+)", out, re.MULTILINE)
+    grouped = [(worker, nodeid) for worker, nodeid in ran if "::test_grouped[" in nodeid]
+    assert len(ran) == 12 and len(grouped) == 6, out
+    assert all(nodeid.endswith("@serial") for _, nodeid in grouped), out
+    assert len({worker for worker, _ in grouped}) == 1, out
