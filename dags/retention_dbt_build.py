@@ -3,8 +3,7 @@
 
 Scheduled on the raw Assets the ingest DAG emits. One task per dbt layer, in order: the
 layers are the selectors of dbt_project/selectors.yml named `layer_<name>` (task
-`dbt_<name>`): staging with intermediate, the lifetime marts (with product
-recommendations), the campaign marts (attribution, results). Then the predicted customer
+`dbt_<name>`; each selector's description says what it builds). Then the predicted customer
 value (BG/NBD + Gamma-Gamma), the tests of the tables it writes (selector
 `predicted_value_tests`), and the dbt docs. A data engineer sees which layer failed in the
 grid and its failing models in the log; a retry re-runs only the nodes that failed or
