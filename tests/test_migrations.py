@@ -178,6 +178,14 @@ def test_fresh_database_at_head_has_every_table(make_database):
             "ops.try_timestamptz('2024-02-01T10:00:00')").fetchone() == (True, None, None)
 
 
+def test_the_database_fixture_is_at_head(database_url):
+    """database_url (a clone of the session's migrated template) is what the other tests
+    run on: at head, with every table."""
+    assert schema.current(database_url) == schema.head()
+    with db.connect(database_url) as conn:
+        assert _tables(conn) == EXPECTED_TABLES
+
+
 def test_raw_tables_are_the_contracts(fresh_snapshot):
     """The contract (what the loader validates) and the migrated raw tables agree."""
     migrated: dict[str, list[tuple]] = {}
