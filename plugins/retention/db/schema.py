@@ -23,16 +23,20 @@ from __future__ import annotations
 import functools
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.pool import NullPool
 
 from retention import db
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where it is used: modules that import this one (the loaders, the
+# DAG files through them) do not pay for it unless the database needs migrating.
 
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 VERSION_SCHEMA = "ops"
@@ -47,6 +51,8 @@ def alembic_config(engine: sa.Engine | None = None) -> Config:
     """The Alembic configuration of the package (no alembic.ini): env.py migrates through
     `engine`. The engine travels in `attributes`, never in an option: options are
     interpolated, and URLs hold `%` escapes."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = engine
@@ -55,6 +61,8 @@ def alembic_config(engine: sa.Engine | None = None) -> Config:
 
 @functools.cache
 def _scripts() -> tuple[str, frozenset[str]]:
+    from alembic.script import ScriptDirectory
+
     with _COMMAND_LOCK:
         script = ScriptDirectory.from_config(alembic_config())
         heads = script.get_heads()
@@ -95,6 +103,8 @@ def _engine_like(conn: psycopg.Connection) -> sa.Engine:
 
 
 def _run(engine: sa.Engine, revision: str) -> None:
+    from alembic import command
+
     try:
         with _COMMAND_LOCK:
             command.upgrade(alembic_config(engine), revision)
@@ -110,6 +120,8 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 def downgrade(url: str | None, revision: str) -> None:
     """`alembic downgrade <revision>`: reverts the revisions after `revision`."""
+    from alembic import command
+
     engine = _engine(url)
     try:
         with _COMMAND_LOCK:
@@ -147,5 +159,7 @@ def ensure_schemas(conn: psycopg.Connection) -> None:
 
 def revision(message: str) -> None:
     """Write a new, empty revision file after the head (for developers)."""
+    from alembic import command
+
     with _COMMAND_LOCK:
         command.revision(alembic_config(), message=message)
