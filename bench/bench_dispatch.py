@@ -13,8 +13,7 @@ count of the messages they accepted, which each wave is checked against.
 Waves, each a campaign run of its own:
 
 * e-mail: SendGridChannel, 1,000 personalizations per request;
-* push: FirebaseChannel, firebase-admin send_each_async on the lean asyncio client (the
-  channel's default transport), 500 per call, one HTTP request each;
+* push: FirebaseChannel (HTTP v1 over aiohttp), 500 per call, one HTTP request each;
 * e-mail one request per message, as the Airflow SendGrid provider sends
   (`airflow.providers.sendgrid.utils.emailer.send_email`: a Mail with one personalization
   and a new SendGridAPIClient per call, run one after the other by a task): measured on
@@ -22,10 +21,7 @@ Waves, each a campaign run of its own:
 
 After each wave every ledger row of the run must be `sent` and the servers must have
 accepted exactly its number of messages. `--compare-recording` times recording 1,000
-outcomes the old way (executemany) and the new (one UPDATE from arrays);
-`--compare-fcm-async N` times send_each on the lean transport and on the SDK's requests
-session, and firebase-admin's send_each_async on the lean asyncio client and on the SDK's
-httpx client, on N pushes.
+outcomes with executemany and with one UPDATE from arrays (what dispatch does).
 """
 
 from __future__ import annotations
@@ -362,74 +358,6 @@ def compare_recording(url: str, run_label: str, batches: int = 20) -> dict:
     return out
 
 
-def compare_fcm_async(servers: Servers, n: int) -> list[tuple[str, float, float]]:
-    """send_each (a thread per message) on the lean and on the SDK's requests transport,
-    against send_each_async on the lean asyncio client (FirebaseChannel's default) and on
-    the SDK's httpx client: throughput and client CPU per push."""
-    import asyncio
-
-    import httpx
-    from firebase_admin import messaging
-
-    from retention.channels import FirebaseChannel, OutboundMessage
-
-    msgs = [OutboundMessage(f"p{i:07d}", f"c{i}", "mobile_push", f"fcm-token-{i:07d}",
-                            "10% off in phones", f"Code WK{i:07d} until 2026-12-01", None,
-                            {"campaign_id": "weekly", "step": "push"}, None) for i in range(n)]
-    out = []
-    channel = FirebaseChannel(servers.service_account, base_url=servers.url, transport="lean")
-    try:
-        def measure(label, send):
-            send(msgs[:500])  # warm: token, connections
-            c0, t0 = time.process_time(), time.perf_counter()
-            ok = sum(send(msgs[s:s + 500]) for s in range(0, n, 500))
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            assert ok == n, (label, ok)
-            out.append((label, n / seconds, cpu * 1e6 / n))
-
-        with FirebaseChannel(servers.service_account, base_url=servers.url,
-                             transport="requests") as sdk_session:
-            measure("send_each, SDK's requests session",
-                    lambda batch: sum(r.status == "sent" for r in sdk_session.send_batch(batch)))
-        measure("send_each, lean transport",
-                lambda batch: sum(r.status == "sent" for r in channel.send_batch(batch)))
-        with FirebaseChannel(servers.service_account, base_url=servers.url,
-                             transport="async") as lean_async:
-            assert lean_async.transport == "async"
-            measure("send_each_async, lean asyncio client (FirebaseChannel default)",
-                    lambda batch: sum(r.status == "sent" for r in lean_async.send_batch(batch)))
-        service = messaging._get_messaging_service(channel._app)  # noqa: SLF001
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-
-        def send_async(batch):
-            built = [channel.build_message(m) for m in batch]
-            return asyncio.run_coroutine_threadsafe(
-                messaging.send_each_async(built, app=channel._app), loop).result().success_count
-
-        measure("send_each_async (SDK's httpx client)", send_async)
-
-        class Bearer(httpx.Auth):  # the SDK's auth flow builds a requests.Session per request
-            def __init__(self, credential):
-                self.credential = credential
-
-            def auth_flow(self, request):
-                request.headers["Authorization"] = f"Bearer {self.credential.token}"
-                yield request
-
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
-        service._async_client._async_client = httpx.AsyncClient(  # noqa: SLF001
-            timeout=30, auth=Bearer(channel._app.credential.get_credential()),
-            transport=httpx.AsyncHTTPTransport(retries=0, limits=limits))
-        measure("send_each_async (plain bearer, no retries, 100 connections)", send_async)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-    finally:
-        channel.close()
-    return out
-
-
 # --------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -445,8 +373,6 @@ def main() -> int:
     parser.add_argument("--skip-push", action="store_true")
     parser.add_argument("--skip-per-message", action="store_true")
     parser.add_argument("--compare-recording", action="store_true")
-    parser.add_argument("--compare-fcm-async", type=int, default=0, metavar="PUSHES",
-                        help="also time the FCM transports (lean, requests, async) on this many pushes")
     parser.add_argument("--keep-database", action="store_true")
     args = parser.parse_args()
 
@@ -483,7 +409,7 @@ def main() -> int:
             print("push wave ...", flush=True)
             push = build_channel("mobile_push", conns["mobile_push"])
             try:
-                results.append(run_wave(url, servers, "push (FCM send_each_async, 500/call)",
+                results.append(run_wave(url, servers, "push (FCM HTTP v1, 500/call)",
                                         campaign("bench_push", "mobile_push"),
                                         {"mobile_push": push}, processes=args.processes,
                                         workers=args.workers, connections=conns))
@@ -509,11 +435,6 @@ def main() -> int:
                     extrapolated=True,
                     label=(f"  the same extrapolated to {n:,}: send {sample:,} measured x "
                            f"{scale:g}, plan " + ("of the e-mail wave" if email else f"x {scale:g}"))))
-        if args.compare_fcm_async:
-            print("FCM transports: send_each (lean, requests) vs send_each_async (lean asyncio, "
-                  "httpx) ...", flush=True)
-            for label, rate, cpu in compare_fcm_async(servers, args.compare_fcm_async):
-                notes.append(f"{label}: {rate:,.0f} pushes/s, {cpu:,.0f} us client CPU per push")
     finally:
         if servers:
             servers.stop()

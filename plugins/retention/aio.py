@@ -1,5 +1,4 @@
-"""asyncio helpers shared by the FCM client (channels/fcm_transport.py) and the local
-provider servers (providers/local_servers.py)."""
+"""asyncio helpers for the FCM client's event loop thread (channels/fcm_transport.py)."""
 
 from __future__ import annotations
 
