@@ -32,11 +32,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import get_current_context, task
 
 from retention_airflow.assets import MARTS, PREDICTED, RAW_TABLES, dbt_layers, mart_layers
 from retention_airflow.run_context import run_as_of
+from retention_airflow.dags import retention_dag
 
 #: {layer: selector} in build order (dbt_project/selectors.yml)
 LAYERS = dbt_layers()
@@ -61,14 +61,11 @@ def build_layer(selector: str) -> dict:
     return build(as_of=run_as_of(), select=f"selector:{selector}")
 
 
-@dag(
-    dag_id="retention_dbt_build",
+@retention_dag(
+    "retention_dbt_build",
     schedule=[RAW_TABLES["customers"], RAW_TABLES["orders"]],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    tags=["retention", "dbt"],
+    retry_delay=timedelta(minutes=1),
+    tags=["dbt"],
     doc_md=__doc__,
 )
 def retention_dbt_build():

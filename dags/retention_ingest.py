@@ -20,23 +20,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.config import settings
 from retention_airflow.assets import RAW_TABLES
 from retention_airflow.run_context import run_as_of
+from retention_airflow.dags import retention_dag
 
 
-@dag(
-    dag_id="retention_ingest",
+@retention_dag(
+    "retention_ingest",
     schedule=settings().ingest_schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    tags=["retention", "ingest"],
+    retry_delay=timedelta(minutes=1),
+    tags=["ingest"],
     doc_md=__doc__,
 )
 def retention_ingest():

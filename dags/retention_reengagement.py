@@ -17,32 +17,19 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from retention.config import settings
+from retention_airflow.dags import retention_dag
+from retention_airflow.hooks import trigger_channels
 
 
-def _channels():
-    """The channels' clients from their Airflow connections, each built when a message
-    for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
-    if not settings().triggers_send:
-        return None
-    from retention.triggers.runner import LazyChannels
-    from retention_airflow.hooks import ChannelHook
 
-    return LazyChannels(lambda name: ChannelHook(name).get_conn())
-
-
-@dag(
-    dag_id="retention_reengagement",
+@retention_dag(
+    "retention_reengagement",
     schedule=CronDataIntervalTimetable("0 8 * * *", timezone="UTC"),  # after 09:00 in Kyiv
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
-    tags=["retention", "reengagement", "lifecycle"],
+    retry_delay=timedelta(minutes=5),
+    tags=["reengagement", "lifecycle"],
     doc_md=__doc__,
 )
 def retention_reengagement():
@@ -51,7 +38,7 @@ def retention_reengagement():
         from retention.triggers import format_report
         from retention.triggers import run_reengagement as run
 
-        result = run(get_current_context()["data_interval_end"], channels=_channels())
+        result = run(get_current_context()["data_interval_end"], channels=trigger_channels())
         print(format_report(result))
         return {step: counts["planned"] + counts["sent"]
                 for step, counts in result["steps"]["reengagement"].items()}

@@ -23,25 +23,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import task
 
 from retention.config import settings
-from retention_airflow.assets import table_asset
+from retention_airflow.assets import MARTS
 from retention_airflow.run_context import run_as_of
-
-MESSAGE_ATTRIBUTION = table_asset("marts", "message_attribution")
-CAMPAIGN_RESULTS = table_asset("marts", "campaign_results")
+from retention_airflow.dags import retention_dag
 
 
-@dag(
-    dag_id="retention_results",
+
+@retention_dag(
+    "retention_results",
     schedule=settings().results_schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
-    tags=["retention", "results"],
+    retry_delay=timedelta(minutes=2),
+    tags=["results"],
     doc_md=__doc__,
 )
 def retention_results():
@@ -51,7 +46,7 @@ def retention_results():
 
         return load(as_of=run_as_of())
 
-    @task(outlets=[MESSAGE_ATTRIBUTION, CAMPAIGN_RESULTS])
+    @task(outlets=[MARTS["message_attribution"], MARTS["campaign_results"]])
     def build_attribution(loaded: dict) -> dict:
         from retention.results.pipeline import build_attribution as build
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from retention.config import settings
+from retention_airflow.dags import retention_dag
+from retention_airflow.hooks import trigger_channels
 
 
 def _interval():
@@ -36,26 +37,13 @@ def _interval():
     return context["data_interval_start"], context["data_interval_end"]
 
 
-def _channels():
-    """The channels' clients from their Airflow connections, each built when a message
-    for it is due; None (plan, do not send) when RETENTION_TRIGGERS_SEND is false."""
-    if not settings().triggers_send:
-        return None
-    from retention.triggers.runner import LazyChannels
-    from retention_airflow.hooks import ChannelHook
 
-    return LazyChannels(lambda name: ChannelHook(name).get_conn())
-
-
-@dag(
-    dag_id="retention_triggers",
+@retention_dag(
+    "retention_triggers",
     schedule=CronDataIntervalTimetable(settings().triggers_schedule,
                                        timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    tags=["retention", "triggers", "lifecycle"],
+    retry_delay=timedelta(minutes=1),
+    tags=["triggers", "lifecycle"],
     doc_md=__doc__,
 )
 def retention_triggers():
@@ -65,7 +53,7 @@ def retention_triggers():
         from retention.triggers import run_triggers as run
 
         start, end = _interval()
-        result = run(start, end, channels=_channels())
+        result = run(start, end, channels=trigger_channels())
         print(format_report(result))
         return {name: {k: t[k] for k in ("started", "extended", "flagged", "note")}
                 for name, t in result["triggers"].items()}

@@ -25,22 +25,19 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.config import settings
 from retention_airflow.run_context import run_as_of
+from retention_airflow.dags import retention_dag
 
 
-@dag(
-    dag_id="retention_weekly_report",
+@retention_dag(
+    "retention_weekly_report",
     schedule=settings().report_schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
-    tags=["retention", "results", "report"],
+    retry_delay=timedelta(minutes=5),
+    tags=["results", "report"],
     doc_md=__doc__,
 )
 def retention_weekly_report():

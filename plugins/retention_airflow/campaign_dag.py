@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 
 import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensor
-from airflow.sdk import chain, dag, task
+from airflow.sdk import chain, task
 from airflow.sdk.bases.sensor import PokeReturnValue
 
 from retention.campaigns.spec import Campaign, load_campaign
 from retention.config import settings
+from retention_airflow.dags import retention_dag
 from retention_airflow.run_context import run_as_of
 
 PROVIDER_POOLS = {"email": "sendgrid", "mobile_push": "fcm", "web_push": "fcm",
@@ -49,14 +50,11 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
     campaign = load_campaign(campaign_id)
     steps_md = ", ".join(f"{s.name} ({'/'.join(s.channels)}, after {s.wait})" for s in campaign.steps)
 
-    @dag(
-        dag_id=dag_id or f"campaign_{campaign.id}",
+    @retention_dag(
+        dag_id or f"campaign_{campaign.id}",
         schedule=campaign.schedule,
-        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-        catchup=False,
-        max_active_runs=1,
-        default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
-        tags=["retention", "campaign", campaign.kind, *tags],
+        retry_delay=timedelta(minutes=2),
+        tags=["campaign", campaign.kind, *tags],
         doc_md=f"### Campaign `{campaign.id}`: {campaign.name}\n\n"
                f"Steps: {steps_md}."
                f"\n\nDefined in `{os.path.relpath(campaign.source)}`.\n\n{__doc__}",

@@ -58,3 +58,15 @@ class HttpGatewayHook(ChannelHook):
 def channels_for(names: Iterable[str]) -> dict[str, Channel]:
     """Channel clients for the given channel names, from their Airflow connections."""
     return {name: ChannelHook(name).get_conn() for name in names}
+
+
+def trigger_channels():
+    """The trigger and re-engagement runs' channels: each client built from its Airflow
+    connection when a message for it is due; None (plan, do not send) when
+    RETENTION_TRIGGERS_SEND is false."""
+    from retention.config import settings
+    from retention.triggers.runner import LazyChannels
+
+    if not settings().triggers_send:
+        return None
+    return LazyChannels(lambda name: ChannelHook(name).get_conn())
