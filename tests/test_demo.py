@@ -72,7 +72,7 @@ def test_quick_start_runs_everything_and_is_idempotent(make_database, tmp_path):
         "passed (61 expectations, 0 critical failures, 0 warnings)")
     assert _line(first, "buyers ") == "buyers 379"
     assert _line(first, "rpr ") == "rpr 0.5884"
-    assert _line(first, "dbt: ") == ("dbt: models 26, models_built 26, tests 209, unit_tests 0, "
+    assert _line(first, "dbt: ") == ("dbt: models 28, models_built 28, tests 209, unit_tests 0, "
                                      "failures 0, warnings 0, skipped 0")
     assert _line(first, "run weekly_promo@") == ("run weekly_promo@2026-10-26T07:00:00Z: "
                                                  "audience 327 (holdout 52)")
