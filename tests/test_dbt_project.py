@@ -66,7 +66,6 @@ def _marts_of(manifest: dict) -> set[str]:
             and n["original_file_path"].startswith("models/marts/")}
 
 
-@pytest.mark.unit
 def test_only_staging_models_read_sources(manifest):
     readers: dict[str, set[str]] = {}
     for node in manifest["nodes"].values():
@@ -96,7 +95,6 @@ def test_per_model_config_lives_in_the_model_yaml():
         assert named & models == set(), f"dbt_project.yml configures models {named & models}"
 
 
-@pytest.mark.unit
 def test_the_marts_are_declared_once_and_every_place_agrees(manifest, target):
     from retention_airflow import assets
 
