@@ -171,6 +171,32 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_airflow(args: argparse.Namespace) -> int:
+    from retention_airflow.local import DEFAULT_PORT, LocalAirflow, LocalAirflowError
+
+    local = LocalAirflow()
+    try:
+        if args.action == "up":
+            local.up(port=args.port or DEFAULT_PORT, timeout=args.timeout,
+                     metadata_database=args.metadata_database)
+        elif args.action == "down":
+            local.down()
+        else:
+            running = local.status()
+            for component, pid in running.items():
+                print(f"{component:<14}{'running, PID ' + str(pid) if pid else 'stopped'}")
+            if any(running.values()):
+                health = local.health() or {}
+                print(f"UI and REST API at {local.base_url}: "
+                      + (", ".join(f"{k} {v.get('status')}" for k, v in health.items()
+                                   if isinstance(v, dict)) or "not answering"))
+            return 0 if all(running.values()) else 3
+    except LocalAirflowError as exc:
+        print(f"retention airflow {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retention",
@@ -252,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("settings", help="list the RETENTION_* settings")
     p.set_defaults(func=cmd_settings)
+
+    p = sub.add_parser("airflow", help="a local Airflow on this machine: `up` starts it "
+                                       "(DAGs of dags/, logs in RETENTION_HOME/airflow/logs), "
+                                       "`status`, `down` stops it")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--port", type=int, help="the UI's and REST API's port on 127.0.0.1 "
+                                            "(default 8080)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds `up` waits for Airflow to be healthy and the DAGs parsed")
+    p.add_argument("--metadata-database", default="airflow_meta",
+                   help="the Airflow metadata database on the pipeline's PostgreSQL server "
+                        "(created when missing; default airflow_meta)")
+    p.set_defaults(func=cmd_airflow)
     return parser
 
 

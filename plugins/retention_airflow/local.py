@@ -1,0 +1,453 @@
+"""A local Airflow 3.3 on this machine, started and stopped by `retention airflow up|down|status`.
+
+`up` runs, each as its own `airflow` subprocess in its own session so it outlives the command:
+`api-server`, `scheduler`, `dag-processor` and `triggerer`, with the LocalExecutor and:
+
+* AIRFLOW_HOME `RETENTION_HOME/airflow` (`home()`), component and task logs in its `logs/`,
+  one PID file per component in its `run/`;
+* dags_folder the repository's `dags/`, plugins_folder its `plugins/`;
+* the metadata database `airflow_meta` (`METADATA_DATABASE`) on the PostgreSQL server the
+  pipeline uses (`retention.db.database_url()`: RETENTION_DATABASE_URL's server or the
+  embedded one), created when missing and migrated with `airflow db migrate`;
+* the per-provider pools the campaign DAGs send in (`provider_pools()`, derived from
+  `retention_airflow.campaign_dag.PROVIDER_POOLS`), created when missing;
+* the simple auth manager with one user, `admin`, whose password is generated on the first
+  `up` into `home()/simple_auth_manager_passwords.json` (mode 0600; never printed);
+* the JWT secret, API secret key and Fernet key generated on the first `up` into
+  `home()/secrets.json` (mode 0600) and passed to the components through their environment.
+
+The components inherit the environment of `up`: the channel connections come from
+`AIRFLOW_CONN_RETENTION_*` variables set there (Airflow reads a connection from
+`AIRFLOW_CONN_<CONN_ID>` before its metadata database), and so do the RETENTION_* settings
+the tasks read. `up` returns once the api-server answers, every component reports healthy
+and every file of `dags/` is parsed (or has an import error, which it reports). A second
+`up` finds the running components by their PID files and leaves them alone. `down` sends
+SIGTERM to each component (scheduler first), waits, then SIGTERM/SIGKILL to whatever is left
+of them and their children, and removes the PID files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import requests
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = ROOT / "dags"
+PLUGINS_FOLDER = ROOT / "plugins"
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+STOP_ORDER = ("scheduler", "triggerer", "dag-processor", "api-server")
+METADATA_DATABASE = "airflow_meta"
+API_USER = "admin"
+DEFAULT_PORT = 8080
+DEFAULT_POOL_SLOTS = 4
+CONNECTION_PREFIX = "AIRFLOW_CONN_RETENTION_"
+
+
+class LocalAirflowError(RuntimeError):
+    """The local Airflow did not start (the message carries log tails) or is in a bad state."""
+
+
+def provider_pools() -> list[str]:
+    """Every pool a campaign DAG task may run in: one per provider."""
+    from retention_airflow.campaign_dag import PROVIDER_POOLS
+
+    return sorted(set(PROVIDER_POOLS.values()))
+
+
+def home() -> Path:
+    from retention.config import paths
+
+    return paths().home / "airflow"
+
+
+def metadata_url(database: str = METADATA_DATABASE, warehouse_url: str | None = None) -> str:
+    """The database `database` on the pipeline's PostgreSQL server (created when missing)."""
+    from retention import db
+
+    base = sa.engine.make_url(warehouse_url or db.database_url())
+    if base.get_backend_name() != "postgresql":
+        raise LocalAirflowError(f"the Airflow metadata database must be PostgreSQL, "
+                                f"got {base.drivername}")
+    db._ensure_database(base.render_as_string(hide_password=False), database)
+    return base.set(database=database).render_as_string(hide_password=False)
+
+
+def _airflow_conn(url: str) -> str:
+    return sa.engine.make_url(url).set(drivername="postgresql+psycopg2").render_as_string(
+        hide_password=False)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+
+
+def _write_private(path: Path, data: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+
+
+@dataclass
+class LocalAirflow:
+    """The local deployment under `home` (default `home()`)."""
+
+    home: Path = field(default_factory=home)
+    out: Callable[[str], None] = print
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.home / "simple_auth_manager_passwords.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "local.json"
+
+    def pid_file(self, component: str) -> Path:
+        return self.run_dir / f"{component}.pid"
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def base_url(self) -> str | None:
+        port = self.state().get("port")
+        return f"http://127.0.0.1:{port}" if port else None
+
+    def _secret_settings(self) -> dict[str, str]:
+        """Generated once per home, shared by all components, never printed."""
+        path = self.home / "secrets.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            from cryptography.fernet import Fernet
+
+            values = {"AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(48),
+                      "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+                      "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode()}
+            _write_private(path, values)
+            return values
+
+    def _password(self) -> str:
+        try:
+            passwords = json.loads(self.passwords_file.read_text())
+            if passwords.get(API_USER):
+                return passwords[API_USER]
+        except (OSError, ValueError):
+            passwords = {}
+        passwords[API_USER] = secrets.token_urlsafe(18)
+        _write_private(self.passwords_file, passwords)
+        return passwords[API_USER]
+
+    # ------------------------------------------------------------------ processes
+
+    def process(self, component: str) -> psutil.Process | None:
+        """The running process of `component` from its PID file (None if gone or reused)."""
+        try:
+            pid_text, _, created = self.pid_file(component).read_text().partition(" ")
+            proc = psutil.Process(int(pid_text))
+            if created and abs(proc.create_time() - float(created)) > 1.0:
+                return None  # the PID now belongs to another process
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except (OSError, ValueError, psutil.Error):
+            return None
+
+    def status(self) -> dict[str, int | None]:
+        """component -> PID of its running process, or None."""
+        return {c: (p.pid if (p := self.process(c)) else None) for c in COMPONENTS}
+
+    def health(self) -> dict | None:
+        if not self.base_url:
+            return None
+        try:
+            resp = requests.get(f"{self.base_url}/api/v2/monitor/health", timeout=10,
+                                proxies={"http": None, "https": None})
+            return resp.json() if resp.ok else None
+        except (requests.RequestException, ValueError):
+            return None
+
+    def environment(self, metadata: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The components' environment (holds secrets: never print it)."""
+        from retention.config import paths
+
+        state = self.state()
+        base_url = f"http://127.0.0.1:{state['port']}"
+        env = dict(os.environ)
+        no_proxy = ",".join(filter(None, ["127.0.0.1", "localhost", env.get("NO_PROXY")]))
+        env.update({
+            "NO_PROXY": no_proxy, "no_proxy": no_proxy,
+            "PYTHONUNBUFFERED": "1",
+            "RETENTION_HOME": str(paths().home),
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _airflow_conn(metadata),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
+            "AIRFLOW__CORE__AUTH_MANAGER":
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{API_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__API__BASE_URL": base_url,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(state["port"]),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__EXPOSE_CONFIG": "False",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.logs_dir),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(state["log_ports"][0]),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(state["log_ports"][1]),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            **self._secret_settings(),
+        })
+        env.update(extra or {})
+        return env
+
+    def _spawn(self, component: str, env: Mapping[str, str]) -> subprocess.Popen:
+        args = [sys.executable, "-m", "airflow", component]
+        if component == "api-server":
+            args += ["--host", "127.0.0.1", "--port", str(self.state()["port"]), "--workers", "1"]
+        with (self.logs_dir / f"{component}.log").open("ab") as log:
+            popen = subprocess.Popen(args, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     cwd=self.home)
+        created = psutil.Process(popen.pid).create_time()
+        self.pid_file(component).write_text(f"{popen.pid} {created}")
+        return popen
+
+    def _logs(self, lines: int = 30) -> str:
+        return "".join(f"\n----- {self.logs_dir / f'{c}.log'} (last {lines} lines)\n"
+                       f"{_tail(self.logs_dir / f'{c}.log', lines)}\n"
+                       for c in ("db-migrate", *COMPONENTS) if (self.logs_dir / f"{c}.log").exists())
+
+    # ------------------------------------------------------------------ up
+
+    def up(self, *, port: int = DEFAULT_PORT, metadata_database: str = METADATA_DATABASE,
+           metadata: str | None = None,
+           env: Mapping[str, str] | None = None, timeout: float = 300.0,
+           pool_slots: int = DEFAULT_POOL_SLOTS) -> bool:
+        """Start everything (see the module docstring); False if it was already running.
+
+        The metadata database is `metadata` (a full URL) or else `metadata_database` on the
+        pipeline's server; `env` is added to the components' environment last."""
+        running = {c: pid for c, pid in self.status().items() if pid}
+        if len(running) == len(COMPONENTS):
+            self.out(f"Airflow is already running at {self.base_url} "
+                     f"(PIDs {', '.join(f'{c} {p}' for c, p in running.items())})")
+            self._print_login()
+            return False
+        if running:
+            raise LocalAirflowError(
+                f"Airflow is partly running ({', '.join(running)}; the others are gone): "
+                f"run `retention airflow down`, then `retention airflow up` (logs in {self.logs_dir})")
+        if _port_in_use(port):
+            raise LocalAirflowError(f"port {port} on 127.0.0.1 is taken by another program: "
+                                    f"choose another with --port")
+        deadline = time.monotonic() + timeout
+        for folder in (self.home, self.run_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob("*.pid"):
+            stale.unlink()
+        password = self._password()
+        self.state_file.write_text(json.dumps({"port": port,
+                                               "log_ports": [_free_port(), _free_port()]}))
+        metadata = metadata or metadata_url(metadata_database)
+        component_env = self.environment(metadata, env)
+        self.out(f"AIRFLOW_HOME {self.home}; metadata database "
+                 f"{sa.engine.make_url(metadata).render_as_string(hide_password=True)}")
+        try:
+            self._migrate(component_env, deadline)
+            popens = {c: self._spawn(c, component_env) for c in COMPONENTS}
+            self._wait_healthy(popens, deadline)
+            session = self._login(password)
+            self._create_pools(session, pool_slots)
+            errors = self._wait_parsed(session, popens, deadline)
+        except BaseException:
+            self.down(quiet=True)
+            raise
+        connections = sorted(k.removeprefix("AIRFLOW_CONN_").lower()
+                             for k, v in component_env.items()
+                             if k.startswith(CONNECTION_PREFIX) and v)
+        self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
+                 f"triggerer; LocalExecutor)")
+        self.out(f"  DAGs from {DAGS_FOLDER}; logs in {self.logs_dir}")
+        self.out(f"  pools: {', '.join(provider_pools())}")
+        self.out(f"  connections from the environment: {', '.join(connections) or 'none'} "
+                 f"(set AIRFLOW_CONN_RETENTION_* before `retention airflow up`)")
+        self._print_login()
+        if errors:
+            raise LocalAirflowError("DAG import errors (Airflow keeps running):\n" + "\n\n".join(
+                f"{e['filename']}:\n{e['stack_trace']}" for e in errors))
+        return True
+
+    def _print_login(self) -> None:
+        self.out(f"  log in as `{API_USER}`: the password is in {self.passwords_file} "
+                 f"(simple auth manager)")
+
+    def _migrate(self, env: Mapping[str, str], deadline: float) -> None:
+        log = self.logs_dir / "db-migrate.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "airflow", "db", "migrate"], env=dict(env),
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.home)
+            try:
+                code = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if code != 0:
+            raise LocalAirflowError(f"`airflow db migrate` exited with {code}\n{_tail(log, 60)}")
+
+    def _check_alive(self, popens: Mapping[str, subprocess.Popen]) -> None:
+        for name, popen in popens.items():
+            if popen.poll() is not None:
+                raise LocalAirflowError(f"airflow {name} exited with {popen.returncode}\n{self._logs()}")
+
+    def _wait_healthy(self, popens: Mapping[str, subprocess.Popen], deadline: float) -> None:
+        http = requests.Session()
+        http.trust_env = False
+        last: object = "no answer"
+        warmed = False
+        while True:
+            self._check_alive(popens)
+            try:
+                if not warmed:  # the api-server builds its execution API on the first request
+                    warmed = http.get(f"{self.base_url}/execution/health", timeout=60).ok
+                resp = http.get(f"{self.base_url}/api/v2/monitor/health", timeout=30)
+                last = resp.json() if resp.ok else f"HTTP {resp.status_code}"
+                if resp.ok and all(last.get(part, {}).get("status") == "healthy" for part in
+                                   ("metadatabase", "scheduler", "dag_processor", "triggerer")):
+                    return
+            except (requests.RequestException, ValueError) as exc:
+                last = type(exc).__name__
+            if time.monotonic() > deadline:
+                raise LocalAirflowError(f"Airflow not healthy in time (last health: {last})\n"
+                                        f"{self._logs()}")
+            time.sleep(1)
+
+    def _login(self, password: str) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        resp = session.post(f"{self.base_url}/auth/token", timeout=30,
+                            json={"username": API_USER, "password": password})
+        if resp.status_code not in (200, 201):
+            raise LocalAirflowError(f"login as {API_USER} failed: HTTP {resp.status_code}")
+        session.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
+        return session
+
+    def _create_pools(self, session: requests.Session, slots: int) -> None:
+        """Create each provider pool that is missing; an existing pool keeps its slots."""
+        for name in provider_pools():
+            url = f"{self.base_url}/api/v2/pools/{quote(name, safe='')}"
+            resp = session.get(url, timeout=30)
+            if resp.status_code == 404:
+                resp = session.post(f"{self.base_url}/api/v2/pools", timeout=30, json={
+                    "name": name, "slots": slots, "include_deferred": False,
+                    "description": "per-provider cap on concurrent senders (retention)"})
+            if resp.status_code not in (200, 201):
+                raise LocalAirflowError(f"pool {name}: HTTP {resp.status_code} {resp.text[:500]}")
+
+    def _wait_parsed(self, session: requests.Session, popens: Mapping[str, subprocess.Popen],
+                     deadline: float) -> list[dict]:
+        """Wait until every DAG file has a DAG or an import error; return the import errors."""
+        files = {p.name for p in DAGS_FOLDER.glob("*.py")}
+        missing = files
+        while True:
+            self._check_alive(popens)
+            try:
+                dags = session.get(f"{self.base_url}/api/v2/dags", params={"limit": 1000},
+                                   timeout=60).json()["dags"]
+                errors = session.get(f"{self.base_url}/api/v2/importErrors",
+                                     params={"limit": 1000}, timeout=60).json()["import_errors"]
+                seen = {Path(d["fileloc"]).name for d in dags}
+                seen |= {Path(e["filename"]).name for e in errors}
+                missing = files - seen
+                if not missing:
+                    return errors
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise LocalAirflowError(f"DAG files not parsed in time: {sorted(missing)}\n"
+                                        f"{self._logs()}")
+            time.sleep(1)
+
+    # ------------------------------------------------------------------ down
+
+    def down(self, grace: float = 30.0, *, quiet: bool = False) -> list[str]:
+        """Stop every component and its children; remove the PID files. Returns the names
+        of the components that were running."""
+        roots = {c: p for c in STOP_ORDER if (p := self.process(c))}
+        procs: list[psutil.Process] = []
+        for proc in roots.values():
+            try:
+                procs += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
+        for proc in roots.values():  # scheduler first: it launches nothing more
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(roots.values()), timeout=grace)
+        for proc in procs:  # task supervisors and workers a component left behind
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for component in COMPONENTS:
+            self.pid_file(component).unlink(missing_ok=True)
+        if not quiet:
+            self.out(f"stopped {', '.join(roots)}" if roots else "Airflow was not running")
+        return list(roots)
