@@ -3,10 +3,16 @@
     retention-dev generate --customers N --seed S --out DIR
     retention-dev demo [--customers N]
     retention-dev providers [--latency-ms MS] -- retention campaign run weekly_promo
+    retention-dev airflow up [--port PORT] | down
 
 `providers` starts the local SendGrid/FCM/Telegram/gateway stand-ins, points the
 AIRFLOW_CONN_RETENTION_* connections at them and runs the given command with them; the
 product's commands send through those connections unchanged.
+
+`airflow up` starts the same stand-ins in a background process (PID file
+`RETENTION_HOME/airflow/dev-providers.pid`, log `RETENTION_HOME/airflow/logs/providers.log`)
+and then the product's local Airflow (`retention airflow up`) with the connections pointing
+at them; `airflow down` stops Airflow, then the stand-ins.
 """
 
 from __future__ import annotations
@@ -59,6 +65,100 @@ def cmd_providers(args: argparse.Namespace) -> int:
         return subprocess.call(command, env={**os.environ, **env})
 
 
+def _providers_pid_file() -> Path:
+    from retention_airflow.local import home
+
+    return home() / "dev-providers.pid"
+
+
+def cmd_serve_providers(args: argparse.Namespace) -> int:
+    """The background half of `airflow up`: hold the stand-ins open until SIGTERM; their
+    connections go to the parent once, as one JSON line on stdout (never to a file or log)."""
+    import json
+    import signal
+    import threading
+
+    from retention_dev.stack import local_provider_stack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with local_provider_stack(latency_ms=args.latency_ms) as (handle, env):
+        print(f"local provider servers on {handle.base_url}", file=sys.stderr, flush=True)
+        sys.stdout.write(json.dumps(env) + "\n")
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        stop.wait()
+    return 0
+
+
+def _stop_providers(grace: float = 10.0) -> bool:
+    import psutil
+
+    pid_file = _providers_pid_file()
+    try:
+        proc = psutil.Process(int(pid_file.read_text().split()[0]))
+        if "serve-providers" not in " ".join(proc.cmdline()):
+            raise psutil.NoSuchProcess(proc.pid)  # the PID belongs to another program now
+    except (OSError, ValueError, psutil.Error):
+        pid_file.unlink(missing_ok=True)
+        return False
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def cmd_airflow(args: argparse.Namespace) -> int:
+    import json
+    import select
+
+    from retention_airflow.local import DEFAULT_PORT, COMPONENTS, LocalAirflow, LocalAirflowError
+
+    local = LocalAirflow()
+    if args.action == "down":
+        local.down()
+        print("local provider servers stopped" if _stop_providers()
+              else "local provider servers were not running")
+        return 0
+    if all(local.status().values()):
+        return 0 if local.up() is False else 1  # says it is running, and how to log in
+    _stop_providers()
+    local.logs_dir.mkdir(parents=True, exist_ok=True)
+    with (local.logs_dir / "providers.log").open("ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "retention_dev.cli", "airflow", "serve-providers",
+             "--latency-ms", str(args.latency_ms)],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    _providers_pid_file().write_text(str(child.pid))
+    ready, _, _ = select.select([child.stdout], [], [], 120)
+    line = child.stdout.readline() if ready else b""
+    child.stdout.close()
+    if not line:
+        _stop_providers()
+        print(f"retention-dev airflow up: the local provider servers did not start "
+              f"(see {local.logs_dir / 'providers.log'})", file=sys.stderr)
+        return 1
+    env = json.loads(line)
+    print(f"local provider servers started (PID {child.pid}); Airflow's "
+          f"{', '.join(sorted(k.removeprefix('AIRFLOW_CONN_').lower() for k in env))} "
+          f"point at them", flush=True)
+    try:
+        local.up(port=args.port or DEFAULT_PORT, env=env, timeout=args.timeout)
+    except LocalAirflowError as exc:
+        if not any(local.status().get(c) for c in COMPONENTS):
+            _stop_providers()
+        print(f"retention-dev airflow up: {exc}", file=sys.stderr)
+        return 1
+    print("  stop both with `retention-dev airflow down`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retention-dev", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency of each provider request")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_providers)
+
+    p = sub.add_parser("airflow", help="the local Airflow (`retention airflow up`) with the "
+                                       "provider stand-ins behind its retention_* connections")
+    p.add_argument("action", choices=["up", "down", "serve-providers"],
+                   help="serve-providers is the background process `up` starts")
+    p.add_argument("--port", type=int, help="the UI's port on 127.0.0.1 (default 8080)")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="latency of each provider request")
+    p.set_defaults(func=lambda a: cmd_serve_providers(a) if a.action == "serve-providers"
+                   else cmd_airflow(a))
     return parser
 
 
