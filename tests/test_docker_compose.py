@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from importlib.metadata import version
@@ -298,3 +299,34 @@ def test_the_check_passes_real_secrets(compose, services):
     assert proc.stderr == ""
     for value in values.values():
         assert value not in proc.stdout  # the check never prints a secret
+
+
+# --------------------------------------------------------------------------- pools
+
+
+def init_steps(services) -> list[list[str]]:
+    """The airflow-init command's `&&`-separated steps, each split as bash would."""
+    args = shlex.split(services["airflow-init"]["command"])
+    assert args[:2] == ["bash", "-c"], args
+    return [shlex.split(step) for step in args[2].split("&&")]
+
+
+def test_airflow_init_creates_the_pools_the_code_uses(services):
+    """The pools `retention airflow up` creates (one per provider, derived from the campaign
+    DAG builder) are the pools the compose deployment creates, each only when missing."""
+    from retention_airflow.local import DEFAULT_POOL_SLOTS, provider_pools
+
+    created = {}
+    for step in init_steps(services):
+        if "pools" not in step:
+            continue
+        # (airflow pools get NAME >/dev/null 2>&1 || airflow pools set NAME SLOTS 'text')
+        assert step[0] == "(airflow" and step[1:3] == ["pools", "get"], step
+        name = step[3]
+        assert step[step.index("||") + 1:step.index("||") + 4] == ["airflow", "pools", "set"], step
+        set_args = step[step.index("||") + 4:]
+        assert set_args[0] == name, step
+        assert set_args[-1].endswith(")") and set_args[-1].strip(")"), step  # a description
+        created[name] = int(set_args[1])
+    assert sorted(created) == provider_pools()
+    assert set(created.values()) == {DEFAULT_POOL_SLOTS}
