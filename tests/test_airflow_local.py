@@ -137,3 +137,49 @@ def test_up_status_down(make_database, database_url, tmp_path):
     status = _cli(env, "status")
     assert status.returncode == 3
     assert "running" not in status.stdout
+
+
+@pytest.mark.scheduler
+@pytest.mark.xdist_group("serial")
+def test_dev_up_points_the_connections_at_the_stand_ins(make_database, database_url, tmp_path):
+    """`retention-dev airflow up`: the stand-ins in a background process, Airflow started
+    with their connections; `retention-dev airflow down` stops both."""
+    home = tmp_path / "home"
+    airflow_home = home / "airflow"
+    port = _free_port()
+    metadata_db = sa.engine.make_url(make_database("airflow")).database
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RETENTION_"))}
+    env.update({"RETENTION_HOME": str(home), "RETENTION_DATABASE_URL": database_url})
+    dev = [sys.executable, "-m", "retention_dev.cli", "airflow"]
+
+    up = subprocess.run([*dev, "up", "--port", str(port), "--metadata-database", metadata_db],
+                        env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    pids = _pids(airflow_home / "run")
+    providers_file = airflow_home / "dev-providers.pid"
+    providers = int(providers_file.read_text()) if providers_file.exists() else None
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert providers and psutil.pid_exists(providers)
+        assert sorted(pids) == sorted(COMPONENTS)
+        # every channel connection reached the components' environment
+        assert ("connections from the environment: retention_fcm, retention_sendgrid, "
+                "retention_sms, retention_telegram, retention_viber") in up.stdout, up.stdout
+        scheduler_env = psutil.Process(pids["scheduler"]).environ()
+        sendgrid = json.loads(scheduler_env["AIRFLOW_CONN_RETENTION_SENDGRID"])
+        # the stand-in answers where the connection points
+        answer = requests.get(sendgrid["host"], timeout=10, proxies={"http": "", "https": ""})
+        assert answer.status_code < 500
+        # the connection secrets never reach the command's output or the logs
+        logs = "".join(p.read_text(errors="replace") for p in (airflow_home / "logs").glob("*.log"))
+        assert sendgrid["password"] not in up.stdout + up.stderr + logs
+    finally:
+        down = subprocess.run([*dev, "down"], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        left = [pid for pid in [*pids.values(), *([providers] if providers else [])]
+                if not _gone(pid)]
+        for pid in left:
+            psutil.Process(pid).kill()
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "local provider servers stopped" in down.stdout
+    assert left == [], "`retention-dev airflow down` left these processes running"
+    assert not providers_file.exists()

@@ -149,7 +149,8 @@ def cmd_airflow(args: argparse.Namespace) -> int:
           f"{', '.join(sorted(k.removeprefix('AIRFLOW_CONN_').lower() for k in env))} "
           f"point at them", flush=True)
     try:
-        local.up(port=args.port or DEFAULT_PORT, env=env, timeout=args.timeout)
+        local.up(port=args.port or DEFAULT_PORT, env=env, timeout=args.timeout,
+                 metadata_database=args.metadata_database)
     except LocalAirflowError as exc:
         if not any(local.status().get(c) for c in COMPONENTS):
             _stop_providers()
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve-providers is the background process `up` starts")
     p.add_argument("--port", type=int, help="the UI's port on 127.0.0.1 (default 8080)")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--metadata-database", default="airflow_meta",
+                   help="the Airflow metadata database on the pipeline's PostgreSQL server")
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="latency of each provider request")
     p.set_defaults(func=lambda a: cmd_serve_providers(a) if a.action == "serve-providers"
