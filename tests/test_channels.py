@@ -11,7 +11,10 @@ import dataclasses
 import json
 import secrets
 import socket
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import requests
@@ -22,7 +25,9 @@ from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExh
                                       RetryAfterTooLong, TransientError)
 from retention.channels.sendgrid import HTML_TAG, TEXT_TAG
 from retention_dev.servers import (expand_mail_send, fake_service_account, start,
-                                               validate_mail_send)
+                                   validate_mail_send)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Waits:
@@ -785,3 +790,25 @@ def test_servers_record_everything_they_were_sent():
             '{"chat_id": 1, "text": "<div>x</div>", "parse_mode": "HTML"}'
     finally:
         server.stop()
+
+
+def test_an_fcm_channel_never_closed_is_closed_at_exit_without_complaint(tmp_path):
+    """A task that exits without closing its push channel leaves no unclosed aiohttp
+    session or connector behind (aiohttp logs those as errors at exit)."""
+    script = tmp_path / "never_closed.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'plugins')!r})\n"
+        "from retention_dev.stack import local_provider_stack\n"
+        "from retention.connections import channels_from_env\n"
+        "from retention.channels.base import OutboundMessage\n"
+        "with local_provider_stack() as (handle, env):\n"
+        "    os.environ.update(env)\n"
+        "    ch = channels_from_env(['mobile_push'])['mobile_push']\n"
+        "    m = OutboundMessage('m1', 'c1', 'mobile_push', 'tok-1', 't', 'b', None, {}, None)\n"
+        "    print(ch.send_batch([m])[0].status)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "sent"
+    assert "Unclosed" not in proc.stderr, proc.stderr[-2000:]

@@ -33,6 +33,7 @@ import asyncio
 import json
 import ssl
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,10 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and self.loop.is_running()
+
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
@@ -118,6 +123,9 @@ class FcmClient:
             thread.stop()
             raise
         self._thread: LoopThread | None = thread
+        # closes the session and the loop at close(), or when the client is collected or
+        # the interpreter exits without close() (a task that never closed its channels)
+        self._finalizer = weakref.finalize(self, _shut, thread, self._session)
 
     async def _open(self, ssl_context: ssl.SSLContext | None
                     ) -> tuple[aiohttp.ClientSession, asyncio.Lock]:
@@ -216,10 +224,14 @@ class FcmClient:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Close the connections and stop the loop; safe to call again."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        try:
-            thread.run(self._session.close())
-        finally:
-            thread.stop()
+        self._thread = None
+        self._finalizer()
+
+
+def _shut(thread: LoopThread, session: aiohttp.ClientSession) -> None:
+    if not thread.running:
+        return
+    try:
+        thread.run(session.close())
+    finally:
+        thread.stop()
