@@ -116,6 +116,18 @@ class Settings(BaseSettings):
     report_recipients: str | None = Field(None, description=(
         "Marketers who get the weekly report (comma-separated e-mail addresses). Unset: "
         "the report is written and kept, not sent."))
+    report_base_url: str | None = Field(None, description=(
+        "Base URL where the kept weekly reports (RETENTION_HOME/reports) are published, e.g. "
+        "behind the Airflow UI's web server: the e-mailed report links to "
+        "<base>/weekly_report_<week>.html for the full version. Unset: the e-mail names the "
+        "report's file instead of a link."))
+
+    @field_validator("report_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, e.g. https://airflow.example/reports")
+        return value
 
     @field_validator("attribution_windows", mode="before")
     @classmethod
