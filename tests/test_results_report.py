@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -351,10 +352,12 @@ def test_empty_warehouse_still_renders_every_section(database_url, tmp_path):
     assert "not built yet" in path.read_text()
 
 
-def test_send_report_emails_each_marketer_once(shop_url, tmp_path):
+def test_send_report_emails_each_marketer_once(shop_url, tmp_path, monkeypatch):
     from retention.channels import SendGridChannel
     from retention_dev.servers import start
 
+    monkeypatch.setenv("RETENTION_REPORT_BASE_URL", "https://airflow.shop.example/reports/")
+    link = "https://airflow.shop.example/reports/weekly_report_2026-W43.html"
     path = write_report(WEEK, url=shop_url, out_dir=tmp_path)
     base, server = start("sendgrid", api_keys={"SG.test"})
     try:
@@ -369,15 +372,57 @@ def test_send_report_emails_each_marketer_once(shop_url, tmp_path):
     assert again == {"week": "2026-W43", "sent": 1, "already_sent": 2, "failed": {}}
     recipients = [p["to"][0]["email"] for r in requests for p in r.body["personalizations"]]
     assert recipients == ["anna@shop.example", "max@shop.example", "new@shop.example"]
-    body = requests[0].body
-    assert "Weekly retention report 2026-W43" in str(body.get("subject")) + str(
-        body["personalizations"][0].get("subject"))
-    html = next(c["value"] for c in body["content"] if c["type"] == "text/html")
-    assert "id=\"experiments\"" in html and "id='chart-cascade-funnel'" in html
+    # each chart's size in the kept report (SVG user units): its PNG is twice as large
+    sizes = {chart: (float(w), float(h)) for chart, w, h in re.findall(
+        r"<svg id='([^']+)'[^>]*viewBox='0 0 ([\d.]+) ([\d.]+)'", path.read_text())}
+    assert set(sizes) == set(CHARTS)
+    for request in requests:
+        _assert_mail_client_safe(request.body, link, sizes)
     with db.connect(shop_url) as conn:
         assert conn.execute("select count(*) from ops.report_deliveries").fetchone()[0] == 3
         conn.execute("delete from ops.report_deliveries")
         conn.commit()
+
+
+def _assert_mail_client_safe(body: dict, link: str, sizes: dict) -> None:
+    """What SendGrid accepted reads in Gmail and Outlook: no SVG, style block or script in
+    any part; each chart an inline PNG attachment its `cid:` resolves to; a text
+    alternative; the link to the full report."""
+    import base64
+
+    assert "Weekly retention report 2026-W43" in str(body.get("subject")) + str(
+        body["personalizations"][0].get("subject"))
+    assert [c["type"] for c in body["content"]] == ["text/plain", "text/html"]
+    text, html = (c["value"] for c in body["content"])
+    for part in (text, html, *(a["content"] for a in body["attachments"])):
+        assert "<svg" not in part.lower()
+    assert not re.search(r"<(style|script|link)\b", html, re.I)
+    # the text alternative: the summary's figures and the link
+    assert "\n- messages sent: 824\n- attributed revenue: 71\u202f660" in text, text
+    assert f"Full report with charts and every table: {link}" in text
+    assert f'<a href="{link}"' in html
+    cids = re.findall(r'<img src="cid:([^"]+)"', html)
+    assert len(cids) == len(CHARTS) == len(set(cids)), cids
+    assert re.findall(r'src="([^"]+)"', html) == [f"cid:{c}" for c in cids]  # nothing remote
+    attachments = {a["content_id"]: a for a in body["attachments"]}
+    assert set(attachments) == set(cids), (set(attachments) ^ set(cids))
+    assert {f"{chart}.2026-W43" for chart in CHARTS} == set(cids)
+    for cid, a in attachments.items():
+        assert a["disposition"] == "inline" and a["type"] == "image/png", a | {"content": "..."}
+        png = base64.b64decode(a["content"], validate=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", cid
+        width, height = struct.unpack(">II", png[16:24])
+        svg_width, svg_height = sizes[cid.split(".")[0]]
+        assert (width, height) == (round(2 * svg_width), round(2 * svg_height)), (cid, width, height)
+        assert width == 1440 and height >= 150, (cid, width, height)
+        assert 5_000 < len(png) < 500_000, (cid, len(png))
+        pixels = _png_pixels(png)
+        assert pixels.shape == (height, width, 3)
+        drawn = (pixels != 255).any(axis=2).mean()  # not a blank white image
+        assert drawn > 0.01, (cid, drawn)
+    # the funnel's first series colour is drawn in its image
+    funnel = _png_pixels(base64.b64decode(attachments["chart-cascade-funnel.2026-W43"]["content"]))
+    assert _rows_with(funnel, "#2f6db5").size > 100
 
 
 def test_weekly_report_dag_writes_the_past_week(shop_url, airflow_db, tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ Sections (each an element id, each chart an `<svg id="chart-...">`, see SECTIONS
 A week is an ISO week (Monday 00:00 UTC to the next Monday). The report reads the marts
 built by `retention build` (message_attribution, campaign_results, cohort_retention,
 ropo_purchases) as of the build's as_of, and the ledger; it never reads the clock. It is
-kept per week as `RETENTION_HOME/reports/weekly_report_<YYYY>-W<WW>.html`.
+kept per week as `RETENTION_HOME/reports/weekly_report_<YYYY>-W<WW>.html`, with its e-mail
+version beside it (`.eml`, see `report_email`: inline styles, charts as inline PNG), which
+`send_report` sends.
 """
 
 from __future__ import annotations
@@ -365,8 +367,9 @@ _TEMPLATE = jinja2.Environment(autoescape=True, trim_blocks=True,
                                lstrip_blocks=True).from_string(TEMPLATE)
 
 
-def render(data: ReportData) -> str:
-    """The report's HTML for collected data (self-contained: inline CSS and SVG)."""
+def context(data: ReportData) -> dict:
+    """What the report shows of collected data: figures, formatters and `chart_markup`
+    (each chart's SVG by name), shared by the HTML file and its e-mail version."""
     cur = data.currency
     totals = {k: sum(c[k] for c in data.retention) for k in ("sent", "converted", "revenue",
                                                              "offline_revenue", "conversions")}
@@ -401,14 +404,19 @@ def render(data: ReportData) -> str:
         "rpr": rpr_chart,
         "ropo": _ropo_chart(data),
     }
-    return _TEMPLATE.render(
+    return dict(
         d=data, label=week_label(data.week_start), cur=cur, totals=totals,
         money=lambda v: _money(v, cur), pct=_pct, ratio=_ratio, ropo_share=ropo_share,
         ropo_share_matched=ropo_share_matched, this_week=this_week,
         experiments=experiments, not_significant=NOT_SIGNIFICANT,
-        windows=attribution_windows(),
-        charts={k: _figure(v) for k, v in chart_markup.items()},
+        windows=attribution_windows(), chart_markup=chart_markup,
         week_end_display=data.week_end - timedelta(days=1))
+
+
+def render(data: ReportData, ctx: dict | None = None) -> str:
+    """The report's HTML for collected data (self-contained: inline CSS and SVG)."""
+    ctx = ctx or context(data)
+    return _TEMPLATE.render(**ctx, charts={k: _figure(v) for k, v in ctx["chart_markup"].items()})
 
 
 def write_report(week: date | str | None = None, url: str | None = None,
@@ -421,13 +429,17 @@ def write_report(week: date | str | None = None, url: str | None = None,
         week_start = week_start_of(week)
     else:
         week_start = default_week(url)
+    from retention.results.report_email import write_email
+
     data = collect(week_start, url, as_of)
-    html = render(data)
+    ctx = context(data)
+    html = render(data, ctx)
     path = report_path(week_start, Path(out_dir) if out_dir else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(html, encoding="utf-8")
     os.replace(tmp, path)
+    write_email(ctx, path)
     return path
 
 
@@ -439,16 +451,38 @@ def configured_recipients() -> list[str]:
     return [r for r in re.split(r"[,\s;]+", raw) if r]
 
 
+def _with_inline_images(channel, images) -> object:
+    """A copy of the SendGrid `channel` whose requests also carry `images` as inline
+    attachments (`disposition: inline`, `content_id` referenced by `cid:` in the HTML);
+    sending, retries and refusals stay the channel's own."""
+    import base64
+    import copy
+
+    if not callable(getattr(channel, "build_request", None)):
+        raise TypeError(f"the report e-mail needs an e-mail channel with SendGrid inline "
+                        f"attachments; {type(channel).__name__} cannot carry them")
+    attachments = [{"content": base64.b64encode(i.png).decode("ascii"), "type": "image/png",
+                    "filename": i.filename, "disposition": "inline", "content_id": i.content_id}
+                   for i in images]
+    build = channel.build_request
+    carrier = copy.copy(channel)
+    carrier.build_request = lambda group: {**build(group), "attachments": attachments}
+    return carrier
+
+
 def send_report(path: Path | str, recipients: list[str], channel=None,
                 url: str | None = None) -> dict:
-    """E-mail the report (its HTML as the body) to each recipient once per week.
+    """E-mail the report's e-mail version to each recipient once per week.
 
-    `channel` is the e-mail channel (a `retention.channels.SendGridChannel`; default: the
-    `retention_sendgrid` connection from the environment, `retention.connections`).
-    Deliveries are recorded in `ops.report_deliveries`, so a retried task does not send a
-    recipient the same week twice.
+    The message is the `weekly_report_<week>.eml` kept beside the HTML report
+    (`report_email`): HTML with inline styles, the charts as inline PNG attachments, a
+    plain-text alternative and a link to the full report. `channel` is the e-mail channel
+    (a `retention.channels.SendGridChannel`; default: the `retention_sendgrid` connection
+    from the environment, `retention.connections`). Deliveries are recorded in
+    `ops.report_deliveries`, so a retried task does not send a recipient the same week twice.
     """
     from retention.channels.base import OutboundMessage
+    from retention.results.report_email import email_path, read_email
     from retention.results.webhook import ensure_results_tables
 
     if channel is None:
@@ -457,17 +491,12 @@ def send_report(path: Path | str, recipients: list[str], channel=None,
         channel = channels_from_env(["email"])["email"]
 
     path = Path(path)
-    html = path.read_text(encoding="utf-8")
+    mail = read_email(email_path(path))
+    channel = _with_inline_images(channel, mail.images)
     m = re.search(r"weekly_report_(\d{4}-W\d{2})\.html$", path.name)
     label = m.group(1) if m else path.stem
     week_start = parse_week(label) if m else None
-    title = re.search(r"<title>(.*?)</title>", html, re.S)
-    subject = title.group(1).strip() if title else f"Weekly retention report {label}"
-    summary = re.search(r"<!--summary-->(.*?)<!--/summary-->", html, re.S)
-    text = re.sub(r"<[^>]+>", " ", summary.group(1)) if summary else ""
-    text = re.sub(r"\s+", " ", text).strip()
-    body_text = (f"{subject}\n\n{text}\n\nThe full report with charts is the HTML part of this "
-                 f"e-mail; it is also kept as {path}.")
+    subject, html, body_text = mail.subject, mail.html, mail.text
     with db.connect(url) as conn:
         ensure_results_tables(conn)
         conn.commit()
@@ -514,6 +543,6 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["CHARTS", "SECTIONS", "collect", "configured_recipients", "default_week",
+__all__ = ["CHARTS", "SECTIONS", "collect", "configured_recipients", "context", "default_week",
            "parse_week", "previous_week", "render", "report_path", "send_report", "week_label",
            "write_report"]
