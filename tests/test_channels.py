@@ -812,3 +812,27 @@ def test_an_fcm_channel_never_closed_is_closed_at_exit_without_complaint(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "sent"
     assert "Unclosed" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_sendgrid_requests_carry_their_messages_attachments_and_keep_other_ones_apart():
+    from retention.channels.base import Attachment
+
+    chart = Attachment("funnel.png", b"\x89PNG\r\n\x1a\n-funnel", "image/png", "funnel.2026-W43")
+    sheet = Attachment("terms.pdf", b"%PDF-1.7", "application/pdf")
+    channel = SendGridChannel("SG.test", "shop@example.com", base_url="http://127.0.0.1:9")
+
+    def mail(i, attachments):
+        return OutboundMessage(f"m{i}", f"c{i}", "email", f"a{i}@example.com", "Week 43",
+                               "text", "<p>html</p>", {}, None, attachments)
+
+    messages = [mail(1, (chart,)), mail(2, ()), mail(3, (chart,)), mail(4, (chart, sheet))]
+    groups = channel.plan_requests(messages)
+    assert sorted(sorted(m.message_id for m in g) for g in groups) == [
+        ["m1", "m3"], ["m2"], ["m4"]]
+    bodies = {tuple(m.message_id for m in g): channel.build_request(g) for g in groups}
+    assert "attachments" not in bodies[("m2",)]
+    assert bodies[("m1", "m3")]["attachments"] == [
+        {"content": "iVBORw0KGgotZnVubmVs", "type": "image/png", "filename": "funnel.png",
+         "disposition": "inline", "content_id": "funnel.2026-W43"}]
+    assert [a["disposition"] for a in bodies[("m4",)]["attachments"]] == ["inline", "attachment"]

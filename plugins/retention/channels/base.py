@@ -22,6 +22,17 @@ from typing import Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A file sent with an e-mail; with a `content_id` it is inline, shown where the HTML
+    refers to `cid:<content_id>` (the weekly report's charts)."""
+
+    filename: str
+    content: bytes
+    mime_type: str
+    content_id: str | None = None
+
+
+@dataclass(frozen=True)
 class OutboundMessage:
     message_id: str
     customer_id: str
@@ -32,6 +43,8 @@ class OutboundMessage:
     body_html: str | None  # e-mail HTML, Telegram's HTML subset
     data: dict[str, str]
     unsubscribe_url: str | None
+    #: e-mail only (SendGridChannel); the campaign dispatcher sends none
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True)

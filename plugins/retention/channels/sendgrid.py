@@ -29,6 +29,7 @@ id: the messages count as sent with provider_message_id None.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -96,15 +97,21 @@ class SendGridChannel:
         self.activity_lag_seconds = float(activity_lag_seconds)
         self.stats = ChannelStats()
 
+    #: messages may carry `OutboundMessage.attachments`
+    supports_attachments = True
+
     # planning ---------------------------------------------------------------
     def plan_requests(self, messages: Sequence[OutboundMessage]) -> list[list[OutboundMessage]]:
         """Split into requests: at most `max_personalizations` each, an address once per
-        request, HTML and text-only mail apart, and oversize personal parts on their own."""
+        request, HTML and text-only mail apart, messages with other attachments apart (a
+        request's attachments are the same for all its personalizations), and oversize
+        personal parts on their own."""
         groups: list[list[OutboundMessage]] = []
-        for has_html in (True, False):
+        kinds = dict.fromkeys((m.body_html is not None, m.attachments) for m in messages)
+        for kind in kinds:
             chunks: list[tuple[set[str], list[OutboundMessage]]] = []
             for m in messages:
-                if (m.body_html is not None) != has_html:
+                if (m.body_html is not None, m.attachments) != kind:
                     continue
                 key = m.address.lower()
                 for seen, chunk in chunks:
@@ -181,6 +188,13 @@ class SendGridChannel:
             body["reply_to"] = {"email": self.reply_to}
         if self.categories:
             body["categories"] = self.categories
+        if group[0].attachments:
+            body["attachments"] = [
+                {"content": base64.b64encode(a.content).decode("ascii"), "type": a.mime_type,
+                 "filename": a.filename,
+                 **({"disposition": "inline", "content_id": a.content_id} if a.content_id
+                    else {"disposition": "attachment"})}
+                for a in group[0].attachments]
         body["mail_settings"] = {"sandbox_mode": {"enable": self.sandbox}}
         return body
 

@@ -451,25 +451,6 @@ def configured_recipients() -> list[str]:
     return [r for r in re.split(r"[,\s;]+", raw) if r]
 
 
-def _with_inline_images(channel, images) -> object:
-    """A copy of the SendGrid `channel` whose requests also carry `images` as inline
-    attachments (`disposition: inline`, `content_id` referenced by `cid:` in the HTML);
-    sending, retries and refusals stay the channel's own."""
-    import base64
-    import copy
-
-    if not callable(getattr(channel, "build_request", None)):
-        raise TypeError(f"the report e-mail needs an e-mail channel with SendGrid inline "
-                        f"attachments; {type(channel).__name__} cannot carry them")
-    attachments = [{"content": base64.b64encode(i.png).decode("ascii"), "type": "image/png",
-                    "filename": i.filename, "disposition": "inline", "content_id": i.content_id}
-                   for i in images]
-    build = channel.build_request
-    carrier = copy.copy(channel)
-    carrier.build_request = lambda group: {**build(group), "attachments": attachments}
-    return carrier
-
-
 def send_report(path: Path | str, recipients: list[str], channel=None,
                 url: str | None = None) -> dict:
     """E-mail the report's e-mail version to each recipient once per week.
@@ -481,7 +462,7 @@ def send_report(path: Path | str, recipients: list[str], channel=None,
     from the environment, `retention.connections`). Deliveries are recorded in
     `ops.report_deliveries`, so a retried task does not send a recipient the same week twice.
     """
-    from retention.channels.base import OutboundMessage
+    from retention.channels.base import Attachment, OutboundMessage
     from retention.results.report_email import email_path, read_email
     from retention.results.webhook import ensure_results_tables
 
@@ -492,7 +473,11 @@ def send_report(path: Path | str, recipients: list[str], channel=None,
 
     path = Path(path)
     mail = read_email(email_path(path))
-    channel = _with_inline_images(channel, mail.images)
+    if not getattr(channel, "supports_attachments", False):
+        raise TypeError(f"the report e-mail carries its charts as inline images; "
+                        f"{type(channel).__name__} cannot send attachments")
+    images = tuple(Attachment(i.filename, i.png, "image/png", i.content_id)
+                   for i in mail.images)
     m = re.search(r"weekly_report_(\d{4}-W\d{2})\.html$", path.name)
     label = m.group(1) if m else path.stem
     week_start = parse_week(label) if m else None
@@ -510,7 +495,7 @@ def send_report(path: Path | str, recipients: list[str], channel=None,
         body_text=body_text, body_html=html,
         data={"message_id": "report_" + hashlib.sha256(f"{label}|{r}".encode()).hexdigest()[:24],
               "kind": "weekly_report", "week": label},
-        unsubscribe_url=None) for r in pending]
+        unsubscribe_url=None, attachments=images) for r in pending]
     results = channel.send_batch(messages) if messages else []
     sent = [(msg, res) for msg, res in zip(messages, results) if res.status == "sent"]
     if sent and week_start:
