@@ -15,7 +15,8 @@ from pathlib import Path
 from retention.config import Settings
 
 
-def _timestamp(value: str) -> datetime:
+def timestamp(value: str) -> datetime:
+    """An ISO-8601 timestamp argument (UTC when it names no zone)."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["contract", "rees46"], default="contract",
                    help="input format (retention.ingest.formats.LOADERS)")
     p.add_argument("--currency", help="the shop's reporting currency (overrides RETENTION_CURRENCY)")
-    p.add_argument("--loaded-at", type=_timestamp,
+    p.add_argument("--loaded-at", type=timestamp,
                    help="the load's time; later timestamps are quarantined (default: now)")
     p.add_argument("--check", action="store_true",
                    help="run the data-quality checkpoint after the load")
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("build", help="build the dbt lifetime tables as of a date")
-    p.add_argument("--as-of", type=_timestamp, help="default: end of the latest raw day")
+    p.add_argument("--as-of", type=timestamp, help="default: end of the latest raw day")
     p.add_argument("--full-refresh", action="store_true")
     p.add_argument("--select")
     p.add_argument("--unit-tests", action="store_true",
@@ -237,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("campaign", help="run, list or validate campaigns (include/campaigns/)")
     p.add_argument("action", choices=["run", "list", "validate"])
     p.add_argument("name", nargs="?")
-    p.add_argument("--as-of", type=_timestamp, help="the run's as_of (default: end of the data)")
+    p.add_argument("--as-of", type=timestamp, help="the run's as_of (default: end of the data)")
     p.set_defaults(func=cmd_campaign)
 
     for name, text in (("triggers", "one run of the trigger chains and lifecycle flows"),
                        ("reengagement", "one daily run of the re-engagement sequence")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--until", type=_timestamp,
+        p.add_argument("--until", type=timestamp,
                        help="end of the run's interval (default: end of the data)")
         if name == "triggers":
             p.add_argument("--minutes", type=float, default=15,
@@ -257,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="fit BG/NBD + Gamma-Gamma and write "
                                        "marts.customer_predicted_value")
-    p.add_argument("--as-of", type=_timestamp, help="default: end of the data")
+    p.add_argument("--as-of", type=timestamp, help="default: end of the data")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("results", help="load landed webhook batches and send results, "
                                        "then build the attribution marts")
-    p.add_argument("--as-of", type=_timestamp, help="default: end of the data")
+    p.add_argument("--as-of", type=timestamp, help="default: end of the data")
     p.add_argument("--no-build", action="store_true", help="only load the results")
     p.add_argument("--narrow", action="store_true",
                    help="rebuild only the two results marts over the last full build")

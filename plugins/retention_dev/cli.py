@@ -21,16 +21,9 @@ import argparse
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-
-def _timestamp(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 timestamp: {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+from retention.cli import timestamp
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -169,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="shop")
-    p.add_argument("--end", type=_timestamp, help="last moment of the generated history")
+    p.add_argument("--end", type=timestamp, help="last moment of the generated history")
     p.add_argument("--gzip", action="store_true", help="write .csv.gz files")
     p.set_defaults(func=cmd_generate)
 

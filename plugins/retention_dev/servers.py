@@ -83,6 +83,8 @@ from starlette.routing import Route as StarletteRoute
 from starlette.routing import Router
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from retention.serving import bind, start_in_thread
+
 Outcome = Any  # "ok" | "timeout" | "drop" | "chunked" | "close" | "accept_timeout" |
 #                 "accept_drop" | int (an HTTP status)
 
@@ -1209,19 +1211,6 @@ def _release(done: asyncio.Future) -> None:
         done.set_result(None)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)  # connections queue from here on, before the loop runs
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class ServerHandle:
     """A running server. With one provider, `received`, `accepted`, `configure`, `clear`,
     `accepted_recipients` and `accepted_message_ids` are that provider's; with several,
@@ -1309,28 +1298,10 @@ def serve(providers: Iterable[Provider], host: str = "127.0.0.1", port: int = 0,
         proxy_headers=False)
     server = _Uvicorn(config)
     router.routes.extend(_routes(server, providers))
-    sock = _bind(host, port)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            failure.append(exc)
-        finally:
-            server.ready.set()
-            sock.close()
-
-    thread = threading.Thread(target=run, name=f"local-provider-{sock.getsockname()[1]}",
-                              daemon=True)
+    sock = bind(host, port, BACKLOG)
+    thread = start_in_thread(server, sock, name=f"local-provider-{sock.getsockname()[1]}",
+                             what="the local provider server")
     handle = ServerHandle(server, thread, sock, providers, stats)
-    thread.start()
-    server.ready.wait(30)
-    if failure or not server.started:
-        server.should_exit = True
-        thread.join(5)
-        raise RuntimeError("the local provider server did not start") from (
-            failure[0] if failure else None)
     return handle.base_url, handle
 
 

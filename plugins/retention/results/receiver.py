@@ -39,7 +39,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -57,6 +56,7 @@ from retention.results.webhook import (
     configured_key, ingest_landed_file, land_new_batch, parse_batch, signature_tolerance,
     verify_signature, webhook_dir,
 )
+from retention.serving import bind, start_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ INGEST_THREADS = 4
 
 _NOT_CONFIGURED = object()
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+
+
+#: connections waiting to be accepted before the server takes them
+BACKLOG = 128
 
 
 class MissingVerificationKey(RuntimeError):
@@ -327,19 +331,6 @@ def _server_config(app, *, max_connections: int = MAX_CONNECTIONS,
         server_header=False, proxy_headers=False)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(128)  # connections queue from here on, before the server loop runs
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
@@ -381,28 +372,11 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *,
                     head_timeout: float = HEAD_TIMEOUT) -> ServerHandle:
     """Serve `app` with uvicorn on a thread of this process (port 0: a free one) and
     return once it accepts connections; `.stop()` ends it."""
-    sock = _bind(host, port)
+    sock = bind(host, port, BACKLOG)
     server = _Server(_server_config(app, max_connections=max_connections,
                                     head_timeout=head_timeout))
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-            failure.append(exc)
-        finally:
-            server.ready.set()
-            sock.close()
-
-    thread = threading.Thread(target=run, name="webhook-receiver", daemon=True)
-    thread.start()
-    server.ready.wait(30)
-    if failure or not server.started:
-        server.should_exit = True
-        thread.join(5)
-        raise RuntimeError("the webhook receiver did not start") from (
-            failure[0] if failure else None)
+    thread = start_in_thread(server, sock, name="webhook-receiver",
+                             what="the webhook receiver")
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     return ServerHandle(f"http://{shown}:{bound[1]}", server, thread, app)
@@ -411,7 +385,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, *,
 def serve(host: str = "127.0.0.1", port: int = 8025, *,
           max_connections: int = MAX_CONNECTIONS, **app_kwargs) -> None:
     app = make_app(**app_kwargs)  # refuses to start without a key or the insecure switch
-    sock = _bind(host, port)
+    sock = bind(host, port, BACKLOG)
     bound = sock.getsockname()[1]
     print(f"retention webhook receiver listening on http://{host}:{bound}"
           f"{EVENT_PATHS[0]} (landing folder {app_kwargs.get('root') or webhook_dir()})",
