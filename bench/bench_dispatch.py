@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import uuid
 from collections import Counter
@@ -53,11 +52,10 @@ BUDGET_S = 600
 # --------------------------------------------------------------------------- servers
 
 def serve_main(argv: Sequence[str]) -> int:
-    """The provider servers' process: SendGrid and FCM of local_servers, counting what
-    they accept instead of logging requests; GET /bench/counts answers the counts."""
-    from retention_dev.servers import (FcmProvider, Provider, Reply, Route,
-                                                   SendGridProvider, fake_service_account,
-                                                   serve)
+    """The provider servers' process: SendGrid and FCM of retention_dev.servers, counting
+    what they accept instead of logging requests; GET /bench/counts answers the counts."""
+    from retention_dev.servers import (FcmProvider, Provider, Reply, Route, SendGridProvider,
+                                       serve, serve_until_signalled, write_service_account)
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-ms", type=float, default=20.0)
@@ -111,18 +109,9 @@ def serve_main(argv: Sequence[str]) -> int:
     for p in providers:
         p.messages, p.requests = 0, Counter()
     base_url, handle = serve([*providers, Counts(providers)])
-    info, public_pem = fake_service_account(f"{base_url}/token", "bench-project")
-    handle.providers["fcm"].configure(public_keys=[public_pem])
-    fd = os.open(args.write_service_account, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
+    write_service_account(handle, args.write_service_account, "bench-project")
     print(f"local providers (sendgrid, fcm) on {base_url}", flush=True)
-    done = threading.Event()
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    handle.stop()
+    serve_until_signalled(handle)
     return 0
 
 

@@ -1397,19 +1397,32 @@ def main(argv: list[str] | None = None) -> int:
     providers = [PROVIDERS[n](**common, **specific[n]) for n in names]
     base_url, handle = serve(providers, args.host, args.port)
     if args.write_service_account and "fcm" in handle.providers:
-        import os
-        info, public_pem = fake_service_account(f"{base_url}/token", args.project_id)
-        fd = os.open(args.write_service_account, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        handle.providers["fcm"].configure(public_keys=[public_pem])
+        write_service_account(handle, args.write_service_account, args.project_id)
     print(f"local providers ({', '.join(names)}) on {base_url}", flush=True)
+    serve_until_signalled(handle)
+    return 0
+
+
+def write_service_account(handle: ServerHandle, path: str, project_id: str) -> dict:
+    """A fake FCM service account whose token_uri is this server, written to `path`
+    (mode 0600); the server's FCM then accepts only assertions signed by its key."""
+    import os
+
+    info, public_pem = fake_service_account(f"{handle.base_url}/token", project_id)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    handle.providers["fcm"].configure(public_keys=[public_pem])
+    return info
+
+
+def serve_until_signalled(handle: ServerHandle) -> None:
+    """Block until SIGTERM or SIGINT, then stop the server."""
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
     handle.stop()
-    return 0
 
 
 if __name__ == "__main__":
