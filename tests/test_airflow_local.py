@@ -57,15 +57,21 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.scheduler
-@pytest.mark.xdist_group("serial")  # one after another: a real Airflow deployment
-def test_up_status_down(make_database, database_url, tmp_path):
+def _deployment(make_database, database_url, tmp_path) -> tuple[Path, int, str, dict]:
+    """A home, a free port, a metadata database of its own and an environment with no
+    AIRFLOW_*/RETENTION_* but those two, for one local deployment."""
     home = tmp_path / "home"
-    airflow_home = home / "airflow"
-    port = _free_port()
     metadata_db = sa.engine.make_url(make_database("airflow")).database
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RETENTION_"))}
     env.update({"RETENTION_HOME": str(home), "RETENTION_DATABASE_URL": database_url})
+    return home, _free_port(), metadata_db, env
+
+
+@pytest.mark.scheduler
+@pytest.mark.xdist_group("serial")  # one after another: a real Airflow deployment
+def test_up_status_down(make_database, database_url, tmp_path):
+    home, port, metadata_db, env = _deployment(make_database, database_url, tmp_path)
+    airflow_home = home / "airflow"
 
     up = _cli(env, "up", "--port", str(port), "--metadata-database", metadata_db)
     started: dict[str, int] = _pids(airflow_home / "run")
@@ -144,12 +150,8 @@ def test_up_status_down(make_database, database_url, tmp_path):
 def test_dev_up_points_the_connections_at_the_stand_ins(make_database, database_url, tmp_path):
     """`retention-dev airflow up`: the stand-ins in a background process, Airflow started
     with their connections; `retention-dev airflow down` stops both."""
-    home = tmp_path / "home"
+    home, port, metadata_db, env = _deployment(make_database, database_url, tmp_path)
     airflow_home = home / "airflow"
-    port = _free_port()
-    metadata_db = sa.engine.make_url(make_database("airflow")).database
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RETENTION_"))}
-    env.update({"RETENTION_HOME": str(home), "RETENTION_DATABASE_URL": database_url})
     dev = [sys.executable, "-m", "retention_dev.cli", "airflow"]
 
     up = subprocess.run([*dev, "up", "--port", str(port), "--metadata-database", metadata_db],
