@@ -100,6 +100,8 @@ import requests
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
+from retention_airflow.local import STOP_ORDER, stop_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS_FOLDER = ROOT / "plugins"
 
@@ -340,43 +342,21 @@ class AirflowDeployment:
         if self._session is not None:
             self._session.close()
             self._session = None
-        procs: list[psutil.Process] = []
         roots: list[psutil.Process] = []
         for comp in self.components:
             if comp.popen.poll() is None:
                 try:
-                    root = psutil.Process(comp.popen.pid)
-                    roots.append(root)
-                    procs += [root, *root.children(recursive=True)]
+                    roots.append(psutil.Process(comp.popen.pid))
                 except psutil.NoSuchProcess:
                     pass
-        # SIGTERM to each component, scheduler first (so it launches nothing more); each
-        # shuts its own children down (executor workers, task supervisors, log server) ...
-        order = {"scheduler": 0, "triggerer": 1, "dag-processor": 2, "api-server": 3}
-        for root in sorted(roots, key=lambda r: order.get(self._name_of(r.pid), 9)):
-            try:
-                root.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(roots, timeout=grace)
-        # ... then SIGTERM to whatever is left: the process groups (start_new_session), also
-        # of a component that died earlier, and descendants in other groups (tasks are).
-        for comp in self.components:
-            _killpg(comp.popen.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
+        # the product's shutdown: scheduler first (so it launches nothing more), then
+        # what each component left behind ...
+        order = {name: i for i, name in enumerate(STOP_ORDER)}
+        stop_tree(sorted(roots, key=lambda r: order.get(self._name_of(r.pid), 9)), grace)
+        # ... and the process groups (start_new_session), also of a component that died
+        # earlier
         for comp in self.components:
             _killpg(comp.popen.pid, signal.SIGKILL)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
         for comp in self.components:
             try:
                 comp.popen.wait(timeout=5)

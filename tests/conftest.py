@@ -21,6 +21,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import psycopg
 import pytest
@@ -52,7 +53,6 @@ NOT_UNIT_FIXTURES = frozenset({"server_url", "make_database", "database_url", "a
                                "airflow_deployment"})
 #: the database a unit test sees: a socket directory that does not exist, named for the rule
 UNIT_DATABASE_URL = "postgresql://unit@/unit?host=/unit-tests-use-no-database"
-_DATABASE_SETTINGS = ("RETENTION_TEST_DATABASE_URL", "RETENTION_DATABASE_URL", "DATABASE_URL")
 
 
 @pytest.hookimpl(trylast=True)
@@ -93,18 +93,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     if item.get_closest_marker("unit") is None:
         return (yield)
-    saved = {name: os.environ.get(name) for name in _DATABASE_SETTINGS}
-    os.environ["RETENTION_TEST_DATABASE_URL"] = UNIT_DATABASE_URL
-    os.environ["RETENTION_DATABASE_URL"] = UNIT_DATABASE_URL
-    os.environ.pop("DATABASE_URL", None)
-    try:
+    with mock.patch.dict(os.environ, {"RETENTION_TEST_DATABASE_URL": UNIT_DATABASE_URL,
+                                      "RETENTION_DATABASE_URL": UNIT_DATABASE_URL}):
+        os.environ.pop("DATABASE_URL", None)  # restored with the rest on leaving
         return (yield)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _server_url() -> str:

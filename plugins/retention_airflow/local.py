@@ -422,32 +422,36 @@ class LocalAirflow:
         """Stop every component and its children; remove the PID files. Returns the names
         of the components that were running."""
         roots = {c: p for c in STOP_ORDER if (p := self.process(c))}
-        procs: list[psutil.Process] = []
-        for proc in roots.values():
-            try:
-                procs += [proc, *proc.children(recursive=True)]
-            except psutil.Error:
-                pass
-        for proc in roots.values():  # scheduler first: it launches nothing more
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(list(roots.values()), timeout=grace)
-        for proc in procs:  # task supervisors and workers a component left behind
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        stop_tree(list(roots.values()), grace)  # scheduler first: it launches nothing more
         for component in COMPONENTS:
             self.pid_file(component).unlink(missing_ok=True)
         if not quiet:
             self.out(f"stopped {', '.join(roots)}" if roots else "Airflow was not running")
         return list(roots)
+
+
+def stop_tree(roots: list[psutil.Process], grace: float) -> None:
+    """Stop `roots` and every process below them: SIGTERM to each root in the given
+    order and up to `grace` seconds for them to end (each shuts its own children down),
+    then SIGTERM to the descendants still there (task supervisors, executor workers)
+    and SIGKILL to those alive 5 s later."""
+    procs: list[psutil.Process] = []
+    for proc in roots:
+        try:
+            procs += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            pass
+    _signal(roots, signal.SIGTERM)
+    psutil.wait_procs(roots, timeout=grace)
+    _signal(procs, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    _signal(alive, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:  # already gone
+            pass
