@@ -51,6 +51,25 @@ def cascade_env(built_shop, monkeypatch):
         yield built_shop, handle, env
 
 
+@pytest.mark.unit
+def test_send_is_mapped_over_the_shard_setting(monkeypatch):
+    """RETENTION_SEND_SHARDS dispatchers per step, in the provider's pool, with the send
+    retry delay; deferred delivery and the next step wait for every shard."""
+    from retention_airflow.campaign_dag import campaign_dag
+
+    monkeypatch.setenv("RETENTION_SEND_SHARDS", "3")
+    monkeypatch.setenv("RETENTION_SEND_RETRY_DELAY_SECONDS", "7")
+    monkeypatch.setenv("RETENTION_USE_POOLS", "true")
+    dag = campaign_dag("weekly_promo", dag_id="shards_check")
+    send = dag.get_task("send_email")
+    assert type(send).__name__.endswith("MappedOperator")
+    assert send.op_kwargs_expand_input.value == {"shard": [0, 1, 2]}
+    assert send.pool == "sendgrid" and send.retry_delay.total_seconds() == 7
+    assert dag.get_task("send_mobile_push").pool == "fcm"
+    assert set(send.downstream_task_ids) == {"deliver_deferred_email", "wait_mobile_push"}
+    assert dag.get_task("plan_email").retry_delay.total_seconds() == 120
+
+
 def _check_run(url: str, handle, run_id: str, audience: dict[str, int]) -> Counter:
     """The run's frozen audience is `audience` (members per arm: variants A, B and the
     campaign and global holdouts); every planned message went out, and what the provider
@@ -95,8 +114,14 @@ def test_cascade_dag_runs_every_wave(cascade_env, airflow_db):
     dag = DagBag(dag_folder=str(ROOT / "dags" / "weekly_promo_cascade.py")).dags["weekly_promo_cascade"]
     as_of = datetime(2026, 10, 26, 7, tzinfo=timezone.utc)  # a Monday inside the data
     run = dag.test(logical_date=as_of)
-    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    tis = run.get_task_instances()
+    states = {ti.task_id: ti.state for ti in tis}
     assert set(states.values()) == {"success"}, states
+    # each step's send is mapped over RETENTION_SEND_SHARDS (default 2) dispatchers
+    shards = Counter(ti.task_id for ti in tis if ti.task_id.startswith("send_"))
+    assert shards == dict.fromkeys(("send_email", "send_mobile_push", "send_web_push",
+                                    "send_telegram"), 2), shards
+    assert {ti.map_index for ti in tis if ti.task_id == "send_email"} == {0, 1}
     assert {"wait_mobile_push", "send_telegram", "deliver_deferred_email"} <= set(states)
     steps = _check_run(url, handle, f"weekly_promo@{as_of.isoformat().replace('+00:00', 'Z')}",
                        {"A": 97, "B": 94, "campaign": 22, "global": 15})

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
         "settle yet (another live dispatcher's batch, an unknown e-mail outcome before the "
         "provider's activity log can tell) before it returns and leaves them to the next "
         "pass."))
+    send_shards: int = Field(2, ge=1, le=64, description=(
+        "Send tasks per campaign step in Airflow (a mapped task, one dispatcher each with "
+        "its own claims and lease, run by whichever workers are free): at most the "
+        "provider pool's slots run at once."))
+    send_retry_delay_seconds: Seconds = Field(120.0, description=(
+        "Wait before Airflow retries a campaign step's failed send task (a task whose "
+        "worker died included: the dead dispatcher's claims are settled by the lease rules "
+        "of RETENTION_CLAIM_LEASE_SECONDS)."))
     load_lock_timeout: Seconds = Field(900.0, description=(
         "Seconds a load waits for another load of the same database to finish before it "
         "fails with 'another load is running' (0: no limit)."))

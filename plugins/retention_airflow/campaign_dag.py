@@ -6,10 +6,16 @@ Per step:
 * `wait_<step>`: a DateTimeSensor in reschedule mode until the step's time (the run's
   data interval end plus the waits so far): no worker slot is held while waiting;
 * `plan_<step>`: eligibility into the ledger (idempotent);
-* `send_<step>`: dispatch, in the provider's pool (`sendgrid`, `fcm`, `telegram`,
-  `sms_gateway`, `viber_gateway`), which caps concurrent senders per provider;
-* `deliver_deferred_<step>`: a reschedule-mode sensor that sends the messages that waited
-  for the end of quiet hours, as each customer's morning arrives.
+* `send_<step>`: dispatch, a task mapped over RETENTION_SEND_SHARDS shards in the
+  provider's pool (`sendgrid`, `fcm`, `telegram`, `sms_gateway`, `viber_gateway`), which
+  caps concurrent senders per provider. Each shard is a dispatcher of the whole step with
+  its own claims and lease (`retention.campaigns.dispatch`): the shards claim disjoint
+  batches, so as many workers as are free (Celery workers on several machines, or the
+  slots of one) send one wave together; a shard that ends early waits for the others'
+  claims, and the claims of a shard whose worker died are settled by the survivors or by
+  its own retry (after RETENTION_SEND_RETRY_DELAY_SECONDS);
+* `deliver_deferred_<step>`: a reschedule-mode sensor, after every shard, that sends the
+  messages that waited for the end of quiet hours, as each customer's morning arrives.
 
 Parsing reads only the YAML file: no database, no network.
 """
@@ -48,6 +54,8 @@ def _pool(campaign: Campaign, step_index: int) -> dict:
 
 def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str, ...] = ()):
     campaign = load_campaign(campaign_id)
+    shards = settings().send_shards
+    send_retry_delay = timedelta(seconds=settings().send_retry_delay_seconds)
     steps_md = ", ".join(f"{s.name} ({'/'.join(s.channels)}, after {s.wait})" for s in campaign.steps)
 
     @retention_dag(
@@ -87,19 +95,22 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
 
                 return plan_step(load_campaign(campaign_id), _run_info(run), step_name)
 
-            @task(task_id=f"send_{step.name}", **_pool(campaign, step.index))
-            def send(run: dict, step_name: str, planned: dict) -> dict:
+            @task(task_id=f"send_{step.name}", retry_delay=send_retry_delay,
+                  **_pool(campaign, step.index))
+            def send(run: dict, step_name: str, planned: dict, shard: int) -> dict:
                 from retention.campaigns.dispatch import dispatch_step, dispatch_threads
                 from retention_airflow.hooks import channels_for
 
                 c = load_campaign(campaign_id)
-                return dispatch_step(c, _run_info(run), step_name,
-                                     channels_for(c.step(step_name).channels),
-                                     workers=dispatch_threads())
+                counts = dispatch_step(c, _run_info(run), step_name,
+                                       channels_for(c.step(step_name).channels),
+                                       workers=dispatch_threads())
+                counts["shard"] = shard
+                return counts
 
             @task.sensor(task_id=f"deliver_deferred_{step.name}", mode="reschedule",
                          poke_interval=300, timeout=2 * 86400, **_pool(campaign, step.index))
-            def deliver_deferred(run: dict, step_name: str, sent: dict) -> PokeReturnValue:
+            def deliver_deferred(run: dict, step_name: str, sent: list) -> PokeReturnValue:
                 from retention.campaigns.dispatch import (dispatch_step, dispatch_threads,
                                                           pending_releases)
                 from retention_airflow.hooks import channels_for
@@ -122,7 +133,8 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
                 return PokeReturnValue(is_done=done, xcom_value=counts)
 
             planned = plan(run, step.name)
-            sent = send(run, step.name, planned)
+            sent = send.partial(run=run, step_name=step.name, planned=planned).expand(
+                shard=list(range(shards)))
             deliver_deferred(run, step.name, sent)
             chain(*[t for t in (previous, wait, planned) if t is not None])
             previous = sent
