@@ -13,7 +13,8 @@ Mondays at 08:00 UTC, an hour after the weekly promo cascade starts
    A/B and holdout results with 95% intervals ("not significant yet" where they are
    not), trigger chain revenue and its share of retention revenue, cohort retention
    curves and new-customer 30-day RPR, ROPO share of offline revenue. It is kept as
-   `RETENTION_HOME/reports/weekly_report_<YYYY>-W<WW>.html`;
+   `RETENTION_HOME/reports/weekly_report_<YYYY>-W<WW>.html`; the task's "Weekly report"
+   extra link opens it in the Airflow UI (the Reports view of the `retention_reports` plugin);
 4. `send_report`: e-mails it through the e-mail channel to `RETENTION_REPORT_RECIPIENTS`
    (comma-separated; none: the step is skipped), once per recipient and week
    (`ops.report_deliveries`), so a retry does not send it twice.
@@ -31,6 +32,14 @@ from airflow.sdk.exceptions import AirflowSkipException
 from retention.config import settings
 from retention_airflow.run_context import run_as_of
 from retention_airflow.dags import retention_dag
+from retention_airflow.report_link import WeeklyReportOperator
+
+
+def _write_report(built: dict) -> str:
+    from retention.results.report import previous_week, write_report as write
+
+    as_of = run_as_of()
+    return str(write(previous_week(as_of), as_of=as_of))
 
 
 @retention_dag(
@@ -54,13 +63,6 @@ def retention_weekly_report():
         return build(run_as_of())
 
     @task
-    def write_report(built: dict) -> str:
-        from retention.results.report import previous_week, write_report as write
-
-        as_of = run_as_of()
-        return str(write(previous_week(as_of), as_of=as_of))
-
-    @task
     def send_report(path: str) -> dict:
         from retention.results.report import configured_recipients, send_report as send
 
@@ -71,7 +73,10 @@ def retention_weekly_report():
 
         return send(path, recipients, channels_for(["email"])["email"])
 
-    send_report(write_report(build_attribution(load_results())))
+    # an operator rather than @task: its class carries the extra link
+    written = WeeklyReportOperator(task_id="write_report", python_callable=_write_report,
+                                   op_args=[build_attribution(load_results())])
+    send_report(written.output)
 
 
 retention_weekly_report()
