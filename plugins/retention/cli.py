@@ -179,7 +179,9 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             local.up(port=args.port or DEFAULT_PORT, timeout=args.timeout,
-                     metadata_database=args.metadata_database)
+                     metadata_database=args.metadata_database, executor=args.executor,
+                     workers=args.workers, broker_url=args.broker_url,
+                     worker_concurrency=args.worker_concurrency)
         elif args.action == "down":
             local.down()
         else:
@@ -291,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-database", default="airflow_meta",
                    help="the Airflow metadata database on the pipeline's PostgreSQL server "
                         "(created when missing; default airflow_meta)")
+    p.add_argument("--executor", choices=["local", "celery"], default="local",
+                   help="local: the LocalExecutor; celery: the CeleryExecutor with --workers "
+                        "Celery workers on a Redis broker, as docker-compose.yaml runs it")
+    p.add_argument("--workers", type=int, default=2, help="Celery workers (default 2)")
+    p.add_argument("--worker-concurrency", type=int, default=4,
+                   help="task slots per Celery worker (default 4)")
+    p.add_argument("--broker-url", default="redis://127.0.0.1:6379/0",
+                   help="the Celery broker (default redis://127.0.0.1:6379/0)")
     p.set_defaults(func=cmd_airflow)
     return parser
 

@@ -1,11 +1,17 @@
 """A local Airflow 3.3 on this machine, started and stopped by `retention airflow up|down|status`.
 
 `up` runs, each as its own `airflow` subprocess in its own session so it outlives the command:
-`api-server`, `scheduler`, `dag-processor` and `triggerer`, with the LocalExecutor and:
+`api-server`, `scheduler`, `dag-processor` and `triggerer`, with the LocalExecutor, or with
+`executor="celery"` (`retention airflow up --executor celery --workers 2`) the production
+shape of docker-compose.yaml on one machine: the CeleryExecutor and N Celery workers
+(`airflow celery worker --celery-hostname worker-<i>@<host>`, components `worker-1` ..
+`worker-N`, each serving its task logs on a port of its own), the broker a Redis database
+(`broker_url`, default `redis://127.0.0.1:6379/0`; `.ci/run` starts a Redis where none
+answers), the Celery result backend the metadata database. And:
 
 * AIRFLOW_HOME `RETENTION_HOME/airflow` (`home()`), component and task logs in its `logs/`,
   one PID file per component in its `run/`;
-* dags_folder the repository's `dags/`, plugins_folder its `plugins/`;
+* dags_folder the repository's `dags/` (or `dags_folder`), plugins_folder its `plugins/`;
 * the metadata database `airflow_meta` (`METADATA_DATABASE`) on the PostgreSQL server the
   pipeline uses (`retention.db.database_url()`: RETENTION_DATABASE_URL's server or the
   embedded one), created when missing and migrated with `airflow db migrate`;
@@ -20,10 +26,12 @@ The components inherit the environment of `up`: the channel connections come fro
 `AIRFLOW_CONN_RETENTION_*` variables set there (Airflow reads a connection from
 `AIRFLOW_CONN_<CONN_ID>` before its metadata database), and so do the RETENTION_* settings
 the tasks read. `up` returns once the api-server answers, every component reports healthy
-and every file of `dags/` is parsed (or has an import error, which it reports). A second
+(every Celery worker answers a ping through the broker) and every file of the DAGs folder
+is parsed (or has an import error, which it reports). A second
 `up` finds the running components by their PID files and leaves them alone. `down` sends
-SIGTERM to each component (scheduler first), waits, then SIGTERM/SIGKILL to whatever is left
-of them and their children, and removes the PID files.
+SIGTERM to each component (scheduler first, then the workers, which finish their running
+tasks within the grace period), waits, then SIGTERM/SIGKILL to whatever is left of them and
+their children, and removes the PID files.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ DAGS_FOLDER = ROOT / "dags"
 PLUGINS_FOLDER = ROOT / "plugins"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 STOP_ORDER = ("scheduler", "triggerer", "dag-processor", "api-server")
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_WORKER_CONCURRENCY = 4
 METADATA_DATABASE = "airflow_meta"
 API_USER = "admin"
 DEFAULT_PORT = 8080
@@ -121,6 +132,7 @@ class LocalAirflow:
 
     home: Path = field(default_factory=home)
     out: Callable[[str], None] = print
+    dags_folder: Path = DAGS_FOLDER
 
     # ------------------------------------------------------------------ files
 
@@ -148,6 +160,11 @@ class LocalAirflow:
             return json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return {}
+
+    def components(self) -> tuple[str, ...]:
+        """The components of the deployment the state file describes: the four services,
+        then the Celery workers (none with the LocalExecutor)."""
+        return (*COMPONENTS, *self.state().get("workers", ()))
 
     @property
     def base_url(self) -> str | None:
@@ -196,7 +213,7 @@ class LocalAirflow:
 
     def status(self) -> dict[str, int | None]:
         """component -> PID of its running process, or None."""
-        return {c: (p.pid if (p := self.process(c)) else None) for c in COMPONENTS}
+        return {c: (p.pid if (p := self.process(c)) else None) for c in self.components()}
 
     def health(self) -> dict | None:
         if not self.base_url:
@@ -215,6 +232,7 @@ class LocalAirflow:
         state = self.state()
         base_url = f"http://127.0.0.1:{state['port']}"
         env = dict(os.environ)
+        executor = state.get("executor", "local")
         no_proxy = ",".join(filter(None, ["127.0.0.1", "localhost", env.get("NO_PROXY")]))
         env.update({
             "NO_PROXY": no_proxy, "no_proxy": no_proxy,
@@ -222,8 +240,8 @@ class LocalAirflow:
             "RETENTION_HOME": str(paths().home),
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _airflow_conn(metadata),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__EXECUTOR": EXECUTORS[executor],
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
@@ -244,13 +262,28 @@ class LocalAirflow:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             **self._secret_settings(),
         })
+        if executor == "celery":
+            env.update({
+                "AIRFLOW__CELERY__BROKER_URL": state["broker_url"],
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + _airflow_conn(metadata),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(state["worker_concurrency"]),
+            })
         env.update(extra or {})
         return env
 
     def _spawn(self, component: str, env: Mapping[str, str]) -> subprocess.Popen:
+        state = self.state()
         args = [sys.executable, "-m", "airflow", component]
         if component == "api-server":
-            args += ["--host", "127.0.0.1", "--port", str(self.state()["port"]), "--workers", "1"]
+            args += ["--host", "127.0.0.1", "--port", str(state["port"]), "--workers", "1"]
+        elif component in state.get("workers", ()):
+            # each worker its own Celery node name, Airflow PID file and log-server port
+            args = [sys.executable, "-m", "airflow", "celery", "worker",
+                    "--celery-hostname", f"{component}@%h",
+                    "--concurrency", str(state["worker_concurrency"]),
+                    "--pid", str(self.run_dir / f"{component}.airflow-pid")]
+            env = {**env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT":
+                   str(state["worker_log_ports"][component])}
         with (self.logs_dir / f"{component}.log").open("ab") as log:
             popen = subprocess.Popen(args, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
@@ -262,20 +295,29 @@ class LocalAirflow:
     def _logs(self, lines: int = 30) -> str:
         return "".join(f"\n----- {self.logs_dir / f'{c}.log'} (last {lines} lines)\n"
                        f"{_tail(self.logs_dir / f'{c}.log', lines)}\n"
-                       for c in ("db-migrate", *COMPONENTS) if (self.logs_dir / f"{c}.log").exists())
+                       for c in ("db-migrate", *self.components())
+                       if (self.logs_dir / f"{c}.log").exists())
 
     # ------------------------------------------------------------------ up
 
     def up(self, *, port: int = DEFAULT_PORT, metadata_database: str = METADATA_DATABASE,
            metadata: str | None = None,
            env: Mapping[str, str] | None = None, timeout: float = 300.0,
-           pool_slots: int = DEFAULT_POOL_SLOTS) -> bool:
+           pool_slots: int = DEFAULT_POOL_SLOTS, executor: str = "local", workers: int = 2,
+           broker_url: str = DEFAULT_BROKER_URL,
+           worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY) -> bool:
         """Start everything (see the module docstring); False if it was already running.
 
         The metadata database is `metadata` (a full URL) or else `metadata_database` on the
-        pipeline's server; `env` is added to the components' environment last."""
+        pipeline's server; `env` is added to the components' environment last. With
+        `executor="celery"`: `workers` Celery workers of `worker_concurrency` task slots
+        each, on the Redis broker `broker_url`."""
+        if executor not in EXECUTORS:
+            raise LocalAirflowError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+        if executor == "celery" and workers < 1:
+            raise LocalAirflowError(f"--workers {workers}: the CeleryExecutor needs at least one")
         running = {c: pid for c, pid in self.status().items() if pid}
-        if len(running) == len(COMPONENTS):
+        if running and len(running) == len(self.components()):
             self.out(f"Airflow is already running at {self.base_url} "
                      f"(PIDs {', '.join(f'{c} {p}' for c, p in running.items())})")
             self._print_login()
@@ -293,16 +335,24 @@ class LocalAirflow:
         for stale in self.run_dir.glob("*.pid"):
             stale.unlink()
         password = self._password()
-        self.state_file.write_text(json.dumps({"port": port,
-                                               "log_ports": [_free_port(), _free_port()]}))
+        state: dict = {"port": port, "log_ports": [_free_port(), _free_port()],
+                       "executor": executor}
+        if executor == "celery":
+            _check_broker(broker_url)
+            names = [f"worker-{i}" for i in range(1, workers + 1)]
+            state.update(workers=names, broker_url=broker_url,
+                         worker_concurrency=worker_concurrency,
+                         worker_log_ports={n: _free_port() for n in names})
+        self.state_file.write_text(json.dumps(state))
         metadata = metadata or metadata_url(metadata_database)
         component_env = self.environment(metadata, env)
         self.out(f"AIRFLOW_HOME {self.home}; metadata database "
                  f"{sa.engine.make_url(metadata).render_as_string(hide_password=True)}")
         try:
             self._migrate(component_env, deadline)
-            popens = {c: self._spawn(c, component_env) for c in COMPONENTS}
+            popens = {c: self._spawn(c, component_env) for c in self.components()}
             self._wait_healthy(popens, deadline)
+            self._wait_workers(popens, deadline)
             session = self._login(password)
             self._create_pools(session, pool_slots)
             errors = self._wait_parsed(session, popens, deadline)
@@ -312,9 +362,14 @@ class LocalAirflow:
         connections = sorted(k.removeprefix("AIRFLOW_CONN_").lower()
                              for k, v in component_env.items()
                              if k.startswith(CONNECTION_PREFIX) and v)
-        self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
-                 f"triggerer; LocalExecutor)")
-        self.out(f"  DAGs from {DAGS_FOLDER}; logs in {self.logs_dir}")
+        if executor == "celery":
+            self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
+                     f"triggerer; CeleryExecutor with {workers} worker(s) of "
+                     f"{worker_concurrency} slots, broker {_hide_password(broker_url)})")
+        else:
+            self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
+                     f"triggerer; LocalExecutor)")
+        self.out(f"  DAGs from {self.dags_folder}; logs in {self.logs_dir}")
         self.out(f"  pools: {', '.join(provider_pools())}")
         self.out(f"  connections from the environment: {', '.join(connections) or 'none'} "
                  f"(set AIRFLOW_CONN_RETENTION_* before `retention airflow up`)")
@@ -370,6 +425,34 @@ class LocalAirflow:
                                         f"{self._logs()}")
             time.sleep(1)
 
+    def _wait_workers(self, popens: Mapping[str, subprocess.Popen], deadline: float) -> None:
+        """Wait until every Celery worker of the state answers a ping through the broker."""
+        state = self.state()
+        names = set(state.get("workers", ()))
+        if not names:
+            return
+        from celery import Celery
+
+        app = Celery(broker=state["broker_url"])
+        missing = names
+        try:
+            while True:
+                self._check_alive(popens)
+                try:
+                    replies = app.control.ping(timeout=2.0)
+                    missing = names - {node.partition("@")[0] for reply in replies
+                                       for node in reply}
+                except Exception as exc:  # noqa: BLE001 - broker not answering yet: retry
+                    missing = {f"{', '.join(sorted(names))} ({type(exc).__name__})"}
+                if not missing:
+                    return
+                if time.monotonic() > deadline:
+                    raise LocalAirflowError(f"Celery workers not answering in time: "
+                                            f"{sorted(missing)}\n{self._logs()}")
+                time.sleep(1)
+        finally:
+            app.close()
+
     def _login(self, password: str) -> requests.Session:
         session = requests.Session()
         session.trust_env = False
@@ -395,7 +478,7 @@ class LocalAirflow:
     def _wait_parsed(self, session: requests.Session, popens: Mapping[str, subprocess.Popen],
                      deadline: float) -> list[dict]:
         """Wait until every DAG file has a DAG or an import error; return the import errors."""
-        files = {p.name for p in DAGS_FOLDER.glob("*.py")}
+        files = {p.name for p in self.dags_folder.glob("*.py")}
         missing = files
         while True:
             self._check_alive(popens)
@@ -421,13 +504,37 @@ class LocalAirflow:
     def down(self, grace: float = 30.0, *, quiet: bool = False) -> list[str]:
         """Stop every component and its children; remove the PID files. Returns the names
         of the components that were running."""
-        roots = {c: p for c in STOP_ORDER if (p := self.process(c))}
+        order = (STOP_ORDER[0], *self.state().get("workers", ()), *STOP_ORDER[1:])
+        roots = {c: p for c in order if (p := self.process(c))}
         stop_tree(list(roots.values()), grace)  # scheduler first: it launches nothing more
-        for component in COMPONENTS:
+        for component in self.components():
             self.pid_file(component).unlink(missing_ok=True)
+            (self.run_dir / f"{component}.airflow-pid").unlink(missing_ok=True)
         if not quiet:
             self.out(f"stopped {', '.join(roots)}" if roots else "Airflow was not running")
         return list(roots)
+
+
+def _hide_password(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _check_broker(broker_url: str) -> None:
+    """The Redis broker answers PING (else: a clear error naming the URL)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        raise LocalAirflowError(f"broker {_hide_password(broker_url)}: expected a redis:// URL")
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise LocalAirflowError(f"the Celery broker {_hide_password(broker_url)} does not answer "
+                                f"({type(exc).__name__}): start Redis (e.g. `redis-server "
+                                f"--daemonize yes --save '' --appendonly no`) or pass "
+                                f"--broker-url") from None
+    finally:
+        client.close()
 
 
 def stop_tree(roots: list[psutil.Process], grace: float) -> None:
