@@ -13,13 +13,20 @@ them once (a batch it has landed before is not landed again). Event times follow
 message's logical send time (`sent_at`), never the wall clock; the signature's timestamp
 is the time of the post, as SendGrid's is, since the receiver refuses stale signatures.
 Nothing here is used outside demos and tests.
+
+Two ways to play them: `simulate_step` after a step has sent (the in-process demo, between
+the waves), or `readers_on_accept`, which the local SendGrid stand-in calls for every send
+it accepts, before it answers (`local_provider_stack(on_mail_accepted=...)`): the events
+are in before the sending task records its results, so a later wave, trigger or results
+load that runs after it sees them, however the steps are scheduled (the quick start
+through Airflow). Both post the same events for a message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -135,6 +142,38 @@ def post_batches(receiver: Receiver, events: Sequence[dict],
         for key in ("inserted", "duplicates", "consent_changes"):
             totals[key] += int(ingested.get(key, 0))
     return totals
+
+
+def readers_on_accept(receiver: Receiver, url: str | None = None,
+                      log: Callable[[str], None] | None = None) -> Callable[[dict, str | None], None]:
+    """`on_mail_accepted` for the SendGrid stand-in: the readers of the e-mails of one
+    accepted Mail Send request post their events at once. A message is identified by its
+    personalization's `message_id` custom argument; messages not in ops.messages (e.g. the
+    weekly report to marketers) have no simulated readers. The event times follow the
+    message's logical send time as the ledger will record it (its step's time, or the end
+    of its quiet hours). A failed post is logged, not raised: the send stays accepted."""
+
+    def accepted(body: dict, x_message_id: str | None) -> None:
+        ids = [str((p.get("custom_args") or {}).get("message_id"))
+               for p in body.get("personalizations") or []
+               if (p.get("custom_args") or {}).get("message_id")]
+        if not ids:
+            return
+        try:
+            with db.connect(url) as conn:
+                rows = conn.execute(
+                    "select message_id, address, greatest(coalesce(not_before, planned_at), "
+                    "planned_at) from ops.messages where message_id = any(%s) "
+                    "and channel = 'email' order by message_id", (ids,)).fetchall()
+            events = [e for m, address, sent_at in rows
+                      for e in email_events(m, address, sent_at, x_message_id)]
+            if events:
+                post_batches(receiver, events)
+        except Exception as exc:  # noqa: BLE001 - the stand-in answers the send regardless
+            (log or print)(f"simulated readers: {len(ids)} e-mails, events not posted: "
+                           f"{type(exc).__name__}: {exc}")
+
+    return accepted
 
 
 def simulate_step(receiver: Receiver, run_id: str | None = None, step: str | None = None,

@@ -5,17 +5,41 @@
 
 Used by the quick start, the tests and the benchmarks. Keys and tokens are generated
 per stack; nothing secret is stored.
+
+`on_mail_accepted(body, x_message_id)` is called by the SendGrid stand-in for every Mail
+Send request it accepts, before it answers (the quick start's simulated readers post
+their webhook events there). `wire_counts(handle)` counts what the stand-ins accepted per
+kind of channel; `serve_wire_counts(handle)` serves those counts as JSON on a local port
+for another process (the quick start's driver, while the stand-ins run beside Airflow).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from retention_dev.servers import PROVIDERS, ServerHandle, fake_service_account, serve
+
+#: `on_mail_accepted(body, x_message_id)`: the parsed Mail Send body and the X-Message-Id
+MailAccepted = Callable[[dict, "str | None"], None]
+
+
+class _NotifyingSendGrid(PROVIDERS["sendgrid"]):  # type: ignore[misc, valid-type]
+    """The SendGrid stand-in, calling `on_mail_accepted` for every send it accepts before
+    it answers (so whatever that does has happened once the client has its answer)."""
+
+    on_mail_accepted: MailAccepted | None = None
+
+    def mail_send(self, inc):  # noqa: ANN001 - servers.Incoming
+        reply = super().mail_send(inc)
+        if self.on_mail_accepted is not None and reply.status == 202:
+            self.on_mail_accepted(inc.json(), reply.headers.get("X-Message-Id"))
+        return reply
 
 
 def local_connections(base_url: str, *, api_key: str, bot_token: str,
@@ -51,11 +75,16 @@ def local_connections(base_url: str, *, api_key: str, bot_token: str,
 
 @contextmanager
 def local_provider_stack(port: int = 0, *, client_timeout: float | None = None,
+                         on_mail_accepted: MailAccepted | None = None,
                          **options: Any) -> Iterator[tuple[ServerHandle, dict[str, str]]]:
     api_key = "SG." + secrets.token_urlsafe(16)
     bot_token = f"{secrets.randbelow(10**9)}:{secrets.token_urlsafe(24)}"
+    sendgrid = PROVIDERS["sendgrid"](api_keys={api_key}, **options)
+    if on_mail_accepted is not None:
+        sendgrid = _NotifyingSendGrid(api_keys={api_key}, **options)
+        sendgrid.on_mail_accepted = on_mail_accepted
     providers = [
-        PROVIDERS["sendgrid"](api_keys={api_key}, **options),
+        sendgrid,
         PROVIDERS["fcm"](**{k: v for k, v in options.items() if k != "activity_lag_seconds"}),
         PROVIDERS["telegram"](bot_tokens={bot_token},
                               **{k: v for k, v in options.items() if k != "activity_lag_seconds"}),
@@ -74,3 +103,47 @@ def local_provider_stack(port: int = 0, *, client_timeout: float | None = None,
                                         timeout=client_timeout)
     finally:
         handle.stop()
+
+
+def wire_counts(handle: ServerHandle) -> dict[str, int]:
+    """What the stand-ins accepted for delivery: e-mails (Mail Send personalizations), push
+    messages (FCM sends), Telegram messages and gateway (SMS/Viber) requests."""
+    providers = handle.providers
+    return {
+        "email": sum(len(r.body["personalizations"]) for r in providers["sendgrid"].accepted
+                     if r.path.endswith("/mail/send")),
+        "push": sum(1 for r in providers["fcm"].accepted if r.path.endswith(":send")),
+        "telegram": sum(1 for r in providers["telegram"].accepted
+                        if r.path.endswith("/sendMessage")),
+        "gateway": sum(1 for r in providers["gateway"].accepted),
+    }
+
+
+@contextmanager
+def serve_wire_counts(handle: ServerHandle) -> Iterator[str]:
+    """`GET <url>/accepted` answers `wire_counts(handle)` as JSON, on 127.0.0.1 (a free
+    port), until the block ends; yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path != "/accepted":
+                self.send_error(404)
+                return
+            body = json.dumps(wire_counts(handle)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="wire-counts", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
