@@ -83,6 +83,82 @@ CHANNEL_RULE = {
          "uniqueItems": True},
     ]
 }
+#: the blocks of a trigger definition (docs/triggers.md); what the schema cannot say (one
+#: entry kind, a subject the entry can give, settings named with $) is checked by
+#: retention.triggers.definitions with the same file:line: field messages
+_SETTING = r"\$[a-z][a-z0-9_]*"
+_WINDOW = {"type": "string", "pattern": rf"^(\d+(\.\d+)?\s*[smhdw]|{_SETTING})$"}
+_AMOUNT = {"type": "number"}
+_NUMBER_OR_SETTING = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": f"^{_SETTING}$"}]}
+_NAMES = {"anyOf": [{"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]}
+_EVENT_TYPES = {"anyOf": [{"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
+                          {"type": "array", "minItems": 1, "uniqueItems": True,
+                           "items": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"}}]}
+_RANGE = {"type": "object", "minProperties": 1, "additionalProperties": False,
+          "properties": {"min": _AMOUNT, "max": _AMOUNT}}
+_SCALAR = {"type": ["string", "number", "boolean"]}
+_PROPERTY_TEST = {"anyOf": [
+    _SCALAR,
+    {"type": "object", "minProperties": 1, "additionalProperties": False,
+     "properties": {"eq": _SCALAR, "ne": _SCALAR, "gt": {"type": "number"},
+                    "gte": {"type": "number"}, "lt": {"type": "number"},
+                    "lte": {"type": "number"},
+                    "in": {"type": "array", "items": _SCALAR, "minItems": 1},
+                    "exists": {"type": "boolean"}}}]}
+_EVENT_FILTERS = {"type": "object", "additionalProperties": False, "properties": {
+    "product": _NAMES, "category": {"type": "string", "minLength": 1}, "price": _RANGE,
+    "brand": _NAMES,
+    "properties": {"type": "object", "minProperties": 1,
+                   "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_.-]*$"},
+                   "additionalProperties": _PROPERTY_TEST}}}
+_ORDER_FILTERS = {"type": "object", "additionalProperties": False, "properties": {
+    "status": {"anyOf": [{"enum": ["placed", "paid", "delivered", "cancelled", "returned"]},
+                         {"type": "array", "minItems": 1, "uniqueItems": True,
+                          "items": {"enum": ["placed", "paid", "delivered", "cancelled",
+                                             "returned"]}}]},
+    "payment_method": _NAMES, "amount": _RANGE, "category": {"type": "string", "minLength": 1},
+    "cancel_reason": {"type": "string", "minLength": 1}}}
+_RECEIPT_FILTERS = {"type": "object", "additionalProperties": False, "properties": {
+    "amount": _RANGE, "category": {"type": "string", "minLength": 1}, "store": _NAMES}}
+_KEY = {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"}
+TRIGGER_SCHEMAS: dict[str, Any] = {
+    "entry": {"type": "object", "additionalProperties": False, "properties": {
+        "event": _EVENT_TYPES,
+        "where": _EVENT_FILTERS,
+        "session": {"type": "object", "required": ["min_views"], "additionalProperties": False,
+                    "properties": {"min_views": _NUMBER_OR_SETTING, "span": _WINDOW}},
+        "cart_contents": {"type": "object", "additionalProperties": False,
+                          "properties": {"lookback": _WINDOW}},
+        "order": _ORDER_FILTERS,
+        "receipt": _RECEIPT_FILTERS,
+        "subscription": {"type": "object", "additionalProperties": False, "properties": {
+            "first": {"type": "boolean"},
+            "channel": {"anyOf": [{"enum": list(CHANNELS)},
+                                  {"type": "array", "minItems": 1,
+                                   "items": {"enum": list(CHANNELS)}}]}}},
+        "product_change": {"enum": ["price_drop", "back_in_stock", "new_in_category"]},
+        "min_drop": _NUMBER_OR_SETTING,
+        "interest": {"type": "object", "additionalProperties": False, "properties": {
+            "events": _EVENT_TYPES, "within": _WINDOW}},
+        "date": {"enum": ["birthday", "first_purchase_anniversary"]},
+        "at": {"type": "string", "pattern": r"^([01]\d|2[0-3]):[0-5]\d$"},
+        "key": _KEY,
+        "per": _KEY,
+    }},
+    "unless": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+            "event": _EVENT_TYPES, "where": _EVENT_FILTERS,
+            "purchase": {"type": "object", "additionalProperties": False,
+                         "properties": {"same": {"enum": ["product"]}}},
+            "same": {"enum": ["product", "category"]},
+            "since": {"enum": ["entry", "session_start"]}}}},
+    "wait": _WINDOW,
+    "reentry": {"anyOf": [{"enum": ["always", "once"]},
+                          {"type": "object", "required": ["every"], "additionalProperties": False,
+                           "properties": {"every": _WINDOW}}]},
+}
+
 CAMPAIGN_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -147,6 +223,7 @@ CAMPAIGN_SCHEMA: dict[str, Any] = {
             },
         },
         "subject": {"type": "string"},
+        **TRIGGER_SCHEMAS,
     },
 }
 
@@ -190,6 +267,9 @@ class Campaign:
     source: str
     spec_hash: str
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    #: the trigger definition (`entry:` and the blocks with it), None for a campaign
+    #: without one (retention.triggers.definitions.Definition)
+    definition: Any = field(repr=False, compare=False, default=None)
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -309,6 +389,11 @@ def parse_campaign(text: str, source: str = "<string>") -> Campaign:
                              v.get("template")) for v in data.get("variants", [{"name": "A"}]))
     if len({v.name for v in variants}) != len(variants):
         raise CampaignError(f"{source}:{_line_of(node, ['variants'])}: variants: duplicate names")
+    definition = None
+    if any(key in data for key in TRIGGER_SCHEMAS):
+        from retention.triggers.definitions import parse_definition
+
+        definition = parse_definition(data, source, lambda path: _line_of(node, path))
     canonical = json.dumps(data, sort_keys=True, default=str)
     return Campaign(
         id=data["id"], name=data.get("name", data["id"]), kind=data["kind"],
@@ -319,6 +404,7 @@ def parse_campaign(text: str, source: str = "<string>") -> Campaign:
         holdout=float(data.get("holdout", 0.0)), exit_on=tuple(data.get("exit_on", ["purchase", "unsubscribe"])),
         promo=data.get("promo", {}), subject=data.get("subject"), source=source,
         spec_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16], raw=data,
+        definition=definition,
     )
 
 

@@ -27,7 +27,7 @@ a stock-out has its own trigger).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from retention.triggers.config import TriggerSettings
 
@@ -490,6 +490,8 @@ class Detector:
     needs_norms: bool = False
     #: products of several moments on one subject add up (new arrivals in a category)
     merge_products: bool = False
+    #: bind parameters of source_sql besides start and end
+    source_params: dict = field(default_factory=dict)
 
 
 _EVENTS = ("select count(*) from raw.events where event_type = '{}' "

@@ -29,16 +29,20 @@ from retention import db
 from retention.campaigns.dispatch import OnPoint
 from retention.campaigns.engine import as_utc
 from retention.campaigns.policy import Policy, load_policy
-from retention.campaigns.spec import Campaign, Step, load_campaign
+from retention.campaigns.spec import Campaign, CampaignError, Step, load_campaign
 from retention.ingest.contract import CHANNELS
 from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
                                        record_hits, step_report)
-from retention.triggers.config import REENGAGEMENT, TriggerSettings, load_settings
-from retention.triggers.detect import DETECTORS
+from retention.triggers.config import REENGAGEMENT, TRIGGERS, TriggerSettings, load_settings
+from retention.triggers.definitions import OPTIONAL_COLUMNS, compile_definition
+from retention.triggers.detect import DETECTORS, Detector
 from retention.triggers.health import record_health
 from retention.triggers.norms import cohort_norms, nudge_days
 from retention.triggers.state import ensure_trigger_tables
 
+
+#: how many customers who entered a trigger the report names
+SAMPLE_CUSTOMERS = 5
 
 #: the points of a run at which `on_point` is called: every trigger's moments recorded
 #: (committed) and no step planned yet; one flow's due steps planned
@@ -94,9 +98,13 @@ def _norm_params(conn: psycopg.Connection, trigger: str, end: datetime,
 def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: datetime,
             end: datetime, settings: TriggerSettings, policy: Policy, has_ropo: bool,
             cache: dict) -> dict:
-    detector = DETECTORS[name]
     scan_from = _scan_from(conn, name, start, settings)
-    sql, params = detector.build(settings, has_ropo)
+    if campaign.definition is not None:
+        detector = definition_detector(conn, name, campaign, settings, has_ropo)
+        sql, params = detector.build(settings, has_ropo)
+    else:
+        detector = DETECTORS[name]
+        sql, params = detector.build(settings, has_ropo)
     params = dict(params, lo=scan_from, hi=end)
     if detector.needs_norms:
         extra = _norm_params(conn, name, end, settings, cache)
@@ -105,18 +113,51 @@ def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: date
         params.update(norms=Jsonb(extra["norms"]), default_days=extra["default_days"])
     counts = record_hits(conn, name, campaign, sql, params, end, policy,
                          merge_products=detector.merge_products)
+    # who entered: the customers of the new moments (the table lives until the commit)
+    entered = [r[0] for r in conn.execute(
+        "select customer_id from trg_new_hits group by customer_id "
+        "order by min(hit_at), customer_id limit %s", (SAMPLE_CUSTOMERS,)).fetchall()]
+    customers = conn.execute("select count(distinct customer_id) from trg_new_hits").fetchone()[0]
     conn.execute("""
         insert into ops.trigger_watermarks (trigger, scanned_until) values (%s, %s)
         on conflict (trigger) do update
           set scanned_until = greatest(ops.trigger_watermarks.scanned_until, excluded.scanned_until)
     """, (name, end))
-    source_rows = conn.execute(detector.source_sql, {"start": start, "end": end}).fetchone()[0]
+    source_rows = conn.execute(detector.source_sql, dict(detector.source_params, start=start,
+                                                         end=end)).fetchone()[0]
     health = record_health(conn, name, start, end, source_rows, settings)
     conn.commit()
     return {"scanned_from": scan_from.isoformat(), "new_moments": counts["hits"],
             "started": health["started"], "extended": health["extended"],
             "source_rows": source_rows, "expected": health["expected"],
-            "flagged": health["flagged"], "note": health["note"]}
+            "flagged": health["flagged"], "note": health["note"],
+            "customers": customers, "customers_sample": entered,
+            "source": "definition" if campaign.definition is not None else "code"}
+
+
+def definition_detector(conn: psycopg.Connection, name: str, campaign: Campaign,
+                        settings: TriggerSettings, has_ropo: bool) -> Detector:
+    """The campaign's definition compiled for this database (its optional columns and
+    published tables), in the shape of a code Detector."""
+    columns = {key for key, (schema, table, column) in OPTIONAL_COLUMNS.items()
+               if conn.execute("select 1 from information_schema.columns where table_schema = %s "
+                               "and table_name = %s and column_name = %s",
+                               (schema, table, column)).fetchone()}
+    relations = {r for r in ("marts.customer_lifetime", "marts.customer_category_affinity",
+                             "marts.ropo_purchases") if _has(conn, r)}
+    compiled = compile_definition(campaign.definition, name, settings, has_ropo, columns,
+                                  relations)
+    return Detector(name, lambda s, r: (compiled.sql, compiled.params), compiled.source_sql,
+                    merge_products=compiled.merge_products, source_params=compiled.source_params)
+
+
+def definition_triggers(directory=None) -> list[str]:
+    """The campaign files with a trigger definition that are not one of the code
+    triggers (TRIGGERS): they run after those, by file name."""
+    from retention.campaigns.spec import load_all
+
+    return [n for n, c in load_all(directory).items()
+            if c.definition is not None and n not in TRIGGERS and n != REENGAGEMENT]
 
 
 def _send(campaigns: Sequence[Campaign], end: datetime, channels, url: str | None,
@@ -232,8 +273,17 @@ def run_triggers(interval_start: datetime, interval_end: datetime, url: str | No
     `retention.campaigns.dispatch.OnPoint`).
     """
     settings = settings or load_settings()
-    names = list(triggers or settings.priority)
-    unknown = [n for n in names if n not in DETECTORS or n == REENGAGEMENT]
+    names = list(triggers or [*settings.priority, *definition_triggers()])
+
+    def defined(n: str) -> bool:
+        if campaigns and n in campaigns:
+            return campaigns[n].definition is not None
+        try:
+            return load_campaign(n).definition is not None
+        except CampaignError:
+            return False
+
+    unknown = [n for n in names if n == REENGAGEMENT or (n not in DETECTORS and not defined(n))]
     if unknown:
         raise ValueError(f"unknown trigger(s): {', '.join(unknown)}")
     return _run(names, interval_start, interval_end, url, channels, policy, settings, campaigns,
@@ -300,6 +350,12 @@ def format_report(result: dict) -> str:
         lines.append(f"  {name:<24}{t['source_rows']:>9,}{t['new_moments']:>9,}{t['started']:>9,}"
                      f"{t['extended']:>10,}{exited:>8,}{norm:>8}  "
                      + ("FLAGGED: " + t["note"] if t["flagged"] else "ok"))
+    for name, t in result["triggers"].items():
+        sample = t.get("customers_sample") or []
+        if sample:
+            more = t["customers"] - len(sample)
+            lines.append(f"  entered {name} ({t.get('source', 'code')}): {t['customers']:,} "
+                         f"customer(s): {', '.join(sample)}" + (f" and {more:,} more" if more else ""))
     lines.append(f"  {'chain step':<36}{'due':>6}{'planned':>9}{'sent':>7}{'failed':>8}"
                  f"{'unknown':>9}{'holdout':>9}{'suppressed':>12}  by reason")
     for name, steps in result["steps"].items():
