@@ -453,6 +453,10 @@ class LocalAirflow:
         finally:
             app.close()
 
+    def session(self) -> requests.Session:
+        """A REST session of the running deployment, logged in as `admin`."""
+        return self._login(self._password())
+
     def _login(self, password: str) -> requests.Session:
         session = requests.Session()
         session.trust_env = False
