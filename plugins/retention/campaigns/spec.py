@@ -142,6 +142,13 @@ TRIGGER_SCHEMAS: dict[str, Any] = {
         "interest": {"type": "object", "additionalProperties": False, "properties": {
             "events": _EVENT_TYPES, "within": _WINDOW}},
         "date": {"enum": ["birthday", "first_purchase_anniversary"]},
+        "predicted": {"type": "object", "required": ["measure"], "additionalProperties": False,
+                      "minProperties": 2, "maxProperties": 2, "properties": {
+                          "measure": {"enum": ["predicted_value_12m", "probability_alive",
+                                               "expected_purchases_90d",
+                                               "expected_purchases_365d",
+                                               "expected_avg_order_value"]},
+                          "above": _NUMBER_OR_SETTING, "below": _NUMBER_OR_SETTING}},
         "at": {"type": "string", "pattern": r"^([01]\d|2[0-3]):[0-5]\d$"},
         "key": _KEY,
         "per": _KEY,

@@ -41,7 +41,8 @@ from retention.triggers.config import TriggerSettings, parse_window
 from retention.triggers.detect import bought_product, checked_out
 
 #: the kinds of entry, one per definition
-ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date")
+ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date",
+               "predicted")
 #: the contract's event types; a shop declares its own in include/events.yaml
 BUILTIN_EVENTS = ("view", "cart", "remove_from_cart", "wishlist", "search", "purchase",
                   "app_open")
@@ -54,11 +55,12 @@ PER_BY_KIND = {
     "subscription": (),
     "product_change": ("product", "category"),
     "date": (),
+    "predicted": (),
 }
 RESERVED_PER = {"product", "category", "search", "top_category", "order", "receipt"}
 DEFAULT_KEY = {"event": "event", "order": "order", "receipt": "receipt",
                "subscription": "subscription", "price_drop": "price", "back_in_stock": "stock",
-               "new_in_category": "new", "date": "date"}
+               "new_in_category": "new", "date": "date", "predicted": "predicted"}
 #: optional columns a definition may need (the contract's optional ones)
 OPTIONAL_COLUMNS = {"properties": ("raw", "events", "properties"),
                     "birth_date": ("raw", "customers", "birth_date")}
@@ -130,6 +132,10 @@ def declared_event_types(path: Path | None = None) -> set[str]:
     return names
 
 
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -157,7 +163,7 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
                "product_change": {"min_drop", "interest"}, "date": {"at"}}.get(kind, set())
     for key in entry:
         if key not in ENTRY_KINDS and key not in ("key", "per") and key not in allowed:
-            fail(["entry", key], f"not an option of a {kind} entry")
+            fail(["entry", key], f"not an option of {_a(kind)} entry")
 
     def setting(path: list, value, want: str):
         if isinstance(value, str) and value.startswith("$"):
@@ -204,8 +210,10 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
         for i, name in enumerate(_as_list(entry.get("interest", {}).get("events", []))):
             if name not in declared_event_types():
                 fail(["entry", "interest", "events"], f"unknown event type {name!r}")
-    if kind == "date" and entry["date"] == "birthday" and "at" not in entry:
-        pass  # 09:00 local by default
+    if kind == "predicted":
+        for side in ("above", "below"):
+            if side in entry["predicted"]:
+                setting(["entry", "predicted", side], entry["predicted"][side], "number")
 
     per = entry.get("per")
     if per is None:
@@ -214,7 +222,7 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
                "product_change": "category" if entry.get("product_change") == "new_in_category"
                else "product"}.get(kind, data["id"])
     if per in RESERVED_PER and per not in PER_BY_KIND[kind]:
-        fail(["entry", "per"], f"a {kind} entry can be per "
+        fail(["entry", "per"], f"{_a(kind)} entry can be per "
                                f"{', '.join(PER_BY_KIND[kind]) or 'a label only'}")
     if kind == "product_change" and per != ("category" if entry["product_change"] ==
                                             "new_in_category" else "product"):
@@ -239,9 +247,9 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
                     fail(["unless", i, "event"], f"unknown event type {name!r}")
         same = item.get("same") or item.get("purchase", {}).get("same")
         if same == "product" and kind not in ("event", "product_change"):
-            fail(["unless", i], f"a {kind} entry has no product to compare")
+            fail(["unless", i], f"{_a(kind)} entry has no product to compare")
         if same == "category" and kind != "event":
-            fail(["unless", i], f"a {kind} entry has no category to compare")
+            fail(["unless", i], f"{_a(kind)} entry has no category to compare")
         if item.get("since") == "session_start" and "session" not in entry:
             fail(["unless", i, "since"], "session_start needs a session: entry")
     reentry = data.get("reentry", "always")
@@ -272,8 +280,9 @@ class _Sql:
     """Bind parameters and the filter fragments shared by entries and unless items."""
 
     def __init__(self, definition: Definition, settings: TriggerSettings,
-                 columns: set[str]) -> None:
-        self.d, self.settings, self.columns = definition, settings, columns
+                 columns: set[str], relations: set[str]) -> None:
+        self.d, self.settings, self.columns, self.relations = (definition, settings, columns,
+                                                               relations)
         self.params: dict = {}
 
     def bind(self, value) -> str:
@@ -463,7 +472,7 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
             + "\n        and ".join(conds) + "\n    )",
             f"kept as (\n      select m.* from entries m where true{plain}\n    )"]
     subject = {"product": "'product:' || m.product_id", "category": "'category:' || m.category_path",
-               "search": "'search:' || m.query"}.get(d.per, q.bind(d.per))
+               "search": "'search:' || m.query"}.get(d.per, q.bind(d.per) + '::text')
     context = ("jsonb_build_object('sessions', jsonb_build_array(m.session_id), 'products', "
                "case when m.product_id is null then '[]'::jsonb "
                "else jsonb_build_array(m.product_id) end)")
@@ -542,21 +551,21 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
 def _order_entry(q: _Sql, has_ropo: bool) -> str:
     d = q.d
     wait = q.bind(q.window(d.wait or "0s"))
-    conds = ["o.customer_id is not null", f"o.ordered_at > %(lo)s - {wait}",
-             f"o.ordered_at <= %(hi)s - {wait}"] + q.order_filters("o", d.entry["order"])
-    m = _Moment("o.customer_id", "o.ordered_at")
-    plain, _ = _unless(q, m, f"o.ordered_at + {wait}", has_ropo, False)
-    subject = "'order:' || o.order_id" if d.per == "order" else q.bind(d.per)
+    conds = ["oe.customer_id is not null", f"oe.ordered_at > %(lo)s - {wait}",
+             f"oe.ordered_at <= %(hi)s - {wait}"] + q.order_filters("oe", d.entry["order"])
+    m = _Moment("oe.customer_id", "oe.ordered_at")
+    plain, _ = _unless(q, m, f"oe.ordered_at + {wait}", has_ropo, False)
+    subject = "'order:' || oe.order_id" if d.per == "order" else q.bind(d.per) + "::text"
     return f"""
-    select o.customer_id, {q.bind(d.key + ':')} || o.order_id as event_key, {subject} as subject,
-           o.ordered_at + {wait} as hit_at, o.ordered_at as anchor_at,
+    select oe.customer_id, {q.bind(d.key + ':')}::text || oe.order_id as event_key, {subject} as subject,
+           oe.ordered_at + {wait} as hit_at, oe.ordered_at as anchor_at,
            null::timestamptz as first_step_at,
            jsonb_build_object(
-             'order_id', o.order_id,
+             'order_id', oe.order_id,
              'products', coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
-                                   from raw.order_items oi where oi.order_id = o.order_id),
+                                   from raw.order_items oi where oi.order_id = oe.order_id),
                                   '[]'::jsonb)) as context
-    from raw.orders o
+    from raw.orders oe
     where {' and '.join(conds)}{plain}
     """
 
@@ -565,34 +574,32 @@ def _receipt_entry(q: _Sql, has_ropo: bool) -> str:
     d, where = q.d, q.d.entry["receipt"]
     if not has_ropo:
         # receipts are matched to customers by the ROPO model (retention build): none yet
-        return ("select null::text as customer_id, null::text as event_key, null::text as subject, "
-                "null::timestamptz as hit_at, null::timestamptz as anchor_at, "
-                "null::timestamptz as first_step_at, null::jsonb as context where false")
+        return _NOTHING
     wait = q.bind(q.window(d.wait or "0s"))
-    conds = [f"rp.purchased_at > %(lo)s - {wait}", f"rp.purchased_at <= %(hi)s - {wait}",
-             "rp.purchased_at <= %(hi)s"]
+    conds = [f"rc.purchased_at > %(lo)s - {wait}", f"rc.purchased_at <= %(hi)s - {wait}",
+             "rc.purchased_at <= %(hi)s"]
     if "amount" in where:
-        conds.append(q.range("rp.total_amount", where["amount"]))
+        conds.append(q.range("rc.total_amount", where["amount"]))
     if "store" in where:
         conds.append(q.one_of("r.store_id", where["store"]))
     if "category" in where:
         conds.append(f"""exists (select 1 from raw.offline_receipt_items fi
                          join raw.products fp on fp.product_id = fi.product_id
-                         where fi.receipt_id = rp.receipt_id
+                         where fi.receipt_id = rc.receipt_id
                            and {q.prefix('fp.category_path', where['category'])})""")
-    m = _Moment("rp.customer_id", "rp.purchased_at")
-    plain, _ = _unless(q, m, f"rp.purchased_at + {wait}", has_ropo, False)
-    subject = "'receipt:' || rp.receipt_id" if d.per == "receipt" else q.bind(d.per)
+    m = _Moment("rc.customer_id", "rc.purchased_at")
+    plain, _ = _unless(q, m, f"rc.purchased_at + {wait}", has_ropo, False)
+    subject = "'receipt:' || rc.receipt_id" if d.per == "receipt" else q.bind(d.per) + '::text'
     return f"""
-    select rp.customer_id, {q.bind(d.key + ':')} || rp.receipt_id as event_key,
-           {subject} as subject, rp.purchased_at + {wait} as hit_at,
-           rp.purchased_at as anchor_at, null::timestamptz as first_step_at,
+    select rc.customer_id, {q.bind(d.key + ':')}::text || rc.receipt_id as event_key,
+           {subject} as subject, rc.purchased_at + {wait} as hit_at,
+           rc.purchased_at as anchor_at, null::timestamptz as first_step_at,
            jsonb_build_object(
-             'receipt_id', rp.receipt_id,
+             'receipt_id', rc.receipt_id,
              'products', coalesce((select jsonb_agg(ri.product_id order by ri.line_no)
                                    from raw.offline_receipt_items ri
-                                   where ri.receipt_id = rp.receipt_id), '[]'::jsonb)) as context
-    from marts.ropo_purchases rp join raw.offline_receipts r on r.receipt_id = rp.receipt_id
+                                   where ri.receipt_id = rc.receipt_id), '[]'::jsonb)) as context
+    from marts.ropo_purchases rc join raw.offline_receipts r on r.receipt_id = rc.receipt_id
     where {' and '.join(conds)}{plain}
     """
 
@@ -603,13 +610,13 @@ def _subscription_entry(q: _Sql, has_ropo: bool) -> str:
     channel = (f" and {q.one_of('cs.channel', opts['channel'])}" if "channel" in opts else "")
     earlier = (f" and {q.one_of('e.channel', opts['channel'])}" if "channel" in opts else "")
     first = opts.get("first", False)
-    key = (q.bind(d.key) if first else
-           f"{q.bind(d.key + ':')} || cs.channel || '@' || extract(epoch from cs.subscribed_at)::text")
+    key = (q.bind(d.key) + "::text" if first else
+           f"{q.bind(d.key + ':')}::text || cs.channel || '@' || extract(epoch from cs.subscribed_at)::text")
     m = _Moment("m.customer_id", "m.anchor_at")
     plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
     inner = f"""
       select {'distinct on (cs.customer_id)' if first else ''}
-             cs.customer_id, {key} as event_key, {q.bind(d.per)} as subject,
+             cs.customer_id, {key} as event_key, {q.bind(d.per)}::text as subject,
              cs.subscribed_at + {wait} as hit_at, cs.subscribed_at as anchor_at,
              null::timestamptz as first_step_at,
              jsonb_build_object('channel', cs.channel) as context
@@ -653,7 +660,7 @@ def _product_change_entry(q: _Sql, has_ropo: bool) -> str:
           and {types} and v.customer_id is not null
           and coalesce(v.category_path, vp.category_path) = l.category_path) v
     )
-    select w.customer_id, {q.bind(d.key + ':')} || w.product_id as event_key,
+    select w.customer_id, {q.bind(d.key + ':')}::text || w.product_id as event_key,
            'category:' || w.category_path as subject, w.launched_at + {wait} as hit_at,
            w.launched_at as anchor_at, null::timestamptz as first_step_at,
            jsonb_build_object('products', jsonb_build_array(w.product_id),
@@ -698,7 +705,7 @@ def _product_change_entry(q: _Sql, has_ropo: bool) -> str:
         group by e.customer_id) e
     )
     select i.customer_id,
-           {q.bind(d.key + ':')} || i.product_id || '@' || extract(epoch from i.changed_at)::text
+           {q.bind(d.key + ':')}::text || i.product_id || '@' || extract(epoch from i.changed_at)::text
              as event_key,
            'product:' || i.product_id as subject,
            i.changed_at + {wait} as hit_at, i.changed_at as anchor_at,
@@ -722,7 +729,7 @@ def _date_entry(q: _Sql, has_ropo: bool) -> str:
                             "has no birth_date column in this database")
     wait = q.bind(q.window(d.wait or "0s"))
     at = q.bind(timedelta(hours=int(entry.get("at", "09:00")[:2]),
-                          minutes=int(entry.get("at", "09:00")[3:])))
+                          minutes=int(entry.get("at", "09:00")[3:]))) + "::interval"
     tz = "coalesce(c.timezone, 'UTC')"
     if entry["date"] == "birthday":
         dates = "select c.customer_id, c.timezone, c.birth_date as origin from raw.customers c"
@@ -751,17 +758,56 @@ def _date_entry(q: _Sql, has_ropo: bool) -> str:
         ) as y(year)
         where o.origin is not null and y.year > extract(year from o.origin)
       )
-      select c.customer_id, {q.bind(d.key + ':')} || c.year::text as event_key,
-             {q.bind(d.per)} as subject, c.moment + {wait} as hit_at, c.moment as anchor_at,
+      select c.customer_id, {q.bind(d.key + ':')}::text || c.year::text as event_key,
+             {q.bind(d.per)}::text as subject, c.moment + {wait} as hit_at, c.moment as anchor_at,
              null::timestamptz as first_step_at,
-             jsonb_build_object('date', {q.bind(entry['date'])}, 'year', c.year) as context
+             jsonb_build_object('date', {q.bind(entry['date'])}::text, 'year', c.year) as context
       from candidates c
       where c.moment > %(lo)s - {wait} and c.moment <= %(hi)s - {wait}
         and c.moment <= %(hi)s"""
     return f"select m.* from ({inner}) m where true{plain}"
 
 
-_ENTRIES = {"event": _event_entry, "order": _order_entry, "receipt": _receipt_entry,
+def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
+    """A measure of the customer's predicted value (marts.customer_predicted_value, one
+    snapshot per fit) crossing a threshold: above it in a snapshot, not above it (or
+    below, for `below`) in the customer's previous snapshot. The moment is the
+    snapshot's as_of; a customer's first snapshot crosses nothing."""
+    d, opts = q.d, q.d.entry["predicted"]
+    if "marts.customer_predicted_value" not in q.relations:
+        return _NOTHING
+    wait = q.bind(q.window(d.wait or "0s"))
+    column = {m: m for m in ("predicted_value_12m", "probability_alive", "expected_purchases_90d",
+                             "expected_purchases_365d", "expected_avg_order_value")}[opts["measure"]]
+    if "above" in opts:
+        threshold = q.bind(q.value(opts["above"]))
+        now, before = f"p.{column} > {threshold}", f"prev.value <= {threshold}"
+    else:
+        threshold = q.bind(q.value(opts["below"]))
+        now, before = f"p.{column} < {threshold}", f"prev.value >= {threshold}"
+    m = _Moment("m.customer_id", "m.anchor_at")
+    plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
+    inner = f"""
+      select p.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from p.as_of)::text as event_key,
+             {q.bind(d.per)}::text as subject, p.as_of + {wait} as hit_at, p.as_of as anchor_at,
+             null::timestamptz as first_step_at,
+             jsonb_build_object('measure', {q.bind(column)}::text, 'value', p.{column},
+                                'previous', prev.value) as context
+      from marts.customer_predicted_value p
+      cross join lateral (
+        select q.{column} as value from marts.customer_predicted_value q
+        where q.customer_id = p.customer_id and q.as_of < p.as_of
+        order by q.as_of desc limit 1) prev
+      where p.as_of > %(lo)s - {wait} and p.as_of <= %(hi)s - {wait}
+        and {now} and {before}"""
+    return f"select m.* from ({inner}) m where true{plain}"
+
+
+_NOTHING = ("select null::text as customer_id, null::text as event_key, null::text as subject, "
+            "null::timestamptz as hit_at, null::timestamptz as anchor_at, "
+            "null::timestamptz as first_step_at, null::jsonb as context where false")
+
+_ENTRIES = {"predicted": _predicted_entry, "event": _event_entry, "order": _order_entry, "receipt": _receipt_entry,
             "subscription": _subscription_entry, "product_change": _product_change_entry,
             "date": _date_entry}
 
@@ -774,6 +820,8 @@ _SOURCES = {
     "product_change": ("select count(*) from raw.product_changes "
                        "where changed_at > %(start)s and changed_at <= %(end)s"),
     "date": "select count(*) from raw.customers",
+    "predicted": ("select count(*) from marts.predicted_value_fits "
+                  "where as_of > %(start)s and as_of <= %(end)s"),
 }
 
 TRIVIAL_AUDIENCE = {"include_any": [{"all_customers": True}]}
@@ -787,7 +835,8 @@ def compile_definition(definition: Definition, trigger: str, settings: TriggerSe
     `columns`: the optional columns the database has (OPTIONAL_COLUMNS keys); a
     definition that needs a missing one fails with its file and line. `relations`: the
     published tables that exist, for an audience that reads them (None: not checked)."""
-    q = _Sql(definition, settings, set(columns))
+    q = _Sql(definition, settings, set(columns),
+             set(relations) if relations is not None else {"marts.customer_predicted_value"})
     core = _ENTRIES[definition.kind](q, has_ropo)
     sql = f"select x.* from ({core}) x where true"
     audience = _audience(definition, q, relations)

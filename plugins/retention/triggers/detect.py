@@ -22,6 +22,12 @@ Nothing after `hi` is read, so a re-run of a past interval sees what the first r
 receipt (marts.ropo_purchases, where it exists): the customer finished what the trigger
 waits for, whatever became of the order unless it was cancelled (an order cancelled for
 a stock-out has its own trigger).
+
+A trigger whose campaign file has a definition (`entry:`, docs/triggers.md) runs the
+definition (retention.triggers.definitions) instead of its function here. The functions
+of the triggers shipped as definitions stay as the reference the definitions are proven
+equal to (tests/test_trigger_definitions.py); `second_purchase_nudge` and `reengagement`
+are code only (their docstrings say why).
 """
 
 from __future__ import annotations
@@ -373,7 +379,11 @@ def welcome_series(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
 def second_purchase_nudge(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A customer's first purchase (an online order paid or delivered, with no purchase
     before it, offline included). The first step is due after the cohort's norm
-    (`%(norms)s`: cohort month -> days, see lifecycle.nudge_days)."""
+    (`%(norms)s`: cohort month -> days, see lifecycle.nudge_days).
+
+    Code, not a definition: the definition language times a first step by a fixed wait,
+    and this one is timed per customer by the norm of their cohort, computed in Python
+    each run (norms.cohort_norms) from the marts or the raw orders."""
     ropo = ("""and not exists (select 1 from marts.ropo_purchases rp
                                where rp.customer_id = o.customer_id
                                  and rp.purchased_at < o.ordered_at)"""
@@ -433,7 +443,11 @@ def reengagement(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """Customers whose silence (days since their last purchase, as of hi) exceeds
     `multiple` times their own average gap between purchases, or the cohort norm
     (`%(norms)s`) for one-time buyers; at least min and at most max silence days. The
-    key is the last purchase, so a customer enters once per lapse."""
+    key is the last purchase, so a customer enters once per lapse.
+
+    Code, not a definition: a lapse is no event at a time but the absence of one,
+    measured against each customer's own purchase rhythm (or the cohort norm computed in
+    Python), and it is scanned as of each daily run rather than over an interval."""
     ropo = ("""union all
                select customer_id, purchased_at from marts.ropo_purchases
                where purchased_at <= %(hi)s""" if has_ropo else "")

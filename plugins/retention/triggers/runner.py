@@ -6,8 +6,10 @@ decides, never the wall clock. In order:
 1. exits: active chains whose customer purchased, did what the chain asks, or
    unsubscribed by `end` end now (before anything else can extend or plan them);
 2. detection, per trigger: the moments in (scan_from, end], where scan_from is the
-   interval start, or the watermark when runs were missed, minus the lateness; new
-   moments start or extend chains (`ops.trigger_hits` makes old ones no-ops); health;
+   interval start, or the watermark when runs were missed, minus the lateness, found by
+   the campaign file's definition (`entry:`, triggers.definitions) or else the trigger's
+   code (triggers.detect); new moments start or extend chains (`ops.trigger_hits` makes
+   old ones no-ops); health;
 3. exits again (a chain just started may already be void), then every due step is
    planned through the campaign engine in the triggers' priority order, so the first
    chain due for a customer takes the shared frequency cap first;
@@ -144,6 +146,7 @@ def definition_detector(conn: psycopg.Connection, name: str, campaign: Campaign,
                                "and table_name = %s and column_name = %s",
                                (schema, table, column)).fetchone()}
     relations = {r for r in ("marts.customer_lifetime", "marts.customer_category_affinity",
+                             "marts.customer_predicted_value",
                              "marts.ropo_purchases") if _has(conn, r)}
     compiled = compile_definition(campaign.definition, name, settings, has_ropo, columns,
                                   relations)

@@ -1,0 +1,291 @@
+"""The trigger definition language (docs/triggers.md): validation names the file, line and
+field; every construct compiles to SQL that finds the moments it says, on hand-made rows
+in real PostgreSQL; values never become SQL text."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from retention import db
+from retention.campaigns.spec import CampaignError, parse_campaign
+from retention.triggers import run_triggers
+from retention.triggers.config import TriggerSettings
+from retention.triggers.definitions import compile_definition
+from test_triggers import DAY, POLICY, SETTINGS, Shop, at, shop  # noqa: F401
+
+UTC = timezone.utc
+
+HEAD = textwrap.dedent("""\
+    id: demo
+    kind: trigger
+    audience: {include_any: [{all_customers: true}]}
+    """)
+STEPS = textwrap.dedent("""\
+    steps:
+      - {name: first, channel: [email], template: abandoned_cart, wait: 0m}
+    """)
+
+
+def campaign(block: str, head: str = HEAD):
+    return parse_campaign(head + textwrap.dedent(block) + STEPS, "demo.yaml")
+
+
+@pytest.mark.unit
+def test_a_definition_parses():
+    c = campaign("""\
+        entry:
+          event: cart
+          where: {category: electronics, price: {min: 100}}
+          per: product
+        wait: $abandoned_cart_window
+        unless:
+          - {event: [cart, purchase], same: product}
+          - purchase: {}
+        reentry: {every: 7d}
+        """)
+    d = c.definition
+    assert (d.kind, d.per, d.key, d.wait) == ("event", "product", "event", "$abandoned_cart_window")
+    assert len(d.unless) == 2 and d.reentry == {"every": "7d"}
+    assert campaign("entry: {order: {status: delivered}, key: review}\nwait: 7d\n").definition.per == "order"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block,expected", [
+    ("entry: {event: cart, order: {}}\n",
+     "demo.yaml:4: entry: exactly one of event, order, receipt, subscription, product_change, "
+     "date, predicted (found event, order)"),
+    ("entry:\n  event: [view, carts]\n",
+     "demo.yaml:5: entry.event[1]: unknown event type 'carts'"),
+    ("entry: {event: cart}\nwait: $abandoned_window\n",
+     "demo.yaml:5: wait: no trigger setting 'abandoned_window'"),
+    ("entry: {event: cart}\nwait: $browse_min_views\n",
+     "demo.yaml:5: wait: setting 'browse_min_views' is not a duration"),
+    ("entry: {event: cart}\nunless:\n  - purchase: {}\n",
+     "demo.yaml:5: unless: needs a wait"),
+    ("entry: {order: {status: paid}}\nwait: 1d\nunless:\n  - {event: view, same: product}\n",
+     "demo.yaml:7: unless[0]: an order entry has no product to compare"),
+    ("entry: {event: view}\nwait: 1h\nunless:\n  - {event: cart, since: session_start}\n",
+     "demo.yaml:7: unless[0].since: session_start needs a session: entry"),
+    ("entry: {order: {status: paid}, per: product}\n",
+     "demo.yaml:4: entry.per: an order entry can be per order"),
+    ("entry:\n  event: cart\n  where:\n    properties: {plan: {about: 3}}\n",
+     "demo.yaml:7: entry.where.properties.plan"),
+    ("entry:\n  order: {status: shipped}\n",
+     "demo.yaml:5: entry.order.status"),
+    ("entry:\n  event: cart\n  min_drop: 0.1\n",
+     "demo.yaml:6: entry.min_drop: not an option of an event entry"),
+    ("entry:\n  product_change: price_drop\n  min_drop: $wishlist_wait\n",
+     "demo.yaml:6: entry.min_drop: setting 'wishlist_wait' is not a number"),
+    ("wait: 1h\n", "demo.yaml:4: wait: needs an entry block"),
+])
+def test_invalid_definitions_name_the_line_and_field(block, expected):
+    with pytest.raises(CampaignError) as err:
+        campaign(block)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+@pytest.mark.unit
+def test_a_promo_has_no_entry():
+    with pytest.raises(CampaignError, match=r"demo.yaml:4: entry: a promo campaign"):
+        campaign("entry: {event: cart}\n", HEAD.replace("trigger", "promo"))
+
+
+@pytest.mark.unit
+def test_values_are_bind_parameters_never_sql_text():
+    evil = "x'); drop table raw.events; --"
+    c = campaign(f"""\
+        entry:
+          event: cart
+          where:
+            product: "{evil}"
+            category: "{evil}"
+            properties: {{"plan": "{evil}", "n": {{gt: 5}}}}
+          per: product
+        wait: 1h
+        unless:
+          - event: view
+            where: {{brand: "{evil}"}}
+        """)
+    compiled = compile_definition(c.definition, "demo", SETTINGS, has_ropo=True,
+                                  columns={"properties"})
+    assert "drop table" not in compiled.sql
+    assert sum(evil in str(v) for v in compiled.params.values()) >= 4
+    # without the properties column the definition names its line
+    with pytest.raises(CampaignError, match=r"demo.yaml:9: properties: raw.events has no "
+                                            r"properties column"):
+        compile_definition(c.definition, "demo", SETTINGS, has_ropo=True)
+
+
+# --------------------------------------------------------------------------- in PostgreSQL
+
+
+def moments(shop: Shop, c, lo: datetime, hi: datetime, settings: TriggerSettings = SETTINGS,
+            columns=frozenset()) -> list[tuple]:
+    compiled = compile_definition(c.definition, c.id, settings, has_ropo=False, columns=columns)
+    return shop.rows(f"select customer_id, event_key, subject, hit_at, context from "
+                     f"({compiled.sql}) d order by hit_at, customer_id, event_key",
+                     dict(compiled.params, lo=lo, hi=hi))
+
+
+def test_event_filters_and_property_comparisons(shop):
+    with db.connect(shop.url) as conn:
+        # the contract's optional column, as a database that has custom event properties has it
+        conn.execute("alter table raw.events add column if not exists properties jsonb")
+        conn.commit()
+    for cid in ("c1", "c2", "c3", "c4"):
+        shop.customer(cid)
+    shop.product("p1", "electronics.phone", price=500)
+    shop.product("p2", "electronics.phone.case", price=20)
+    shop.product("p3", "garden", price=500)
+
+    def event(cid, when, product, props):
+        eid = shop.event(cid, "cart", when, product)
+        shop._exec("update raw.events set properties = %s::jsonb where event_id = %s",
+                   (props, eid))
+        return eid
+
+    e1 = event("c1", at(10), "p1", '{"plan": "gold", "amount": 150}')
+    event("c2", at(10), "p2", '{"plan": "gold", "amount": 150}')     # price 20: too cheap
+    event("c3", at(10), "p3", '{"plan": "gold", "amount": 150}')     # garden
+    event("c4", at(10), "p1", '{"plan": "gold", "amount": "150"}')   # a string is no number
+    event("c4", at(11), "p1", '{"plan": "silver", "amount": 900}')   # not gold
+    c = campaign("""\
+        entry:
+          event: cart
+          where:
+            category: electronics
+            price: {min: 100}
+            properties: {plan: gold, amount: {gte: 100, lt: 1000}}
+          per: product
+        """)
+    got = moments(shop, c, at(9), at(12), columns={"properties"})
+    assert [(m[0], m[1], m[2], m[3]) for m in got] == [("c1", e1, "product:p1", at(10))]
+    # `in` and `exists`
+    c = campaign("""\
+        entry:
+          event: cart
+          where: {properties: {plan: {in: [silver, bronze]}, amount: {exists: true}}}
+        """)
+    assert [m[0] for m in moments(shop, c, at(9), at(12), columns={"properties"})] == ["c4"]
+
+
+def test_order_entry_filters_and_unless_a_later_purchase(shop):
+    for cid in ("c1", "c2", "c3"):
+        shop.customer(cid)
+    shop.product("p1", "electronics.phone")
+    shop.product("p2", "garden")
+    o1 = shop.order("c1", at(10), status="paid", products=["p1"])
+    shop.order("c2", at(10), status="paid", products=["p2"])         # not electronics
+    o3 = shop.order("c3", at(10), status="paid", products=["p1"])
+    shop.order("c3", at(20), status="paid", products=["p2"])         # bought again in the wait
+    shop._exec("update raw.orders set payment_method = 'card'", ())
+    c = campaign("""\
+        entry:
+          order: {status: [paid, delivered], payment_method: card, amount: {min: 50},
+                  category: electronics}
+          key: thanks
+        wait: 1d
+        unless:
+          - purchase: {}
+        """)
+    got = moments(shop, c, at(0), at(12, day=1))
+    assert [(m[0], m[1], m[2], m[3]) for m in got] == [("c1", f"thanks:{o1}", f"order:{o1}",
+                                                         at(10, day=1))]
+    assert got[0][4]["products"] == ["p1"]
+    # the moment is not seen before the wait has passed, nor twice by a later scan's range
+    assert moments(shop, c, at(0), at(9, day=1)) == []
+    assert o3 not in {m[1] for m in moments(shop, c, at(0), at(23, day=1))}
+
+
+def test_reentry_once_and_every_period_through_runs(shop):
+    shop.customer("c1")
+    shop.product("p1", "electronics.phone")
+    for day in range(4):
+        shop.event("c1", "wishlist", at(10, day=day), "p1")
+    block = """\
+        entry: {event: wishlist, per: product}
+        reentry: %s
+        """
+    counts = {}
+    for label, rule in (("always", "always"), ("once", "once"), ("every", "{every: 2d}")):
+        c = replace(campaign(block % rule), id=f"demo_{label}")
+        t = at(6)
+        while t < at(12, day=3):  # 6-hour runs
+            run_triggers(t, t + timedelta(hours=6), shop.url, policy=POLICY, settings=SETTINGS,
+                         triggers=[c.id], campaigns={c.id: c})
+            t += timedelta(hours=6)
+        counts[label] = [r[0] for r in shop.rows(
+            "select hit_at from ops.trigger_hits where trigger = %s order by 1", (c.id,))]
+    assert counts["always"] == [at(10, day=d) for d in range(4)]
+    assert counts["once"] == [at(10)]
+    assert counts["every"] == [at(10), at(10, day=2)]
+
+
+def test_audience_filters_as_of_the_moment(shop):
+    for cid in ("c1", "c2"):
+        shop.customer(cid)
+    shop.product("p1", "electronics.phone")
+    shop.event("c1", "cart", at(10), "p1")
+    shop.event("c2", "cart", at(10), "p1")
+    c = campaign("entry: {event: cart}\n",
+                 HEAD.replace("{include_any: [{all_customers: true}]}",
+                              "{include_any: [{customer_ids: [c2]}], exclude_any: [{has_channel: sms}]}"))
+    assert [m[0] for m in moments(shop, c, at(9), at(11))] == ["c2"]
+
+
+def test_first_purchase_anniversary_in_the_customers_time_zone(shop):
+    shop.customer("tokyo", tz="Asia/Tokyo")
+    shop.customer("kyiv", tz="Europe/Kyiv")
+    # 20:00 UTC on 2 November 2025 is 3 November in Tokyo, still 2 November in Kyiv
+    shop.order("tokyo", datetime(2025, 11, 2, 20, tzinfo=UTC), status="delivered")
+    shop.order("kyiv", datetime(2025, 11, 2, 20, tzinfo=UTC), status="delivered")
+    shop.order("kyiv", datetime(2026, 5, 1, tzinfo=UTC), status="delivered")
+    c = campaign("entry: {date: first_purchase_anniversary, at: '09:00', per: anniversary}\n")
+    got = moments(shop, c, DAY - timedelta(days=2), DAY + timedelta(days=2))
+    # 09:00 local: 07:00 UTC in Kyiv on 2 November (EET), 00:00 UTC in Tokyo on 3 November
+    assert [(m[0], m[1], m[3]) for m in got] == [
+        ("kyiv", "date:2026", datetime(2026, 11, 2, 7, tzinfo=UTC)),
+        ("tokyo", "date:2026", datetime(2026, 11, 3, 0, tzinfo=UTC))]
+    later = moments(shop, c, datetime(2026, 11, 2, 7, tzinfo=UTC), DAY + timedelta(days=2))
+    assert [m[0] for m in later] == ["tokyo"]
+
+
+def test_birthday_needs_the_column_and_then_finds_the_day(shop):
+    shop.customer("c1", tz="UTC")
+    c = campaign("entry: {date: birthday}\n")
+    with pytest.raises(CampaignError, match=r"demo.yaml:4: entry.date: raw.customers has no "
+                                            r"birth_date column"):
+        moments(shop, c, DAY, DAY + timedelta(days=1))
+    with db.connect(shop.url) as conn:
+        conn.execute("alter table raw.customers add column if not exists birth_date date")
+        conn.execute("update raw.customers set birth_date = '1990-11-03'")
+        conn.commit()
+    got = moments(shop, c, DAY, DAY + timedelta(days=2), columns={"birth_date"})
+    assert [(m[0], m[1], m[3]) for m in got] == [("c1", "date:2026",
+                                                  datetime(2026, 11, 3, 9, tzinfo=UTC))]
+
+
+def test_predicted_value_crossing_a_threshold(shop):
+    for cid in ("up", "stays", "new", "down"):
+        shop.customer(cid)
+    rows = [("up", 1, 50.0), ("up", 2, 150.0), ("stays", 1, 150.0), ("stays", 2, 200.0),
+            ("new", 2, 500.0), ("down", 1, 150.0), ("down", 2, 20.0)]
+    with db.connect(shop.url) as conn:
+        for cid, week, value in rows:
+            conn.execute("""insert into marts.customer_predicted_value (customer_id, as_of,
+                              purchases, time_unit, predicted_value_12m)
+                            values (%s, %s, 1, interval '7 days', %s)""",
+                         (cid, DAY + timedelta(weeks=week), value))
+        conn.commit()
+    above = campaign("entry: {predicted: {measure: predicted_value_12m, above: 100}}\n")
+    got = moments(shop, above, DAY, DAY + timedelta(weeks=3))
+    assert [(m[0], m[3]) for m in got] == [("up", DAY + timedelta(weeks=2))]
+    assert got[0][4]["previous"] == 50.0 and got[0][4]["value"] == 150.0
+    below = campaign("entry: {predicted: {measure: predicted_value_12m, below: 100}}\n")
+    assert [m[0] for m in moments(shop, below, DAY, DAY + timedelta(weeks=3))] == ["down"]
+    # the snapshot of week 2 is outside a scan that ends before it
+    assert moments(shop, above, DAY, DAY + timedelta(weeks=2) - timedelta(seconds=1)) == []
