@@ -330,3 +330,52 @@ def test_airflow_init_creates_the_pools_the_code_uses(services):
         created[name] = int(set_args[1])
     assert sorted(created) == provider_pools()
     assert set(created.values()) == {DEFAULT_POOL_SLOTS}
+
+
+# --------------------------------------------------------------------------- Celery
+
+
+def test_compose_runs_the_celery_shape_of_retention_airflow_up(services, tmp_path):
+    """docker-compose.yaml and `retention airflow up --executor celery --workers 2` (the
+    deployment tests/test_celery.py kills a worker of) are one shape: the CeleryExecutor,
+    two workers with their own Celery node names, the result backend in the metadata
+    database, the same worker slots, and a campaign step's send shards all able to run at
+    once within the provider pool airflow-init creates."""
+    import json
+
+    from retention.config import Settings
+    from retention_airflow.local import (DEFAULT_POOL_SLOTS, DEFAULT_WORKER_CONCURRENCY,
+                                         LocalAirflow)
+
+    worker = services["airflow-worker"]
+    assert worker["command"] == "celery worker"
+    assert worker["deploy"]["replicas"] == 2
+    assert "hostname" not in worker and "container_name" not in worker  # a name per replica
+    compose_env = worker["environment"]
+
+    local = LocalAirflow(home=tmp_path)
+    local.state_file.write_text(json.dumps({
+        "port": 8080, "log_ports": [8793, 8794], "executor": "celery",
+        "workers": ["worker-1", "worker-2"], "broker_url": "redis://127.0.0.1:6379/0",
+        "worker_concurrency": DEFAULT_WORKER_CONCURRENCY,
+        "worker_log_ports": {"worker-1": 8795, "worker-2": 8796}}))
+    local_env = local.environment("postgresql://airflow:secret@127.0.0.1:5432/airflow_meta")
+    assert local.components()[-2:] == ("worker-1", "worker-2")
+
+    assert local_env["AIRFLOW__CORE__EXECUTOR"] == compose_env["AIRFLOW__CORE__EXECUTOR"]
+    celery_keys = {k for k in local_env if k.startswith("AIRFLOW__CELERY__")}
+    assert celery_keys == {"AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__CELERY__RESULT_BACKEND",
+                           "AIRFLOW__CELERY__WORKER_CONCURRENCY"}
+    assert celery_keys <= set(compose_env)
+    for env in (local_env, compose_env):
+        broker = urlsplit(resolve(env["AIRFLOW__CELERY__BROKER_URL"]))
+        assert broker.scheme == "redis" and broker.path.strip("/").isdigit()
+        backend = urlsplit(resolve(env["AIRFLOW__CELERY__RESULT_BACKEND"]).removeprefix("db+"))
+        metadata = urlsplit(resolve(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]))
+        assert backend.scheme.startswith("postgresql")
+        assert (backend.hostname, backend.path) == (metadata.hostname, metadata.path)
+        assert int(env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]) == DEFAULT_WORKER_CONCURRENCY
+
+    shards = int(compose_env["RETENTION_SEND_SHARDS"])
+    assert shards == Settings.model_fields["send_shards"].default
+    assert 2 <= shards <= DEFAULT_POOL_SLOTS  # every shard of a step runs at once
