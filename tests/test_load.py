@@ -388,3 +388,58 @@ def test_concurrent_cli_loads_in_separate_processes(tmp_path, database_url):
 def test_an_unknown_format_is_refused_by_name(database_url, tmp_path):
     with pytest.raises(LoadError, match="unknown format 'parquet'"):
         load_path(tmp_path, database_url, fmt="parquet", loaded_at=LOADED_AT)
+
+
+def _raw_indexes(url: str) -> dict[str, tuple[str, int]]:
+    """Every index of schema raw: name -> (definition, oid)."""
+    with db.connect(url) as conn:
+        return {name: (definition, oid) for name, definition, oid in conn.execute(
+            "select indexname, indexdef, to_regclass(format('%I.%I', schemaname, indexname))::oid"
+            " from pg_indexes where schemaname = 'raw'")}
+
+
+def test_first_load_recreates_the_lookup_indexes_it_deferred(tmp_path, database_url):
+    """Into empty tables the loader drops the lookup indexes before the upsert and creates
+    them again after it: the same definitions (new objects) and a comment kept; a second
+    load into tables with rows leaves them alone."""
+    with db.connect(database_url) as conn:
+        conn.execute("comment on index raw.trg_orders_time is 'orders by time'")
+        conn.commit()
+    before = _raw_indexes(database_url)
+    assert {"trg_orders_customer_time", "trg_orders_time", "customers_pkey"} <= set(before)
+    folder = _shop(tmp_path / "shop")
+    load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    after = _raw_indexes(database_url)
+    assert {n: d for n, (d, _) in after.items()} == {n: d for n, (d, _) in before.items()}
+    # the orders lookups were dropped and made again; keys and the unloaded tables' stay
+    assert after["trg_orders_time"][1] != before["trg_orders_time"][1]
+    assert after["trg_orders_customer_time"][1] != before["trg_orders_customer_time"][1]
+    assert after["customers_pkey"][1] == before["customers_pkey"][1]
+    assert after["trg_events_time"][1] == before["trg_events_time"][1]
+    with db.connect(database_url) as conn:
+        assert conn.execute("select obj_description('raw.trg_orders_time'::regclass, "
+                            "'pg_class')").fetchone()[0] == "orders by time"
+        conn.execute("set enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "explain select * from raw.orders where ordered_at >= '2025-03-02T00:00:00Z'"))
+    assert "trg_orders_time" in plan, plan
+    write_csv(folder, "orders", ORDERS + [["o9", "c1", "2025-03-03T10:00:00Z", "paid", "1", "UAH", "", ""]])
+    load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert _raw_indexes(database_url) == after  # tables with rows: indexes untouched
+
+
+def test_failed_first_load_leaves_the_indexes_and_tables_as_they_were(tmp_path, database_url):
+    """A first load whose last file is broken fails after the earlier tables' indexes
+    were dropped and made again: the rollback leaves every index (the same objects) and
+    every table as before."""
+    before, rows = _raw_indexes(database_url), snapshot(database_url)
+    folder = _shop(tmp_path / "shop")
+    write_csv(folder, "events", [["event_id", "occurred_at", "event_type", "customer_id"],
+                                 ["e1", "2025-03-01T10:00:00Z", "view", "c1", "EXTRA"]])
+    with pytest.raises(LoadError, match="events.csv"):
+        load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert _raw_indexes(database_url) == before
+    assert snapshot(database_url) == rows
+    load_folder(_shop(tmp_path / "fixed"), database_url, loaded_at=LOADED_AT, currency="UAH")
+    assert {n: d for n, (d, _) in _raw_indexes(database_url).items()} == \
+        {n: d for n, (d, _) in before.items()}

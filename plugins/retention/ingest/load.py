@@ -10,6 +10,14 @@ How a load works:
    set-wise in SQL: every row that breaks the contract goes to `ops.quarantine` with its
    reason, file and line; the rest is upserted into `raw.<table>` on the table's key, only
    where a value changed, so re-loading the same files changes nothing.
+   When `raw.<table>` is empty before its upsert (a shop's first load), its secondary
+   indexes (not unique, backing no constraint: the lookup indexes the migrations create)
+   are dropped just before the upsert and created again right after it from their own
+   definitions as the database holds them (`pg_get_indexdef`, with their tablespace and
+   comment), in the same transaction: one sort per index instead of maintaining each
+   while millions of rows go in. No other session sees the table without them (the
+   dropped indexes keep the table locked until the load commits; a first load's readers
+   wait for it), and a failed load rolls the drop back with everything else.
 3. A COPY error (ragged rows, broken quoting, invalid UTF-8) aborts the transaction: the
    database is exactly as before, and the error names the file and the line.
 
@@ -271,9 +279,63 @@ def lock_loads(conn: psycopg.Connection) -> None:
 
 def tune_session(conn: psycopg.Connection) -> None:
     """Set-wise checks over millions of staged rows: sort and hash in memory, no JIT
-    (its compile time dominates on these one-off statements)."""
+    (its compile time dominates on these one-off statements); index builds (a first
+    load's, see `deferred_indexes`) sort in memory too."""
     conn.execute("set local jit = off")
     conn.execute("set local work_mem = '256MB'")
+    conn.execute("set local maintenance_work_mem = '256MB'")
+
+
+@dataclass(frozen=True)
+class DeferredIndex:
+    """A secondary index dropped for a bulk write, and what recreates it as it was."""
+    name: str
+    definition: str  # pg_get_indexdef: CREATE INDEX ... ON raw.<table> USING ...
+    tablespace: str | None
+    comment: str | None
+
+
+def deferred_indexes(conn: psycopg.Connection, table: str) -> list[DeferredIndex]:
+    """Drop the secondary indexes of `raw.<table>` when the table is empty, for
+    `restore_indexes` to create again after the write; [] (nothing dropped) when the
+    table has rows or this role does not own it. Secondary: not unique, not the primary
+    key, backing no constraint, valid, not the replica identity. Run inside the load's
+    transaction."""
+    rows = conn.execute("""
+        select i.relname, pg_get_indexdef(x.indexrelid), ts.spcname,
+               obj_description(x.indexrelid, 'pg_class')
+        from pg_index x
+        join pg_class i on i.oid = x.indexrelid
+        join pg_class t on t.oid = x.indrelid
+        left join pg_tablespace ts on ts.oid = i.reltablespace
+        where x.indrelid = to_regclass(%s) and not x.indisunique and not x.indisprimary
+          and x.indisvalid and not x.indisreplident
+          and pg_has_role(t.relowner, 'USAGE')
+          and not exists (select 1 from pg_constraint c where c.conindid = x.indexrelid)
+        order by i.relname
+    """, (f"raw.{table}",)).fetchall()
+    if not rows:
+        return []
+    if conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
+            sql.Identifier(table))).fetchone()[0]:
+        return []
+    found = [DeferredIndex(*row) for row in rows]
+    for index in found:
+        conn.execute(sql.SQL("drop index {}").format(sql.Identifier("raw", index.name)))
+    return found
+
+
+def restore_indexes(conn: psycopg.Connection, indexes: list[DeferredIndex]) -> None:
+    """Create again, as they were, the indexes `deferred_indexes` dropped."""
+    for index in indexes:
+        statement = sql.SQL(index.definition)  # the server's own text of the index
+        if index.tablespace:
+            statement = sql.SQL("{} tablespace {}").format(
+                statement, sql.Identifier(index.tablespace))
+        conn.execute(statement)
+        if index.comment is not None:
+            conn.execute(sql.SQL("comment on index {} is {}").format(
+                sql.Identifier("raw", index.name), sql.Literal(index.comment)))
 
 
 def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
@@ -488,7 +550,9 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
                  quarantined_at = excluded.quarantined_at
              where (q.reason, q.record) is distinct from (excluded.reason, excluded.record)""",
         (table.name, source_file, load_id, loaded_at))
+    deferred = deferred_indexes(conn, table.name) if result.accepted else []
     inserted, updated = conn.execute(_upsert_sql(table)).fetchone()
+    restore_indexes(conn, deferred)
     result.inserted, result.updated = inserted, updated
     return result
 
