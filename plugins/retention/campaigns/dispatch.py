@@ -83,7 +83,7 @@ import psycopg
 
 from retention import db
 from retention.campaigns.engine import RunInfo, step_counts, step_time
-from retention.campaigns.render import context_for, render
+from retention.campaigns.render import context_for, link_keys, render
 from retention.campaigns.spec import Campaign
 from retention.channels.base import Channel, OutboundMessage, SendResult
 from retention.config import settings
@@ -713,6 +713,7 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                     if has_lifetime else {}
                 extras = extra_context(conn, rows) if extra_context else {}
                 messages, sent_at = [], {}
+                keys = link_keys()  # the settings, once for the batch
                 for message_id, customer_id, address, variant, not_before, run_id, planned_at in rows:
                     v = variants.get(variant)
                     template = (v.template if v and v.template else step.template)
@@ -722,7 +723,8 @@ def _send(campaign: Campaign, step_name: str, channels: Mapping[str, Channel], s
                         preferred_category=categories.get(customer_id),
                         products=recs.for_category(categories.get(customer_id)),
                         discount_percent=discount,
-                        expires_on=(planned_at + timedelta(days=valid_days)).date())
+                        expires_on=(planned_at + timedelta(days=valid_days)).date(),
+                        keys=keys)
                     ctx.update(extras.get(message_id, {}))
                     rendered = render(channel_name, template, ctx)
                     subject = (v.subject if v and v.subject and channel_name == "email"

@@ -66,19 +66,35 @@ def promo_secret() -> bytes:
     return secret.encode()
 
 
-def _mac(*parts: str) -> bytes:
-    return hmac.digest(promo_secret(), "|".join(parts).encode(), "sha256")
+@dataclass(frozen=True)
+class LinkKeys:
+    """The settings a message's promo code and unsubscribe link need, read once for a
+    batch of messages (`link_keys()`) instead of once per message."""
+    secret: bytes
+    unsubscribe_base: str
 
 
-def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = "") -> str:
+def link_keys() -> LinkKeys:
+    """RETENTION_PROMO_SECRET and RETENTION_UNSUBSCRIBE_URL as the environment holds them."""
+    return LinkKeys(promo_secret(), settings().unsubscribe_url)
+
+
+def _mac(*parts: str, secret: bytes | None = None) -> bytes:
+    return hmac.digest(secret or promo_secret(), "|".join(parts).encode(), "sha256")
+
+
+def promo_code(campaign_id: str, run_id: str, customer_id: str, prefix: str = "", *,
+               secret: bytes | None = None) -> str:
     # the first 8 base32 characters are the first 5 bytes' (40 bits): no need to encode all 32
-    code = base64.b32encode(_mac("promo", campaign_id, run_id, customer_id)[:5]).decode()
+    code = base64.b32encode(_mac("promo", campaign_id, run_id, customer_id,
+                                 secret=secret)[:5]).decode()
     return f"{prefix}{code}"
 
 
-def unsubscribe_url(message_id: str, base: str | None = None) -> str:
+def unsubscribe_url(message_id: str, base: str | None = None, *,
+                    secret: bytes | None = None) -> str:
     base = base or settings().unsubscribe_url
-    token = base64.urlsafe_b64encode(_mac("unsubscribe", message_id)).decode()[:22]
+    token = base64.urlsafe_b64encode(_mac("unsubscribe", message_id, secret=secret)).decode()[:22]
     return f"{base}?{urlencode({'m': message_id, 't': token})}"
 
 
@@ -146,18 +162,23 @@ def render(channel: str, template: str, context: dict) -> Rendered:
 def context_for(*, campaign_id: str, campaign_name: str, run_id: str, message_id: str,
                 customer_id: str, variant: str, preferred_category: str | None,
                 products: list[dict], discount_percent: float, expires_on: date,
-                code_prefix: str = "") -> dict:
+                code_prefix: str = "", keys: LinkKeys | None = None) -> dict:
+    """A message's template context; `keys` (from `link_keys()`, once per batch) saves
+    reading the settings for each message."""
+    secret = keys.secret if keys is not None else None
     return {
         "greeting": "Hello!",
         "customer_id": customer_id,
         "preferred_category": preferred_category,
         "preferred_category_label": category_label(preferred_category),
         "products": products,
-        "promo": {"code": promo_code(campaign_id, run_id, customer_id, code_prefix),
+        "promo": {"code": promo_code(campaign_id, run_id, customer_id, code_prefix,
+                                     secret=secret),
                   "discount_percent": int(discount_percent) if float(discount_percent).is_integer()
                   else discount_percent,
                   "expires_on": expires_on.isoformat()},
-        "unsubscribe_url": unsubscribe_url(message_id),
+        "unsubscribe_url": unsubscribe_url(
+            message_id, keys.unsubscribe_base if keys is not None else None, secret=secret),
         "campaign": campaign_name,
         "variant": variant,
     }
