@@ -12,8 +12,9 @@ tables, and marks the raw tables as updated Assets, which schedules the dbt buil
 * Bad rows go to `ops.quarantine` with their reason; a broken file fails the task and
   changes nothing, and its drop stays in `incoming/` for a fix and a retry.
 * The load's time is the run's data interval end, so a re-run quarantines the same rows.
-* A failed data-quality check (an empty required table, a stale table) fails the run and
-  no Asset event is emitted.
+* A failed data-quality check (an empty required table, a stale table) fails the run at
+  once (a retry would check the same data) and no Asset event is emitted; the alert to
+  the people on duty names the failed expectations (`retention_airflow.alerts`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retention.config import settings
+from retention_airflow.alerts import quality_failure
 from retention_airflow.assets import RAW_TABLES
 from retention_airflow.run_context import run_as_of
 from retention_airflow.dags import retention_dag
@@ -59,7 +61,8 @@ def retention_ingest():
         tables = sorted({t for load in loads for t in load["tables"]})
         report = run_checkpoint(None, as_of=run_as_of(), tables=tables,
                                 load_id=loads[-1]["load_id"])
-        report.raise_for_failures()
+        if not report.success:
+            raise quality_failure(report)  # no retry: the same data fails the same way
         return {"tables": tables, "loads": [load["load_id"] for load in loads]}
 
     check_quality(load_drops(find_ready_drops()))

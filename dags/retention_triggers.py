@@ -14,7 +14,8 @@ campaign engine (consent, shared frequency caps, quiet hours, holdouts, channel
 fallback) into `ops.messages` and out through the providers, exactly once. Per trigger
 the run records chains started against the recent norm in `ops.trigger_health`; a
 trigger that falls silent is flagged (a broken tracker looks like silence) and fails the
-`check_health` task so that someone looks.
+`check_health` task at once, which alerts the people on duty with the silent triggers'
+notes (`retention_airflow.alerts`).
 
 as_of is the data interval end, never the wall clock: re-running an interval plans and
 sends nothing new. Logic: `plugins/retention/triggers/`.
@@ -28,6 +29,7 @@ from airflow.sdk import get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from retention.config import settings
+from retention_airflow.alerts import trigger_health_failure
 from retention_airflow.dags import retention_dag
 from retention_airflow.hooks import trigger_channels
 
@@ -61,8 +63,8 @@ def retention_triggers():
     @task
     def check_health(triggers: dict) -> None:
         flagged = {name: t["note"] for name, t in triggers.items() if t["flagged"]}
-        if flagged:
-            raise RuntimeError("trigger health: " + "; ".join(flagged.values()))
+        if flagged:  # no retry: the counts of this interval are what they are
+            raise trigger_health_failure(flagged)
 
     check_health(run_triggers())
 

@@ -1,6 +1,9 @@
 """`retention`: the command line of the pipeline, for operators and the quick start.
 
-Every subcommand calls the same functions the Airflow tasks call.
+Every subcommand calls the same functions the Airflow tasks call. Long work (a load, a
+build, a campaign's steps) shows its progress on stderr (`retention.progress`: a live bar
+on a terminal, else a plain line every `--progress-interval` seconds). A warehouse that
+cannot be reached is one line naming it (password hidden) and exit code 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -52,11 +55,122 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_bytes(path: Path) -> int:
+    """The bytes COPY receives from a file: its size, or a gzip file's uncompressed size
+    from its trailer (modulo 4 GiB, so an estimate for larger members)."""
+    size = path.stat().st_size
+    if path.name.endswith(".gz") and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            return int.from_bytes(f.read(4), "little") or size
+    return size
+
+
+def _load_files(path: Path, fmt: str) -> list[Path]:
+    """The files a load streams, in the order it streams them."""
+    if fmt != "contract":
+        return [path]
+    from retention.ingest.contract import LOAD_ORDER
+    from retention.ingest.load import discover
+
+    files, _ = discover(path)
+    return [files[name] for name in LOAD_ORDER if name in files]
+
+
+def _copy_columns(query: str) -> list[str] | None:
+    """The column list of a `copy stage ("a", "b") from stdin` statement."""
+    head, _, rest = query.partition("(")
+    if not head.strip().lower().startswith("copy"):
+        return None
+    return [c.strip().strip('"') for c in rest.partition(")")[0].split(",")]
+
+
+class _CopyWatch:
+    """Progress of a load seen from outside it: a second session polls PostgreSQL's
+    `pg_stat_progress_copy` for the COPY of the load's own session (told apart by its
+    application name; the statement's column list tells which file it streams) and moves
+    a bytes bar over the input files. A server without that
+    view (before PostgreSQL 14) shows no bar; the load itself is never affected."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        import os
+        import secrets
+        import threading
+
+        from retention.progress import progress
+
+        from retention.ingest.load import read_header
+
+        try:
+            self.files = _load_files(path, fmt)
+            self.sizes = [_copy_bytes(f) for f in self.files]
+            self.headers = [read_header(f) for f in self.files]
+        except Exception:  # noqa: BLE001 - the load reports bad input itself
+            self.files, self.sizes, self.headers = [], [], []
+        self.app = f"retention-load-{os.getpid()}-{secrets.token_hex(3)}"
+        self.saved_app = os.environ.get("PGAPPNAME")
+        os.environ["PGAPPNAME"] = self.app
+        first = self.files[0].name if self.files else str(path)
+        self.bar = progress(f"load {first}", sum(self.sizes) or None, unit="B")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="load-progress", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        import psycopg
+
+        from retention import db
+
+        try:
+            conn = psycopg.connect(db.libpq_dsn(), autocommit=True,
+                                   application_name=f"{self.app}-watch")
+        except Exception:  # noqa: BLE001 - no bar rather than a failed load
+            return
+        with conn:
+            index = 0
+            while not self.stop.wait(0.5):
+                try:
+                    row = conn.execute(
+                        "select a.query, p.bytes_processed from pg_stat_progress_copy p "
+                        "join pg_stat_activity a using (pid) where a.application_name = %s",
+                        (self.app,)).fetchone()
+                except psycopg.Error:
+                    return
+                if row is None:
+                    continue
+                columns = _copy_columns(row[0])
+                now = next((i for i, h in enumerate(self.headers) if h == columns), index)
+                if now != index:
+                    index = now
+                    self.bar.describe(f"load {self.files[index].name}")
+                self.bar.set_done(sum(self.sizes[:index]) + int(row[1]))
+
+    def close(self, ok: bool) -> None:
+        import os
+
+        self.stop.set()
+        self.thread.join(timeout=5)
+        if self.saved_app is None:
+            os.environ.pop("PGAPPNAME", None)
+        else:
+            os.environ["PGAPPNAME"] = self.saved_app
+        if ok and self.sizes:
+            self.bar.describe("load")
+            self.bar.set_done(sum(self.sizes))
+        self.bar.close(summary=ok)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from retention.ingest.formats import load_path
 
-    report = load_path(args.path, loaded_at=args.loaded_at, currency=args.currency,
-                       fmt=args.format)
+    watch = _CopyWatch(Path(args.path).resolve(), args.format)
+    ok = False
+    try:
+        report = load_path(args.path, loaded_at=args.loaded_at, currency=args.currency,
+                           fmt=args.format)
+        ok = True
+    finally:
+        watch.close(ok)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if args.check:
         from retention.ingest.quality import run_checkpoint
@@ -207,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "run campaigns. Settings come from RETENTION_* environment variables "
                     "(`retention settings` lists them).")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto",
+                        help="progress of long work on stderr: a live bar on a terminal, "
+                             "plain lines elsewhere (auto), or off")
+    parser.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between two plain progress lines (default 10)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("db", help="print the database URL in use (password hidden); "
@@ -312,10 +431,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from retention.campaigns.spec import CampaignError
     from retention.connections import ConnectionError_
+    from retention.db import WarehouseUnreachable
     from retention.ingest.load import LoadError
+    from retention.progress import configure
 
+    configure(mode=args.progress, interval=args.progress_interval)
     try:
         return args.func(args)
+    except WarehouseUnreachable as exc:
+        print(f"retention: {exc}", file=sys.stderr)
+        return 2
     except LoadError as exc:
         print(f"retention: load failed, nothing was changed: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from retention.campaigns.engine import plan_step, start_run, step_counts, step_t
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign
 from retention.channels.base import Channel
+from retention.progress import progress
 
 
 def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Channel],
@@ -26,24 +27,36 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
     step is planned at its own time (as_of + waits), so a later wave sees what the
     earlier ones reached. `after_step(run_id, step)` runs between steps (the demo feeds
     the readers' webhook events there, as they would arrive during the wait).
-    `on_point` is passed to every dispatch (`retention.campaigns.dispatch.OnPoint`)."""
+    `on_point` is passed to every dispatch (`retention.campaigns.dispatch.OnPoint`).
+    Each step shows messages sent (or failed) of those planned, rate and time left
+    (`retention.progress`); messages held for the customers' mornings count when released."""
     run = start_run(campaign, as_of, url, policy)
     threads = dispatch_threads()
     waves = []
     for i, step in enumerate(campaign.steps):
         plan_step(campaign, run, step.name, url, policy)
-        dispatch_step(campaign, run, step.name, channels, url, workers=threads,
-                      on_point=on_point)
-        at = step_time(campaign, run, step)
-        nxt = (step_time(campaign, run, campaign.steps[i + 1]) if i + 1 < len(campaign.steps)
-               else None)
         with db.connect(url) as conn:
-            latest = conn.execute(
-                "select max(not_before) from ops.messages where run_id = %s and step = %s "
+            planned = conn.execute(
+                "select count(*) from ops.messages where run_id = %s and step = %s "
                 "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
-        if latest is not None and (nxt is None or latest <= nxt):
-            dispatch_step(campaign, run, step.name, channels, url, release_at=max(latest, at),
-                          workers=threads, on_point=on_point)
+        with progress(f"campaign {campaign.id} step {step.name}", planned,
+                      unit="messages") as bar:
+            def on_batch(channel: str, n: int) -> None:
+                bar.update(n)
+
+            dispatch_step(campaign, run, step.name, channels, url, workers=threads,
+                          on_point=on_point, on_batch=on_batch)
+            at = step_time(campaign, run, step)
+            nxt = (step_time(campaign, run, campaign.steps[i + 1])
+                   if i + 1 < len(campaign.steps) else None)
+            with db.connect(url) as conn:
+                latest = conn.execute(
+                    "select max(not_before) from ops.messages where run_id = %s and step = %s "
+                    "and status = 'planned'", (run.run_id, step.name)).fetchone()[0]
+            if latest is not None and (nxt is None or latest <= nxt):
+                dispatch_step(campaign, run, step.name, channels, url,
+                              release_at=max(latest, at), workers=threads, on_point=on_point,
+                              on_batch=on_batch)
         if after_step is not None:
             after_step(run.run_id, step.name)
         counts = step_counts(run.run_id, step.name, url)

@@ -4,6 +4,11 @@
 starts, or reuses, an embedded PostgreSQL under RETENTION_HOME/pgdata so the quick start
 needs no installed database. The embedded server keeps running between commands
 (`retention db --stop` stops it).
+
+A warehouse that cannot be reached (refused, unknown host, timed out, authentication
+failed) raises `WarehouseUnreachable`, whose message is one line naming the server with
+the password hidden: `cannot reach the warehouse at postgresql://user:***@host:5432/db:
+connection refused`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,25 @@ import sqlalchemy as sa
 from retention.config import paths, settings
 
 _EMBEDDED_DB = "retention"
+
+
+class WarehouseUnreachable(psycopg.OperationalError):
+    """No connection to the warehouse could be made; the message names the server (the
+    password hidden) and libpq's reason, on one line."""
+
+    def __init__(self, url: str, error: BaseException) -> None:
+        super().__init__(f"cannot reach the warehouse at {unquote(redacted_url(url))}: "
+                         f"{_reason(error)}")
+
+
+def _reason(error: BaseException) -> str:
+    """libpq's reason, without its hints and the repeated server address:
+    'connection to server at "h", port 5999 failed: Connection refused\n\tIs the server
+    running...' -> 'connection refused'."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    reason = first.rsplit(" failed: ", 1)[-1].strip()
+    reason = reason.removeprefix("FATAL:").strip()
+    return (reason[:1].lower() + reason[1:]) if reason else type(error).__name__
 
 
 def _embedded_server():  # pragma: no cover - exercised by the quick start
@@ -118,6 +142,12 @@ def engine(url: str | None = None) -> sa.Engine:
 
 @contextmanager
 def connect(url: str | None = None, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-    """A psycopg 3 connection (COPY streaming, server-side work)."""
-    with psycopg.connect(libpq_dsn(url), autocommit=autocommit) as conn:
+    """A psycopg 3 connection (COPY streaming, server-side work); `WarehouseUnreachable`
+    when none can be made."""
+    url = url or database_url()
+    try:
+        conn = psycopg.connect(libpq_dsn(url), autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        raise WarehouseUnreachable(url, exc) from None
+    with conn:
         yield conn

@@ -1,7 +1,9 @@
 """Build the customer lifetime tables: `dbt build` of dbt_project/ as of a moment.
 
 `build()` runs dbt in-process (dbtRunner) with the connection of `retention.db` and the
-var `as_of`, then reads the headline numbers back from the marts (`summary()`).
+var `as_of`, then reads the headline numbers back from the marts (`summary()`); while dbt works it
+shows nodes done of the total, rate and time left (`retention.progress`: a bar on a
+terminal, a line every 30 s in a task log).
 
 as_of (CONTRACT.md section 2) is the end of the data the build may see. When it is not
 given, it is the latest timestamp in raw (orders.ordered_at, offline_receipts.purchased_at,
@@ -32,6 +34,7 @@ import json
 import os
 import threading
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -175,9 +178,27 @@ def dbt_results(result: Any) -> dict[str, Any]:
     }
 
 
-def run_dbt(args: list[str], url: str | None = None) -> Any:
-    """Run one dbt command against the project with the profile of `url` (dbtRunner).
-    Returns the dbtRunnerResult."""
+def node_progress(what: str) -> tuple[Any, Callable[[Any], None]]:
+    """A `retention.progress.Progress` of dbt nodes and the dbtRunner callback that feeds
+    it: the total from dbt's `ConcurrencyLine` event, one step per `NodeFinished`."""
+    from retention.progress import progress
+
+    bar = progress(what, unit="nodes")
+
+    def callback(event: Any) -> None:
+        name = event.info.name
+        if name == "ConcurrencyLine":
+            bar.set_total(int(event.data.node_count))
+        elif name == "NodeFinished":
+            bar.update(1)
+
+    return bar, callback
+
+
+def run_dbt(args: list[str], url: str | None = None, *,
+            callbacks: list[Callable[[Any], None]] | None = None) -> Any:
+    """Run one dbt command against the project with the profile of `url` (dbtRunner);
+    `callbacks` get dbt's events. Returns the dbtRunnerResult."""
     from dbt.cli.main import dbtRunner
 
     project = project_dir()
@@ -190,7 +211,7 @@ def run_dbt(args: list[str], url: str | None = None) -> Any:
         "--log-path", str(target / "logs"),
     ]
     with _exclusive_build(), _profile_env(url):
-        return dbtRunner().invoke(full_args)
+        return dbtRunner(callbacks=list(callbacks or [])).invoke(full_args)
 
 
 def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
@@ -241,7 +262,9 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
         args += ["--exclude-resource-type", "unit_test"]
     if full_refresh:
         args.append("--full-refresh")
-    result = run_dbt(args, url)
+    bar, on_event = node_progress(f"build as of {as_of.isoformat()}")
+    with bar:
+        result = run_dbt(args, url, callbacks=[on_event])
     dbt_summary = dbt_results(result)
     if result.exception is not None:
         dbt_summary["error"] = str(result.exception)

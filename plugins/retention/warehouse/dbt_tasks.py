@@ -11,11 +11,14 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from retention.warehouse.build import BuildError, as_of_literal, dbt_results, run_dbt, target_dir
+from retention.warehouse.build import (BuildError, as_of_literal, dbt_results, node_progress,
+                                      run_dbt, target_dir)
 
 
 def retry_failed(as_of: datetime, url: str | None = None) -> dict:
-    result = run_dbt(["retry"], url)
+    bar, on_event = node_progress(f"dbt retry as of {as_of.isoformat()}")
+    with bar:
+        result = run_dbt(["retry"], url, callbacks=[on_event])
     summary = dbt_results(result)
     summary["as_of"] = as_of.isoformat()
     if not summary["success"]:
