@@ -125,6 +125,76 @@ def test_malformed_chunked_oversized_unknown_and_unsupported():
         server.stop()
 
 
+def test_routes_dispatched_before_starlette_answer_as_starlette_would():
+    """The provider routes with a fixed path or one whole-segment parameter are served
+    without the Router: their bodies over the limit get Starlette's 413 (by Content-Length
+    or as they arrive chunked), unprocessed; a method the route does not take, a
+    parameter spanning segments and a trailing slash still get the Router's 405, 404 and
+    redirect; a well-formed request is served with its path parameter."""
+    _, server = serve([PROVIDERS["sendgrid"](), PROVIDERS["telegram"]()], max_body_bytes=100)
+    host, port = server.base_url.removeprefix("http://").split(":")
+    big = json.dumps({"personalizations": [], "text": "x" * 100}).encode()
+    mail = b"POST /v3/mail/send HTTP/1.1\r\nContent-Type: application/json\r\n"
+    try:
+        for raw, status, body in (
+                (mail + b"Content-Length: %d\r\n\r\n%s" % (len(big), big), 413,
+                 b"Content Too Large"),
+                (mail + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                 % (len(big), big), 413, b"Content Too Large"),
+                (b"GET /v3/mail/send HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405,
+                 b"Method Not Allowed"),
+                (b"POST /bot1:a/b/sendMessage HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 404,
+                 b"Not Found"),
+                (b"POST /v3/mail/send/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 307, b"")):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.settimeout(5)
+                sock.sendall(raw)
+                answer = _read_response(sock, bytearray())
+                assert (answer[0], answer[2]) == (status, body), raw
+        assert server.received == []
+        sent = requests.post(f"{server.base_url}/bot12:abc/sendMessage",
+                             json={"chat_id": 7, "text": "hi"}, timeout=5)
+        assert sent.status_code == 200 and sent.json()["ok"] is True
+        assert [(r.path, r.status) for r in server.received] == [("/bot12:abc/sendMessage", 200)]
+    finally:
+        server.stop()
+
+
+def test_an_answer_leaves_in_one_write():
+    """uvicorn writes an answer's head and body apart; the connection's wire joins the
+    writes made between hold and flush (or close) into one, and passes others through."""
+    from retention_dev.servers import _Wire
+
+    class Transport:  # what asyncio's transport receives
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    transport = Transport()
+    wire = _Wire(transport)  # type: ignore[arg-type]
+    wire.write(b"a")
+    wire.hold()
+    wire.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    wire.write(b"{}")
+    assert transport.writes == [b"a"]
+    wire.flush()
+    wire.write(b"b")
+    wire.hold()
+    wire.write(b"c")
+    wire.close()
+    assert transport.writes == [b"a", b"HTTP/1.1 200 OK\r\n\r\n{}", b"b", b"c"]
+    assert wire.is_closing()
+
+
 def test_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout():
     _, server = serve([PROVIDERS["gateway"]()], keep_alive_seconds=0.3)
     host, port = server.base_url.removeprefix("http://").split(":")

@@ -79,6 +79,7 @@ from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import Router
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -1030,13 +1031,19 @@ PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in
 
 # --------------------------------------------------------------------------- HTTP server
 
-# The providers are a Starlette Router (one route per provider route) behind Starlette's
-# request-body limit, served by uvicorn (httptools, uvloop) on a thread of this process:
+# The providers are served by uvicorn (httptools, uvloop) on a thread of this process:
 # uvicorn parses requests and frames answers (Content-Length, chunked), keeps connections
-# alive and answers pipelined requests on a connection in order. The routes are plain
-# ASGI apps reading uvicorn's messages (no Request objects, no exception middleware: a
-# few tens of microseconds less per request, which the benchmarks' 100,000 pushes feel);
-# the latency is a timer, not a thread or a task.
+# alive and answers pipelined requests on a connection in order. The app uvicorn runs
+# (`_App`) dispatches on the path itself for the routes whose path is fixed or has one
+# parameter filling a whole segment (SendGrid's mail/send, FCM's messages:send,
+# Telegram's bot methods), checking the body limit as it reads; every other request
+# (the gateway's `{rest:path}`, unknown paths, methods a route does not take, the
+# HEAD of a GET) goes to a Starlette Router behind Starlette's request-body limit, which
+# answers as Starlette does (404, 405, a redirect for a trailing slash, 413). The routes
+# are plain ASGI apps reading uvicorn's messages (no Request objects, no exception
+# middleware); an answer's head and body leave in one write; the latency is a timer, not
+# a thread or a task. The provider paths do not overlap, so which of the two dispatches a
+# request does not change which route serves it.
 
 #: largest request body accepted (413 beyond it); SendGrid's own limit is 30 MB a message
 MAX_BODY_BYTES = 30 * 1024 * 1024
@@ -1048,27 +1055,68 @@ BACKLOG = 1024
 STOP_GRACE_SECONDS = 5
 #: the ASGI scope extension through which a route closes its connection unanswered
 DROP_EXTENSION = "retention.drop_connection"
+#: the ASGI scope extension holding the connection's `_Wire` (an answer in one write)
+WIRE_EXTENSION = "retention.wire"
 CHUNK_BYTES = 7  # the "chunked" outcome's chunk size: several chunks for any body
+#: a path parameter that fills a whole segment, as in "/bot{token}/sendMessage"
+_ONE_PARAMETER = re.compile(r"^([^{}]*)\{(\w+)\}([^{}]*)$")
+
+
+class _Wire:
+    """A connection's transport as uvicorn's protocol sees it: writes go straight through,
+    except between `hold()` and `flush()` (or `close()`), where they are gathered and leave
+    as one write (an answer's head and body in one TCP segment instead of two). Everything
+    else is the transport's."""
+
+    __slots__ = ("_transport", "_held")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._transport.write(data)
+        else:
+            self._held.append(data)
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:  # uvicorn closes right after an answer's last write
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Protocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, which also counts the connections it accepts and
-    offers each request, as the scope extension `DROP_EXTENSION`, a callable that closes
-    the connection without an answer (the "drop" faults): the request's cycle is marked
-    disconnected first, so uvicorn neither answers for the app nor reports it."""
+    """uvicorn's httptools protocol, which also counts the connections it accepts, writes
+    through a `_Wire`, and offers each request two scope extensions: `WIRE_EXTENSION`, the
+    connection's `_Wire`, and `DROP_EXTENSION`, a callable that closes the connection
+    without an answer (the "drop" faults): the request's cycle is marked disconnected
+    first, so uvicorn neither answers for the app nor reports it."""
 
     stats: _Stats  # set per server (see `serve`)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_Wire(transport))  # type: ignore[arg-type]
         self.stats.connections_accepted += 1
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
-            self.scope.setdefault("extensions", {})[DROP_EXTENSION] = (
-                lambda: self._drop(cycle))
+            self.scope["extensions"] = {  # type: ignore[typeddict-unknown-key]
+                WIRE_EXTENSION: self.transport,
+                DROP_EXTENSION: lambda: self._drop(cycle)}
 
     def _drop(self, cycle: Any) -> None:
         cycle.disconnected = True
@@ -1079,6 +1127,10 @@ class _Protocol(HttpToolsProtocol):
 @dataclass
 class _Stats:
     connections_accepted: int = 0  # since the server started
+
+
+class _TooLarge(Exception):
+    """The request body is over the limit (answered 413, not processed)."""
 
 
 class _Endpoint:
@@ -1096,19 +1148,25 @@ class _Endpoint:
         self.server, self.provider, self.route = server, provider, route
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        chunks = []
-        while True:  # the body, as uvicorn hands it over (the body limit wraps `receive`)
-            message = await receive()
-            if message["type"] == "http.disconnect":  # not received in full: not
-                return  # processed, nobody to answer
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        """Reached through the Starlette Router (its body limit wraps `receive`)."""
+        await self.serve(scope, receive, send, scope.get("path_params") or {}, None)
+
+    async def serve(self, scope: dict, receive: Callable, send: Callable,
+                    params: dict[str, str], limit: int | None) -> None:
+        """Serve a request; with `limit`, a body over `limit` bytes (by its Content-Length
+        or as it arrives) is answered 413 as Starlette's limit answers it."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            raw = await _body(receive, headers, limit)
+        except _TooLarge:
+            await PlainTextResponse("Content Too Large", status_code=413)(scope, receive, send)
+            return
+        if raw is None:  # not received in full: not processed, nobody to answer
+            return
         query = scope["query_string"].decode("latin-1")
         inc = Incoming(scope["method"], scope["path"],
                        {k: v[-1] for k, v in parse_qs(query).items()} if query else {},
-                       {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-                       b"".join(chunks), scope.get("path_params") or {})
+                       headers, raw, params)
         provider = self.provider
         try:
             reply = provider.respond(self.route, inc)
@@ -1121,15 +1179,37 @@ class _Endpoint:
             await self.server.hold(provider.hang_seconds)
         elif isinstance(reply, Withheld):  # processed; the answer is not sent (or sent late)
             if reply.hang and await self.server.hold(provider.hang_seconds) and reply.late:
-                await _answer(reply.reply, send)
+                await _answer(reply.reply, scope, send)
                 return
         elif reply is not DROP:
-            await _answer(reply, send)  # type: ignore[arg-type]
+            await _answer(reply, scope, send)  # type: ignore[arg-type]
             return
         scope["extensions"][DROP_EXTENSION]()  # close the connection without an answer
 
 
-async def _answer(reply: Reply, send: Callable) -> None:
+async def _body(receive: Callable, headers: dict[str, str], limit: int | None) -> bytes | None:
+    """The request body as uvicorn hands it over; None if the client hung up first."""
+    if limit is not None:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _TooLarge
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        if limit is not None:
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _answer(reply: Reply, scope: dict, send: Callable) -> None:
     payload = reply.encoded()
     headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
                for k, v in reply.headers.items()]
@@ -1146,14 +1226,62 @@ async def _answer(reply: Reply, send: Callable) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     headers.append((b"content-length", str(len(payload)).encode()))
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    wire = scope["extensions"].get(WIRE_EXTENSION)
+    if wire is None:
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return
+    wire.hold()  # uvicorn writes the head and the body apart: one write for both
+    try:
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+    finally:
+        wire.flush()
 
 
-def _routes(server: _Uvicorn, providers: list[Provider]) -> list[StarletteRoute]:
-    return [StarletteRoute(route.path, _Endpoint(server, provider, route),
-                           methods=list(route.methods), name=f"{provider.name}.{route.handler}")
-            for provider in providers for route in provider.routes]
+class _App:
+    """The ASGI app uvicorn serves: the routes whose path is fixed or has one whole-segment
+    parameter are dispatched here, by method and path, with the body limit checked while
+    reading; any other request goes to `fallback` (the Starlette Router behind its body
+    limit)."""
+
+    def __init__(self, router: Router, max_body_bytes: int) -> None:
+        self.router = router
+        self.fallback = RequestBodyLimitMiddleware(router, max_body_size=max_body_bytes)
+        self.max_body_bytes = max_body_bytes
+        self.exact: dict[tuple[str, str], _Endpoint] = {}
+        #: (method, prefix, suffix, parameter name, endpoint)
+        self.patterns: list[tuple[str, str, str, str, _Endpoint]] = []
+
+    def add(self, endpoints: Iterable[_Endpoint]) -> None:
+        """Serve `endpoints`: each a route of the Router, and the eligible ones here too."""
+        for endpoint in endpoints:
+            self.router.routes.append(StarletteRoute(
+                endpoint.route.path, endpoint, methods=list(endpoint.route.methods),
+                name=f"{endpoint.provider.name}.{endpoint.route.handler}"))
+            path = endpoint.route.path
+            one = _ONE_PARAMETER.match(path)
+            for method in endpoint.route.methods:
+                if "{" not in path:
+                    self.exact.setdefault((method, path), endpoint)
+                elif one:
+                    self.patterns.append((method, one[1], one[3], one[2], endpoint))
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            endpoint = self.exact.get((method, path))
+            if endpoint is not None:
+                await endpoint.serve(scope, receive, send, {}, self.max_body_bytes)
+                return
+            for m, prefix, suffix, name, endpoint in self.patterns:
+                if m == method and path.startswith(prefix) and path.endswith(suffix):
+                    value = path[len(prefix):len(path) - len(suffix)]
+                    if value and "/" not in value:
+                        await endpoint.serve(scope, receive, send, {name: value},
+                                             self.max_body_bytes)
+                        return
+        await self.fallback(scope, receive, send)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -1287,8 +1415,7 @@ def serve(providers: Iterable[Provider], host: str = "127.0.0.1", port: int = 0,
     providers = list(providers)
     stats = _Stats()
     protocol = type("LocalProviderProtocol", (_Protocol,), {"stats": stats})
-    router = Router()
-    app = RequestBodyLimitMiddleware(router, max_body_size=max_body_bytes)
+    app = _App(Router(), max_body_bytes)
     config = uvicorn.Config(
         app, http=protocol, ws="none", lifespan="off", interface="asgi3",
         timeout_keep_alive=keep_alive_seconds,  # type: ignore[arg-type]
@@ -1297,7 +1424,8 @@ def serve(providers: Iterable[Provider], host: str = "127.0.0.1", port: int = 0,
         server_header=False, headers=[("server", "retention-local-providers")],
         proxy_headers=False)
     server = _Uvicorn(config)
-    router.routes.extend(_routes(server, providers))
+    app.add(_Endpoint(server, provider, route)
+            for provider in providers for route in provider.routes)
     sock = bind(host, port, BACKLOG)
     thread = start_in_thread(server, sock, name=f"local-provider-{sock.getsockname()[1]}",
                              what="the local provider server")
