@@ -289,3 +289,16 @@ def test_predicted_value_crossing_a_threshold(shop):
     assert [m[0] for m in moments(shop, below, DAY, DAY + timedelta(weeks=3))] == ["down"]
     # the snapshot of week 2 is outside a scan that ends before it
     assert moments(shop, above, DAY, DAY + timedelta(weeks=2) - timedelta(seconds=1)) == []
+
+
+@pytest.mark.unit
+def test_a_new_definition_file_is_a_trigger_of_its_own(tmp_path):
+    from retention.campaigns.spec import CAMPAIGNS_DIR
+    from retention.triggers.runner import definition_triggers
+
+    for name in ("abandoned_cart", "second_purchase_nudge", "weekly_promo"):
+        (tmp_path / f"{name}.yaml").write_text((CAMPAIGNS_DIR / f"{name}.yaml").read_text())
+    text = (CAMPAIGNS_DIR / "wishlist_reminder.yaml").read_text()
+    (tmp_path / "gift_idea.yaml").write_text(text.replace("id: wishlist_reminder", "id: gift_idea"))
+    # the code triggers run in their priority order; a new definition after them
+    assert definition_triggers(tmp_path) == ["gift_idea"]
