@@ -672,6 +672,12 @@ def _google_error(code: int, status: str, message: str, details: list | None = N
     return {"error": error}
 
 
+def _fcm_suffix(seed: int, n: int) -> str:
+    """16 hex digits after the '%' of an FCM message id, distinct for each n of a seed
+    (an odd multiplier is a bijection modulo 2**64); cheaper than a hash per push."""
+    return f"{((n ^ (seed << 40)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 FCM_MESSAGE_FIELDS = {"name", "data", "notification", "android", "webpush", "apns", "fcm_options",
                       "token", "topic", "condition"}
 
@@ -822,8 +828,7 @@ class FcmProvider(Provider):
         if body.get("validate_only"):
             return Reply(200, {"name": f"projects/{project}/messages/fake_message_id"})
         n = self.next_number()
-        return Reply(200, {"name": f"projects/{project}/messages/0:{n}%"
-                                   f"{_short_id('fcm', self.seed, n, length=16)}"})
+        return Reply(200, {"name": f"projects/{project}/messages/0:{n}%{_fcm_suffix(self.seed, n)}"})
 
 
 # --------------------------------------------------------------------------- Telegram

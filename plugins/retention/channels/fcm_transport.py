@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.http import SERVER_SOFTWARE
 import google.auth.exceptions
 import google.auth.transport.requests
 
@@ -160,9 +161,15 @@ class FcmClient:
                 None, self.ensure_token, stale)
 
     def _headers_for(self, token: str) -> dict[str, str]:
+        """The request headers, built once per token: every header aiohttp would otherwise
+        add per request (Accept, Accept-Encoding, User-Agent) is here already, and the
+        answers (a few dozen bytes of JSON) are asked for uncompressed."""
         if token != self._headers_token:
-            self._headers = {"Authorization": f"Bearer {token}",
-                             "Content-Type": "application/json; charset=UTF-8"}
+            self._headers = {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json; charset=UTF-8",
+                "Accept": "application/json", "Accept-Encoding": "identity",
+                "User-Agent": SERVER_SOFTWARE}
             self._headers_token = token
         return self._headers
 
