@@ -1,27 +1,36 @@
-"""The quick start's first command, end to end on a small shop, twice.
+"""The quick start's first command, end to end on a small shop, twice, through Airflow.
 
-`bin/demo` is `bin/setup` followed by `python -m retention_dev.demo`; this runs the latter in
-a fresh database and working folder, so the README's promise is checked at every commit:
-every step prints its counts, the report is written, and a second run sends nothing again.
+`bin/demo` is `bin/setup` followed by `python -m retention_dev.demo`; this runs the latter
+with a working folder, a warehouse database, an Airflow metadata database and a UI port of
+its own, as a newcomer would: it brings the local Airflow up and triggers the story's DAG
+runs through the REST API. Checked: every chapter prints its counts, the report is
+written, every run of the story is green in Airflow, and a second demo (which replaces
+the runs: each triggered again with the same id) sends nothing again. Airflow is stopped at the end.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
 
 from retention import db
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _demo(env: dict) -> str:
+def _demo(env: dict, port: int, metadata_db: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "retention_dev.demo", "--customers", "600",
-                           "--seed", "5"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                           "--seed", "5", "--port", str(port), "--metadata-database", metadata_db,
+                           "--run-timeout", "900"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
@@ -44,68 +53,123 @@ def _line(out: str, start: str) -> str:
     return found[0].rstrip()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # the shop is generated from the seed, the arms are hashes, the simulated readers are
-# seeded and the local stand-ins accept everything: the same numbers on every run
+# digests of the message ids and the local stand-ins accept everything: the same numbers
+# on every run
 WAVES = {
-    "email": dict(audience=245, sent=171, failed=0, unknown=0, holdout=52, waiting=0, suppressed=22),
-    "mobile_push": dict(audience=82, sent=74, failed=0, unknown=0, holdout=0, waiting=0, suppressed=8),
-    "web_push": dict(audience=35, sent=26, failed=0, unknown=0, holdout=0, waiting=0, suppressed=9),
-    "telegram": dict(audience=13, sent=11, failed=0, unknown=0, holdout=0, waiting=0, suppressed=2),
+    "email": dict(audience=245, sent=171, failed=0, unknown=0, holdout=57, waiting=0, suppressed=17),
+    "mobile_push": dict(audience=86, sent=75, failed=0, unknown=0, holdout=0, waiting=0, suppressed=11),
+    "web_push": dict(audience=33, sent=28, failed=0, unknown=0, holdout=0, waiting=0, suppressed=5),
+    "telegram": dict(audience=17, sent=15, failed=0, unknown=0, holdout=0, waiting=0, suppressed=2),
 }
-LEDGER = (483, 364)  # ops.messages: rows, sent (the cascade, the trigger chains, re-engagement)
+LEDGER = (519, 390)  # ops.messages: rows, sent (the cascade, the trigger chains, re-engagement)
+STORY = {  # DAG: the demo's run ids
+    "retention_ingest": {"demo__2026-10-31T01:00"},
+    "retention_dbt_build": {"demo__2026-10-26T07:00"},
+    "weekly_promo_cascade": {"demo__2026-10-26T07:00"},
+    "retention_triggers": {"demo__2026-10-30T12:00"},
+    "retention_reengagement": {"demo__2026-10-30T12:00"},
+    "retention_results": {"demo__2026-10-31T00:00"},
+    "retention_weekly_report": {"demo__2026-11-02T08:00"},
+}
 
 
-def test_quick_start_runs_everything_and_is_idempotent(make_database, tmp_path):
+def _runs(home: Path) -> dict[str, dict[str, str]]:
+    """{dag: {run id: state}} of the story's DAGs, from the deployment's REST API."""
+    from retention_airflow.client import AirflowClient
+    from retention_airflow.local import LocalAirflow
+
+    client = AirflowClient.local(LocalAirflow(home=home / "airflow"))
+    return {dag: {r["dag_run_id"]: r["state"] for r in client.request(
+        "GET", f"/dags/{dag}/dagRuns", params={"limit": 100}).json()["dag_runs"]}
+        for dag in STORY}
+
+
+@pytest.mark.scheduler
+@pytest.mark.slow
+@pytest.mark.xdist_group("serial")  # one after another: a real Airflow deployment
+def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_path):
     url = make_database("demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RETENTION_", "AIRFLOW_CONN_"))}
-    env.update(RETENTION_DATABASE_URL=url, RETENTION_HOME=str(tmp_path / "home"),
+    metadata_db = sa.engine.make_url(make_database("airflow")).database
+    home = tmp_path / "home"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RETENTION_", "AIRFLOW"))}
+    env.update(RETENTION_DATABASE_URL=url, RETENTION_HOME=str(home),
                PYTHONPATH=os.path.join(ROOT, "plugins"))
+    try:
+        first = _demo(env, port, metadata_db)
+        for heading in ("generate a sample shop", "local Airflow", "load through the contract",
+                        "dbt build of the customer lifetime tables", "weekly promo cascade",
+                        "trigger chains", "re-engagement sequence", "results back",
+                        "weekly marketer report"):
+            assert f"== {heading}" in first, heading
+        assert "triggered through the REST API" in first
+        # progress from the task instances, with their return values' counts
+        assert _line(first, "weekly_promo_cascade start_run success").endswith(
+            ": audience 335 (holdout 57)")
+        assert _line(first, "retention_ingest check_quality running") == \
+            "retention_ingest check_quality running"
+        assert _line(first, "orders ") == "orders 1,257"
+        assert _line(first, "data quality load-1").endswith(
+            "passed (61 expectations, 0 critical failures, 0 warnings)")
+        assert _line(first, "buyers ") == "buyers 397"
+        assert _line(first, "rpr ") == "rpr 0.5567"
+        assert _line(first, "dbt (every layer task): ") == (
+            "dbt (every layer task): models 28, models_built 28, tests 216, unit_tests 0, "
+            "failures 0, warnings 0, skipped 0")
+        assert _line(first, "run weekly_promo@") == ("run weekly_promo@2026-10-26T07:00:00Z: "
+                                                     "audience 335 (holdout 57)")
+        for wave, expected in WAVES.items():
+            got = _wave(first, wave)
+            # every member a wave concerns has exactly one outcome
+            assert got["audience"] == sum(v for k, v in got.items() if k != "audience"), (wave, got)
+            assert got == expected, (wave, got)
+        # the readers' events came in through the signed webhook before the next wave
+        assert _line(first, "email readers") == (
+            "email readers (simulated at the SendGrid stand-in, via the signed webhook): "
+            "delivered 169, bounce 2, open 58, click 8, unsubscribe 0")
+        # what the stand-ins accepted is what the ledger says was sent
+        assert _line(first, "ledger, sent by channel:") == (
+            "ledger, sent by channel: email 171, mobile_push 75, telegram 15, web_push 28")
+        assert _line(first, "accepted on the wire in this run:") == (
+            "accepted on the wire in this run: email 171, push 103, telegram 15")
+        assert _line(first, "reengagement.reminder ") == (  # due, planned, sent, ... by reason
+            "reengagement.reminder 134 0 88 0 0 25 10 frequency cap: global: 4, no consent: 6")
+        assert _line(first, "weekly_promo.email ") == "weekly_promo.email email 171 169 58 8 8 29,970 0"
+        assert "every DAG run of the story is green" in first
+        report = re.search(r"The weekly report: (\S+\.html)", first).group(1)
+        assert Path(report).name == "weekly_report_2026-W44.html"
+        html = open(report, encoding="utf-8").read()
+        assert "<svg" in html and "weekly_promo" in html
+        assert f"http://127.0.0.1:{port}/plugin/retention-reports/" in first
+        assert "password is in" in first and "retention-dev airflow down" in first
 
-    first = _demo(env)
-    for heading in ("load through the contract", "data quality checkpoint", "dbt build as of",
-                    "predicted customer value", "weekly promo cascade", "trigger chains",
-                    "re-engagement sequence", "results back", "weekly marketer report"):
-        assert f"== {heading}" in first, heading
-    assert _line(first, "orders ") == "orders 1,257"
-    assert _line(first, "events ") == "events 15,405"
-    assert _line(first, "data quality load-1").endswith(
-        "passed (61 expectations, 0 critical failures, 0 warnings)")
-    assert _line(first, "buyers ") == "buyers 379"
-    assert _line(first, "rpr ") == "rpr 0.5884"
-    assert _line(first, "dbt: ") == ("dbt: models 28, models_built 28, tests 209, unit_tests 0, "
-                                     "failures 0, warnings 0, skipped 0")
-    assert _line(first, "run weekly_promo@") == ("run weekly_promo@2026-10-26T07:00:00Z: "
-                                                 "audience 327 (holdout 52)")
-    for wave, expected in WAVES.items():
-        got = _wave(first, wave)
-        # every member a wave concerns has exactly one outcome
-        assert got["audience"] == sum(v for k, v in got.items() if k != "audience"), (wave, got)
-        assert got == expected, (wave, got)
-    assert _line(first, "email readers") == (
-        "email readers (simulated, via the signed webhook): delivered 168, bounce 3, open 58, "
-        "click 11, unsubscribe 0; 0 duplicate events ignored")
-    # what the stand-ins accepted is what the ledger says was sent
-    assert _line(first, "ledger, sent by channel:") == (
-        "ledger, sent by channel: email 171, mobile_push 74, telegram 11, web_push 26")
-    assert _line(first, "accepted on the wire in this run:") == (
-        "accepted on the wire in this run: email 171, push 100, telegram 11")
-    assert _line(first, "reengagement.reminder ") == (  # due, planned, sent, ... by reason
-        "reengagement.reminder 109 0 67 0 0 18 6 frequency cap: global: 1, no consent: 5")
-    assert _line(first, "weekly_promo.email ") == "weekly_promo.email email 171 168 58 11 6 26,532 0"
-    report = re.search(r"The weekly report: (\S+\.html)", first).group(1)
-    html = open(report, encoding="utf-8").read()
-    assert "<svg" in html and "weekly_promo" in html
+        with db.connect(url) as conn:
+            ledger = conn.execute("select count(*), count(*) filter (where status = 'sent') "
+                                  "from ops.messages").fetchone()
+        assert ledger == LEDGER, ledger
 
-    with db.connect(url) as conn:
-        ledger = conn.execute("select count(*), count(*) filter (where status = 'sent') "
-                              "from ops.messages").fetchone()
-    assert ledger == LEDGER, ledger
-
-    second = _demo(env)
-    assert {wave: _wave(second, wave) for wave in WAVES} == WAVES
-    assert "[frozen audience reused]" in second
-    assert "accepted on the wire in this run: email 0, push 0, telegram 0" in second
-    with db.connect(url) as conn:
-        again = conn.execute("select count(*), count(*) filter (where status = 'sent') "
-                             "from ops.messages").fetchone()
-    assert again == ledger
+        second = _demo(env, port, metadata_db)
+        assert "already running for the demo" in second
+        assert second.count("run exists from an earlier demo: replaced") == len(STORY)
+        assert {wave: _wave(second, wave) for wave in WAVES} == WAVES
+        assert "[frozen audience reused]" in second
+        assert "accepted on the wire in this run: email 0, push 0, telegram 0" in second
+        assert "accepted on the wire during this demo: email 0, push 0, telegram 0" in second
+        with db.connect(url) as conn:
+            again = conn.execute("select count(*), count(*) filter (where status = 'sent') "
+                                 "from ops.messages").fetchone()
+        assert again == ledger
+        # the story is in Airflow: one run per chapter, each green, after both demos
+        runs = _runs(home)
+        assert {dag: set(r) for dag, r in runs.items()} == STORY, runs
+        assert {state for r in runs.values() for state in r.values()} == {"success"}, runs
+    finally:
+        subprocess.run([sys.executable, "-m", "retention_dev.cli", "airflow", "down"], env=env,
+                       cwd=ROOT, capture_output=True, timeout=180)

@@ -9,7 +9,8 @@
 
 * `start_run` triggers a run with the given run id, logical date and data interval (the
   tasks take their as_of from it); when a run with that id already exists it clears it
-  (every task runs again) or, with `rerun=False`, leaves it as it is.
+  (`existing="clear"`: every task runs again, as a further try), deletes it and triggers
+  it anew (`"replace"`: every task runs again from its first try) or leaves it (`"keep"`).
 * `wait` polls the run and its task instances until the run is finished or the deadline
   passes, calling `on_task(TaskChange)` whenever a task's state changes; it never sleeps
   longer than the poll interval.
@@ -188,24 +189,37 @@ class AirflowClient:
         self.request("POST", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/clear",
                      json={"dry_run": False, "only_failed": False})
 
+    def delete_run(self, dag_id: str, run_id: str) -> bool:
+        """Delete the run with its task instances and XComs; False if there was none."""
+        resp = self.request("DELETE", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}",
+                            ok=(204, 404))
+        return resp.status_code == 204
+
     def start_run(self, dag_id: str, run_id: str, *, logical_date: datetime | None,
                   data_interval: tuple[datetime, datetime] | None = None,
-                  rerun: bool = True, note: str | None = None) -> DagRun:
-        """Trigger the run, or, if a run with this id exists, clear it (`rerun`) or leave it.
+                  existing: str = "clear", note: str | None = None) -> DagRun:
+        """Trigger the run; if a run with this id exists: `existing="clear"` clears it (its
+        tasks run again as further tries), `"replace"` deletes it and triggers it anew
+        (first tries), `"keep"` leaves it. `created` of the answer: not a cleared or kept run.
 
-        The existing run must have the same data interval: a run id names one interval."""
-        existing = self.dag_run(dag_id, run_id)
-        if existing is None:
-            return self.trigger(dag_id, run_id, logical_date=logical_date,
-                                data_interval=data_interval, note=note)
-        if data_interval is not None and existing.data_interval_end is not None and \
-                datetime.fromisoformat(existing.data_interval_end) != data_interval[1]:
+        An existing run must have the same data interval: a run id names one interval."""
+        if existing not in ("clear", "replace", "keep"):
+            raise ValueError(f"existing={existing!r}: clear, replace or keep")
+        found = self.dag_run(dag_id, run_id)
+        if found is not None and data_interval is not None and \
+                found.data_interval_end is not None and \
+                datetime.fromisoformat(found.data_interval_end) != data_interval[1]:
             raise AirflowApiError(f"{dag_id} run {run_id} exists with data interval end "
-                                  f"{existing.data_interval_end}, not {_iso(data_interval[1])}")
-        if rerun:
+                                  f"{found.data_interval_end}, not {_iso(data_interval[1])}")
+        if found is not None and existing == "keep":
+            return found
+        if found is not None and existing == "clear":
             self.clear(dag_id, run_id)
-            return self.dag_run(dag_id, run_id) or existing
-        return existing
+            return self.dag_run(dag_id, run_id) or found
+        if found is not None:
+            self.delete_run(dag_id, run_id)
+        return self.trigger(dag_id, run_id, logical_date=logical_date,
+                            data_interval=data_interval, note=note)
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         resp = self.request("GET", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances",

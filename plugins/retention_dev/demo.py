@@ -22,8 +22,8 @@ While a run goes on it prints each task as it starts and ends, with the counts o
 return value; after it, what the chapter did (the waves, the ledger against what the
 stand-ins accepted, the trigger tables, the campaign results). Airflow stays up at the
 end for exploring the runs in its UI. The runs have fixed ids (`demo__<as of>`): a second
-`bin/demo` clears them and they run again, which loads nothing new, reuses the frozen
-audience and sends nothing twice. The readers are deterministic (a digest of each
+`bin/demo` replaces them (deletes each and triggers it again with the same id and data
+interval), which loads nothing new, reuses the frozen audience and sends nothing twice. The readers are deterministic (a digest of each
 message id) and post their webhook events when the SendGrid stand-in accepts a send, so
 the counts are the same on every machine and every run.
 
@@ -401,10 +401,15 @@ def _story_run(client, title: str, dag_id: str, as_of: datetime, timeout: float,
     interval = (f"data interval {start:%Y-%m-%d %H:%M} .. {as_of:%Y-%m-%d %H:%M} UTC"
                 if start != as_of else f"as of {as_of:%Y-%m-%d %H:%M} UTC")
     t = _step(f"{title}: DAG run {dag_id} / {run_id} ({interval})")
+    # an earlier demo's run is replaced rather than cleared: a cleared task runs as a further
+    # try, which retention_dbt_build's layer tasks take for a retry (`dbt retry` of the
+    # target folder's last invocation) instead of a build
+    replaced = client.dag_run(dag_id, run_id) is not None
     run = client.start_run(dag_id, run_id, logical_date=start, data_interval=(start, as_of),
-                           note="the quick start (bin/demo)")
-    print("   triggered through the REST API" if run.created
-          else "   run exists from an earlier demo: cleared, its tasks run again", flush=True)
+                           existing="replace", note="the quick start (bin/demo)")
+    print("   run exists from an earlier demo: replaced by a new run of the same id, "
+          "triggered through the REST API" if replaced else
+          "   triggered through the REST API", flush=True)
     progress = _Progress(client)
     try:
         run = client.wait(run, timeout=timeout, poll=1.0, on_task=progress)
@@ -427,10 +432,18 @@ def _story_run(client, title: str, dag_id: str, as_of: datetime, timeout: float,
     return run, progress, t
 
 
-def _print_ingest(client, run, url: str | None) -> None:
+def _xcom(client, run, progress, task_id: str):
+    """The return value of a task that succeeded in this run (None otherwise)."""
+    change = progress.last.get(task_id)
+    if change is None or change.state != "success":
+        return None
+    return client.xcom(run.dag_id, run.run_id, task_id)
+
+
+def _print_ingest(client, run, progress, url: str | None) -> None:
     from retention.ingest.quality import CRITICAL
 
-    loads = client.xcom(run.dag_id, run.run_id, "load_drops")
+    loads = _xcom(client, run, progress, "load_drops")
     if not loads:
         print("   no new drop in the landing folder: the shop's drop was loaded by an earlier "
               "run, so nothing is loaded again")
@@ -458,16 +471,16 @@ def _print_ingest(client, run, url: str | None) -> None:
                   f"{critical} critical failures, {warnings} warnings)")
 
 
-def _print_build(client, run, as_of: datetime, url: str | None) -> None:
+def _print_build(client, run, progress, as_of: datetime, url: str | None) -> None:
     """The headline numbers of the marts as of the run's time, the dbt counts of every
     layer task summed, and the predicted value."""
     from retention.warehouse.build import summary
 
     totals: dict[str, int] = {}
-    for task_id in sorted(run_tasks(client, run)):
+    for task_id in sorted(progress.last):
         if not task_id.startswith("dbt_") or task_id == "dbt_docs":
             continue
-        value = client.xcom(run.dag_id, run.run_id, task_id)
+        value = _xcom(client, run, progress, task_id)
         for k, v in ((value or {}).get("dbt") or {}).items():
             if isinstance(v, int) and not isinstance(v, bool):
                 totals[k] = totals.get(k, 0) + v
@@ -475,7 +488,7 @@ def _print_build(client, run, as_of: datetime, url: str | None) -> None:
     print("   dbt (every layer task): " + ", ".join(
         f"{k} {totals.get(k, 0)}" for k in ("models", "models_built", "tests", "unit_tests",
                                             "failures", "warnings", "skipped")))
-    pred = client.xcom(run.dag_id, run.run_id, "predicted_value") or {}
+    pred = _xcom(client, run, progress, "predicted_value") or {}
     if pred:
         fit, gg = pred.get("bgnbd") or {}, pred.get("gamma_gamma") or {}
         print(f"   predicted value: customers scored {pred['customers']:,} "
@@ -486,16 +499,12 @@ def _print_build(client, run, as_of: datetime, url: str | None) -> None:
             print("   Gamma-Gamma p={p:.3f} q={q:.3f} gamma={gamma:.3f}".format(**gg))
 
 
-def run_tasks(client, run) -> list[str]:
-    return [ti["task_id"] for ti in client.task_instances(run.dag_id, run.run_id)]
-
-
-def _print_cascade(client, run, url: str | None, wire: dict[str, int]) -> None:
+def _print_cascade(client, run, progress, url: str | None, wire: dict[str, int]) -> None:
     from retention.campaigns.engine import step_counts
     from retention.campaigns.runner import format_waves
     from retention.campaigns.spec import load_campaign
 
-    started = client.xcom(run.dag_id, run.run_id, "start_run")
+    started = _xcom(client, run, progress, "start_run")
     campaign = load_campaign(started["campaign_id"])
     waves = []
     for step in campaign.steps:
@@ -575,25 +584,27 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         _done(t)
 
         loaded_at = DEFAULT_END + timedelta(hours=1)
-        run, _, t = _story_run(client, "load through the contract and data quality checkpoint",
-                               "retention_ingest", loaded_at, run_timeout, timings)
-        _print_ingest(client, run, url)
+        run, progress, t = _story_run(client, "load through the contract and data quality "
+                                      "checkpoint", "retention_ingest", loaded_at, run_timeout,
+                                      timings)
+        _print_ingest(client, run, progress, url)
         _done(t)
 
-        run, _, t = _story_run(client, "dbt build of the customer lifetime tables and the "
-                               "predicted customer value", "retention_dbt_build", CASCADE_AS_OF,
-                               run_timeout, timings)
-        _print_build(client, run, CASCADE_AS_OF, url)
+        run, progress, t = _story_run(client, "dbt build of the customer lifetime tables and "
+                                      "the predicted customer value", "retention_dbt_build",
+                                      CASCADE_AS_OF, run_timeout, timings)
+        _print_build(client, run, progress, CASCADE_AS_OF, url)
         _done(t)
 
         before = _wire(info)
-        run, _, t = _story_run(client, "weekly promo cascade (local SendGrid/FCM/Telegram "
-                               "stand-ins)", "weekly_promo_cascade", CASCADE_AS_OF, run_timeout,
-                               timings)
+        run, progress, t = _story_run(client, "weekly promo cascade (local SendGrid/FCM/"
+                                      "Telegram stand-ins)", "weekly_promo_cascade",
+                                      CASCADE_AS_OF, run_timeout, timings)
         after = _wire(info)
         print(f"   providers on {info['providers_url']}; simulated readers post to the "
               f"SendGrid Event Webhook receiver on {info['receiver_url']}")
-        _print_cascade(client, run, url, {k: after.get(k, 0) - before.get(k, 0) for k in after})
+        _print_cascade(client, run, progress, url,
+                       {k: after.get(k, 0) - before.get(k, 0) for k in after})
         _done(t)
 
         run, progress, t = _story_run(client, "trigger chains over a day", "retention_triggers",
@@ -610,19 +621,21 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         from retention.warehouse.build import default_as_of
 
         end = default_as_of(url)
-        run, _, t = _story_run(client, "results back (webhook batches, send results, "
-                               "attribution)", "retention_results", end, run_timeout, timings)
-        loaded = client.xcom(run.dag_id, run.run_id, "load_results") or {}
+        run, progress, t = _story_run(client, "results back (webhook batches, send results, "
+                                      "attribution)", "retention_results", end, run_timeout,
+                                      timings)
+        loaded = _xcom(client, run, progress, "load_results") or {}
         print(f"   landed webhook batches loaded: {(loaded.get('webhook') or {}).get('files', 0)} "
               f"(the receiver ingests each batch as it lands)")
         print(f"   push, Telegram, SMS and Viber send results recorded: "
               f"{sum((loaded.get('send_results') or {}).values()):,}")
         _done(t)
 
-        run, _, t = _story_run(client, "weekly marketer report of the cascade's week (results "
-                               "and attribution as of the next Monday)",
-                               "retention_weekly_report", REPORT_AS_OF, run_timeout, timings)
-        report = client.xcom(run.dag_id, run.run_id, "write_report")
+        run, progress, t = _story_run(client, "weekly marketer report of the cascade's week "
+                                      "(results and attribution as of the next Monday)",
+                                      "retention_weekly_report", REPORT_AS_OF, run_timeout,
+                                      timings)
+        report = _xcom(client, run, progress, "write_report")
         _print_campaign_results(url)
         _done(t)
     except DemoFailed as exc:
