@@ -434,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from retention.db import WarehouseUnreachable
     from retention.ingest.load import LoadError
     from retention.progress import configure
+    from retention.warehouse.build import BuildError
 
     configure(mode=args.progress, interval=args.progress_interval)
     try:
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except WarehouseUnreachable as exc:
         print(f"retention: {exc}", file=sys.stderr)
         return 2
+    except BuildError as exc:  # dbt said what failed; its log is in dbt_project/target/logs
+        print(f"retention: {exc}", file=sys.stderr)
+        return 1
     except LoadError as exc:
         print(f"retention: load failed, nothing was changed: {exc}", file=sys.stderr)
         return 2

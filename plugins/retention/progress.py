@@ -76,6 +76,7 @@ class Progress:
             mode = "bar" if isatty is not None and isatty() else "lines"
         self.mode = mode
         self.started = self.clock()
+        self._rate_start = self.started  # where the counted work began (see set_total)
         self._last_line = self.started
         self._lock = threading.Lock()
         self._closed = False
@@ -90,8 +91,12 @@ class Progress:
     # ------------------------------------------------------------------ updates
 
     def set_total(self, total: int | None) -> None:
+        """The total, once known; before the first step it also marks where the counted
+        work begins (dbt parses first), so rate and time left leave the preparation out."""
         with self._lock:
             self.total = total
+            if self.done == 0:
+                self._rate_start = self._last_line = self.clock()
             if self._bar is not None:
                 self._bar.total = total
                 self._bar.refresh()
@@ -144,7 +149,7 @@ class Progress:
     def line(self, now: float, final: bool = False) -> str:
         """`what: done/total (pct) rate, time left` (final: `... in <elapsed>, rate`)."""
         elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = self.done / max(now - self._rate_start, 1e-9)
         amount = human_amount(self.done, self.unit)
         noun = "" if self.unit == "B" else f"{self.unit} "
         if self.total:
