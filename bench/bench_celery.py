@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -170,10 +171,34 @@ class CeleryDeployment:
             time.sleep(2)
         return state
 
+    def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1):
+        """The return value of a task instance (a mapped one by its index)."""
+        entry = self.api("GET", f"/dags/{quote(dag_id, safe='')}/dagRuns/"
+                                f"{quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries/"
+                                f"return_value", params={"map_index": map_index,
+                                                         "deserialize": "true",
+                                                         "stringify": "false"})
+        return entry["value"]
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.api("GET", f"/dags/{quote(dag_id, safe='')}/dagRuns/"
                                f"{quote(run_id, safe='')}/taskInstances",
                         params={"limit": 1000})["task_instances"]
+
+
+HEADER = ("| wave | how | recipients | plan s | send s | total s | msgs/s | vs one process | "
+          "ledger rows sent = accepted by servers | load avg at start |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+
+
+def row(r: dict, single: Mapping[str, dict]) -> str:
+    rate = r["recipients"] / r["total_s"]
+    base = single.get(r["channel"])
+    ratio = f"{rate / (base['recipients'] / base['total_s']):.2f}x" if base else "-"
+    return (f"| {r['label']} | {r['how']} | {r['recipients']:,} | {r['plan_s']:.1f} | "
+            f"{r['send_s']:.1f} | {r['total_s']:.1f} | {rate:,.0f} | {ratio} | "
+            f"{'yes' if r['ok'] else 'NO'} ({r['sent']:,} / {r['accepted']:,}) | "
+            f"{r['load'][0]:.2f} |")
 
 
 def _at(value: str) -> float:
@@ -218,6 +243,10 @@ def celery_wave(dep: CeleryDeployment, servers, url: str, label: str, campaign_i
 
 # --------------------------------------------------------------------------- main
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipients", type=int, default=bench_dispatch.WAVE,
@@ -240,6 +269,8 @@ def main() -> int:
 
     os.environ.setdefault("RETENTION_PROMO_SECRET", "bench-" + secrets.token_hex(8))
     os.environ["RETENTION_DISPATCH_THREADS"] = "1"
+    # SIGTERM stops like Ctrl-C: Airflow, the servers and the databases are cleaned up
+    signal.signal(signal.SIGTERM, _interrupt)
     from retention import db
     from retention.campaigns.spec import load_campaign
     from retention.connections import build_channel
@@ -258,6 +289,14 @@ def main() -> int:
     notes = [f"load average before the benchmark: "
              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     results: list[dict] = []
+    single: dict[str, dict] = {}  # channel -> the one-process wave
+
+    def measured(r: dict) -> None:  # each row as it is measured, the table again at the end
+        results.append(r)
+        if r["how"].startswith("one process"):
+            single[r["channel"]] = r
+        print(f"measured: {row(r, single)}", flush=True)
+
     admin, name, url = bench_dispatch.create_database(server)
     meta_admin, meta_name, meta_url = bench_dispatch.create_database(server)
     servers = None
@@ -294,7 +333,7 @@ def main() -> int:
                 getattr(built, "close", lambda: None)()
             r.update(how=f"one process, {args.shards} dispatch processes x 1 thread",
                      channel=channel, ok=r["ok"] and r["recipients"] == expected[channel])
-            results.append(r)
+            measured(r)
 
         env = {"RETENTION_DATABASE_URL": url,
                "RETENTION_PROMO_SECRET": os.environ["RETENTION_PROMO_SECRET"],
@@ -319,7 +358,7 @@ def main() -> int:
                     r.update(how=f"Celery, {workers} worker(s) x {slots} slot(s), "
                                  f"{args.shards} shards x 1 thread", channel=channel,
                              ok=r["ok"] and r["recipients"] == expected[channel])
-                    results.append(r)
+                    measured(r)
     finally:
         if servers:
             servers.stop()
@@ -331,15 +370,9 @@ def main() -> int:
     print("| wave | how | recipients | plan s | send s | total s | msgs/s | vs one process | "
           "ledger rows sent = accepted by servers | load avg at start |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
-    single = {r["channel"]: r for r in results if r["how"].startswith("one process")}
+    print(HEADER)
     for r in results:
-        rate = r["recipients"] / r["total_s"]
-        base = single.get(r["channel"])
-        ratio = f"{rate / (base['recipients'] / base['total_s']):.2f}x" if base else "-"
-        print(f"| {r['label']} | {r['how']} | {r['recipients']:,} | {r['plan_s']:.1f} | "
-              f"{r['send_s']:.1f} | {r['total_s']:.1f} | {rate:,.0f} | {ratio} | "
-              f"{'yes' if r['ok'] else 'NO'} ({r['sent']:,} / {r['accepted']:,}) | "
-              f"{r['load'][0]:.2f} |")
+        print(row(r, single))
     print()
     for r in results:
         if "wall_s" in r:
