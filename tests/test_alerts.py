@@ -171,6 +171,9 @@ class World:
         assert not verify_signature(self.webhook_key, headers.get(TIMESTAMP_HEADER.lower()),
                                     body.replace(b"}", b" }", 1),
                                     headers.get(SIGNATURE_HEADER.lower()))
+        stamp = headers.get(TIMESTAMP_HEADER.lower())
+        assert not verify_signature(self.webhook_key, stamp, body,  # a replay, 10 min later
+                                    headers.get(SIGNATURE_HEADER.lower()), now=float(stamp) + 600)
         return json.loads(body)
 
     def slack_text(self) -> str:

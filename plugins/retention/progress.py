@@ -153,7 +153,8 @@ class Progress:
         amount = human_amount(self.done, self.unit)
         noun = "" if self.unit == "B" else f"{self.unit} "
         if self.total:
-            amount += f"/{human_amount(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)"
+            share = 100 * self.done / self.total
+            amount += f"/{human_amount(self.total, self.unit)} ({share:.0f}%)"
         speed = (f"{human_amount(rate, self.unit)}/s" if self.unit == "B"
                  else f"{rate:,.{1 if rate < 10 else 0}f} {self.unit}/s")
         if final:

@@ -128,11 +128,16 @@ def subject(alert: Mapping[str, Any]) -> str:
             f"{alert['dag_id']}.{alert['task_id']}")
 
 
+def _mapped(alert: Mapping[str, Any]) -> bool:
+    index = alert.get("map_index")
+    return isinstance(index, int) and index >= 0
+
+
 def text_lines(alert: Mapping[str, Any]) -> list[str]:
     tries = f" of {alert['tries']}" if alert.get("tries") else ""
     lines = [subject(alert),
              f"DAG: {alert['dag_id']}", f"task: {alert['task_id']}"
-             + (f"[{alert['map_index']}]" if (alert.get("map_index") or -1) >= 0 else ""),
+             + (f"[{alert['map_index']}]" if _mapped(alert) else ""),
              f"run: {alert['run_id']}", f"try: {alert['try_number']}{tries}"]
     if alert.get("error_type"):
         lines.append(f"error: {alert['error_type']} (the message is in the task log)")
@@ -214,7 +219,8 @@ class RetentionAlertNotifier(BaseNotifier):
                       if (conn := _connection(conn_id)) is not None}
         if not configured:
             self.log.warning("alerts are off: no %s connection is configured; this failure "
-                             "notified no one", ", ".join(senders_ids(senders)))
+                             "notified no one",
+                             ", ".join(conn_id for conn_id, _ in senders.values()))
             return
         for name, (conn_id, conn, send) in configured.items():
             try:
@@ -287,10 +293,6 @@ class RetentionAlertNotifier(BaseNotifier):
                                           SIGNATURE_HEADER: sign(conn.password, stamp, body)})
         if response.status_code >= 300:
             raise RuntimeError(f"HTTP {response.status_code}")
-
-
-def senders_ids(senders: Mapping[str, tuple[str, Any]]) -> list[str]:
-    return [conn_id for conn_id, _ in senders.values()]
 
 
 def on_failure() -> RetentionAlertNotifier:
