@@ -734,11 +734,11 @@ def _date_entry(q: _Sql, has_ropo: bool) -> str:
     if entry["date"] == "birthday":
         dates = "select c.customer_id, c.timezone, c.birth_date as origin from raw.customers c"
     else:
-        ropo = ("union all select rp.customer_id, rp.purchased_at from marts.ropo_purchases rp"
-                if has_ropo else "")
+        ropo = ("union all select rp.customer_id, rp.purchased_at from marts.ropo_purchases rp "
+                "where rp.purchased_at <= %(hi)s" if has_ropo else "")
         dates = f"""select c.customer_id, c.timezone, (min(p.at) at time zone {tz})::date as origin
           from (select customer_id, ordered_at as at from raw.orders
-                where status in ('paid', 'delivered') {ropo}) p
+                where status in ('paid', 'delivered') and ordered_at <= %(hi)s {ropo}) p
           join raw.customers c on c.customer_id = p.customer_id
           group by c.customer_id, c.timezone"""
     m = _Moment("m.customer_id", "m.anchor_at")
