@@ -302,3 +302,40 @@ def test_a_new_definition_file_is_a_trigger_of_its_own(tmp_path):
     (tmp_path / "gift_idea.yaml").write_text(text.replace("id: wishlist_reminder", "id: gift_idea"))
     # the code triggers run in their priority order; a new definition after them
     assert definition_triggers(tmp_path) == ["gift_idea"]
+
+
+def test_matched_offline_receipt_entry(shop):
+    """A receipt entry reads the ROPO matches dbt builds (marts.ropo_purchases); before
+    the first build there is no receipt moment."""
+    from retention.warehouse.build import build
+
+    shop.customer("c1")
+    shop.customer("c2")
+    shop._exec("update raw.customers set loyalty_card_id = 'card-' || customer_id", ())
+    shop.product("p1", "electronics.phone")
+    shop.product("p2", "garden")
+    for rid, card, product, when in (("r1", "card-c1", "p1", at(10)),
+                                     ("r2", "card-c2", "p2", at(11)),
+                                     ("r3", "card-nobody", "p1", at(12))):
+        shop._exec("insert into raw.offline_receipts (receipt_id, store_id, purchased_at, "
+                   "loyalty_card_id, total_amount, currency) values (%s, 's1', %s, %s, 300, 'UAH')",
+                   (rid, when, card))
+        shop._exec("insert into raw.offline_receipt_items (receipt_id, line_no, product_id, "
+                   "quantity, unit_price) values (%s, 1, %s, 1, 300)", (rid, product))
+    c = campaign("entry: {receipt: {category: electronics, amount: {min: 100}, store: s1}}\n"
+                 "wait: 1d\nunless:\n  - purchase: {}\n")
+    compiled = compile_definition(c.definition, c.id, SETTINGS, has_ropo=False)
+    assert shop.rows(f"select count(*) from ({compiled.sql}) d",
+                     dict(compiled.params, lo=at(0), hi=at(12, day=1)))[0][0] == 0
+    result = build(as_of=at(12, day=1), url=shop.url, select="+ropo_purchases",
+                   indirect_selection="buildable")
+    assert result["dbt"]["success"], result["dbt"].get("error")
+    compiled = compile_definition(c.definition, c.id, SETTINGS, has_ropo=True)
+    got = shop.rows(f"select customer_id, event_key, subject, hit_at, context from "
+                    f"({compiled.sql}) d", dict(compiled.params, lo=at(0), hi=at(12, day=1)))
+    assert [g[:4] for g in got] == [("c1", "receipt:r1", "receipt:r1", at(10, day=1))]
+    assert got[0][4]["products"] == ["p1"]
+    # a purchase within the wait cancels it
+    shop.order("c1", at(18), status="paid")
+    assert shop.rows(f"select count(*) from ({compiled.sql}) d",
+                     dict(compiled.params, lo=at(0), hi=at(12, day=1)))[0][0] == 0
