@@ -17,7 +17,7 @@ import pytest
 
 from retention import db
 from retention.campaigns.policy import Policy
-from retention.campaigns.spec import CampaignError, load_all, load_campaign, parse_campaign
+from retention.campaigns.spec import load_all, load_campaign
 from retention.ingest.formats import load_path
 from retention.ingest.load import load_folder
 from retention.triggers import run_triggers
