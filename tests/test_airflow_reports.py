@@ -56,7 +56,8 @@ def test_the_email_link_and_the_extra_link_share_the_url_scheme(monkeypatch):
     from retention_airflow.report_link import report_url_in_ui
 
     base = "https://airflow.example"
-    monkeypatch.setenv("RETENTION_REPORT_BASE_URL", f"{base}/plugin/retention-reports/retention/reports")
+    monkeypatch.setenv("RETENTION_REPORT_BASE_URL",
+                       f"{base}/plugin/retention-reports/retention/reports")
     path = Path("/any/reports") / REPORT_NAME
     assert report_link(path) == report_url_in_ui(REPORT_NAME, base) == base + IN_UI
     with pytest.raises(ValueError):

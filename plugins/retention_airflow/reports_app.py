@@ -162,11 +162,11 @@ def create_app() -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(HTTPException)
-    async def _unauthenticated(request: Request, exc: HTTPException) -> Response:
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
         """A browser page request without a valid session goes to Airflow's login page,
         which brings it back here; everything else gets the error as JSON."""
         accept = request.headers.get("accept", "")
-        if (exc.status_code == 401 and request.method == "GET" and "text/html" in accept):
+        if exc.status_code == 401 and request.method == "GET" and "text/html" in accept:
             login = get_auth_manager().get_url_login(next_url=str(request.url))
             return RedirectResponse(login, status_code=303)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
@@ -175,8 +175,8 @@ def create_app() -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def index(user=Depends(get_user)) -> HTMLResponse:
         def may_read(dag_id: str) -> bool:
-            return get_auth_manager().is_authorized_dag(method="GET", details=DagDetails(id=dag_id),
-                                             user=user)
+            return get_auth_manager().is_authorized_dag(
+                method="GET", details=DagDetails(id=dag_id), user=user)
 
         hidden = '<p class="muted">Not available to your Airflow role.</p>'
         page = _PAGE.format(
