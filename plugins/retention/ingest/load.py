@@ -10,9 +10,11 @@ How a load works:
    set-wise in SQL: every row that breaks the contract goes to `ops.quarantine` with its
    reason, file and line; the rest is upserted into `raw.<table>` on the table's key, only
    where a value changed, so re-loading the same files changes nothing.
-   When `raw.<table>` is empty before its upsert (a shop's first load), its secondary
+   When `raw.<table>` is empty before its write (a shop's first load), the accepted rows
+   (their keys distinct: a repeated key is quarantined as a duplicate) go in with a plain
+   INSERT, without the upsert's conflict checks, and the table's secondary
    indexes (not unique, backing no constraint: the lookup indexes the migrations create)
-   are dropped just before the upsert and created again right after it from their own
+   are dropped just before the insert and created again right after it from their own
    definitions as the database holds them (`pg_get_indexdef`, with their tablespace and
    comment), in the same transaction: one sort per index instead of maintaining each
    while millions of rows go in. No other session sees the table without them (the
@@ -314,10 +316,7 @@ def deferred_indexes(conn: psycopg.Connection, table: str) -> list[DeferredIndex
           and not exists (select 1 from pg_constraint c where c.conindid = x.indexrelid)
         order by i.relname
     """, (f"raw.{table}",)).fetchall()
-    if not rows:
-        return []
-    if conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
-            sql.Identifier(table))).fetchone()[0]:
+    if not rows or not _is_empty(conn, table):
         return []
     found = [DeferredIndex(*row) for row in rows]
     for index in found:
@@ -445,6 +444,18 @@ def _mark_duplicates_and_orphans(conn: psycopg.Connection, table: Table) -> None
                     ref=n(fk.table), refcol=n(fk.ref_column)))
 
 
+def _is_empty(conn: psycopg.Connection, table: str) -> bool:
+    return not conn.execute(sql.SQL("select exists (select 1 from raw.{})").format(
+        sql.Identifier(table))).fetchone()[0]
+
+
+def _insert_sql(table: Table) -> sql.Composable:
+    """The accepted rows into an empty `raw.<table>` (see check_and_write)."""
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    return sql.SQL("insert into raw.{table} ({cols}) select {cols} from checked_stage "
+                   "where reason is null").format(table=sql.Identifier(table.name), cols=cols)
+
+
 def _upsert_sql(table: Table) -> sql.Composable:
     n = sql.Identifier
     cols = sql.SQL(", ").join(n(c.name) for c in table.columns)
@@ -550,10 +561,14 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
                  quarantined_at = excluded.quarantined_at
              where (q.reason, q.record) is distinct from (excluded.reason, excluded.record)""",
         (table.name, source_file, load_id, loaded_at))
-    deferred = deferred_indexes(conn, table.name) if result.accepted else []
-    inserted, updated = conn.execute(_upsert_sql(table)).fetchone()
-    restore_indexes(conn, deferred)
-    result.inserted, result.updated = inserted, updated
+    if result.accepted and _is_empty(conn, table.name):
+        # nothing to conflict with (the staged keys are distinct: later ones are
+        # quarantined as duplicates), so a plain insert, with the lookups built after it
+        deferred = deferred_indexes(conn, table.name)
+        result.inserted = conn.execute(_insert_sql(table)).rowcount
+        restore_indexes(conn, deferred)
+    else:
+        result.inserted, result.updated = conn.execute(_upsert_sql(table)).fetchone()
     return result
 
 
