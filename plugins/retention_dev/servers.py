@@ -11,8 +11,9 @@ provider would see, without an account or the network.
 | telegram | `POST /bot<token>/sendMessage` (JSON or form), `getMe` | `{"ok": true, "result": {...}}` | `{"ok": false, "error_code", "description", "parameters": {"retry_after"}}` |
 | gateway | any `/gateway/...` (a shop's SMS / Viber provider) | configurable JSON | configurable |
 
-The HTTP layer is Starlette served by uvicorn (httptools, uvloop) on a thread of the
-calling process: HTTP/1.1 with keep-alive (idle connections closed after
+The HTTP layer is uvicorn (httptools, uvloop) on a thread of the calling process, the
+provider routes dispatched by the app it runs and Starlette's Router for the rest (see
+"HTTP server" below): HTTP/1.1 with keep-alive (idle connections closed after
 `keep_alive_seconds`), pipelined requests answered in order, request bodies above
 `max_body_bytes` refused with 413, malformed requests with 400, unknown paths 404 and
 methods a route does not take 405 (Starlette's plain-text answers).
