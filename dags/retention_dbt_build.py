@@ -44,8 +44,9 @@ PREDICTED_VALUE_TESTS = "predicted_value_tests"
 
 
 def build_layer(selector: str) -> dict:
-    """`dbt build` of one selector of selectors.yml; on a retry `dbt retry`, which re-runs
-    only what failed.
+    """`dbt build` of one selector of selectors.yml; on a later try, `dbt retry` (only what
+    failed) when the target folder's last invocation is this layer's failed build as of
+    the same time, else the layer's build again (a task cleared in the UI, say).
 
     The layer selectors run only the tests whose every parent is in this layer or an
     earlier one (`indirect_selection: buildable`): dbt's default would run a test of an
@@ -53,11 +54,10 @@ def build_layer(selector: str) -> dict:
     model is built (it fails on a new warehouse, and tests the previous build's table
     otherwise), and run a dozen tests twice."""
     from retention.warehouse.build import build
-    from retention.warehouse.dbt_tasks import retry_failed
+    from retention.warehouse.dbt_tasks import build_or_retry
 
-    ctx = get_current_context()
-    if ctx["ti"].try_number > 1:
-        return retry_failed(run_as_of())
+    if get_current_context()["ti"].try_number > 1:
+        return build_or_retry(selector, run_as_of())
     return build(as_of=run_as_of(), select=f"selector:{selector}")
 
 

@@ -1,18 +1,46 @@
 """dbt commands the orchestration runs besides `build`: retry of what failed, and docs.
 
 The Airflow DAG runs one `dbt build` per layer (`retention.warehouse.build.build(select=...)`); when a
-layer's task is retried, `retry_failed` runs `dbt retry`, which re-executes only the
-nodes that errored or were skipped in the previous invocation, with its arguments (the
-same `as_of`).
+layer's task runs again (`build_or_retry`), `retry_failed` runs `dbt retry`, which
+re-executes only the nodes that errored or were skipped in the previous invocation, with
+its arguments (the same `as_of`), provided that invocation was this layer's build as of
+the same time and had failures; otherwise (a cleared task, another command's results in the
+target folder since) the layer is built again in full.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
-from retention.warehouse.build import (BuildError, as_of_literal, dbt_results, node_progress,
-                                      run_dbt, target_dir)
+from retention.warehouse.build import (BuildError, as_of_literal, build, dbt_results,
+                                      node_progress, run_dbt, target_dir)
+
+#: node outcomes `dbt retry` runs again
+RETRIED = {"error", "fail", "skipped", "runtime error"}
+
+
+def last_build_failed(select: str, as_of: datetime) -> bool:
+    """The target folder's last dbt invocation was `dbt build --select <select>` (or its
+    retry) as of `as_of`, and some of its nodes failed or were skipped."""
+    try:
+        results = json.loads((target_dir() / "run_results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    args = results.get("args") or {}
+    return (args.get("which") in ("build", "retry")
+            and list(args.get("select") or []) == [select]
+            and (args.get("vars") or {}).get("as_of") == as_of_literal(as_of)
+            and any(r.get("status") in RETRIED for r in results.get("results") or []))
+
+
+def build_or_retry(selector: str, as_of: datetime, url: str | None = None) -> dict:
+    """One layer's task: `dbt retry` of its own failed build, else `dbt build` of the layer."""
+    select = f"selector:{selector}"
+    if last_build_failed(select, as_of):
+        return retry_failed(as_of, url)
+    return build(as_of=as_of, url=url, select=select)
 
 
 def retry_failed(as_of: datetime, url: str | None = None) -> dict:
