@@ -367,9 +367,6 @@ def main() -> int:
 
     print(f"\n{args.latency_ms:g} ms latency per provider request; {os.cpu_count()} cores "
           f"shared with PostgreSQL, the provider servers and (Celery rows) Airflow\n")
-    print("| wave | how | recipients | plan s | send s | total s | msgs/s | vs one process | "
-          "ledger rows sent = accepted by servers | load avg at start |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     print(HEADER)
     for r in results:
         print(row(r, single))
