@@ -4,12 +4,15 @@
 with a working folder, a warehouse database, an Airflow metadata database and a UI port of
 its own, as a newcomer would: it brings the local Airflow up and triggers the story's DAG
 runs through the REST API. Checked: every chapter prints its counts, the report is
-written, every run of the story is green in Airflow, and a second demo (which replaces
-the runs: each triggered again with the same id) sends nothing again. Airflow is stopped at the end.
+written, every run of the story is green in Airflow, and a second demo (which runs the
+sending DAGs' runs again and keeps the others) sends nothing again. Then headless Chromium
+walks the UI as a marketer (tests/airflow_ui_browser.py): every DAG listed, the story's runs
+green, Reports in the navigation, last week's report. Airflow is stopped at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -20,7 +23,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from airflow_ui_browser import browse_reports
 from retention import db
+from retention_dev.demo import SENDING_DAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +83,24 @@ STORY = {  # DAG: the demo's run ids
     "retention_results": {"demo__2026-10-31T00:00"},
     "retention_weekly_report": {"demo__2026-11-02T08:00"},
 }
+REPORT_RUN = "demo__2026-11-02T08:00"
+
+
+def _admin_password(home: Path) -> str:
+    return json.loads((home / "airflow" / "simple_auth_manager_passwords.json")
+                      .read_text())["admin"]
+
+
+def _dag_ids(home: Path) -> list[str]:
+    """Every DAG the deployment parsed, checked to come from every file of dags/."""
+    from retention_airflow.client import AirflowClient
+    from retention_airflow.local import LocalAirflow
+
+    client = AirflowClient.local(LocalAirflow(home=home / "airflow"))
+    dags = client.request("GET", "/dags", params={"limit": 1000}).json()["dags"]
+    assert {Path(d["fileloc"]).name for d in dags} == {p.name for p in Path(ROOT, "dags")
+                                                        .glob("*.py")}
+    return [d["dag_id"] for d in dags]
 
 
 def _runs(home: Path) -> dict[str, dict[str, str]]:
@@ -157,7 +180,10 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
 
         second = _demo(env, port, metadata_db)
         assert "already running for the demo" in second
-        assert second.count("run exists from an earlier demo: replaced") == len(STORY)
+        # the sending runs run again; the others succeeded and are kept
+        assert second.count("run exists from an earlier demo: replaced") == len(SENDING_DAGS)
+        assert second.count("run exists from an earlier demo and succeeded: kept") == \
+            len(STORY) - len(SENDING_DAGS)
         assert {wave: _wave(second, wave) for wave in WAVES} == WAVES
         assert "[frozen audience reused]" in second
         assert "accepted on the wire in this run: email 0, push 0, telegram 0" in second
@@ -170,6 +196,10 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
         runs = _runs(home)
         assert {dag: set(r) for dag, r in runs.items()} == STORY, runs
         assert {state for r in runs.values() for state in r.values()} == {"success"}, runs
+        # and a marketer sees it in the UI: every DAG, the story's runs green, the report
+        browse_reports(f"http://127.0.0.1:{port}", _admin_password(home),
+                       dag_ids=_dag_ids(home), green=STORY, report_run=REPORT_RUN,
+                       week="2026-W44", shots=tmp_path / "screenshots")
     finally:
         subprocess.run([sys.executable, "-m", "retention_dev.cli", "airflow", "down"], env=env,
                        cwd=ROOT, capture_output=True, timeout=180)

@@ -22,8 +22,10 @@ While a run goes on it prints each task as it starts and ends, with the counts o
 return value; after it, what the chapter did (the waves, the ledger against what the
 stand-ins accepted, the trigger tables, the campaign results). Airflow stays up at the
 end for exploring the runs in its UI. The runs have fixed ids (`demo__<as of>`): a second
-`bin/demo` replaces them (deletes each and triggers it again with the same id and data
-interval), which loads nothing new, reuses the frozen audience and sends nothing twice. The readers are deterministic (a digest of each
+`bin/demo` replaces the runs of the DAGs that send (`SENDING_DAGS`: deletes each and
+triggers it again with the same id and data interval), which reuses the frozen audience
+and sends nothing twice, and keeps the others that succeeded (the same data gives the
+same rows; `--rerun-all` replaces them too, which loads nothing new). The readers are deterministic (a digest of each
 message id) and post their webhook events when the SendGrid stand-in accepts a send, so
 the counts are the same on every machine and every run.
 
@@ -236,6 +238,9 @@ STORY_DAGS = ("retention_ingest", "retention_dbt_build", "weekly_promo_cascade",
               "retention_weekly_report")
 #: the DAGs whose timetable gives a run the interval before its time (CronDataIntervalTimetable):
 #: the story gives them a day's interval; the others run at an instant (start = end)
+#: the DAGs whose runs a second demo always runs again: the ones that send, to show that
+#: nothing goes out twice (the others are kept when they succeeded: same data, same rows)
+SENDING_DAGS = ("weekly_promo_cascade", "retention_triggers", "retention_reengagement")
 INTERVAL_DAGS = {"retention_triggers": timedelta(days=1), "retention_reengagement": timedelta(days=1)}
 
 
@@ -391,8 +396,9 @@ class _Progress:
 
 
 def _story_run(client, title: str, dag_id: str, as_of: datetime, timeout: float,
-               timings: list[tuple[str, float]]):
-    """Trigger (or clear and re-run) the story's run of `dag_id` as of `as_of`, print its
+               timings: list[tuple[str, float]], rerun_all: bool = False):
+    """Trigger the story's run of `dag_id` as of `as_of` (an earlier demo's run: replaced
+    when the DAG sends or the run did not succeed or `rerun_all`, else kept), print its
     tasks as they go, and return it with the progress (the tasks' last states)."""
     from retention_airflow.client import RunTimeout
 
@@ -404,12 +410,20 @@ def _story_run(client, title: str, dag_id: str, as_of: datetime, timeout: float,
     # an earlier demo's run is replaced rather than cleared: a cleared task runs as a further
     # try, which retention_dbt_build's layer tasks take for a retry (`dbt retry` of the
     # target folder's last invocation) instead of a build
-    replaced = client.dag_run(dag_id, run_id) is not None
+    earlier = client.dag_run(dag_id, run_id)
+    keep = (earlier is not None and earlier.state == "success" and not rerun_all
+            and dag_id not in SENDING_DAGS)
     run = client.start_run(dag_id, run_id, logical_date=start, data_interval=(start, as_of),
-                           existing="replace", note="the quick start (bin/demo)")
-    print("   run exists from an earlier demo: replaced by a new run of the same id, "
-          "triggered through the REST API" if replaced else
-          "   triggered through the REST API", flush=True)
+                           existing="keep" if keep else "replace",
+                           note="the quick start (bin/demo)")
+    if keep:
+        print("   run exists from an earlier demo and succeeded: kept (`bin/demo --rerun-all` "
+              "runs it again)", flush=True)
+    elif earlier is not None:
+        print("   run exists from an earlier demo: replaced by a new run of the same id, "
+              "triggered through the REST API", flush=True)
+    else:
+        print("   triggered through the REST API", flush=True)
     progress = _Progress(client)
     try:
         run = client.wait(run, timeout=timeout, poll=1.0, on_task=progress)
@@ -542,7 +556,8 @@ def _print_printed(client, run, progress, task_id: str) -> None:
 
 
 def run_airflow(customers: int, seed: int, *, port: int | None = None,
-                metadata_database: str = "airflow_meta", run_timeout: float = 900.0) -> int:
+                metadata_database: str = "airflow_meta", run_timeout: float = 900.0,
+                rerun_all: bool = False) -> int:
     """The story as DAG runs of the local Airflow (see the module docstring)."""
     from retention_airflow.client import AirflowClient
     from retention_airflow.local import LocalAirflow, LocalAirflowError
@@ -586,20 +601,20 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         loaded_at = DEFAULT_END + timedelta(hours=1)
         run, progress, t = _story_run(client, "load through the contract and data quality "
                                       "checkpoint", "retention_ingest", loaded_at, run_timeout,
-                                      timings)
+                                      timings, rerun_all)
         _print_ingest(client, run, progress, url)
         _done(t)
 
         run, progress, t = _story_run(client, "dbt build of the customer lifetime tables and "
                                       "the predicted customer value", "retention_dbt_build",
-                                      CASCADE_AS_OF, run_timeout, timings)
+                                      CASCADE_AS_OF, run_timeout, timings, rerun_all)
         _print_build(client, run, progress, CASCADE_AS_OF, url)
         _done(t)
 
         before = _wire(info)
         run, progress, t = _story_run(client, "weekly promo cascade (local SendGrid/FCM/"
                                       "Telegram stand-ins)", "weekly_promo_cascade",
-                                      CASCADE_AS_OF, run_timeout, timings)
+                                      CASCADE_AS_OF, run_timeout, timings, rerun_all)
         after = _wire(info)
         print(f"   providers on {info['providers_url']}; simulated readers post to the "
               f"SendGrid Event Webhook receiver on {info['receiver_url']}")
@@ -608,13 +623,13 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         _done(t)
 
         run, progress, t = _story_run(client, "trigger chains over a day", "retention_triggers",
-                                      TRIGGERS_UNTIL, run_timeout, timings)
+                                      TRIGGERS_UNTIL, run_timeout, timings, rerun_all)
         _print_printed(client, run, progress, "run_triggers")
         _done(t)
 
         run, progress, t = _story_run(client, "re-engagement sequence, the daily run",
                                       "retention_reengagement", TRIGGERS_UNTIL, run_timeout,
-                                      timings)
+                                      timings, rerun_all)
         _print_printed(client, run, progress, "run_reengagement")
         _done(t)
 
@@ -623,7 +638,7 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         end = default_as_of(url)
         run, progress, t = _story_run(client, "results back (webhook batches, send results, "
                                       "attribution)", "retention_results", end, run_timeout,
-                                      timings)
+                                      timings, rerun_all)
         loaded = _xcom(client, run, progress, "load_results") or {}
         print(f"   landed webhook batches loaded: {(loaded.get('webhook') or {}).get('files', 0)} "
               f"(the receiver ingests each batch as it lands)")
@@ -634,7 +649,7 @@ def run_airflow(customers: int, seed: int, *, port: int | None = None,
         run, progress, t = _story_run(client, "weekly marketer report of the cascade's week "
                                       "(results and attribution as of the next Monday)",
                                       "retention_weekly_report", REPORT_AS_OF, run_timeout,
-                                      timings)
+                                      timings, rerun_all)
         report = _xcom(client, run, progress, "write_report")
         _print_campaign_results(url)
         _done(t)
@@ -740,11 +755,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the Airflow metadata database on the pipeline's PostgreSQL server")
     parser.add_argument("--run-timeout", type=float, default=900.0,
                         help="seconds each DAG run may take")
+    parser.add_argument("--rerun-all", action="store_true",
+                        help="run every story run of an earlier demo again (by default only "
+                             "the sending ones are, the others kept when they succeeded)")
     args = parser.parse_args(argv)
     if args.in_process:
         return run_in_process(args.customers, args.seed, args.verbose)
     return run_airflow(args.customers, args.seed, port=args.port,
-                       metadata_database=args.metadata_database, run_timeout=args.run_timeout)
+                       metadata_database=args.metadata_database, run_timeout=args.run_timeout,
+                       rerun_all=args.rerun_all)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,35 +1,25 @@
 """The Airflow UI in a browser: headless Chromium (Debian's package, driven by Playwright from
-PyPI; no browser download) logs into the local Airflow that `retention airflow up` starts,
-finds every DAG of dags/, sees the runs succeeded, opens the Reports view from the
-navigation and the latest weekly report in it, and follows the report task's extra link.
+PyPI; no browser download) logs into a local Airflow, finds every DAG of dags/, sees the
+runs succeeded, opens the Reports view from the navigation and the latest weekly report in
+it, and follows the report task's extra link (`browse_reports`).
 
-Screenshots (the DAG list, the Reports view, the report) go to the test's temporary folder,
-whose path the test prints; docs/airflow_dags.png, docs/airflow_reports.png and
-docs/airflow_report.png are copies of them.
+The walk runs in tests/test_demo.py on the quick start's own Airflow, after both demos, so
+it sees the story's runs green. Screenshots (the DAG list, the Reports view, the report) go
+to that test's temporary folder, whose path it prints; docs/airflow_dags.png,
+docs/airflow_reports.png and docs/airflow_report.png are copies of them.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-import psutil
-import pytest
 import requests
 
-from report_shop import (
-    REPORT_NAME, REPORT_RUN_DATE, copy_dbt_project, deployment_env, prepare_report_shop,
-)
-from test_airflow_local import DAG_FILES, _cli, _deployment, _gone, _pids
-
-pytestmark = [pytest.mark.scheduler, pytest.mark.xdist_group("serial")]
-
 REPORT_DAG = "retention_weekly_report"
-IN_UI = f"/plugin/retention-reports/retention/reports/{REPORT_NAME}"
 VIEWPORT = {"width": 1440, "height": 900}
 UI_TIMEOUT_MS = 60_000  # a loaded 2-core machine renders the UI slowly
 #: run states that still change; anything else but success fails the check at once
@@ -115,90 +105,42 @@ def open_reports_view(page, base_url: str):
     return frame
 
 
-# ---------------------------------------------------------------- the deployment
+# ---------------------------------------------------------------- the walk through the UI
 
-class _Api:
-    def __init__(self, base_url: str, password: str) -> None:
-        self.base_url = base_url
-        self.http = requests.Session()
-        self.http.trust_env = False
-        token = self.http.post(f"{base_url}/auth/token", timeout=60,
-                               json={"username": "admin", "password": password})
-        assert token.status_code in (200, 201), token.text
-        self.http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-
-    def __call__(self, method: str, path: str, **kwargs) -> dict:
-        answer = self.http.request(method, f"{self.base_url}/api/v2{path}", timeout=60, **kwargs)
-        assert answer.ok, f"{method} {path}: HTTP {answer.status_code} {answer.text[:500]}"
-        return answer.json()
-
-    def run_to_end(self, dag_id: str, logical_date, timeout: float = 900.0) -> str:
-        """Unpause `dag_id`, trigger a run, wait until it ends; return its run id."""
-        self("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
-        run_id = f"ui_test_{logical_date:%Y%m%dT%H%M}"
-        self("POST", f"/dags/{dag_id}/dagRuns",
-             json={"dag_run_id": run_id, "logical_date": logical_date.isoformat()})
-        deadline = time.monotonic() + timeout
-        while (state := self("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]) not in (
-                "success", "failed"):
-            assert time.monotonic() < deadline, f"{dag_id} {run_id} still {state}"
-            time.sleep(2)
-        tasks = self("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        assert state == "success", {t["task_id"]: t["state"] for t in tasks}
-        return run_id
-
-
-@pytest.fixture(scope="module")
-def local_airflow(make_database, tmp_path_factory):
-    """`retention airflow up` on a warehouse with a week of results, after one run of the
-    weekly report DAG; the scheduler makes only the runs the test asks for."""
-    tmp = tmp_path_factory.mktemp("ui")
-    dbt_project = copy_dbt_project(tmp / "dbt_project")
-    url = prepare_report_shop(make_database, tmp / "home", dbt_project)
-    home, port, metadata_db, env = _deployment(make_database, url, tmp)
-    assert home == tmp / "home"
-    env.update(deployment_env(url, home, dbt_project))
-    env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
-    up = _cli(env, "up", "--port", str(port), "--metadata-database", metadata_db, timeout=600)
-    started = _pids(home / "airflow" / "run")
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json")
-                              .read_text())["admin"]
-        base_url = f"http://127.0.0.1:{port}"
-        api = _Api(base_url, password)
-        run_id = api.run_to_end(REPORT_DAG, REPORT_RUN_DATE)
-        yield {"base_url": base_url, "password": password, "api": api, "run_id": run_id,
-               "home": home}
-    finally:
-        _cli(env, "down", timeout=120)
-        for pid in started.values():  # never leave a server behind, even when `down` failed
-            if not _gone(pid):
-                psutil.Process(pid).kill()
-
-
-def test_a_marketer_reads_last_weeks_report_in_the_airflow_ui(local_airflow, tmp_path):
+def browse_reports(base_url: str, password: str, *, dag_ids: Iterable[str],
+                   green: Iterable[str], report_run: str, week: str, shots: Path) -> None:
+    """A marketer in the Airflow UI of a deployment after its runs: logs in, sees exactly
+    `dag_ids` listed and every run of the `green` DAGs succeeded, opens Reports from the
+    navigation and the report of `week` (the newest), follows the extra link of
+    `retention_weekly_report`'s `write_report` in run `report_run`, and opens the report's
+    e-mail link signed out (login, then the report). Screenshots of the DAG list, the
+    Reports view and the report go to `shots`."""
     from playwright.sync_api import expect, sync_playwright
 
-    base_url, api = local_airflow["base_url"], local_airflow["api"]
-    dags = api("GET", "/dags", params={"limit": 1000})["dags"]
-    assert {Path(d["fileloc"]).name for d in dags} == DAG_FILES  # every file of dags/
-    dag_ids = [d["dag_id"] for d in dags]
-    links = api("GET", f"/dags/{REPORT_DAG}/dagRuns/{local_airflow['run_id']}/taskInstances/"
-                       f"write_report/links")["extra_links"]
-    assert links == {"Weekly report": base_url + IN_UI}
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    name = f"weekly_report_{week}.html"
+    in_ui = f"/plugin/retention-reports/retention/reports/{name}"
+    heading = f"Weekly retention report, {week}"
+    http = requests.Session()
+    http.trust_env = False
+    token = http.post(f"{base_url}/auth/token", timeout=60,
+                      json={"username": "admin", "password": password})
+    assert token.status_code in (200, 201), token.text
+    http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+    links = http.get(f"{base_url}/api/v2/dags/{REPORT_DAG}/dagRuns/{quote(report_run, safe='')}"
+                     f"/taskInstances/write_report/links", timeout=60)
+    assert links.ok, links.text
+    assert links.json()["extra_links"] == {"Weekly report": base_url + in_ui}
+    shots.mkdir(parents=True, exist_ok=True)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport=VIEWPORT)
-            log_in(page, base_url, "admin", local_airflow["password"])
+            log_in(page, base_url, "admin", password)
 
             assert_dags_listed(page, base_url, dag_ids)
-            assert_runs_succeeded(page, base_url, [REPORT_DAG])
+            assert_runs_succeeded(page, base_url, green)
             # the list as a table: every DAG on one screen, with its latest run
             page.goto(base_url + "/dags")
             page.get_by_role("button", name="Show table view").click()
@@ -211,7 +153,7 @@ def test_a_marketer_reads_last_weeks_report_in_the_airflow_ui(local_airflow, tmp
 
             reports = open_reports_view(page, base_url)
             latest = reports.locator("#reports a.report").first
-            expect(latest).to_have_text("Week 2026-W43")
+            expect(latest).to_have_text(f"Week {week}")
             expect(reports.locator("#data-quality + p a")).to_have_attribute(
                 "href", "data-docs/index.html")
             expect(reports.locator("#dbt-docs + p a")).to_have_attribute(
@@ -219,31 +161,30 @@ def test_a_marketer_reads_last_weeks_report_in_the_airflow_ui(local_airflow, tmp
             page.screenshot(path=shots / "airflow_reports.png")
 
             latest.click()
-            expect(page).to_have_url(base_url + IN_UI, timeout=UI_TIMEOUT_MS)
+            expect(page).to_have_url(base_url + in_ui, timeout=UI_TIMEOUT_MS)
             report = page.frame_locator("iframe[title=Reports]")
             expect(report.get_by_role("heading", level=1)).to_have_text(
-                "Weekly retention report, 2026-W43", timeout=UI_TIMEOUT_MS)
+                heading, timeout=UI_TIMEOUT_MS)
             for section in ("summary", "cascade-funnel", "campaign-revenue"):
                 expect(report.locator(f"#{section}")).to_be_visible()
             expect(report.locator("svg").first).to_be_visible()
             page.screenshot(path=shots / "airflow_report.png")
 
             # the report task's extra link, as the task instance page opens it
-            page.goto(links["Weekly report"])
+            page.goto(base_url + in_ui)
             expect(page.frame_locator("iframe[title=Reports]").get_by_role(
-                "heading", level=1)).to_have_text("Weekly retention report, 2026-W43",
-                                                  timeout=UI_TIMEOUT_MS)
+                "heading", level=1)).to_have_text(heading, timeout=UI_TIMEOUT_MS)
 
             # a marketer who follows the e-mail's link while signed out: login, then the report
             fresh = browser.new_context(viewport=VIEWPORT).new_page()
-            fresh.goto(f"{base_url}/retention/reports/{REPORT_NAME}")
+            fresh.goto(f"{base_url}/retention/reports/{name}")
             expect(fresh.locator("input[name=username]")).to_be_visible(timeout=UI_TIMEOUT_MS)
-            sign_in(fresh, "admin", local_airflow["password"])
-            expect(fresh).to_have_url(f"{base_url}/retention/reports/{REPORT_NAME}")
+            sign_in(fresh, "admin", password)
+            expect(fresh).to_have_url(f"{base_url}/retention/reports/{name}")
             expect(fresh.get_by_role("heading", level=1)).to_have_text(
-                "Weekly retention report, 2026-W43", timeout=UI_TIMEOUT_MS)
+                heading, timeout=UI_TIMEOUT_MS)
         finally:
             browser.close()
-    for name in ("airflow_dags.png", "airflow_reports.png", "airflow_report.png"):
-        assert (shots / name).stat().st_size > 10_000, name
+    for shot in ("airflow_dags.png", "airflow_reports.png", "airflow_report.png"):
+        assert (shots / shot).stat().st_size > 10_000, shot
     print(f"\nscreenshots: {shots}")
