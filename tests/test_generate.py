@@ -74,6 +74,42 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+# The bytes of a 600-customer shop (seed 42, the tests' end), the same on every machine.
+# A change here means a seed no longer gives the shop the pinned figures of the other
+# tests were computed on (the cascade's audiences, the report's week): either the
+# generator changed on purpose (update the digests and those figures together) or a
+# float operation now depends on the CPU (numpy's SIMD exp and power differ in the last
+# bit on AVX-512 machines; generate._exp and _pow use the C library instead).
+SHOP_DIGESTS = {
+    "channel_subscriptions.csv": "fdaccc8c7e5647dd", "customers.csv": "2bf4d7975dffeaa6",
+    "events.csv": "9803f95ae8daf0d6", "offline_receipt_items.csv": "6f29b0e0e8e77e1f",
+    "offline_receipts.csv": "043c171adaedf360", "order_items.csv": "b49d5363ffa5c736",
+    "orders.csv": "2d14b9a457e4f04e", "product_changes.csv": "ecb6c8a8e50153b0",
+    "products.csv": "bc8db5c8f38b8384",
+}
+
+
+def test_a_seed_gives_the_same_bytes_on_every_machine(tmp_path):
+    import hashlib
+
+    generate_shop(tmp_path, 600, seed=42, end=datetime(2026, 10, 31, tzinfo=timezone.utc))
+    digests = {name: hashlib.sha256(data).hexdigest()[:16]
+               for name, data in _files(tmp_path).items()}
+    assert digests == SHOP_DIGESTS
+
+
+def test_exp_and_pow_are_the_c_library_s():
+    import math
+
+    from retention_dev.generate import _exp, _pow
+
+    x = np.random.default_rng(5).normal(0, 3, 2_000).reshape(40, 50)
+    assert _exp(x).shape == (40, 50)
+    assert [float(v) for v in _exp(x).ravel()] == [math.exp(v) for v in x.ravel()]
+    y = np.abs(x) * 100
+    assert [float(v) for v in _pow(y, 0.7).ravel()] == [math.pow(v, 0.7) for v in y.ravel()]
+
+
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     end = datetime(2025, 6, 30, 12, 0, tzinfo=timezone.utc)
     knobs = {"chunk_size": 700, "currency": "EUR"}

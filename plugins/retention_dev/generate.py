@@ -55,6 +55,21 @@ _STORE_HOURS = np.array(
 )
 
 
+
+# numpy evaluates exp and power of float64 arrays with SIMD code chosen by the CPU it runs
+# on (AVX-512 machines get their own), which may differ from the C library in the last bit;
+# one such bit flips a price's rounding or a sampled choice and the whole generated shop
+# differs between machines. The generator computes them with the C library, value by
+# value, so a seed gives the same shop on every machine.
+def _exp(x: np.ndarray) -> np.ndarray:
+    return np.fromiter(map(math.exp, np.asarray(x, dtype=float).ravel()), dtype=float,
+                       count=np.size(x)).reshape(np.shape(x))
+
+
+def _pow(x: np.ndarray, y: float) -> np.ndarray:
+    return np.fromiter((math.pow(v, y) for v in np.asarray(x, dtype=float).ravel()),
+                       dtype=float, count=np.size(x)).reshape(np.shape(x))
+
 @dataclass(frozen=True)
 class ShopKnobs:
     """Everything about the generated shop a user may want to change (keyword arguments
@@ -307,7 +322,7 @@ class _Clock:
             else 0.8 if (x.month == 1 and x.day < 8) else 0.9 if x.month in (7, 8) else 1.0
             for x in day_dates])
         weekend = np.array([1.1 if x.weekday() >= 5 else 1.0 for x in day_dates])
-        w = np.exp(math.log(max(growth, 1e-6)) * d / max(self.n_days - 1, 1)) * season * weekend
+        w = _exp(math.log(max(growth, 1e-6)) * d / max(self.n_days - 1, 1)) * season * weekend
         w[(self.day0 + d * DAY) < self.start - DAY] = 0.0
         self._day_cdf = np.cumsum(w) / w.sum()
 
@@ -393,7 +408,7 @@ class _Catalog:
             idx = np.nonzero(self.mid_top == t)[0]
             rank[idx] = np.arange(len(idx))
         top_w = np.array([cd.TOP_WEIGHTS[t] for t in tops], dtype=float)
-        zipf = 1.0 / (rank + 1) ** 0.7
+        zipf = 1.0 / _pow(rank + 1.0, 0.7)
         per_top = np.bincount(self.mid_top, weights=zipf)
         self.mid_weight = top_w * zipf / per_top[self.mid_top]
         self.mid_weight /= self.mid_weight.sum()
@@ -444,8 +459,8 @@ class _Catalog:
         self.n_products = n
         self.leaf_products = _csr(self.prod_leaf, n_leaf)
         self.leaf_first_product = self.leaf_products[1]
-        leaf_factor = np.exp(rng.normal(0, 0.35, n_leaf))
-        base = self.leaf_price[self.prod_leaf] * leaf_factor[self.prod_leaf] * np.exp(
+        leaf_factor = _exp(rng.normal(0, 0.35, n_leaf))
+        base = self.leaf_price[self.prod_leaf] * leaf_factor[self.prod_leaf] * _exp(
             rng.normal(0, 0.5, n))
         self.base_cents = _charm_cents(base)
         # launch: most products are older than the history, a quarter arrive during it
