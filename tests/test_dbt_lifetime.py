@@ -404,7 +404,7 @@ def _score(purchases: int, carts: int, wishlists: int, views: int, days: float) 
 def _read_raw(url: str) -> dict[str, pd.DataFrame]:
     frames = {}
     for table in TABLES:
-        rows = _query(url, f"select * from raw.{table.name}")
+        rows = _query(url, f"select {', '.join(table.column_names)} from raw.{table.name}")
         frame = pd.DataFrame(rows, columns=table.column_names, dtype=object)
         for column in table.columns:
             if column.type == "timestamptz":

@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import threading
+from datetime import date
 
 import psycopg
 import pytest
@@ -42,7 +43,8 @@ SCHEMAS = tuple(EXPECTED_TABLES)
 
 #: format_type() of each contract type
 PG_TYPES = {"text": "text", "timestamptz": "timestamp with time zone",
-            "numeric(18,2)": "numeric(18,2)", "integer": "integer", "boolean": "boolean"}
+            "numeric(18,2)": "numeric(18,2)", "integer": "integer", "boolean": "boolean",
+            "date": "date", "jsonb": "jsonb"}
 
 
 def _tables(conn: psycopg.Connection) -> dict[str, set[str]]:
@@ -193,7 +195,7 @@ def test_raw_tables_are_the_contracts(fresh_snapshot):
         if schema_name == "raw":
             migrated.setdefault(table, []).append((column, typ, notnull))
     expected = {t.name: [(c.name, PG_TYPES[SQL_TYPES[c.type]], c.name in t.key)
-                         for c in t.columns] for t in TABLES}
+                         for c in t.all_columns] for t in TABLES}
     assert migrated == expected
     keys = {name: d for table, name, d in fresh_snapshot["constraints"]
             if table.startswith("raw.")}
@@ -243,6 +245,45 @@ def test_partial_previous_release_database_is_completed(make_database, fresh_sna
                             ).fetchall() == [("m1", "sent", None)]
         # the status the swapped check lets in
         conn.execute("update ops.messages set status = 'unknown'")
+
+
+def test_upgrade_from_the_baseline_adds_the_custom_event_columns(make_database, fresh_snapshot):
+    """A database at the baseline revision, with rows: the next revision adds
+    raw.events.properties and raw.customers.birth_date (NULL on the existing rows) and
+    the loader's casts, and ends identical to a fresh database; its downgrade removes
+    them again and keeps the rows."""
+    url = make_database("mig")
+    schema.upgrade(url, "0001_baseline")
+    assert schema.current(url) == "0001_baseline"
+    _insert_rows(url)
+    with db.connect(url) as conn:
+        conn.execute("insert into raw.events (event_id, occurred_at, event_type) "
+                     "values ('e1', '2024-03-01T10:00:00Z', 'view')")
+        conn.commit()
+        assert conn.execute("select to_regprocedure('ops.try_jsonb(text)')").fetchone() == (
+            None,)
+    schema.upgrade(url)
+    assert schema.current(url) == schema.head() == "0002_custom_events"
+    assert _rows(url) == ROWS
+    assert _snapshot(url) == fresh_snapshot
+    with db.connect(url) as conn:
+        assert conn.execute("select event_id, properties from raw.events").fetchall() == [
+            ("e1", None)]
+        assert conn.execute("select customer_id, birth_date from raw.customers").fetchall() == [
+            ("c1", None)]
+        assert conn.execute(
+            "select ops.try_jsonb('{\"a\": 1}'), ops.try_jsonb('{a: 1'), "
+            "ops.try_date('2024-02-29'), ops.try_date('2023-02-29'), ops.try_date('1990-1-2')"
+        ).fetchone() == ({"a": 1}, None, date(2024, 2, 29), None, None)
+    schema.downgrade(url, "0001_baseline")
+    assert schema.current(url) == "0001_baseline"
+    assert _rows(url) == ROWS
+    with db.connect(url) as conn:
+        columns = {r[0] for r in conn.execute(
+            "select column_name from information_schema.columns where table_schema = 'raw' "
+            "and table_name in ('events', 'customers')").fetchall()}
+        assert "properties" not in columns and "birth_date" not in columns
+        assert conn.execute("select to_regprocedure('ops.try_date(text)')").fetchone() == (None,)
 
 
 def test_upgrade_at_head_is_a_no_op(make_database, fresh_snapshot):

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     load_lock_timeout: Seconds = Field(900.0, description=(
         "Seconds a load waits for another load of the same database to finish before it "
         "fails with 'another load is running' (0: no limit)."))
+    events_file: Path = Field(PROJECT_ROOT / "include" / "events.yaml", description=(
+        "The shop's declared event types and their properties (YAML); the loader "
+        "quarantines events of an undeclared type or with wrong properties."))
     wait_scale: Seconds = Field(1.0, description=(
         "Multiplier for every wait between campaign steps (tests and demos shorten them, "
         "e.g. 0.0001)."))

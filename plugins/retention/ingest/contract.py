@@ -17,7 +17,7 @@ EVENT_TYPES = ("view", "cart", "remove_from_cart", "wishlist", "search", "purcha
 @dataclass(frozen=True)
 class Column:
     name: str
-    type: str  # text, timestamptz, numeric, integer, boolean
+    type: str  # text, timestamptz, numeric, integer, boolean, date, jsonb
     required: bool = False  # must be present in the file header
     not_null: bool = False  # a row without a value is quarantined
     enum: tuple[str, ...] | None = None
@@ -43,13 +43,26 @@ class Table:
     optional: bool = True
     description: str = ""
     checks: tuple[str, ...] = field(default=())
+    #: optional columns the contract gained as extensions (CONTRACT.md marks them): the
+    #: loader reads, checks and writes them like the others, a file may leave them out,
+    #: and they come after `columns` in the raw table. `columns` and `column_names` are
+    #: the original layout (what the generator writes); `all_columns` is the whole table.
+    extensions: tuple[Column, ...] = ()
 
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    @property
+    def all_columns(self) -> tuple[Column, ...]:
+        return self.columns + self.extensions
+
+    @property
+    def all_column_names(self) -> list[str]:
+        return [c.name for c in self.all_columns]
+
     def column(self, name: str) -> Column:
-        return next(c for c in self.columns if c.name == name)
+        return next(c for c in self.all_columns if c.name == name)
 
 
 def _c(name: str, type_: str = "text", **kw) -> Column:
@@ -76,6 +89,7 @@ TABLES: tuple[Table, ...] = (
         key=("customer_id",),
         optional=False,
         description="one row per customer",
+        extensions=(_c("birth_date", "date", pii=True),),
     ),
     Table(
         "channel_subscriptions",
@@ -191,6 +205,9 @@ TABLES: tuple[Table, ...] = (
         ),
         key=("event_id",),
         description="one row per clickstream event",
+        # a JSON object; which event types may carry which properties is the shop's
+        # declaration (retention.ingest.events, include/events.yaml)
+        extensions=(_c("properties", "jsonb"),),
     ),
 )
 
@@ -207,5 +224,7 @@ SQL_TYPES = {
     "numeric": "numeric(18,2)",
     "integer": "integer",
     "boolean": "boolean",
+    "date": "date",
+    "jsonb": "jsonb",
 }
 

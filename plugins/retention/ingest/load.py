@@ -51,6 +51,7 @@ from psycopg import sql
 from retention import db
 from retention.config import settings
 from retention.ingest.contract import LOAD_ORDER, REQUIRED_TABLES, SQL_TYPES, TABLE_BY_NAME, Table
+from retention.ingest.events import EventCatalog, EventsFileError, load_catalog, properties_reason
 from retention.db.schema import ensure_schemas
 
 COPY_CHUNK = 1 << 20
@@ -204,13 +205,14 @@ def _plan(files: dict[str, Path]) -> tuple[list[PlannedFile], dict[str, list[str
             continue
         table = TABLE_BY_NAME[name]
         header = read_header(files[name])
-        missing = [c.name for c in table.columns if c.required and c.name not in header]
+        missing = [c.name for c in table.all_columns if c.required and c.name not in header]
         if missing:
             raise LoadError(
                 f"{files[name]}: required column {missing[0]!r} is missing "
-                f"(table {name} needs {', '.join(c.name for c in table.columns if c.required)})"
+                f"(table {name} needs "
+                f"{', '.join(c.name for c in table.all_columns if c.required)})"
             )
-        extra = [h for h in header if h not in table.column_names]
+        extra = [h for h in header if h not in table.all_column_names]
         if extra:
             ignored_columns[str(files[name])] = extra
         planned.append(PlannedFile(table, files[name], header))
@@ -342,6 +344,10 @@ def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
         return ref
     if col_type == "timestamptz":
         return sql.SQL("ops.try_timestamptz({})").format(ref)
+    if col_type == "date":
+        return sql.SQL("ops.try_date({})").format(ref)
+    if col_type == "jsonb":
+        return sql.SQL("ops.try_jsonb({})").format(ref)
     if col_type == "numeric":
         return sql.SQL("case when {r} ~ {p} then ({r})::numeric(18,2) end").format(
             r=ref, p=sql.Literal(NUMERIC))
@@ -361,13 +367,18 @@ def _reason(cond: sql.Composable, text: sql.Composable | str) -> sql.Composable:
     return sql.SQL("case when {} then {} end").format(cond, msg)
 
 
-def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.Composable:
+def _validate_sql(table: Table, header: list[str], currency: str | None,
+                  catalog: EventCatalog | None = None) -> sql.Composable:
     """One pass over the staged text rows: _rec_no, typed contract columns and the reasons
     a row breaks the contract (NULL when it does not). Duplicates and foreign keys are
-    checked afterwards on the result (see `_mark_duplicates_and_orphans`)."""
+    checked afterwards on the result (see `_mark_duplicates_and_orphans`).
+
+    `catalog`: the shop's declared event types (events only): a declared custom type is
+    a known event_type, and each row's properties are checked against its type's
+    declaration. Without it only the contract's event types are known."""
     n = sql.Identifier
     cleaned, typed, reasons = [], [], []
-    for col in table.columns:
+    for col in table.all_columns:
         if col.name in header:
             src = sql.SQL("nullif(btrim(s.{}), '')").format(n(col.name))
         else:
@@ -377,7 +388,7 @@ def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.
         cleaned.append(sql.SQL("{} as {}").format(src, n(f"t_{col.name}")))
         tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
         typed.append(sql.SQL("{} as {}").format(_typed_expr(col.type, tref), n(col.name)))
-    for col in table.columns:
+    for col in table.all_columns:
         tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
         vref = sql.SQL("v.{}").format(n(col.name))
         if col.name in table.key:
@@ -389,7 +400,15 @@ def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.
                 sql.SQL("{} is not null and {} is null").format(tref, vref),
                 sql.SQL("'unparsable ' || {} || ' ' || quote_literal(left({}, 60))").format(
                     sql.Literal(f"{col.type} in {col.name}:"), tref)))
-        if col.enum:
+        if col.enum and catalog is not None and col.name == "event_type":
+            reasons.append(_reason(
+                sql.SQL("{} is not null and {} <> all({})").format(
+                    tref, tref, sql.Literal(list(catalog.event_types))),
+                sql.SQL("{} || quote_literal({}) || {}").format(
+                    sql.Literal(f"unknown {col.name} "), tref,
+                    sql.Literal(f" (not a contract type, not declared in "
+                                f"{catalog.path.name})"))))
+        elif col.enum:
             reasons.append(_reason(
                 sql.SQL("{} is not null and {} <> all({})").format(
                     tref, tref, sql.Literal(list(col.enum))),
@@ -401,6 +420,20 @@ def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.
             reasons.append(_reason(
                 sql.SQL("{} > %(loaded_at)s").format(vref),
                 f"timestamp in the future of the load: {col.name}"))
+        if col.type == "date":
+            # a day of grace: the load's UTC date is already tomorrow in some time zones
+            reasons.append(_reason(
+                sql.SQL("{} > (%(loaded_at)s::timestamptz at time zone 'UTC')::date + 1"
+                        ).format(vref),
+                f"date in the future of the load: {col.name}"))
+        if col.type == "jsonb":
+            reasons.append(_reason(
+                sql.SQL("jsonb_typeof({}) <> 'object'").format(vref),
+                sql.SQL("{} || left({}::text, 60)").format(
+                    sql.Literal(f"{col.name} is not a JSON object: "), vref)))
+    if catalog is not None and "properties" in table.all_column_names:
+        reasons.append(properties_reason(catalog, sql.SQL("c.t_event_type"),
+                                         sql.SQL("v.properties"), sql.SQL("c.t_properties")))
     if table.currency_column and currency:
         cref = sql.SQL("upper(c.{})").format(n(f"t_{table.currency_column}"))
         reasons.append(_reason(
@@ -413,7 +446,7 @@ def _validate_sql(table: Table, header: list[str], currency: str | None) -> sql.
         cross join lateral (select {cleaned} offset 0) c
         cross join lateral (select {typed} offset 0) v
     """).format(
-        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.columns),
+        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.all_columns),
         reasons=sql.SQL(", ").join(reasons) if reasons else sql.SQL("null"),
         cleaned=sql.SQL(", ").join(cleaned),
         typed=sql.SQL(", ").join(typed),
@@ -451,15 +484,15 @@ def _is_empty(conn: psycopg.Connection, table: str) -> bool:
 
 def _insert_sql(table: Table) -> sql.Composable:
     """The accepted rows into an empty `raw.<table>` (see check_and_write)."""
-    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.all_columns)
     return sql.SQL("insert into raw.{table} ({cols}) select {cols} from checked_stage "
                    "where reason is null").format(table=sql.Identifier(table.name), cols=cols)
 
 
 def _upsert_sql(table: Table) -> sql.Composable:
     n = sql.Identifier
-    cols = sql.SQL(", ").join(n(c.name) for c in table.columns)
-    non_key = [c.name for c in table.columns if c.name not in table.key]
+    cols = sql.SQL(", ").join(n(c.name) for c in table.all_columns)
+    non_key = [c.name for c in table.all_columns if c.name not in table.key]
     updates = sql.SQL(", ").join(sql.SQL("{0} = excluded.{0}").format(n(c)) for c in non_key)
     changed = sql.SQL("({}) is distinct from ({})").format(
         sql.SQL(", ").join(sql.SQL("t.{}").format(n(c)) for c in non_key),
@@ -531,11 +564,14 @@ def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
 
 
 def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | None,
-                    loaded_at: datetime, load_id: int, source_file: str) -> TableResult:
+                    loaded_at: datetime, load_id: int, source_file: str, *,
+                    catalog: EventCatalog | None = None) -> TableResult:
+    """Check the staged rows of one file, quarantine the bad ones and write the rest.
+    `catalog`: the declared event types, for the events file (see `_validate_sql`)."""
     table = pf.table
     result = TableResult(table.name, source_file)
     conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
-        _validate_sql(table, pf.header, currency)), {"loaded_at": loaded_at})
+        _validate_sql(table, pf.header, currency, catalog)), {"loaded_at": loaded_at})
     _mark_duplicates_and_orphans(conn, table)
     rows, bad = conn.execute(
         "select count(*), count(*) filter (where reason is not null) from checked_stage"
@@ -585,6 +621,13 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
     if not files:
         raise LoadError(f"{path}: no contract files found (expected e.g. customers.csv, orders.csv)")
     planned, ignored_columns = _plan(files)
+    catalog = None
+    if "events" in files:
+        # once per load, before anything is written: a wrong file fails the load
+        try:
+            catalog = load_catalog()
+        except EventsFileError as exc:
+            raise LoadError(str(exc)) from None
     with db.connect(url) as conn:
         ensure_schemas(conn)
         conn.commit()
@@ -605,8 +648,9 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
             stage_file(conn, pf)
             if pf.table.currency_column and shop_currency is None:
                 shop_currency = _infer_currency(conn, loaded_at)
-            results.append(check_and_write(conn, pf, shop_currency, loaded_at, load_id,
-                                           str(pf.path)))
+            results.append(check_and_write(
+                conn, pf, shop_currency, loaded_at, load_id, str(pf.path),
+                catalog=catalog if pf.table.name == "events" else None))
         report = LoadReport(load_id, str(path), loaded_at, shop_currency, results, ignored,
                             ignored_columns)
         conn.execute("update ops.loads set status = 'succeeded', summary = %s where load_id = %s",

@@ -32,21 +32,19 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 
-import yaml
-
 from retention.campaigns.audience import _like_prefix, compile_audience
 from retention.campaigns.spec import CampaignError
-from retention.config import PROJECT_ROOT
+from retention.ingest.contract import EVENT_TYPES
+from retention.ingest.events import EventsFileError, load_catalog
 from retention.triggers.config import TriggerSettings, parse_window
 from retention.triggers.detect import bought_product, checked_out
 
 #: the kinds of entry, one per definition
 ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date",
                "predicted")
-#: the contract's event types; a shop declares its own in include/events.yaml
-BUILTIN_EVENTS = ("view", "cart", "remove_from_cart", "wishlist", "search", "purchase",
-                  "app_open")
-EVENTS_FILE = PROJECT_ROOT / "include" / "events.yaml"
+#: the contract's event types; a shop declares its own in the events file (setting
+#: events_file, include/events.yaml; retention.ingest.events)
+BUILTIN_EVENTS = EVENT_TYPES
 #: `per` words with a meaning; any other word is a label (one chain per customer)
 PER_BY_KIND = {
     "event": ("product", "category", "search", "top_category"),
@@ -112,24 +110,13 @@ class Compiled:
 
 
 def declared_event_types(path: Path | None = None) -> set[str]:
-    """The contract's event types and the custom ones include/events.yaml declares (its
-    top-level names, or those under `events:` / `types:`)."""
-    path = path or EVENTS_FILE
-    names = set(BUILTIN_EVENTS)
-    if path.exists():
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CampaignError(f"{path}: not valid YAML: {exc}") from exc
-        if isinstance(data, dict):
-            inner = data.get("events", data.get("types"))
-            data = inner if inner is not None else data
-        if isinstance(data, dict):
-            names |= {str(k) for k in data}
-        elif isinstance(data, list):
-            names |= {str(x["name"]) if isinstance(x, dict) and "name" in x else str(x)
-                      for x in data}
-    return names
+    """The contract's event types and the custom ones the events file declares (None:
+    the configured file, the one the loader checks events against); a wrong file is a
+    CampaignError naming its line and field."""
+    try:
+        return set(load_catalog(path).event_types)
+    except EventsFileError as exc:
+        raise CampaignError(str(exc)) from None
 
 
 def _a(kind: str) -> str:
