@@ -205,3 +205,63 @@ def test_a_load_shows_bytes_streamed_per_file(database_url, tmp_path):
     assert done == sorted(done) and done[-1] <= total / 1e6 + 0.05
     assert re.fullmatch(rf"load: {total / 1e6:.1f} MB/{total / 1e6:.1f} MB \(100%\) in \d+ s, "
                         r"[\d.]+ [KM]B/s", lines[-1]), lines[-1]
+
+
+def test_send_shards_each_show_the_whole_step(database_url, monkeypatch, capsys):
+    """Two dispatchers of one step (the DAG's send shards, as threads here) each print
+    the step's progress, not their own share: messages out of those due when it began,
+    ending at all of them."""
+    import threading
+
+    from retention import db, progress
+    from retention.campaigns.dispatch import dispatch_step
+    from retention.campaigns.engine import plan_step, start_run, step_time
+    from retention.campaigns.runner import step_progress
+    from retention.campaigns.spec import parse_campaign
+    from retention.connections import channels_from_env
+    from retention_dev.stack import local_provider_stack
+    from test_dispatch import AS_OF, CASCADE, POLICY, _shop
+
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", secrets.token_hex(16))
+    monkeypatch.setitem(progress._defaults, "mode", "lines")
+    monkeypatch.setitem(progress._defaults, "interval", 0.0)
+    _shop(database_url, 300)
+    campaign = parse_campaign(CASCADE, "cascade.yaml")
+    step = campaign.steps[0]
+    with local_provider_stack() as (_, env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        run = start_run(campaign, AS_OF, policy=POLICY)
+        plan_step(campaign, run, step.name, policy=POLICY)
+        at = step_time(campaign, run, step)
+        with db.connect(database_url) as conn:
+            due = conn.execute("select count(*) from ops.messages where run_id = %s and step = %s "
+                               "and status = 'planned' and not_before <= %s",
+                               (run.run_id, step.name, at)).fetchone()[0]
+        assert due > 100
+        errors = []
+
+        def shard(i: int) -> None:
+            try:
+                with step_progress(campaign, run.run_id, step.name, at, f"shard {i + 1}/2") as cb:
+                    dispatch_step(campaign, run, step.name,
+                                  channels_from_env(list(step.channels)), on_batch=cb)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    err = capsys.readouterr().err.splitlines()
+    for i in (1, 2):
+        prefix = f"campaign cascade step {step.name} (shard {i}/2): messages "
+        mine = [line[len(prefix):] for line in err if line.startswith(prefix)]
+        assert mine, err
+        done = [int(m.split("/")[0].replace(",", "")) for m in mine]
+        assert done == sorted(done), mine
+        assert all(f"/{due:,} (" in m for m in mine), mine
+        # the last line: the whole step out, whichever shard sent it
+        assert mine[-1].startswith(f"{due:,}/{due:,} (100%) in "), mine

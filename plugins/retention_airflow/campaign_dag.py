@@ -99,12 +99,18 @@ def campaign_dag(campaign_id: str, *, dag_id: str | None = None, tags: tuple[str
                   **_pool(campaign, step.index))
             def send(run: dict, step_name: str, planned: dict, shard: int) -> dict:
                 from retention.campaigns.dispatch import dispatch_step, dispatch_threads
+                from retention.campaigns.engine import step_time
+                from retention.campaigns.runner import step_progress
                 from retention_airflow.hooks import channels_for
 
                 c = load_campaign(campaign_id)
-                counts = dispatch_step(c, _run_info(run), step_name,
-                                       channels_for(c.step(step_name).channels),
-                                       workers=dispatch_threads())
+                info = _run_info(run)
+                at = step_time(c, info, c.step(step_name))
+                with step_progress(c, info.run_id, step_name, at,
+                                   f"shard {shard + 1}/{shards}") as on_batch:
+                    counts = dispatch_step(c, info, step_name,
+                                           channels_for(c.step(step_name).channels),
+                                           workers=dispatch_threads(), on_batch=on_batch)
                 counts["shard"] = shard
                 return counts
 

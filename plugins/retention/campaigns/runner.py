@@ -7,7 +7,10 @@ before the next step, as the customers' mornings would come.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 
 from retention import db
@@ -66,6 +69,48 @@ def run_campaign(campaign: Campaign, as_of: datetime, channels: Mapping[str, Cha
     return {"run_id": run.run_id, "audience_size": run.audience_size,
             "holdout_size": run.holdout_size, "reused_frozen_audience": not run.created,
             "waves": waves}
+
+
+_DUE = ("run_id = %(run_id)s and step = %(step)s and status = 'planned' "
+        "and not_before <= %(release_at)s")
+
+
+@contextmanager
+def step_progress(campaign: Campaign, run_id: str, step_name: str, release_at: datetime,
+                  label: str = "", url: str | None = None) -> Iterator[Callable[[str, int], None]]:
+    """Progress of a step that several dispatchers send together (the DAG's send shards):
+    yields an `on_batch` for `dispatch_step`. The line shows the whole step (messages out
+    of those due when this dispatcher started, by every dispatcher), so each shard's log
+    tells how far the wave is: `campaign weekly_promo step email (shard 1/2): messages
+    40,000/100,000 (40%) 1,250 messages/s, 48 s left`. The step is counted at most once
+    per progress interval."""
+    params = {"run_id": run_id, "step": step_name, "release_at": release_at}
+    with db.connect(url) as conn:
+        due = conn.execute(f"select count(*) from ops.messages where {_DUE}", params).fetchone()[0]
+    what = f"campaign {campaign.id} step {step_name}" + (f" ({label})" if label else "")
+    with progress(what, due or None, unit="messages") as bar:
+        last = [time.monotonic()]
+        every = 0.5 if bar.mode == "bar" else getattr(bar, "interval", 30.0)
+        counting = threading.Lock()  # one sender thread counts; the others go on
+
+        def on_batch(channel: str, n: int) -> None:
+            if bar.mode == "off" or time.monotonic() - last[0] < every \
+                    or not counting.acquire(blocking=False):
+                return
+            try:
+                last[0] = time.monotonic()
+                with db.connect(url) as conn:
+                    left = conn.execute(f"select count(*) from ops.messages where {_DUE}",
+                                        params).fetchone()[0]
+                bar.set_done(max(due - left, 0))
+            finally:
+                counting.release()
+
+        yield on_batch
+        with db.connect(url) as conn:
+            left = conn.execute(f"select count(*) from ops.messages where {_DUE}",
+                                params).fetchone()[0]
+        bar.set_done(max(due - left, 0))
 
 
 def format_waves(result: dict) -> str:
