@@ -73,6 +73,23 @@ def test_the_shipped_events_file_declares_the_custom_types():
     assert len(catalog.event_types) == 10
 
 
+@pytest.mark.unit
+def test_the_dbt_build_accepts_the_declared_types(tmp_path, monkeypatch):
+    """`retention build` passes the declared custom types to dbt (var custom_event_types),
+    which stg_events' accepted_values test adds to the contract's seven."""
+    from retention.warehouse.build import _custom_event_types
+
+    assert _custom_event_types() == ["bonus_credited", "subscription_renewed",
+                                     "payment_method_chosen"]
+    other = tmp_path / "events.yaml"
+    other.write_text("events:\n  view: {}\n  points_expired: {}\n")
+    monkeypatch.setenv("RETENTION_EVENTS_FILE", str(other))
+    assert _custom_event_types() == ["points_expired"]
+    models = (PROJECT_ROOT / "dbt_project" / "models" / "staging" /
+              "_staging__models.yml").read_text()
+    assert "+ var('custom_event_types') }}" in models
+
+
 BAD_FILES = {
     "unknown property type": (
         "events:\n  a:\n    properties:\n      x: {type: money}\n",

@@ -31,7 +31,8 @@ renamed as (
         created_at,
         timezone,
         city,
-        upper(country) as country
+        upper(country) as country,
+        birth_date
 
     from source
 

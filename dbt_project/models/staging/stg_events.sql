@@ -17,7 +17,10 @@ renamed as (
         product_id,
         nullif(trim(category_path), '') as category_path,
         price,
-        search_query
+        search_query,
+        -- a JSON object of the event's own properties (custom event types, declared in
+        -- include/events.yaml), NULL when it has none
+        properties
 
     from source
 

@@ -4,7 +4,10 @@ How a load works:
 
 1. *Preflight*, before anything is written: every file's header is read; a file that is
    not readable CSV or lacks a required column fails the load with an error naming the
-   file and the column.
+   file and the column. A load with an events file reads the shop's events file once
+   (setting `events_file`, `retention.ingest.events`): the custom event types it declares
+   are accepted, each event's `properties` are checked against its type's declaration,
+   and a wrong events file fails the load naming its line and field.
 2. One transaction for the whole load. Each file is streamed into a temporary text-only
    staging table with PostgreSQL COPY (a 1 GB file never sits in memory), then checked
    set-wise in SQL: every row that breaks the contract goes to `ops.quarantine` with its

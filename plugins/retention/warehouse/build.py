@@ -80,6 +80,13 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def _custom_event_types() -> list[str]:
+    """The custom event types the events file declares (stg_events accepts them)."""
+    from retention.ingest.events import load_catalog
+
+    return list(load_catalog().custom_types)
+
+
 def as_of_literal(as_of: datetime) -> str:
     """The var value dbt gets: ISO-8601 in UTC with offset, microseconds kept."""
     return _utc(as_of).isoformat()
@@ -248,7 +255,8 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
         ensure_schemas(conn)
         conn.commit()
     as_of = _utc(as_of) if as_of is not None else default_as_of(url)
-    args = ["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)})]
+    args = ["build", "--vars", json.dumps({"as_of": as_of_literal(as_of),
+                                           "custom_event_types": _custom_event_types()})]
     if select:
         if select.startswith("selector:"):
             args += ["--selector", select.split(":", 1)[1]]
