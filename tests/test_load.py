@@ -443,3 +443,21 @@ def test_failed_first_load_leaves_the_indexes_and_tables_as_they_were(tmp_path, 
     load_folder(_shop(tmp_path / "fixed"), database_url, loaded_at=LOADED_AT, currency="UAH")
     assert {n: d for n, (d, _) in _raw_indexes(database_url).items()} == \
         {n: d for n, (d, _) in before.items()}
+
+
+def test_a_first_load_without_currency_column_or_setting_loads(tmp_path, database_url,
+                                                              monkeypatch):
+    """currency is optional: with no column and no configured currency there is nothing to
+    infer from; the orders load and the shop's currency stays unset."""
+    monkeypatch.delenv("RETENTION_CURRENCY", raising=False)
+    folder = tmp_path / "shop"
+    write_csv(folder, "customers", CUSTOMERS)
+    column = ORDERS[0].index("currency")
+    write_csv(folder, "orders", [[v for j, v in enumerate(r) if j != column] for r in ORDERS])
+    report = load_folder(folder, database_url, loaded_at=LOADED_AT)
+    assert report.currency is None
+    assert [(t.table, t.accepted, t.quarantined) for t in report.tables] == [
+        ("customers", 2, 0), ("orders", 2, 0)]
+    with db.connect(database_url) as conn:
+        assert conn.execute("select count(*) from ops.shop_settings "
+                            "where key = 'currency'").fetchone()[0] == 0

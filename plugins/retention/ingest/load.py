@@ -649,7 +649,8 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         results = []
         for pf in planned:
             stage_file(conn, pf)
-            if pf.table.currency_column and shop_currency is None:
+            if pf.table.currency_column and shop_currency is None \
+                    and pf.table.currency_column in pf.header:
                 shop_currency = _infer_currency(conn, loaded_at)
             results.append(check_and_write(
                 conn, pf, shop_currency, loaded_at, load_id, str(pf.path),
