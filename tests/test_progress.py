@@ -201,7 +201,10 @@ def test_a_load_shows_bytes_streamed_per_file(database_url, tmp_path):
     # the server's COPY progress, seen while the events file streamed
     streaming = [line for line in lines if line.startswith("load events.csv: ")]
     assert streaming, run.stderr
-    done = [float(re.search(r": ([\d.]+) MB/", line).group(1)) for line in streaming]
+    # bytes read so far, as the line gives them (`0 B`, `512.0 KB`, `3.2 MB`, ...)
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+    done = [float(m.group(1)) * scale[m.group(2)] / 1e6
+            for m in (re.search(r": ([\d.]+) (B|KB|MB|GB)/", line) for line in streaming)]
     assert done == sorted(done) and done[-1] <= total / 1e6 + 0.05
     assert re.fullmatch(rf"load: {total / 1e6:.1f} MB/{total / 1e6:.1f} MB \(100%\) in \d+ s, "
                         r"[\d.]+ [KM]B/s", lines[-1]), lines[-1]
