@@ -75,12 +75,33 @@ def _talks_to(procs: list[psutil.Process], port: int) -> bool:
     return False
 
 
-# Known defect, open: in one full-suite run (2026-12-07) the stand-in accepted 130 of the
-# 100,000 recipients twice after the SIGKILL (the killed shard's claims were settled and
-# partly sent again); two runs on their own passed. Until the cause is found this test
-# reports XFAIL/XPASS instead of failing the suite; the assertion itself is unchanged.
-@pytest.mark.xfail(strict=False, reason="known: a killed worker's shard can be sent twice in "
-                                        "part (130 of 100,000 once); exactly once not proven")
+def _timeline(handle, duplicated: set[str], killed_at: float) -> str:
+    """The stand-in's view of duplicated messages: each mail request carrying one (time
+    from the kill, its claim, how many of the duplicates, status) and each activity lookup
+    (time, claim, messages found)."""
+    lines = []
+    for rec in handle.received:
+        at = f"{rec.processed_at - killed_at:+8.2f} s"
+        if rec.path == "/v3/mail/send" and isinstance(rec.body, dict):
+            args = [p.get("custom_args") or {} for p in rec.body.get("personalizations", [])]
+            hit = sum(1 for a in args if a.get("message_id") in duplicated)
+            if hit:
+                claims = sorted({str(a.get("claim")) for a in args})
+                lines.append(f"{at} send {len(args)} msgs, claim {claims}, {hit} duplicated, "
+                             f"status {rec.status}")
+        elif rec.path == "/v3/messages":
+            found = len((rec.response or {}).get("messages", []))
+            lines.append(f"{at} lookup {rec.query.get('query', '')}: {found} found")
+    return "\n".join(lines[:200])
+
+
+# A full-suite run (2026-12-07) once saw 130 of the 100,000 recipients accepted twice after
+# the SIGKILL; the runs since passed. The cause found and fixed meanwhile: a dead owner's
+# request the provider takes late (tests/test_faults_dispatch.py). Until this scenario has
+# passed many full-suite runs it reports XFAIL/XPASS instead of failing the suite, and a
+# failure prints the stand-in's timeline of the duplicated messages.
+@pytest.mark.xfail(strict=False, reason="a killed worker's shard was once sent twice in part "
+                                        "(130 of 100,000); not yet proven over many runs")
 def test_two_workers_send_a_wave_once_through_a_killed_worker(make_database, tmp_path,
                                                               monkeypatch):
     from retention import db
@@ -147,6 +168,7 @@ def test_two_workers_send_a_wave_once_through_a_killed_worker(make_database, tmp
                 except psutil.NoSuchProcess:
                     pass
             at_kill = sum(handle.accepted_message_ids().values())
+            killed_at = time.monotonic()
             _, alive = psutil.wait_procs(killed, timeout=30)
             assert not alive, alive
             survivor = "worker-2" if victim == "worker-1" else "worker-1"
@@ -180,7 +202,10 @@ def test_two_workers_send_a_wave_once_through_a_killed_worker(make_database, tmp
 
     # exactly once at the provider: every recipient, no duplicate, nothing lost
     by_id, by_address = handle.accepted_message_ids(), handle.accepted_recipients()
-    assert len(by_id) == RECIPIENTS and set(by_id.values()) == {1}, Counter(by_id.values())
+    duplicated = {mid for mid, n in by_id.items() if n > 1}
+    assert len(by_id) == RECIPIENTS and not duplicated, (
+        f"{Counter(by_id.values())}; the stand-in's timeline (from the kill):\n"
+        + _timeline(handle, duplicated, killed_at))
     assert len(by_address) == RECIPIENTS and set(by_address.values()) == {1}
     assert by_address.keys() == {f"c{i:08d}@example.com" for i in range(1, RECIPIENTS + 1)}
     with db.connect(url) as conn:

@@ -133,6 +133,42 @@ def test_dispatcher_killed_mid_wave_then_run_again(database_url, stack, channel,
     assert _total_accepted(handle, channel) == before
 
 
+# --------------------------------------------------------------------------- 3b
+
+# the provider's intake is 4 s behind; the client would wait 8 s for an answer; the killed
+# dispatcher's claim expires after 1 s and the activity log lags 1 s (1.5 s for the client)
+@pytest.mark.parametrize("stack", [{"activity_lag_seconds": 1.0, "client_timeout": 8.0}],
+                         indirect=True)
+def test_a_killed_dispatchers_request_taken_late_is_not_sent_again(database_url, stack,
+                                                                   monkeypatch):
+    """The dispatcher is SIGKILLed while the provider holds its second request, received in
+    full but not yet processed (an intake that is behind). A second dispatcher started at
+    once settles the dead claim: it must not ask the activity log before the dead client
+    would itself have given up on the request (its sending time plus the client's
+    timeout), else it finds nothing, resends, and the held request is delivered too."""
+    handle, env = stack
+    n, batch = 2000, 1000  # the held request is the last: the second dispatcher has
+    env = {**env, "RETENTION_CLAIM_LEASE_SECONDS": "1"}  # nothing else to do meanwhile
+    make_shop(database_url, n)
+    campaign, _ = plan(database_url, "email")
+    provider = handle.providers["sendgrid"]
+    victim = dispatcher_process(database_url, env, "email")
+    wait_for(lambda: _total_accepted(handle, "email") >= batch,
+             "the provider to take the first batch")
+    provider.configure(accept_delay_seconds=4.0)
+    wait_for(lambda: provider.waiting_to_process == 1, "the second request to be held")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert _total_accepted(handle, "email") == batch  # the second one is not processed yet
+    again = result_of(dispatcher_process(database_url, env, "email"))
+    wait_for(lambda: provider.waiting_to_process == 0, "the held requests to be processed")
+    t = tally(handle, database_url, campaign.id, "email")
+    assert t["recipients"] == n and t["accepted_once"] == n and t["accepted_twice"] == 0, t
+    assert t["lost"] == 0 and t["ledger_disagrees"] == 0
+    assert again["reconciled"]["reconciled_sent"] == batch, again
+    assert t["statuses"] == {"sent": n}
+
+
 # --------------------------------------------------------------------------- 4
 
 # the client's timeout leaves room for a loaded machine's ordinary answers (a timeout on an

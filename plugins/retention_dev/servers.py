@@ -25,7 +25,10 @@ its client hung up meanwhile, as at a real provider), an explicit `sequence` of 
 (`"ok"`, `"timeout"` or an HTTP status such as 429 or 503, consumed one per request), or
 seeded fractions (`rate_limit_fraction`, `server_error_fraction`, `timeout_fraction`,
 `accept_timeout_fraction`, `accept_drop_fraction`), `retry_after` seconds for 429s, and
-the provider's invalid credentials, addresses and tokens. A "timeout" holds the request
+the provider's invalid credentials, addresses and tokens, and `accept_delay_seconds`: a
+request received in full is processed only that long after (a provider whose intake is
+behind; processed even if its client is gone by then, `handle.provider.waiting_to_process`
+counts the held ones). A "timeout" holds the request
 without answering for `hang_seconds` (or until the server stops) so the client's own
 timeout fires. Outcomes for HTTP clients' framing: `"chunked"` answers as "ok" with a
 chunked body (`Transfer-Encoding: chunked`, chunks of 7 bytes), `"close"` as "ok" with
@@ -112,6 +115,8 @@ class RecordedRequest:
     outcome: Outcome  # what the switches decided: "ok", "timeout", ... or a status
     response: Any  # the parsed body answered (or withheld), or None
     response_headers: dict[str, str] = field(default_factory=dict)
+    processed_at: float = 0.0  # time.monotonic() when the provider processed it
+    query: dict[str, str] = field(default_factory=dict)  # the URL's query parameters
 
 
 @dataclass
@@ -188,9 +193,12 @@ class Provider:
     COMMON = dict(latency_ms=0.0, sequence=(), rate_limit_fraction=0.0, server_error_fraction=0.0,
                   timeout_fraction=0.0, accept_timeout_fraction=0.0, accept_drop_fraction=0.0,
                   retry_after=1, server_error_status=503, hang_seconds=30.0, late_answer=False,
-                  seed=0, record_bodies=True)
+                  seed=0, record_bodies=True, accept_delay_seconds=0.0)
     #: switches of this provider, with defaults
     OPTIONS: dict[str, Any] = {}
+    #: handlers that read what the provider took (SendGrid's activity) instead of
+    #: submitting work: `accept_delay_seconds` does not hold them
+    LOOKUPS: tuple[str, ...] = ("activity",)
     #: options that are None (anything goes) or a set of accepted values
     OPTIONAL_SETS: tuple[str, ...] = ("api_keys", "bot_tokens")
 
@@ -204,6 +212,7 @@ class Provider:
             setattr(self, name, default() if callable(default) else default)
         self._sequence: deque = deque()
         self._random = random.Random(0)
+        self._waiting = 0
         self.configure(**options)
 
     # switches ---------------------------------------------------------------
@@ -240,6 +249,16 @@ class Provider:
 
     def next_number(self) -> int:
         return next(self._counter)
+
+    @property
+    def waiting_to_process(self) -> int:
+        """Requests received in full and held by `accept_delay_seconds`, not processed yet."""
+        with self._lock:
+            return self._waiting
+
+    def _wait_count(self, change: int) -> None:
+        with self._lock:
+            self._waiting += change
 
     # log --------------------------------------------------------------------
     @property
@@ -284,7 +303,8 @@ class Provider:
             response = reply.body
         rec = RecordedRequest(self.name, inc.method, inc.path, dict(inc.headers), body,
                               None if reply is None else reply.status, outcome, response,
-                              dict(reply.headers) if reply is not None else {})
+                              dict(reply.headers) if reply is not None else {},
+                              time.monotonic(), dict(inc.query))
         recipients: list[str] = []
         message_ids: list[str] = []
         if self.record_bodies and reply is not None and 200 <= reply.status < 300 \
@@ -1174,6 +1194,15 @@ class _Endpoint:
                        {k: v[-1] for k, v in parse_qs(query).items()} if query else {},
                        headers, raw, params)
         provider = self.provider
+        backlog = (provider.accept_delay_seconds
+                   if self.route.faulty and self.route.handler not in provider.LOOKUPS else 0.0)
+        if backlog:  # a provider whose intake is behind: processed later, client or not
+            provider._wait_count(1)
+            try:
+                if not await self.server.hold(backlog):
+                    return  # the server stops: never processed
+            finally:
+                provider._wait_count(-1)
         try:
             reply = provider.respond(self.route, inc)
         except Exception as exc:  # noqa: BLE001 - a handler's bug answers 500

@@ -37,7 +37,10 @@ point is known never to have gone out and is simply released. After it:
 * `deferred` (the provider asked for a longer pause than the retry policy allows): back
   to `planned`, left for a later pass.
 
-A claim of a dead owner that had gone out becomes `unknown` the same way.
+A claim of a dead owner that had gone out becomes `unknown` the same way; its lookup
+comes no sooner than the activity log's lag after the moment its client would have given
+up on the request (`sending_at` plus the channel's `timeout`), since until then the
+provider may still take it (an intake that is behind, bytes still in flight).
 
 A dispatcher that has nothing left to claim waits, up to
 RETENTION_DISPATCH_SETTLE_WAIT_SECONDS, for claims it cannot settle yet (another live
@@ -316,6 +319,12 @@ def _lookup_lag(channel: Channel | None) -> float | None:
     return float(getattr(channel, "activity_lag_seconds", 0.0))
 
 
+def _client_timeout(channel: Channel | None) -> float:
+    """Seconds the channel's client waits for a provider's answer (0 when it has no
+    such setting)."""
+    return float(getattr(channel, "timeout", None) or 0.0)
+
+
 def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, datetime],
             channel: Channel, token: str) -> int:
     """One UPDATE per outcome kind (arrays unnested, not one statement per message), the
@@ -470,6 +479,7 @@ def _settle_orphan(conn, token: str, key: int | None,
     `unknown` (due for a lookup where the channel can ask its provider)."""
     out = {"released": 0, "unknown": 0}
     with conn.transaction():
+        sending_at = None  # (no claim row: the rows' claimed_at stands in for it)
         if key is None:
             went_out = True
         else:
@@ -478,7 +488,7 @@ def _settle_orphan(conn, token: str, key: int | None,
                                (token,)).fetchone()
             if row is None:  # renewed or settled meanwhile
                 return out
-            went_out = row[0] is not None
+            went_out, sending_at = row[0] is not None, row[0]
         if not went_out:
             out["released"] += conn.execute(
                 f"update ops.messages set {_CLEAR_CLAIM} "
@@ -489,14 +499,20 @@ def _settle_orphan(conn, token: str, key: int | None,
                 "where claim_token = %s and status = 'planned'", (token,)).fetchall():
             channel = channels.get(channel_name)
             lag = _lookup_lag(channel)
+            # the provider may still take the dead owner's request until its client would
+            # have given up on it (sent + the client's timeout): the lookup comes after
+            # that, and after the activity log's lag
             made_unknown = conn.execute("""
                 update ops.messages set status = 'unknown', reason = %(reason)s,
                   settle_after = case when %(lag)s::float8 is null then null
-                    else clock_timestamp() + make_interval(secs => %(lag)s::float8) end
+                    else greatest(clock_timestamp(),
+                                  coalesce(%(sending_at)s::timestamptz, claimed_at)
+                                  + make_interval(secs => %(timeout)s::float8))
+                         + make_interval(secs => %(lag)s::float8) end
                 where claim_token = %(token)s and status = 'planned'
                   and channel = %(channel)s""",
-                dict(token=token, channel=channel_name, lag=lag,
-                     reason=UNKNOWN_OUTCOME)).rowcount
+                dict(token=token, channel=channel_name, lag=lag, sending_at=sending_at,
+                     timeout=_client_timeout(channel), reason=UNKNOWN_OUTCOME)).rowcount
             if lag is None:  # else a lookup settles them later
                 out["unknown"] += made_unknown
     return out
