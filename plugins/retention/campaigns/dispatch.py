@@ -30,9 +30,10 @@ point is known never to have gone out and is simply released. After it:
 * `unknown` (the request went out and no answer came): never resent blindly. Where the
   channel can ask its provider (`lookup_accepted(claim_token)`: SendGrid's e-mail
   activity by the claim's custom argument, addresses compared lower-cased) the rows are
-  looked up once the provider's activity log is sure to show them (`settle_after`, the
-  channel's `activity_lag_seconds`): accepted rows become `sent`, the rest are released
-  and sent. Elsewhere (FCM, Telegram, gateways) they stay `unknown`, count against the
+  looked up once the provider can no longer take the request (its sending time plus the
+  channel's `timeout`) and its activity log is sure to show it (then the channel's
+  `activity_lag_seconds`: `settle_after`): accepted rows become `sent`, the rest are
+  released and sent. Elsewhere (FCM, Telegram, gateways) they stay `unknown`, count against the
   caps and are shown by the CLI, the DAG log and the report;
 * `deferred` (the provider asked for a longer pause than the retry policy allows): back
   to `planned`, left for a later pass.
@@ -359,16 +360,21 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
             written += cur.rowcount
         if by_kind["unknown"]:
             unknown = by_kind["unknown"]
-            # the claim_token stays: it is what the provider's activity log is asked for
+            # the claim_token stays: it is what the provider's activity log is asked for,
+            # once the request can no longer be taken (a lost connection comes before the
+            # client's timeout: the provider may still be reading it) and the log shows it
             cur.execute(
                 "update ops.messages m set status = 'unknown', reason = v.reason, "
                 "settle_after = case when %(lag)s::float8 is null then null "
-                "  else clock_timestamp() + make_interval(secs => %(lag)s::float8) end "
+                "  else greatest(clock_timestamp(), coalesce((select c.sending_at "
+                "    from ops.claims c where c.claim_token = %(token)s), clock_timestamp()) "
+                "    + make_interval(secs => %(timeout)s::float8)) "
+                "  + make_interval(secs => %(lag)s::float8) end "
                 "from unnest(%(ids)s::text[], %(reasons)s::text[]) as v(message_id, reason) "
                 f"where {guard}",
                 {"ids": [r.message_id for r in unknown],
                  "reasons": [r.reason or "outcome unknown" for r in unknown], "token": token,
-                 "lag": lag})
+                 "lag": lag, "timeout": _client_timeout(channel)})
             written += cur.rowcount
         if by_kind["deferred"]:
             cur.execute(
