@@ -20,7 +20,9 @@ validates the blocks that go with it (`entry`, `unless`, `wait`, `reentry`; the 
   often one customer enters.
 
 The unless conditions reuse detect.py's fragments (`checked_out`, `bought_product`), so
-"purchase" means exactly what it means for the code triggers.
+"purchase" means exactly what it means for the code triggers; so do the entries where a
+code trigger has the same step (the product changes and the customers interested in them,
+new arrivals and their category's viewers, a cart's contents, an order's products).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from retention.campaigns.spec import CampaignError
 from retention.ingest.contract import EVENT_TYPES
 from retention.ingest.events import EventsFileError, load_catalog
 from retention.triggers.config import TriggerSettings, parse_window
-from retention.triggers.detect import bought_product, checked_out
+from retention.triggers.detect import (back_in_stock_changes, bought_product,
+                                      cart_contents_ctes, checked_out, interested_ctes,
+                                      launch_viewers_ctes, order_products, price_drops)
 
 #: the kinds of entry, one per definition
 ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date",
@@ -503,24 +507,7 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
                                          group by sv.product_id) p), '[]'::jsonb))"""
     if "cart_contents" in entry:
         lookback = q.bind(q.window(entry["cart_contents"].get("lookback", "$cart_lookback")))
-        ctes += [f"""contents as (
-      select a.event_id, k.product_id, max(k.occurred_at) as carted_at
-      from kept a
-      join raw.events k on k.customer_id = a.customer_id and k.event_type = 'cart'
-       and k.product_id is not null
-       and k.occurred_at > a.occurred_at - {lookback} and k.occurred_at <= a.occurred_at
-      group by a.event_id, k.product_id
-    )""", f"""in_cart as (
-      select ct.event_id, ct.product_id, ct.carted_at
-      from contents ct join kept a on a.event_id = ct.event_id
-      where not exists (select 1 from raw.events r
-                        where r.customer_id = a.customer_id and r.product_id = ct.product_id
-                          and r.event_type = 'remove_from_cart'
-                          and r.occurred_at >= ct.carted_at
-                          and r.occurred_at <= a.occurred_at + {wait})
-        and not {bought_product('a.customer_id', 'ct.product_id', 'ct.carted_at',
-                                f'a.occurred_at + {wait}')}
-    )"""]
+        ctes.append(cart_contents_ctes("kept", lookback, wait))
         context = """jsonb_build_object(
              'sessions', jsonb_build_array(m.session_id),
              'products', coalesce((select jsonb_agg(i.product_id order by i.carted_at desc, i.product_id)
@@ -549,9 +536,7 @@ def _order_entry(q: _Sql, has_ropo: bool) -> str:
            null::timestamptz as first_step_at,
            jsonb_build_object(
              'order_id', oe.order_id,
-             'products', coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
-                                   from raw.order_items oi where oi.order_id = oe.order_id),
-                                  '[]'::jsonb)) as context
+             'products', {order_products('oe.order_id')}) as context
     from raw.orders oe
     where {' and '.join(conds)}{plain}
     """
@@ -628,25 +613,7 @@ def _product_change_entry(q: _Sql, has_ropo: bool) -> str:
     plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
     if change == "new_in_category":
         types = q.types("v.event_type", interest.get("events", "view"))
-        inner = f"""
-    with launches as (
-      select c.product_id, c.changed_at as launched_at, p.category_path
-      from raw.product_changes c join raw.products p on p.product_id = c.product_id
-      where c.changed_at > {lo} and c.changed_at <= {hi} and coalesce(c.in_stock, true)
-        and p.category_path is not null
-        and not exists (select 1 from raw.product_changes e
-                        where e.product_id = c.product_id and e.changed_at < c.changed_at)
-    ),
-    viewers as (
-      select l.product_id, l.launched_at, l.category_path, v.customer_id
-      from launches l
-      cross join lateral (
-        select distinct v.customer_id
-        from raw.events v left join raw.products vp on vp.product_id = v.product_id
-        where v.occurred_at > l.launched_at - {lookback} and v.occurred_at <= l.launched_at
-          and {types} and v.customer_id is not null
-          and coalesce(v.category_path, vp.category_path) = l.category_path) v
-    )
+        inner = f"""{launch_viewers_ctes(lo, hi, lookback, types)}
     select w.customer_id, {q.bind(d.key + ':')}::text || w.product_id as event_key,
            'category:' || w.category_path as subject, w.launched_at + {wait} as hit_at,
            w.launched_at as anchor_at, null::timestamptz as first_step_at,
@@ -659,38 +626,11 @@ def _product_change_entry(q: _Sql, has_ropo: bool) -> str:
     else:
         if change == "price_drop":
             min_drop = q.bind(q.value(entry.get("min_drop", "$min_price_drop")))
-            changes = f"""
-      select c.product_id, c.changed_at, c.price, prev.price as old_price
-      from raw.product_changes c
-      cross join lateral (
-        select p.price from raw.product_changes p
-        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.price is not null
-        order by p.changed_at desc limit 1) prev
-      where c.changed_at > {lo} and c.changed_at <= {hi} and c.price is not null
-        and c.price <= prev.price * (1 - {min_drop}) and coalesce(c.in_stock, true)"""
+            changes = price_drops(lo, hi, min_drop)
         else:
-            changes = f"""
-      select c.product_id, c.changed_at, c.price, null::numeric as old_price
-      from raw.product_changes c
-      cross join lateral (
-        select p.in_stock from raw.product_changes p
-        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.in_stock is not null
-        order by p.changed_at desc limit 1) prev
-      where c.changed_at > {lo} and c.changed_at <= {hi} and c.in_stock and not prev.in_stock"""
+            changes = back_in_stock_changes(lo, hi)
         types = q.types("e.event_type", interest.get("events", ["view", "cart", "wishlist"]))
-        inner = f"""
-    with changes as ({changes}),
-    interested as (
-      select ch.product_id, ch.changed_at, ch.price, ch.old_price, e.customer_id, e.last_interest
-      from changes ch
-      cross join lateral (
-        select e.customer_id, max(e.occurred_at) as last_interest
-        from raw.events e
-        where e.product_id = ch.product_id
-          and e.occurred_at > ch.changed_at - {lookback} and e.occurred_at <= ch.changed_at
-          and {types} and e.customer_id is not null
-        group by e.customer_id) e
-    )
+        inner = f"""{interested_ctes(changes, lookback, types)}
     select i.customer_id,
            {q.bind(d.key + ':')}::text || i.product_id || '@' || extract(epoch from i.changed_at)::text
              as event_key,

@@ -27,7 +27,9 @@ A trigger whose campaign file has a definition (`entry:`, docs/triggers.md) runs
 definition (retention.triggers.definitions) instead of its function here. The functions
 of the triggers shipped as definitions stay as the reference the definitions are proven
 equal to (tests/test_trigger_definitions.py); `second_purchase_nudge` and `reengagement`
-are code only (their docstrings say why).
+are code only (their docstrings say why). The SQL fragments the definitions share with
+them (a checkout, a product bought, an order's products, a cart's contents, product
+changes and the customers interested in them) are the public functions here.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def bought_product(customer: str, product: str, after: str, until: str) -> str:
                           and o.ordered_at >= {after} and o.ordered_at <= {until}))"""
 
 
+def order_products(order: str) -> str:
+    """SQL: the products of the order's lines in line order (a JSON array, [] for none)."""
+    return f"""coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
+                                   from raw.order_items oi where oi.order_id = {order}),
+                                  '[]'::jsonb)"""
+
+
 def _later(alias: str, other: str, types: str, until: str) -> str:
     """SQL: the customer has another event of `types` after {alias} (ties broken by id)
     up to `until`: {alias} is not the last of its burst."""
@@ -81,6 +90,40 @@ def _later(alias: str, other: str, types: str, until: str) -> str:
                        or {other}.event_id > {alias}.event_id))"""
 
 
+def cart_contents_ctes(carts: str, lookback: str, wait: str) -> str:
+    """SQL: the CTEs `contents` (the products the cart event of each row of the CTE
+    `carts` holds: carted in the lookback up to it, with their last carting time) and
+    `in_cart` (those neither removed from the cart nor bought from then until the cart
+    event plus `wait`)."""
+    return f"""contents as (
+      select a.event_id, k.product_id, max(k.occurred_at) as carted_at
+      from {carts} a
+      join raw.events k on k.customer_id = a.customer_id and k.event_type = 'cart'
+       and k.product_id is not null
+       and k.occurred_at > a.occurred_at - {lookback} and k.occurred_at <= a.occurred_at
+      group by a.event_id, k.product_id
+    ),
+    in_cart as (
+      select ct.event_id, ct.product_id, ct.carted_at
+      from contents ct join {carts} a on a.event_id = ct.event_id
+      where not exists (select 1 from raw.events r
+                        where r.customer_id = a.customer_id and r.product_id = ct.product_id
+                          and r.event_type = 'remove_from_cart'
+                          and r.occurred_at >= ct.carted_at
+                          and r.occurred_at <= a.occurred_at + {wait})
+        and not {bought_product('a.customer_id', 'ct.product_id', 'ct.carted_at',
+                                f'a.occurred_at + {wait}')}
+    )"""
+
+
+def _scanned(event_type: str, wait: str) -> str:
+    """SQL: the FROM and WHERE of the `event_type` events (alias e) of known customers
+    whose time plus `wait` falls in the scan range (lo, hi]."""
+    return f"""from raw.events e
+      where e.event_type = '{event_type}' and e.customer_id is not null
+        and e.occurred_at > %(lo)s - {wait} and e.occurred_at <= %(hi)s - {wait}"""
+
+
 def abandoned_cart(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A cart event with no later cart and no checkout within the window. Later carts
     within the window extend the wait (the last one decides); the subject is the
@@ -88,9 +131,7 @@ def abandoned_cart(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     sql = f"""
     with carts as (
       select e.event_id, e.customer_id, e.session_id, e.product_id, e.occurred_at
-      from raw.events e
-      where e.event_type = 'cart' and e.customer_id is not null
-        and e.occurred_at > %(lo)s - %(window)s and e.occurred_at <= %(hi)s - %(window)s
+      {_scanned('cart', '%(window)s')}
     ),
     abandoned as (
       select c.* from carts c
@@ -98,25 +139,7 @@ def abandoned_cart(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
         and not {checked_out('c.customer_id', 'c.occurred_at', 'c.occurred_at + %(window)s',
                              inclusive=True, has_ropo=has_ropo)}
     ),
-    contents as (
-      select a.event_id, k.product_id, max(k.occurred_at) as carted_at
-      from abandoned a
-      join raw.events k on k.customer_id = a.customer_id and k.event_type = 'cart'
-       and k.product_id is not null
-       and k.occurred_at > a.occurred_at - %(cart_lookback)s and k.occurred_at <= a.occurred_at
-      group by a.event_id, k.product_id
-    ),
-    in_cart as (
-      select ct.event_id, ct.product_id, ct.carted_at
-      from contents ct join abandoned a on a.event_id = ct.event_id
-      where not exists (select 1 from raw.events r
-                        where r.customer_id = a.customer_id and r.product_id = ct.product_id
-                          and r.event_type = 'remove_from_cart'
-                          and r.occurred_at >= ct.carted_at
-                          and r.occurred_at <= a.occurred_at + %(window)s)
-        and not {bought_product('a.customer_id', 'ct.product_id', 'ct.carted_at',
-                                'a.occurred_at + %(window)s')}
-    )
+    {cart_contents_ctes('abandoned', '%(cart_lookback)s', '%(window)s')}
     select a.customer_id, a.event_id as event_key, 'cart' as subject,
            a.occurred_at + %(window)s as hit_at, a.occurred_at as anchor_at,
            null::timestamptz as first_step_at,
@@ -140,9 +163,7 @@ def browse_abandonment(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     sql = f"""
     with views as (
       select e.event_id, e.customer_id, e.session_id, e.occurred_at
-      from raw.events e
-      where e.event_type = 'view' and e.customer_id is not null
-        and e.occurred_at > %(lo)s - %(window)s and e.occurred_at <= %(hi)s - %(window)s
+      {_scanned('view', '%(window)s')}
     ),
     last_views as (
       select v.* from views v
@@ -203,10 +224,8 @@ def search_abandonment(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     with searches as (
       select e.event_id, e.customer_id, e.session_id, e.occurred_at,
              lower(btrim(e.search_query)) as query
-      from raw.events e
-      where e.event_type = 'search' and e.customer_id is not null
+      {_scanned('search', '%(window)s')}
         and nullif(btrim(e.search_query), '') is not null
-        and e.occurred_at > %(lo)s - %(window)s and e.occurred_at <= %(hi)s - %(window)s
     )
     select s.customer_id, s.event_id as event_key, 'search:' || s.query as subject,
            s.occurred_at + %(window)s as hit_at, s.occurred_at as anchor_at,
@@ -227,9 +246,8 @@ def wishlist_reminder(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     sql = f"""
     with wished as (
       select e.event_id, e.customer_id, e.product_id, e.occurred_at
-      from raw.events e
-      where e.event_type = 'wishlist' and e.customer_id is not null and e.product_id is not null
-        and e.occurred_at > %(lo)s - %(wait)s and e.occurred_at <= %(hi)s - %(wait)s
+      {_scanned('wishlist', '%(wait)s')}
+        and e.product_id is not null
     )
     select w.customer_id, w.event_id as event_key, 'product:' || w.product_id as subject,
            w.occurred_at + %(wait)s as hit_at, w.occurred_at as anchor_at,
@@ -247,11 +265,39 @@ def wishlist_reminder(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     return sql, {"wait": s.wishlist_wait}
 
 
-def _interested(changes_cte: str) -> str:
-    """Customers who viewed, carted or wishlisted a changed product in the lookback
-    before the change and did not buy it since their last interest."""
+def price_drops(lo: str, hi: str, min_drop: str) -> str:
+    """SQL (product_id, changed_at, price, old_price): the price changes in (lo, hi] at
+    least min_drop below the previous known price of an in-stock product."""
     return f"""
-    with changes as ({changes_cte}),
+      select c.product_id, c.changed_at, c.price, prev.price as old_price
+      from raw.product_changes c
+      cross join lateral (
+        select p.price from raw.product_changes p
+        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.price is not null
+        order by p.changed_at desc limit 1) prev
+      where c.changed_at > {lo} and c.changed_at <= {hi} and c.price is not null
+        and c.price <= prev.price * (1 - {min_drop}) and coalesce(c.in_stock, true)"""
+
+
+def back_in_stock_changes(lo: str, hi: str) -> str:
+    """SQL (product_id, changed_at, price, old_price): the products whose stock goes from
+    false to true in (lo, hi]."""
+    return f"""
+      select c.product_id, c.changed_at, c.price, null::numeric as old_price
+      from raw.product_changes c
+      cross join lateral (
+        select p.in_stock from raw.product_changes p
+        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.in_stock is not null
+        order by p.changed_at desc limit 1) prev
+      where c.changed_at > {lo} and c.changed_at <= {hi} and c.in_stock and not prev.in_stock"""
+
+
+def interested_ctes(changes: str, lookback: str, types: str) -> str:
+    """SQL: the CTEs `changes` (the product changes of `changes`) and `interested` (the
+    customers with an event of `types`, a condition on alias `e`, on a changed product in
+    the lookback before the change, and their last such event, `last_interest`)."""
+    return f"""
+    with changes as ({changes}),
     interested as (
       -- lateral: one index range scan per changed product, whatever the statistics say
       select ch.product_id, ch.changed_at, ch.price, ch.old_price, e.customer_id, e.last_interest
@@ -260,10 +306,42 @@ def _interested(changes_cte: str) -> str:
         select e.customer_id, max(e.occurred_at) as last_interest
         from raw.events e
         where e.product_id = ch.product_id
-          and e.occurred_at > ch.changed_at - %(lookback)s and e.occurred_at <= ch.changed_at
-          and e.event_type in ('view', 'cart', 'wishlist') and e.customer_id is not null
+          and e.occurred_at > ch.changed_at - {lookback} and e.occurred_at <= ch.changed_at
+          and {types} and e.customer_id is not null
         group by e.customer_id) e
-    )
+    )"""
+
+
+def launch_viewers_ctes(lo: str, hi: str, lookback: str, types: str) -> str:
+    """SQL: the CTEs `launches` (new products in (lo, hi]: their first product_changes
+    row, in stock, in a category) and `viewers` (the customers with an event of `types`,
+    a condition on alias `v`, in the launch's category in the lookback before it)."""
+    return f"""
+    with launches as (
+      select c.product_id, c.changed_at as launched_at, p.category_path
+      from raw.product_changes c join raw.products p on p.product_id = c.product_id
+      where c.changed_at > {lo} and c.changed_at <= {hi} and coalesce(c.in_stock, true)
+        and p.category_path is not null
+        and not exists (select 1 from raw.product_changes e
+                        where e.product_id = c.product_id and e.changed_at < c.changed_at)
+    ),
+    viewers as (
+      select l.product_id, l.launched_at, l.category_path, v.customer_id
+      from launches l
+      cross join lateral (
+        select distinct v.customer_id
+        from raw.events v left join raw.products vp on vp.product_id = v.product_id
+        where v.occurred_at > l.launched_at - {lookback} and v.occurred_at <= l.launched_at
+          and {types} and v.customer_id is not null
+          and coalesce(v.category_path, vp.category_path) = l.category_path) v
+    )"""
+
+
+def _interested(changes_cte: str) -> str:
+    """Customers who viewed, carted or wishlisted a changed product in the lookback
+    before the change and did not buy it since their last interest."""
+    return f"""{interested_ctes(changes_cte, '%(lookback)s',
+                                "e.event_type in ('view', 'cart', 'wishlist')")}
     select i.customer_id,
            %(prefix)s || i.product_id || '@' || extract(epoch from i.changed_at)::text as event_key,
            'product:' || i.product_id as subject,
@@ -278,56 +356,21 @@ def _interested(changes_cte: str) -> str:
 def price_drop(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A price change at least min_price_drop below the previous known price of an
     in-stock product, for customers interested in it."""
-    changes = """
-      select c.product_id, c.changed_at, c.price, prev.price as old_price
-      from raw.product_changes c
-      cross join lateral (
-        select p.price from raw.product_changes p
-        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.price is not null
-        order by p.changed_at desc limit 1) prev
-      where c.changed_at > %(lo)s and c.changed_at <= %(hi)s and c.price is not null
-        and c.price <= prev.price * (1 - %(min_drop)s) and coalesce(c.in_stock, true)
-    """
+    changes = price_drops("%(lo)s", "%(hi)s", "%(min_drop)s")
     return _interested(changes), {"lookback": s.interest_lookback, "min_drop": s.min_price_drop,
                                   "prefix": "price:"}
 
 
 def back_in_stock(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A product whose stock goes from false to true, for customers interested in it."""
-    changes = """
-      select c.product_id, c.changed_at, c.price, null::numeric as old_price
-      from raw.product_changes c
-      cross join lateral (
-        select p.in_stock from raw.product_changes p
-        where p.product_id = c.product_id and p.changed_at < c.changed_at and p.in_stock is not null
-        order by p.changed_at desc limit 1) prev
-      where c.changed_at > %(lo)s and c.changed_at <= %(hi)s and c.in_stock and not prev.in_stock
-    """
+    changes = back_in_stock_changes("%(lo)s", "%(hi)s")
     return _interested(changes), {"lookback": s.interest_lookback, "prefix": "stock:"}
 
 
 def category_replenished(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A new product (its first product_changes row, in stock) in a category the customer
     viewed in the lookback before it arrived, unless the customer ordered in that time."""
-    sql = f"""
-    with launches as (
-      select c.product_id, c.changed_at as launched_at, p.category_path
-      from raw.product_changes c join raw.products p on p.product_id = c.product_id
-      where c.changed_at > %(lo)s and c.changed_at <= %(hi)s and coalesce(c.in_stock, true)
-        and p.category_path is not null
-        and not exists (select 1 from raw.product_changes e
-                        where e.product_id = c.product_id and e.changed_at < c.changed_at)
-    ),
-    viewers as (
-      select l.product_id, l.launched_at, l.category_path, v.customer_id
-      from launches l
-      cross join lateral (
-        select distinct v.customer_id
-        from raw.events v left join raw.products vp on vp.product_id = v.product_id
-        where v.occurred_at > l.launched_at - %(lookback)s and v.occurred_at <= l.launched_at
-          and v.event_type = 'view' and v.customer_id is not null
-          and coalesce(v.category_path, vp.category_path) = l.category_path) v
-    )
+    sql = f"""{launch_viewers_ctes('%(lo)s', '%(hi)s', '%(lookback)s', "v.event_type = 'view'")}
     select w.customer_id, 'new:' || w.product_id as event_key,
            'category:' || w.category_path as subject, w.launched_at as hit_at,
            w.launched_at as anchor_at, null::timestamptz as first_step_at,
@@ -343,14 +386,12 @@ def category_replenished(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]
 def order_cancelled_oos(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """An order cancelled because a product was out of stock (the contract has no
     cancellation time: the order's time stands for it)."""
-    sql = """
+    sql = f"""
     select o.customer_id, 'order:' || o.order_id as event_key, 'order:' || o.order_id as subject,
            o.ordered_at as hit_at, o.ordered_at as anchor_at, null::timestamptz as first_step_at,
            jsonb_build_object(
              'order_id', o.order_id,
-             'products', coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
-                                   from raw.order_items oi where oi.order_id = o.order_id),
-                                  '[]'::jsonb)) as context
+             'products', {order_products('o.order_id')}) as context
     from raw.orders o
     where o.status = 'cancelled'
       and regexp_replace(lower(coalesce(o.cancel_reason, '')), '[^a-z]+', '_', 'g') = 'out_of_stock'
@@ -412,9 +453,7 @@ def second_purchase_nudge(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict
            t.ordered_at + make_interval(secs => t.days * 86400) as first_step_at,
            jsonb_build_object(
              'order_id', t.order_id, 'nudge_days', round(t.days::numeric, 1),
-             'products', coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
-                                   from raw.order_items oi where oi.order_id = t.order_id),
-                                  '[]'::jsonb)) as context
+             'products', {order_products('t.order_id')}) as context
     from timed t
     """
     return sql, {}
@@ -423,15 +462,13 @@ def second_purchase_nudge(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict
 def review_request(s: TriggerSettings, has_ropo: bool) -> tuple[str, dict]:
     """A delivered order, review_delay after it was placed (the contract has no delivery
     time)."""
-    sql = """
+    sql = f"""
     select o.customer_id, 'review:' || o.order_id as event_key, 'order:' || o.order_id as subject,
            o.ordered_at + %(delay)s as hit_at, o.ordered_at as anchor_at,
            null::timestamptz as first_step_at,
            jsonb_build_object(
              'order_id', o.order_id,
-             'products', coalesce((select jsonb_agg(oi.product_id order by oi.line_no)
-                                   from raw.order_items oi where oi.order_id = o.order_id),
-                                  '[]'::jsonb)) as context
+             'products', {order_products('o.order_id')}) as context
     from raw.orders o
     where o.status = 'delivered'
       and o.ordered_at > %(lo)s - %(delay)s and o.ordered_at <= %(hi)s - %(delay)s
