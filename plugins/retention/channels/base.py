@@ -16,9 +16,12 @@ for a later pass).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+from retention.channels.retry import OutcomeUnknown, RetryAfterTooLong
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,30 @@ class SendResult:
     @staticmethod
     def deferred(message_id: str, reason: str) -> SendResult:
         return SendResult(message_id, "deferred", None, reason)
+
+
+def gave_up(message_id: str, exc: Exception, deactivate_address: bool = False) -> SendResult:
+    """The result of a message whose request did not succeed (`exc`: what the retry
+    policy raised): deferred when the provider asked for a longer pause than the policy
+    allows, unknown when the request went out and no answer came, failed otherwise
+    (retries exhausted, a refusal)."""
+    if isinstance(exc, RetryAfterTooLong):
+        return SendResult.deferred(message_id, exc.reason)
+    if isinstance(exc, OutcomeUnknown):
+        return SendResult.unknown(message_id, exc.reason)
+    return SendResult.failed(message_id, exc.reason, deactivate_address)
+
+
+def send_each(messages: Sequence[OutboundMessage],
+              send_one: Callable[[OutboundMessage], SendResult], workers: int,
+              thread_name_prefix: str) -> list[SendResult]:
+    """`send_one` for each message, from up to `workers` threads (a channel with one
+    request per message); the results in the order given."""
+    workers = max(1, min(workers, len(messages)))
+    if workers == 1:
+        return [send_one(m) for m in messages]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_name_prefix) as pool:
+        return list(pool.map(send_one, messages))
 
 
 @runtime_checkable

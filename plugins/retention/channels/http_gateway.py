@@ -31,15 +31,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import requests
 
-from retention.channels.base import ChannelStats, OutboundMessage, SendResult
+from retention.channels.base import (ChannelStats, OutboundMessage, SendResult, gave_up,
+                                     send_each)
 from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
-                                      RetryAfterTooLong, RetryPolicy, TokenBucket,
+                                      RetryPolicy, TokenBucket,
                                       TransientError, classify_transport_error,
                                       retry_after_seconds)
 
@@ -160,25 +160,15 @@ class HttpGatewayChannel:
         return render_payload(self.config.payload_template, values)
 
     def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
-        workers = max(1, min(self.config.workers, len(messages)))
-        if workers == 1:
-            return [self._send_one(m) for m in messages]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name) as pool:
-            return list(pool.map(self._send_one, messages))
+        return send_each(messages, self._send_one, self.config.workers, self.name)
 
     def _send_one(self, m: OutboundMessage) -> SendResult:
         payload = self.build_payload(m)
         try:
             body = self.retry.call(lambda: self._request(payload),
                                    on_retry=lambda _: self.stats.count(retries=1))
-        except RetryAfterTooLong as exc:
-            return SendResult.deferred(m.message_id, exc.reason)
-        except RetriesExhausted as exc:
-            return SendResult.failed(m.message_id, exc.reason)
-        except OutcomeUnknown as exc:
-            return SendResult.unknown(m.message_id, exc.reason)
-        except PermanentError as exc:
-            return SendResult.failed(m.message_id, exc.reason)
+        except (RetriesExhausted, OutcomeUnknown, PermanentError) as exc:
+            return gave_up(m.message_id, exc)
         cfg = self.config
         if cfg.success_path is not None:
             verdict = dig(body, cfg.success_path)

@@ -42,10 +42,9 @@ from typing import Any
 import python_http_client.exceptions as sg_errors
 from sendgrid import SendGridAPIClient
 
-from retention.channels.base import ChannelStats, OutboundMessage, SendResult
+from retention.channels.base import ChannelStats, OutboundMessage, SendResult, gave_up
 from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
-                                      RetryAfterTooLong, RetryPolicy, TransientError,
-                                      retry_after_seconds)
+                                      RetryPolicy, TransientError, retry_after_seconds)
 
 TEXT_TAG = "[%rt_text%]"
 HTML_TAG = "[%rt_html%]"
@@ -250,17 +249,8 @@ class SendGridChannel:
             try:
                 response = self.retry.call(lambda: self._post(body),
                                            on_retry=lambda _: self.stats.count(retries=1))
-            except RetryAfterTooLong as exc:
-                out.update({m.message_id: SendResult.deferred(m.message_id, exc.reason)
-                            for m in pending})
-                break
-            except RetriesExhausted as exc:
-                out.update({m.message_id: SendResult.failed(m.message_id, exc.reason)
-                            for m in pending})
-                break
-            except OutcomeUnknown as exc:
-                out.update({m.message_id: SendResult.unknown(m.message_id, exc.reason)
-                            for m in pending})
+            except (RetriesExhausted, OutcomeUnknown) as exc:
+                out.update({m.message_id: gave_up(m.message_id, exc) for m in pending})
                 break
             except PermanentError as exc:
                 bad = self._refused_personalizations(exc, len(pending))

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
 
-from retention.channels.base import ChannelStats, OutboundMessage, SendResult
+from retention.channels.base import (ChannelStats, OutboundMessage, SendResult, gave_up,
+                                     send_each)
 from retention.channels.retry import (OutcomeUnknown, PermanentError, RetriesExhausted,
-                                      RetryAfterTooLong, RetryPolicy, TokenBucket,
+                                      RetryPolicy, TokenBucket,
                                       TransientError, classify_transport_error,
                                       retry_after_seconds)
 
@@ -72,11 +72,7 @@ class TelegramChannel:
         return payload
 
     def send_batch(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
-        if self.workers == 1 or len(messages) <= 1:
-            return [self._send_one(m) for m in messages]
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(messages)),
-                                thread_name_prefix="telegram") as pool:
-            return list(pool.map(self._send_one, messages))
+        return send_each(messages, self._send_one, self.workers, "telegram")
 
     def _send_one(self, m: OutboundMessage) -> SendResult:
         if len(m.body_html or m.body_text) > TELEGRAM_MAX_TEXT:
@@ -85,15 +81,11 @@ class TelegramChannel:
         try:
             result = self.retry.call(lambda: self._post(payload),
                                      on_retry=lambda _: self.stats.count(retries=1))
-        except RetryAfterTooLong as exc:
-            return SendResult.deferred(m.message_id, exc.reason)
-        except RetriesExhausted as exc:
-            return SendResult.failed(m.message_id, exc.reason)
-        except OutcomeUnknown as exc:
-            return SendResult.unknown(m.message_id, exc.reason)
         except PermanentError as exc:
             dead = exc.status == 403 or "chat not found" in exc.reason
             return SendResult.failed(m.message_id, exc.reason, deactivate_address=dead)
+        except (RetriesExhausted, OutcomeUnknown) as exc:
+            return gave_up(m.message_id, exc)
         chat = (result.get("chat") or {}).get("id", m.address)
         return SendResult.sent(m.message_id, f"{chat}:{result.get('message_id')}")
 
