@@ -29,6 +29,7 @@ holdouts, caps and quiet hours, never consent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -39,7 +40,7 @@ from retention import db
 from retention.campaigns.audience import compile_audience
 from retention.campaigns.ledger import ensure_ledger, run_id_for
 from retention.campaigns.policy import Policy, load_policy
-from retention.campaigns.spec import Campaign, Step
+from retention.campaigns.spec import Campaign, Step, Variant
 
 
 def hash01(expr: str) -> str:
@@ -71,6 +72,22 @@ def _relation_exists(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute("select to_regclass(%s) is not null", (name,)).fetchone()[0]
 
 
+def variant_case(variants: Sequence[Variant], value: str, params: dict, prefix: str) -> str:
+    """SQL: the name of the variant whose share of [0, 1) holds `value` (SQL, a hash in
+    [0, 1)); the variants share it in proportion to their weights, in their order. Their
+    names and upper bounds go to `params` as `<prefix>_name_<i>` and `<prefix>_upto_<i>`."""
+    total = sum(v.weight for v in variants)
+    cases, acc = [], 0.0
+    for i, v in enumerate(variants):
+        acc += v.weight / total
+        params[f"{prefix}_name_{i}"] = v.name
+        params[f"{prefix}_upto_{i}"] = acc
+        cases.append(f"when {value} < %({prefix}_upto_{i})s then %({prefix}_name_{i})s")
+    last = len(variants) - 1
+    return (f"case {' '.join(cases[:-1])} else %({prefix}_name_{last})s end" if last
+            else f"%({prefix}_name_0)s")
+
+
 def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
               policy: Policy | None = None) -> RunInfo:
     """Select and freeze the run's audience (once; a re-run returns the frozen one)."""
@@ -91,16 +108,7 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
             raise RuntimeError(f"campaign {campaign.id}: its audience reads {', '.join(missing)}, "
                                "which does not exist yet: run `retention build` first")
         marketing = campaign.kind != "transactional"
-        total = sum(v.weight for v in campaign.variants)
-        cases, acc = [], 0.0
-        for i, v in enumerate(campaign.variants):
-            acc += v.weight / total
-            params[f"variant_name_{i}"] = v.name
-            params[f"variant_upto_{i}"] = acc
-            cases.append(f"when v < %(variant_upto_{i})s then %(variant_name_{i})s")
-        last = len(campaign.variants) - 1
-        variant_sql = f"case {' '.join(cases[:-1])} else %(variant_name_{last})s end" if last \
-            else "%(variant_name_0)s"
+        variant_sql = variant_case(campaign.variants, "v", params, "variant")
         params.update(as_of=as_of, run_id=run_id, campaign_id=campaign.id,
                       global_holdout=policy.global_holdout if marketing else 0.0,
                       holdout=campaign.holdout if marketing else 0.0)

@@ -30,7 +30,7 @@ from datetime import datetime
 
 import psycopg
 
-from retention.campaigns.engine import MESSAGE_ID_SQL, hash01, plan_members
+from retention.campaigns.engine import MESSAGE_ID_SQL, hash01, plan_members, variant_case
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign, Step
 from retention.triggers.state import CHAIN_ID_SQL
@@ -49,17 +49,9 @@ def _arms_sql(campaign: Campaign, policy: Policy, params: dict) -> tuple[str, st
     params.update(arm_campaign=campaign.id,
                   arm_global=policy.global_holdout if marketing else 0.0,
                   arm_holdout=campaign.holdout if marketing else 0.0)
-    total = sum(v.weight for v in campaign.variants)
-    v_hash = hash01("%(arm_campaign)s || ':variant:' || h.customer_id")
-    cases, acc = [], 0.0
-    for i, v in enumerate(campaign.variants):
-        acc += v.weight / total
-        params[f"arm_variant_{i}"] = v.name
-        params[f"arm_upto_{i}"] = acc
-        cases.append(f"when {v_hash} < %(arm_upto_{i})s then %(arm_variant_{i})s")
-    last = len(campaign.variants) - 1
-    variant = (f"case {' '.join(cases[:-1])} else %(arm_variant_{last})s end" if last
-               else "%(arm_variant_0)s")
+    variant = variant_case(campaign.variants,
+                           hash01("%(arm_campaign)s || ':variant:' || h.customer_id"), params,
+                           "arm")
     g_hash = hash01("'global:' || h.customer_id")
     h_hash = hash01("%(arm_campaign)s || ':holdout:' || h.customer_id")
     holdout = (f"case when {g_hash} < %(arm_global)s then 'global' "
