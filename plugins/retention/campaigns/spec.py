@@ -358,15 +358,21 @@ def _non_finite(data: Any, path: list | None = None):
     return None
 
 
-def parse_campaign(text: str, source: str = "<string>") -> Campaign:
-    """Parse and validate one campaign; CampaignError names source, line and field."""
+def parse_yaml(text: str, source: str, error: type[Exception]) -> tuple[Any, Any]:
+    """The node tree of a YAML text (for `_line_of`) and its data; text that is not YAML
+    raises `error` naming `source` and the line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise CampaignError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise error(f"{source}{line}: not valid YAML: "
+                    f"{getattr(exc, 'problem', None) or exc}") from exc
+
+
+def parse_campaign(text: str, source: str = "<string>") -> Campaign:
+    """Parse and validate one campaign; CampaignError names source, line and field."""
+    node, data = parse_yaml(text, source, CampaignError)
     if not isinstance(data, dict) or node is None:
         raise CampaignError(f"{source}:1: a campaign file must be a mapping of fields")
     bad = _non_finite(data)

@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 from psycopg import sql
 
-from retention.campaigns.spec import _field, _line_of
+from retention.campaigns.spec import _field, _line_of, parse_yaml
 from retention.ingest.contract import EVENT_TYPES, TABLE_BY_NAME
 
 #: property type -> what a value of it is (a JSON value; dates and timestamps are strings)
@@ -121,14 +121,7 @@ def _duplicate_key(node: yaml.Node, path: list) -> tuple[list, int] | None:
 def parse_catalog(text: str, path: Path) -> EventCatalog:
     """Validate the text of an events file; EventsFileError names `path`, line and field."""
     source = str(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise EventsFileError(f"{source}{line}: not valid YAML: "
-                              f"{getattr(exc, 'problem', None) or exc}") from exc
+    node, data = parse_yaml(text, source, EventsFileError)
 
     def fail(where: list, message: str):
         line = _line_of(node, where) if node is not None else 1
