@@ -73,6 +73,26 @@ def _key(name: str, type_: str = "text") -> Column:
     return Column(name, type_, required=True, not_null=True)
 
 
+def _line_items(name: str, parent: str, parent_key: str, missing: str,
+                description: str) -> Table:
+    """The lines of a purchase in `parent` (an order, a till receipt): the product, how
+    many and at what unit price; `missing` is the quarantine reason of a line whose
+    purchase does not exist."""
+    return Table(
+        name,
+        (
+            _key(parent_key),
+            _key("line_no", "integer"),
+            Column("product_id", "text", required=True, not_null=True),
+            Column("quantity", "integer", required=True, not_null=True, non_negative=True),
+            Column("unit_price", "numeric", required=True, not_null=True, non_negative=True),
+        ),
+        key=(parent_key, "line_no"),
+        foreign_keys=(ForeignKey(parent_key, parent, parent_key, missing),),
+        description=description,
+    )
+
+
 TABLES: tuple[Table, ...] = (
     Table(
         "customers",
@@ -147,19 +167,8 @@ TABLES: tuple[Table, ...] = (
         optional=False,
         description="one row per online order",
     ),
-    Table(
-        "order_items",
-        (
-            _key("order_id"),
-            _key("line_no", "integer"),
-            Column("product_id", "text", required=True, not_null=True),
-            Column("quantity", "integer", required=True, not_null=True, non_negative=True),
-            Column("unit_price", "numeric", required=True, not_null=True, non_negative=True),
-        ),
-        key=("order_id", "line_no"),
-        foreign_keys=(ForeignKey("order_id", "orders", "order_id", "order does not exist"),),
-        description="one row per order line",
-    ),
+    _line_items("order_items", "orders", "order_id", "order does not exist",
+                "one row per order line"),
     Table(
         "offline_receipts",
         (
@@ -175,21 +184,8 @@ TABLES: tuple[Table, ...] = (
         currency_column="currency",
         description="one row per till receipt",
     ),
-    Table(
-        "offline_receipt_items",
-        (
-            _key("receipt_id"),
-            _key("line_no", "integer"),
-            Column("product_id", "text", required=True, not_null=True),
-            Column("quantity", "integer", required=True, not_null=True, non_negative=True),
-            Column("unit_price", "numeric", required=True, not_null=True, non_negative=True),
-        ),
-        key=("receipt_id", "line_no"),
-        foreign_keys=(
-            ForeignKey("receipt_id", "offline_receipts", "receipt_id", "receipt does not exist"),
-        ),
-        description="one row per receipt line",
-    ),
+    _line_items("offline_receipt_items", "offline_receipts", "receipt_id",
+                "receipt does not exist", "one row per receipt line"),
     Table(
         "events",
         (
