@@ -245,6 +245,15 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_airflow_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that brings up the local Airflow: its UI's port and its
+    metadata database."""
+    parser.add_argument("--port", type=int, default=None,
+                        help="the Airflow UI's port on 127.0.0.1 (default 8080)")
+    parser.add_argument("--metadata-database", default="airflow_meta",
+                        help="the Airflow metadata database on the pipeline's PostgreSQL server")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retention-dev", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,10 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "provider stand-ins behind its retention_* connections")
     p.add_argument("action", choices=["up", "down", "serve-providers"],
                    help="serve-providers is the background process `up` starts")
-    p.add_argument("--port", type=int, help="the UI's port on 127.0.0.1 (default 8080)")
+    add_airflow_arguments(p)
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--metadata-database", default="airflow_meta",
-                   help="the Airflow metadata database on the pipeline's PostgreSQL server")
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="latency of each provider request")
     p.add_argument("--readers", action="store_true",

@@ -112,14 +112,7 @@ def run_in_process(customers: int, seed: int, verbose: bool = False) -> int:
     from retention.warehouse.predict import write_predictions
 
     pred = write_predictions(url, CASCADE_AS_OF)
-    fit = pred.get("bgnbd") or {}
-    gg = pred.get("gamma_gamma") or {}
-    print(f"   customers scored {pred['customers']:,} ({pred['customers_with_purchases']:,} "
-          f"with purchases)")
-    if fit:
-        print("   BG/NBD r={r:.3f} alpha={alpha:.3f} a={a:.3f} b={b:.3f}".format(**fit))
-    if gg:
-        print("   Gamma-Gamma p={p:.3f} q={q:.3f} gamma={gamma:.3f}".format(**gg))
+    _print_predictions(pred)
     _done(t)
 
     _ensure_promo_secret(home)
@@ -194,6 +187,17 @@ def run_in_process(customers: int, seed: int, verbose: bool = False) -> int:
     print(f"\nquick start finished. The weekly report: {path}")
     print("The warehouse stays up for exploring: `retention db` prints its URL.")
     return 0
+
+
+def _print_predictions(pred: dict, label: str = "") -> None:
+    """What write_predictions returned: the customers scored and the fitted parameters."""
+    fit, gg = pred.get("bgnbd") or {}, pred.get("gamma_gamma") or {}
+    print(f"   {label}customers scored {pred['customers']:,} "
+          f"({pred['customers_with_purchases']:,} with purchases)")
+    if fit:
+        print("   BG/NBD r={r:.3f} alpha={alpha:.3f} a={a:.3f} b={b:.3f}".format(**fit))
+    if gg:
+        print("   Gamma-Gamma p={p:.3f} q={q:.3f} gamma={gamma:.3f}".format(**gg))
 
 
 def _generate(home: Path, customers: int, seed: int) -> Path:
@@ -504,13 +508,7 @@ def _print_build(client, run, progress, as_of: datetime, url: str | None) -> Non
                                             "failures", "warnings", "skipped")))
     pred = _xcom(client, run, progress, "predicted_value") or {}
     if pred:
-        fit, gg = pred.get("bgnbd") or {}, pred.get("gamma_gamma") or {}
-        print(f"   predicted value: customers scored {pred['customers']:,} "
-              f"({pred['customers_with_purchases']:,} with purchases)")
-        if fit:
-            print("   BG/NBD r={r:.3f} alpha={alpha:.3f} a={a:.3f} b={b:.3f}".format(**fit))
-        if gg:
-            print("   Gamma-Gamma p={p:.3f} q={q:.3f} gamma={gamma:.3f}".format(**gg))
+        _print_predictions(pred, "predicted value: ")
 
 
 def _print_cascade(client, run, progress, url: str | None, wire: dict[str, int]) -> None:
@@ -725,22 +723,19 @@ def _print_ledger_and_wire(run_id: str, url: str | None, wire: dict[str, int]) -
 
 
 def _print_campaign_results(url: str) -> None:
-    """marts.campaign_results per campaign step and channel (all runs and variants)."""
+    """marts.campaign_results per campaign step and channel (all runs): the treated arms,
+    and the holdout beside them (retention.results.summary, as `retention results` prints)."""
+    from retention.results.summary import format_step_results, step_results
+
     with db.connect(url) as conn:
-        rows = conn.execute("""
-            select campaign_id, step, channel, sum(sent), sum(delivered), sum(opened),
-                   sum(clicked), sum(converted), sum(revenue), sum(offline_revenue)
-            from marts.campaign_results group by 1, 2, 3 order by 1, min(step_index), 3
-        """).fetchall()
-    print(f"   {'campaign.step':<36}{'channel':<13}{'sent':>7}{'deliv':>7}{'opened':>7}"
-          f"{'clicked':>8}{'conv':>6}{'revenue':>12}{'offline':>11}")
-    for c, step, ch, *n in rows:
-        print(f"   {c + '.' + step:<36}{ch:<13}{int(n[0] or 0):>7,}{int(n[1] or 0):>7,}"
-              f"{int(n[2] or 0):>7,}{int(n[3] or 0):>8,}{int(n[4] or 0):>6,}"
-              f"{float(n[5] or 0):>12,.0f}{float(n[6] or 0):>11,.0f}")
+        rows = step_results(conn)
+    for line in format_step_results(rows):
+        print("   " + line)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retention_dev.cli import add_airflow_arguments
+
     parser = argparse.ArgumentParser(prog="bin/demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=5_000)
@@ -749,10 +744,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="show dbt's per-model lines and library warnings (--in-process)")
     parser.add_argument("--in-process", action="store_true",
                         help="the same story without Airflow: the task functions in this process")
-    parser.add_argument("--port", type=int, default=None,
-                        help="the Airflow UI's port on 127.0.0.1 (default 8080)")
-    parser.add_argument("--metadata-database", default="airflow_meta",
-                        help="the Airflow metadata database on the pipeline's PostgreSQL server")
+    add_airflow_arguments(parser)
     parser.add_argument("--run-timeout", type=float, default=900.0,
                         help="seconds each DAG run may take")
     parser.add_argument("--rerun-all", action="store_true",
