@@ -164,7 +164,10 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
             "accepted on the wire in this run: email 171, push 103, telegram 15")
         assert _line(first, "reengagement.reminder ") == (  # due, planned, sent, ... by reason
             "reengagement.reminder 134 0 88 0 0 25 10 frequency cap: global: 4, no consent: 6")
-        assert _line(first, "weekly_promo.email ") == "weekly_promo.email email 171 169 58 8 8 29,970 0"
+        # the treated arms' results, and the holdout (sent nothing) beside them as the
+        # control: 57 members, one of whom bought for 127, not added to the wave's 7 / 29,843
+        assert _line(first, "weekly_promo.email ") == (
+            "weekly_promo.email email 171 169 58 8 7 29,843 0 | 57 1 127")
         assert "every DAG run of the story is green" in first
         report = re.search(r"The weekly report: (\S+\.html)", first).group(1)
         assert Path(report).name == "weekly_report_2026-W44.html"

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from airflow_ui_browser import chromium
 from retention import db
 from retention.config import paths
 from retention.results.report import (
@@ -38,14 +41,6 @@ WEEK = date(2026, 10, 19)  # ISO week 2026-W43
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--hide-scrollbars"]
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise AssertionError("Chromium is not installed: apt-get install -y chromium (bin/setup does)")
 
 
 def _sent(url: str, run_id: str, step: str) -> list[tuple]:
@@ -135,18 +130,28 @@ def _make_shop(url: str, folder: Path) -> None:
     build_attribution(END, url=url, with_parents=False)  # the purchases are built already
 
 
-@pytest.fixture(scope="module")
-def shop_url(make_database):
-    url = make_database("rt_report")
-    with db.connect(url) as conn:
-        from retention.db.schema import ensure_schemas
+@contextmanager
+def made_shop(make_database, name: str, **env: str) -> Iterator[str]:
+    """A new database `name` holding the shop of `_make_shop`, made with
+    RETENTION_CURRENCY=UAH and the `env` settings, which stay set until the block ends;
+    yields its URL."""
+    from retention.db.schema import ensure_schemas
 
+    url = make_database(name)
+    with db.connect(url) as conn:
         ensure_schemas(conn)
         conn.commit()
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as folder:
-        mp.setenv("RETENTION_DATABASE_URL", url)
-        mp.setenv("RETENTION_CURRENCY", "UAH")
+        for key, value in {"RETENTION_DATABASE_URL": url, "RETENTION_CURRENCY": "UAH",
+                           **env}.items():
+            mp.setenv(key, value)
         _make_shop(url, Path(folder))
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shop_url(make_database):
+    with made_shop(make_database, "rt_report") as url:
         yield url
 
 
@@ -271,7 +276,7 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
     path = write_report("2026-W43", url=shop_url)
     assert path == paths().reports / "weekly_report_2026-W43.html"
     dom = subprocess.run(
-        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-dom'}",
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-dom'}",
          "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
     rendered = _parse(dom)
     assert set(SECTIONS) <= rendered.ids, set(SECTIONS) - rendered.ids
@@ -294,7 +299,7 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
         ("0.9%", "ROPO share of offline revenue"),
     ], rendered.kpis
     screenshot = path.with_suffix(".png")
-    subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
+    subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
                     "--window-size=1100,5600", f"--screenshot={screenshot}", path.as_uri()],
                    capture_output=True, timeout=120, check=True)
     pixels = _png_pixels(screenshot.read_bytes())
@@ -342,6 +347,53 @@ def test_report_figures_match_the_marts(shop_url):
                if d.difference == 0)
     assert data.ropo_weeks[-1]["week_start"] == WEEK and data.ropo_weeks[-1]["ropo_revenue"] > 0
     assert 0 < converted
+
+
+def test_one_definition_of_results_in_the_cli_the_mart_and_the_report(shop_url):
+    """The treated arms are the results and the holdout (sent nothing) the control beside
+    them, never summed: `retention results` prints what the report's funnel shows, and
+    both equal the mart's rows split by variant."""
+    from retention.results.summary import format_step_results, step_results
+
+    data = collect(WEEK, shop_url)
+    with db.connect(shop_url) as conn:
+        runs = [r[0] for r in conn.execute(
+            "select run_id from ops.campaign_runs where as_of >= %s and as_of < %s "
+            "and jsonb_array_length(spec -> 'steps') > 1",
+            (datetime.combine(WEEK, datetime.min.time(), timezone.utc),
+             datetime.combine(WEEK + timedelta(days=7), datetime.min.time(), timezone.utc))
+        ).fetchall()]
+        mart = conn.execute("""
+            select step, channel, variant = 'holdout', sum(sent), sum(converted), sum(revenue),
+                   sum(audience)
+            from marts.campaign_results where run_id = any(%s) and campaign_id = 'weekly_promo'
+            group by 1, 2, 3""", (runs,)).fetchall()
+        every_run = step_results(conn)
+    treated = {(st, ch): (int(s), int(c), float(r)) for st, ch, h, s, c, r, _ in mart if not h}
+    control = {(st, ch): (int(a), int(c), float(r)) for st, ch, h, _, c, r, a in mart if h}
+    funnel = {(r["step"], r["channel"]): r for r in data.funnel
+              if r["campaign_id"] == "weekly_promo"}
+    assert set(funnel) == set(treated) and any(c[1] for c in control.values()), (
+        "the week's cascade has holdout members who bought: the case that must not be summed")
+    for key, r in funnel.items():
+        assert (r["sent"], r["converted"]) == treated[key][:2]
+        assert r["revenue"] == pytest.approx(treated[key][2])
+        members, converted, revenue = control.get(key, (0, 0, 0.0))
+        assert (r["holdout_members"], r["holdout_converted"]) == (members, converted)
+        assert r["holdout_revenue"] == pytest.approx(revenue)
+    # the command line prints the same rows (every run of the shop: here the one cascade
+    # run and the trigger chains)
+    run = subprocess.run(
+        [sys.executable, "-m", "retention.cli", "results", "--no-build",
+         "--as-of", "2026-11-02T08:00:00Z"],
+        env={**os.environ, "RETENTION_DATABASE_URL": shop_url}, capture_output=True,
+        text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = run.stdout.splitlines()
+    assert all(line in printed for line in format_step_results(every_run)), run.stdout[-3000:]
+    for r in every_run:
+        if r["campaign_id"] == "weekly_promo":
+            assert r == funnel[(r["step"], r["channel"])]
 
 
 def test_empty_warehouse_still_renders_every_section(database_url, tmp_path):

@@ -257,6 +257,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     if not args.no_build:
         built = build_attribution(as_of, with_parents=not args.narrow)
         print(json.dumps(built, indent=2, default=str))
+    from retention import db
+    from retention.results.summary import format_step_results, step_results
+
+    with db.connect() as conn:
+        if conn.execute("select to_regclass('marts.campaign_results') is not null").fetchone()[0]:
+            print("campaign results (treated arms | holdout, sent nothing, as the control):")
+            print("\n".join(format_step_results(step_results(conn))))
     return 0
 
 

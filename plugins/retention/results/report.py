@@ -40,6 +40,7 @@ import jinja2
 from markupsafe import Markup
 
 from retention import db
+from retention.results.summary import step_results
 from retention.config import paths, settings
 from retention.results import charts
 from retention.results.charts import Interval, Series
@@ -189,20 +190,11 @@ def collect(week_start: date, url: str | None = None, as_of: datetime | None = N
         if not has_results:
             data.notes.append("marts.campaign_results is not built yet: run `retention build`.")
         else:
-            data.funnel = _dicts(conn.execute("""
-                with runs as (
-                  select run_id from ops.campaign_runs
-                  where as_of >= %(ws)s and as_of < %(we)s and jsonb_array_length(spec -> 'steps') > 1
-                )
-                select cr.campaign_id, cr.step_index, cr.step, cr.channel,
-                       sum(cr.audience) as audience, sum(cr.sent) as sent,
-                       sum(cr.delivered) as delivered, sum(cr.opened) as opened,
-                       sum(cr.clicked) as clicked, sum(cr.converted) as converted,
-                       sum(cr.revenue) as revenue, sum(cr.offline_revenue) as offline_revenue
-                from marts.campaign_results cr
-                where cr.run_id in (select run_id from runs) and cr.variant <> 'holdout'
-                group by 1, 2, 3, 4
-                order by 1, 2, 4""", params))
+            runs = [r[0] for r in conn.execute(
+                "select run_id from ops.campaign_runs where as_of >= %(ws)s and as_of < %(we)s "
+                "and jsonb_array_length(spec -> 'steps') > 1", params).fetchall()]
+            # the treated arms as results, the holdout beside them (retention.results.summary)
+            data.funnel = [r for r in step_results(conn, runs) if r["audience"]] if runs else []
             data.campaigns = _dicts(conn.execute("""
                 with runs as (
                   select run_id, min(first_planned_at) as started_at

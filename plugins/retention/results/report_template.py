@@ -69,20 +69,25 @@ TEMPLATE = r"""<!doctype html>
 
 <section id="cascade-funnel">
   <h2>Cascade funnel by wave and channel</h2>
-  <p class="lead">Each wave of the week's multi-step campaigns (holdout excluded). A later wave goes
-  only to members whom no earlier wave reached or who did not engage, so waves add up. Push and
-  Telegram report delivery (accepted by the provider) only; opens and clicks come from e-mail.</p>
+  <p class="lead">Each wave of the week's multi-step campaigns: the members who were sent it, and beside
+  them the holdout, who were sent nothing (the control: how many of them bought in the same windows).
+  A later wave goes only to members whom no earlier wave reached or who did not engage, so waves add
+  up. Push and Telegram report delivery (accepted by the provider) only; opens and clicks come from
+  e-mail.</p>
   <figure>{{ charts.funnel }}</figure>
   {% if d.funnel %}
   <table>
     <tr><th class="text">wave</th><th>audience</th><th>sent</th><th>delivered</th><th>opened</th>
-        <th>clicked</th><th>converted</th><th>conversion / sent</th><th>revenue</th><th>offline</th></tr>
+        <th>clicked</th><th>converted</th><th>conversion / sent</th><th>revenue</th><th>offline</th>
+        <th>holdout</th><th>holdout converted</th><th>holdout revenue</th></tr>
     {% for r in d.funnel %}
     <tr><td>{{ r.campaign_id }} · {{ r.step_index + 1 }}. {{ r.step }}{% if r.step != r.channel %} ({{ r.channel }}){% endif %}</td>
         <td>{{ "{:,}".format(r.audience | int) }}</td><td>{{ "{:,}".format(r.sent | int) }}</td>
         <td>{{ pct(ratio(r.delivered, r.sent)) }}</td><td>{{ pct(ratio(r.opened, r.delivered or r.sent)) }}</td>
         <td>{{ pct(ratio(r.clicked, r.delivered or r.sent)) }}</td><td>{{ "{:,}".format(r.converted | int) }}</td>
-        <td>{{ pct(ratio(r.converted, r.sent)) }}</td><td>{{ money(r.revenue) }}</td><td>{{ money(r.offline_revenue) }}</td></tr>
+        <td>{{ pct(ratio(r.converted, r.sent)) }}</td><td>{{ money(r.revenue) }}</td><td>{{ money(r.offline_revenue) }}</td>
+        <td>{{ "{:,}".format(r.holdout_members | int) }}</td><td>{{ "{:,}".format(r.holdout_converted | int) }}</td>
+        <td>{{ money(r.holdout_revenue) }}</td></tr>
     {% endfor %}
   </table>
   {% endif %}
