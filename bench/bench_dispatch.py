@@ -188,21 +188,13 @@ def drop_database(admin: str, name: str) -> None:
 def populate(url: str, n: int) -> float:
     from retention import db
     from retention.db.schema import ensure_schemas
+    from retention_dev.samples import insert_subscribed_customers
 
     t = time.perf_counter()
     with db.connect(url) as conn:
         ensure_schemas(conn)
-        conn.execute("""insert into raw.customers (customer_id, timezone, created_at)
-                        select 'c' || lpad(i::text, 8, '0'), 'Europe/Kyiv', '2024-01-01Z'
-                        from generate_series(1, %s) i""", (n,))
-        conn.execute("""insert into raw.channel_subscriptions (customer_id, channel, address,
-                                                               subscribed_at)
-                        select 'c' || lpad(i::text, 8, '0'), ch,
-                               case ch when 'email' then 'c' || lpad(i::text, 8, '0') || '@example.com'
-                                       else 'fcm-token-' || lpad(i::text, 8, '0') end,
-                               '2024-01-01Z'
-                        from generate_series(1, %s) i, unnest(array['email', 'mobile_push']) ch""",
-                     (n,))
+        insert_subscribed_customers(conn, n, digits=8, token_prefix="fcm-token-",
+                                    subscribed_at="2024-01-01Z", created_at="2024-01-01Z")
         conn.commit()
     with db.connect(url, autocommit=True) as conn:
         conn.execute("vacuum analyze raw.customers")

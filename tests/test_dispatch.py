@@ -24,7 +24,7 @@ from retention.campaigns.policy import Policy
 from retention.campaigns.runner import run_campaign
 from retention.campaigns.spec import parse_campaign
 from retention.connections import channels_from_env
-from retention_dev.stack import local_provider_stack
+from retention_dev.stack import accepted_message_ids, local_provider_stack
 
 AS_OF = datetime(2026, 11, 2, 7, 0, tzinfo=timezone.utc)
 POLICY = Policy(global_cap=3, global_cap_days=7, channel_cap=2, channel_cap_days=7,
@@ -73,20 +73,6 @@ def _shop(url: str, n: int) -> None:
         conn.commit()
 
 
-def _accepted_ids(handle) -> Counter:
-    """message ids the servers accepted, from the wire: SendGrid custom_args, FCM data,
-    Telegram chat ids mapped back through the ledger."""
-    ids: Counter = Counter()
-    for r in handle.providers["sendgrid"].accepted:
-        if r.path.endswith("/mail/send"):
-            for p in r.body["personalizations"]:
-                ids[p["custom_args"]["message_id"]] += 1
-    for r in handle.providers["fcm"].accepted:
-        if r.path.endswith(":send"):
-            ids[r.body["message"]["data"]["message_id"]] += 1
-    return ids
-
-
 def _ledger(url: str) -> list[tuple]:
     with db.connect(url) as conn:
         return conn.execute("select message_id, channel, status, reason, address, customer_id "
@@ -100,7 +86,7 @@ def test_cascade_ledger_and_servers_agree_one_for_one(database_url, providers):
                           policy=POLICY)
     rows = _ledger(database_url)
     sent = {r[0] for r in rows if r[2] == "sent"}
-    accepted = _accepted_ids(providers)
+    accepted = accepted_message_ids(providers)
     email_push_sent = {r[0] for r in rows if r[2] == "sent" and r[1] != "telegram"}
     assert accepted and set(accepted) == email_push_sent and max(accepted.values()) == 1
     telegram_chats = Counter(str(r.body["chat_id"]) for r in providers.providers["telegram"].accepted
@@ -179,7 +165,7 @@ def test_worker_killed_mid_wave_then_retried_sends_each_email_once(kill_at, data
                            release_at=AS_OF + timedelta(days=1))
     rows = _ledger(database_url)
     planned_to_send = [r for r in rows if r[1] == "email" and r[2] in ("sent", "planned", "failed")]
-    accepted = _accepted_ids(providers)
+    accepted = accepted_message_ids(providers)
     assert len(planned_to_send) > 1500  # more than one provider request
     assert {r[0] for r in planned_to_send if r[2] == "sent"} == set(accepted)
     assert max(accepted.values()) == 1  # nothing twice
@@ -200,7 +186,7 @@ def test_429_and_5xx_storm_ends_with_every_message_once(database_url, providers,
         ch.retry.sleep = lambda s: None
     run_campaign(campaign, AS_OF, channels, policy=POLICY)
     rows = _ledger(database_url)
-    accepted = _accepted_ids(providers)
+    accepted = accepted_message_ids(providers)
     sent = {r[0] for r in rows if r[2] == "sent" and r[1] != "telegram"}
     assert sent == set(accepted) and max(accepted.values()) == 1
     assert not [r for r in rows if r[2] == "failed"]

@@ -10,7 +10,6 @@ batch behind and the retry settles it without a duplicate.
 from __future__ import annotations
 
 import textwrap
-from collections import Counter
 from datetime import datetime, time, timezone
 
 import pytest
@@ -22,7 +21,8 @@ from retention.campaigns.policy import Policy
 from retention.campaigns.spec import parse_campaign
 from retention.connections import channels_from_env
 from retention_dev.faults import KillAt
-from retention_dev.stack import local_provider_stack
+from retention_dev.samples import insert_subscribed_customers
+from retention_dev.stack import accepted_message_ids, local_provider_stack
 
 # one after another on one pytest-xdist worker: worker processes racing for claims
 # under short leases
@@ -48,17 +48,7 @@ def _campaign(channel: str):
 def _shop(url: str, n: int) -> None:
     """n customers in Kyiv, each with an e-mail address and a push token (set-wise)."""
     with db.connect(url) as conn:
-        conn.execute("""insert into raw.customers (customer_id, timezone)
-                        select 'c' || lpad(i::text, 6, '0'), 'Europe/Kyiv'
-                        from generate_series(1, %s) i""", (n,))
-        conn.execute("""insert into raw.channel_subscriptions (customer_id, channel, address,
-                                                               subscribed_at)
-                        select 'c' || lpad(i::text, 6, '0'), ch,
-                               case ch when 'email' then 'c' || lpad(i::text, 6, '0') || '@example.com'
-                                       else 'token-' || lpad(i::text, 6, '0') end,
-                               '2025-01-01Z'
-                        from generate_series(1, %s) i, unnest(array['email', 'mobile_push']) ch""",
-                     (n,))
+        insert_subscribed_customers(conn, n)
         conn.commit()
 
 
@@ -71,19 +61,6 @@ def providers(monkeypatch, request):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         yield handle
-
-
-def _accepted(handle) -> Counter:
-    """Message ids the servers accepted, from the wire (SendGrid custom_args, FCM data)."""
-    ids: Counter = Counter()
-    for r in handle.providers["sendgrid"].accepted:
-        if r.path.endswith("/mail/send"):
-            for p in r.body["personalizations"]:
-                ids[p["custom_args"]["message_id"]] += 1
-    for r in handle.providers["fcm"].accepted:
-        if r.path.endswith(":send"):
-            ids[r.body["message"]["data"]["message_id"]] += 1
-    return ids
 
 
 def _statuses(url: str, campaign_id: str) -> dict[str, str]:
@@ -107,7 +84,7 @@ def test_two_processes_send_3000_emails_each_exactly_once(database_url, provider
     counts = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
                            processes=2, on_batch=lambda name, n: batches.append((name, n)))
     statuses = _statuses(database_url, campaign.id)
-    accepted = _accepted(providers)
+    accepted = accepted_message_ids(providers)
     assert len(statuses) == 3000 and set(statuses.values()) == {"sent"}
     assert set(accepted) == set(statuses) and max(accepted.values()) == 1
     assert counts["sent"] == 3000 and counts["reconciled"] == {
@@ -133,7 +110,7 @@ def test_two_processes_send_pushes_each_exactly_once(database_url, providers):
     by_process = counts["timings"]["messages_by_process"]
     assert len(by_process) == 2 and min(by_process) > 0, by_process
     statuses = _statuses(database_url, campaign.id)
-    accepted = _accepted(providers)
+    accepted = accepted_message_ids(providers)
     assert len(statuses) == 1200 and set(statuses.values()) == {"sent"}
     assert set(accepted) == set(statuses) and max(accepted.values()) == 1
 
@@ -153,13 +130,13 @@ def test_one_worker_process_killed_then_retried_sends_each_email_once(
             "count(*) filter (where status = 'sent') from ops.messages").fetchone()
     assert claimed == 1000  # the dead worker's batch; its sibling sent the rest
     assert sent == 5000
-    accepted_before = _accepted(providers)
+    accepted_before = accepted_message_ids(providers)
     assert len(accepted_before) == (6000 if point == "dispatch.after_send" else 5000)
 
     counts = dispatch_step(campaign, run, "wave", channels_from_env(["email"]), database_url,
                            processes=2)
     statuses = _statuses(database_url, campaign.id)
-    accepted = _accepted(providers)
+    accepted = accepted_message_ids(providers)
     assert set(statuses.values()) == {"sent"} and len(statuses) == 6000
     assert set(accepted) == set(statuses) and max(accepted.values()) == 1  # nothing twice
     reconciled = counts["reconciled"]
@@ -196,7 +173,7 @@ def test_a_worker_leaves_a_live_siblings_claim_alone(database_url, providers):
     result = dispatch(campaign, "wave", channels_from_env(["email"]), scope, AS_OF,
                       url=database_url, reconcile=False)
     statuses = _statuses(database_url, campaign.id)
-    accepted = _accepted(providers)
+    accepted = accepted_message_ids(providers)
     assert result["reconciled"] == {"reconciled_sent": 0, "released": 0, "unknown": 0}
     assert {statuses[m] for m in sibling} == {"planned"}
     assert set(accepted) == set(statuses) - set(sibling) and max(accepted.values()) == 1

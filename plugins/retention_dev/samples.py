@@ -1,5 +1,6 @@
 """Sample data for development and tests: customers simulated from BG/NBD + Gamma-Gamma,
-and the CDNOW transaction log the BG/NBD and Gamma-Gamma papers were fitted on.
+the CDNOW transaction log the BG/NBD and Gamma-Gamma papers were fitted on, and
+subscribed customers inserted straight into a database (dispatch tests and benchmarks).
 
 The CDNOW files (`tests/data/cdnow/`, source and licence in its README) are the 1/10
 sample of the 1997 Q1 cohort and the summary published with the `lifetimes` package.
@@ -85,6 +86,31 @@ def simulate(
     elif transactions:
         log = pd.DataFrame({"customer": np.concatenate(ids), "time": np.concatenate(times)})
     return Simulated(x, tx, ages, monetary, log)
+
+
+def insert_subscribed_customers(conn: Any, n: int, *, digits: int = 6,
+                                token_prefix: str = "token-",
+                                subscribed_at: str = "2025-01-01Z",
+                                created_at: str | None = None) -> None:
+    """n customers in Kyiv (`c` and `digits` digits: c000001, ...), each with an e-mail
+    address and a push token (`token_prefix` and the customer's digits) subscribed at
+    `subscribed_at`; set-wise, so millions take seconds. The caller commits."""
+    conn.execute("""insert into raw.customers (customer_id, timezone, created_at)
+                    select 'c' || lpad(i::text, %(digits)s, '0'), 'Europe/Kyiv',
+                           %(created_at)s::timestamptz
+                    from generate_series(1, %(n)s) i""",
+                 {"n": n, "digits": digits, "created_at": created_at})
+    conn.execute("""insert into raw.channel_subscriptions (customer_id, channel, address,
+                                                           subscribed_at)
+                    select 'c' || lpad(i::text, %(digits)s, '0'), ch,
+                           case ch when 'email' then 'c' || lpad(i::text, %(digits)s, '0')
+                                                     || '@example.com'
+                                   else %(token)s || lpad(i::text, %(digits)s, '0') end,
+                           %(subscribed_at)s::timestamptz
+                    from generate_series(1, %(n)s) i,
+                         unnest(array['email', 'mobile_push']) ch""",
+                 {"n": n, "digits": digits, "token": token_prefix,
+                  "subscribed_at": subscribed_at})
 
 
 def load_cdnow_transactions(path: str | Path | None = None) -> pd.DataFrame:

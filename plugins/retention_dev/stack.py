@@ -9,7 +9,7 @@ per stack; nothing secret is stored.
 `on_mail_accepted(body, x_message_id)` is called by the SendGrid stand-in for every Mail
 Send request it accepts, before it answers (the quick start's simulated readers post
 their webhook events there). `wire_counts(handle)` counts what the stand-ins accepted per
-kind of channel; `serve_wire_counts(handle)` serves those counts as JSON on a local port
+kind of channel, `accepted_message_ids(handle)` per message id; `serve_wire_counts(handle)` serves those counts as JSON on a local port
 for another process (the quick start's driver, while the stand-ins run beside Airflow).
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,6 +118,20 @@ def wire_counts(handle: ServerHandle) -> dict[str, int]:
                         if r.path.endswith("/sendMessage")),
         "gateway": sum(1 for r in providers["gateway"].accepted),
     }
+
+
+def accepted_message_ids(handle: ServerHandle) -> Counter:
+    """How many times the stand-ins accepted each message id, from the wire: the
+    custom_args of SendGrid's personalizations and the data of FCM's sends."""
+    ids: Counter = Counter()
+    for r in handle.providers["sendgrid"].accepted:
+        if r.path.endswith("/mail/send"):
+            for p in r.body["personalizations"]:
+                ids[p["custom_args"]["message_id"]] += 1
+    for r in handle.providers["fcm"].accepted:
+        if r.path.endswith(":send"):
+            ids[r.body["message"]["data"]["message_id"]] += 1
+    return ids
 
 
 @contextmanager
