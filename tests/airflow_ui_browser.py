@@ -27,6 +27,7 @@ UNFINISHED = {"Queued", "Running", "Scheduled", "Up For Retry", "Restarting", "D
 
 
 def chromium() -> str:
+    """The Chromium on PATH (Debian's package)."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
         if found:

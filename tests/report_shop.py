@@ -6,13 +6,8 @@ of the dbt project (its `target/` is the test's own, not the checkout's)."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-
-import pytest
-
-from retention import db
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a run of retention_weekly_report at this logical date reports on 2026-W43
@@ -29,21 +24,12 @@ def copy_dbt_project(dest: Path) -> Path:
 
 def prepare_report_shop(make_database, home: Path, dbt_project: Path) -> str:
     """The shop's warehouse URL; Data Docs in `home`, dbt docs in `dbt_project`/target."""
-    from retention.db.schema import ensure_schemas
     from retention.ingest.quality import run_checkpoint
     from retention.warehouse.dbt_tasks import generate_docs
-    from test_results_report import END, _make_shop
+    from test_results_report import END, made_shop
 
-    url = make_database("rt_uireports")
-    with db.connect(url) as conn:
-        ensure_schemas(conn)
-        conn.commit()
-    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as folder:
-        mp.setenv("RETENTION_DATABASE_URL", url)
-        mp.setenv("RETENTION_CURRENCY", CURRENCY)
-        mp.setenv("RETENTION_HOME", str(home))
-        mp.setenv("RETENTION_DBT_PROJECT_DIR", str(dbt_project))
-        _make_shop(url, Path(folder))
+    with made_shop(make_database, "rt_uireports", RETENTION_CURRENCY=CURRENCY,
+                   RETENTION_HOME=str(home), RETENTION_DBT_PROJECT_DIR=str(dbt_project)) as url:
         run_checkpoint(url, END)
         generate_docs(END, url)
     assert (home / "data_quality" / "data_docs" / "index.html").is_file()
