@@ -297,6 +297,13 @@ class _PausedLoad:
         self.threads[name] = thread
         thread.start()
 
+    def start_behind(self, first: Path, second: Path, url: str) -> None:
+        """Load `first` as `paused`; once it is inside its transaction, `second` as
+        `second`."""
+        self.start("paused", first, url)
+        assert self.inside.wait(60)
+        self.start("second", second, url)
+
     def join(self, name: str, timeout: float = 60) -> object:
         self.threads[name].join(timeout)
         assert not self.threads[name].is_alive(), f"load {name} did not finish"
@@ -319,9 +326,7 @@ def test_concurrent_loads_wait_for_each_other(tmp_path, database_url, monkeypatc
     paused = _PausedLoad(monkeypatch)
     first, second = _shop(tmp_path / "first"), _shop(tmp_path / "second")
     try:
-        paused.start("paused", first, database_url)
-        assert paused.inside.wait(60)
-        paused.start("second", second, database_url)
+        paused.start_behind(first, second, database_url)
         deadline = time.monotonic() + 30
         while _waiting_on_advisory_lock(database_url) == 0 and time.monotonic() < deadline:
             assert paused.threads["second"].is_alive(), paused.outcomes.get("second")
@@ -344,9 +349,7 @@ def test_a_load_that_cannot_get_the_lock_fails_clearly(tmp_path, database_url, m
     paused = _PausedLoad(monkeypatch)
     first, second = _shop(tmp_path / "first"), _shop(tmp_path / "second")
     try:
-        paused.start("paused", first, database_url)
-        assert paused.inside.wait(60)
-        paused.start("second", second, database_url)
+        paused.start_behind(first, second, database_url)
         paused.threads["second"].join(30)
         finished_while_paused = not paused.threads["second"].is_alive()
     finally:
