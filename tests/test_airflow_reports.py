@@ -85,7 +85,7 @@ def reports_airflow(make_database, tmp_path_factory):
 
 
 def _token(af: AirflowDeployment) -> str:
-    return af._session.headers["Authorization"].removeprefix("Bearer ")
+    return af.client.http.headers["Authorization"].removeprefix("Bearer ")
 
 
 def _resigned(token: str, key: str, **claims) -> str:
@@ -142,7 +142,7 @@ def test_report_task_links_to_its_report_in_the_ui(reports_airflow):
 def test_every_route_needs_an_airflow_user(reports_airflow):
     af, _, home, dbt_project = reports_airflow
     token = _token(af)
-    secret = af._secret_settings["AIRFLOW__API_AUTH__JWT_SECRET"]
+    secret = af.local.secret_settings()["AIRFLOW__API_AUTH__JWT_SECRET"]
     now = int(time.time())
     expired = _resigned(token, secret, iat=now - 7200, nbf=now - 7200, exp=now - 3600)
     forged = _resigned(token, secrets.token_urlsafe(48))

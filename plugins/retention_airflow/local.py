@@ -22,16 +22,23 @@ answers), the Celery result backend the metadata database. And:
 * the JWT secret, API secret key and Fernet key generated on the first `up` into
   `home()/secrets.json` (mode 0600) and passed to the components through their environment.
 
-The components inherit the environment of `up`: the channel connections come from
-`AIRFLOW_CONN_RETENTION_*` variables set there (Airflow reads a connection from
-`AIRFLOW_CONN_<CONN_ID>` before its metadata database), and so do the RETENTION_* settings
-the tasks read. `up` returns once the api-server answers, every component reports healthy
-(every Celery worker answers a ping through the broker) and every file of the DAGs folder
-is parsed (or has an import error, which it reports). A second
-`up` finds the running components by their PID files and leaves them alone. `down` sends
-SIGTERM to each component (scheduler first, then the workers, which finish their running
-tasks within the grace period), waits, then SIGTERM/SIGKILL to whatever is left of them and
-their children, and removes the PID files.
+The components inherit the environment of `up` (or the `base_env` given to it): the
+channel connections come from `AIRFLOW_CONN_RETENTION_*` variables set there (Airflow reads
+a connection from `AIRFLOW_CONN_<CONN_ID>` before its metadata database), and so do the
+RETENTION_* settings the tasks read; `up(env=...)` is laid over everything, so it can also
+change any Airflow setting. `up` returns once the api-server answers (its execution API,
+which it builds on the first request to it, warmed before any task needs it), every
+component reports healthy (every Celery worker answers a ping through the broker) and every
+file of the DAGs folder is parsed (or has an import error, which it reports); `timings`
+holds the seconds from the start of `up` to each of those milestones. A second `up` finds
+the running components by their PID files and leaves them alone. `down` sends SIGTERM to
+each component (scheduler first, then the workers, which finish their running tasks within
+the grace period), waits, then SIGTERM/SIGKILL to whatever is left of them, their children
+and their process groups (also of a component that died earlier), and removes the PID files.
+
+For tests and benchmarks, `up(triggerer=False)` leaves out the triggerer (no deferrable
+operators), and `up(attached=True)` has the components receive SIGTERM when the process
+that called `up` dies (Linux), so nothing outlives it even when it is killed.
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ def _airflow_conn(url: str) -> str:
         hide_password=False)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -133,6 +140,9 @@ class LocalAirflow:
     home: Path = field(default_factory=home)
     out: Callable[[str], None] = print
     dags_folder: Path = DAGS_FOLDER
+    #: seconds from the start of the last `up` to each milestone: "migrated",
+    #: "execution api ready", "healthy", "parsed"
+    timings: dict[str, float] = field(default_factory=dict, init=False)
 
     # ------------------------------------------------------------------ files
 
@@ -162,16 +172,18 @@ class LocalAirflow:
             return {}
 
     def components(self) -> tuple[str, ...]:
-        """The components of the deployment the state file describes: the four services,
-        then the Celery workers (none with the LocalExecutor)."""
-        return (*COMPONENTS, *self.state().get("workers", ()))
+        """The components of the deployment the state file describes: the four services
+        (three without the triggerer), then the Celery workers (none with the LocalExecutor)."""
+        state = self.state()
+        services = COMPONENTS if state.get("triggerer", True) else COMPONENTS[:-1]
+        return (*services, *state.get("workers", ()))
 
     @property
     def base_url(self) -> str | None:
         port = self.state().get("port")
         return f"http://127.0.0.1:{port}" if port else None
 
-    def _secret_settings(self) -> dict[str, str]:
+    def secret_settings(self) -> dict[str, str]:
         """Generated once per home, shared by all components, never printed."""
         path = self.home / "secrets.json"
         try:
@@ -225,13 +237,15 @@ class LocalAirflow:
         except (requests.RequestException, ValueError):
             return None
 
-    def environment(self, metadata: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The components' environment (holds secrets: never print it)."""
+    def environment(self, metadata: str, extra: Mapping[str, str] | None = None,
+                    base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The components' environment (holds secrets: never print it): `base` (default
+        this process's environment), the deployment's settings, then `extra`."""
         from retention.config import paths
 
         state = self.state()
         base_url = f"http://127.0.0.1:{state['port']}"
-        env = dict(os.environ)
+        env = dict(os.environ if base is None else base)
         executor = state.get("executor", "local")
         no_proxy = ",".join(filter(None, ["127.0.0.1", "localhost", env.get("NO_PROXY")]))
         env.update({
@@ -260,7 +274,7 @@ class LocalAirflow:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(state["log_ports"][0]),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(state["log_ports"][1]),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-            **self._secret_settings(),
+            **self.secret_settings(),
         })
         if executor == "celery":
             env.update({
@@ -271,7 +285,7 @@ class LocalAirflow:
         env.update(extra or {})
         return env
 
-    def _spawn(self, component: str, env: Mapping[str, str]) -> subprocess.Popen:
+    def _spawn(self, component: str, env: Mapping[str, str], attached: bool) -> subprocess.Popen:
         state = self.state()
         args = [sys.executable, "-m", "airflow", component]
         if component == "api-server":
@@ -287,12 +301,13 @@ class LocalAirflow:
         with (self.logs_dir / f"{component}.log").open("ab") as log:
             popen = subprocess.Popen(args, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     cwd=self.home)
+                                     cwd=self.home,
+                                     preexec_fn=_die_with_parent if attached else None)
         created = psutil.Process(popen.pid).create_time()
         self.pid_file(component).write_text(f"{popen.pid} {created}")
         return popen
 
-    def _logs(self, lines: int = 30) -> str:
+    def logs(self, lines: int = 30) -> str:
         return "".join(f"\n----- {self.logs_dir / f'{c}.log'} (last {lines} lines)\n"
                        f"{_tail(self.logs_dir / f'{c}.log', lines)}\n"
                        for c in ("db-migrate", *self.components())
@@ -305,13 +320,16 @@ class LocalAirflow:
            env: Mapping[str, str] | None = None, timeout: float = 300.0,
            pool_slots: int = DEFAULT_POOL_SLOTS, executor: str = "local", workers: int = 2,
            broker_url: str = DEFAULT_BROKER_URL,
-           worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY) -> bool:
+           worker_concurrency: int = DEFAULT_WORKER_CONCURRENCY, triggerer: bool = True,
+           base_env: Mapping[str, str] | None = None, attached: bool = False) -> bool:
         """Start everything (see the module docstring); False if it was already running.
 
         The metadata database is `metadata` (a full URL) or else `metadata_database` on the
-        pipeline's server; `env` is added to the components' environment last. With
-        `executor="celery"`: `workers` Celery workers of `worker_concurrency` task slots
-        each, on the Redis broker `broker_url`."""
+        pipeline's server; the components' environment is `base_env` (default this
+        process's), the deployment's settings, then `env`. With `executor="celery"`:
+        `workers` Celery workers of `worker_concurrency` task slots each, on the Redis
+        broker `broker_url`. `triggerer=False`: no triggerer; `attached=True`: the
+        components get SIGTERM when this process dies."""
         if executor not in EXECUTORS:
             raise LocalAirflowError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
         if executor == "celery" and workers < 1:
@@ -329,46 +347,51 @@ class LocalAirflow:
         if _port_in_use(port):
             raise LocalAirflowError(f"port {port} on 127.0.0.1 is taken by another program: "
                                     f"choose another with --port")
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        self.timings.clear()
         for folder in (self.home, self.run_dir, self.logs_dir):
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob("*.pid"):
             stale.unlink()
         password = self._password()
-        state: dict = {"port": port, "log_ports": [_free_port(), _free_port()],
-                       "executor": executor}
+        state: dict = {"port": port, "log_ports": [free_port(), free_port()],
+                       "executor": executor, "triggerer": triggerer}
         if executor == "celery":
             _check_broker(broker_url)
             names = [f"worker-{i}" for i in range(1, workers + 1)]
             state.update(workers=names, broker_url=broker_url,
                          worker_concurrency=worker_concurrency,
-                         worker_log_ports={n: _free_port() for n in names})
+                         worker_log_ports={n: free_port() for n in names})
         self.state_file.write_text(json.dumps(state))
         metadata = metadata or metadata_url(metadata_database)
-        component_env = self.environment(metadata, env)
+        component_env = self.environment(metadata, env, base_env)
         self.out(f"AIRFLOW_HOME {self.home}; metadata database "
                  f"{sa.engine.make_url(metadata).render_as_string(hide_password=True)}")
         try:
-            self._migrate(component_env, deadline)
-            popens = {c: self._spawn(c, component_env) for c in self.components()}
-            self._wait_healthy(popens, deadline)
+            self._migrate(component_env, deadline, attached)
+            self._mark("migrated", started)
+            popens = {c: self._spawn(c, component_env, attached) for c in self.components()}
+            self._wait_healthy(popens, deadline, started)
             self._wait_workers(popens, deadline)
+            self._mark("healthy", started)
             session = self._login(password)
             self._create_pools(session, pool_slots)
             errors = self._wait_parsed(session, popens, deadline)
+            self._mark("parsed", started)
         except BaseException:
             self.down(quiet=True)
             raise
+        services = ", ".join(c for c in self.components() if c in COMPONENTS)
         connections = sorted(k.removeprefix("AIRFLOW_CONN_").lower()
                              for k, v in component_env.items()
                              if k.startswith(CONNECTION_PREFIX) and v)
         if executor == "celery":
-            self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
-                     f"triggerer; CeleryExecutor with {workers} worker(s) of "
+            self.out(f"Airflow is up at {self.base_url} ({services}; "
+                     f"CeleryExecutor with {workers} worker(s) of "
                      f"{worker_concurrency} slots, broker {_hide_password(broker_url)})")
         else:
-            self.out(f"Airflow is up at {self.base_url} (api-server, scheduler, dag-processor, "
-                     f"triggerer; LocalExecutor)")
+            self.out(f"Airflow is up at {self.base_url} ({services}; LocalExecutor)")
         self.out(f"  DAGs from {self.dags_folder}; logs in {self.logs_dir}")
         self.out(f"  pools: {', '.join(provider_pools())}")
         self.out(f"  connections from the environment: {', '.join(connections) or 'none'} "
@@ -379,16 +402,20 @@ class LocalAirflow:
                 f"{e['filename']}:\n{e['stack_trace']}" for e in errors))
         return True
 
+    def _mark(self, milestone: str, started: float) -> None:
+        self.timings.setdefault(milestone, round(time.monotonic() - started, 1))
+
     def _print_login(self) -> None:
         self.out(f"  log in as `{API_USER}`: the password is in {self.passwords_file} "
                  f"(simple auth manager)")
 
-    def _migrate(self, env: Mapping[str, str], deadline: float) -> None:
+    def _migrate(self, env: Mapping[str, str], deadline: float, attached: bool) -> None:
         log = self.logs_dir / "db-migrate.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "airflow", "db", "migrate"], env=dict(env),
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.home)
+                                    cwd=self.home,
+                                    preexec_fn=_die_with_parent if attached else None)
             try:
                 code = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
             except BaseException:
@@ -401,28 +428,35 @@ class LocalAirflow:
     def _check_alive(self, popens: Mapping[str, subprocess.Popen]) -> None:
         for name, popen in popens.items():
             if popen.poll() is not None:
-                raise LocalAirflowError(f"airflow {name} exited with {popen.returncode}\n{self._logs()}")
+                raise LocalAirflowError(f"airflow {name} exited with {popen.returncode}\n{self.logs()}")
 
-    def _wait_healthy(self, popens: Mapping[str, subprocess.Popen], deadline: float) -> None:
+    def _wait_healthy(self, popens: Mapping[str, subprocess.Popen], deadline: float,
+                      started: float) -> None:
         http = requests.Session()
         http.trust_env = False
         last: object = "no answer"
         warmed = False
+        parts = ["metadatabase", *(c.replace("-", "_") for c in popens if c in COMPONENTS[1:])]
         while True:
             self._check_alive(popens)
             try:
-                if not warmed:  # the api-server builds its execution API on the first request
+                if not warmed:
+                    # The api-server builds its execution API on the first request to it,
+                    # blocking every other request meanwhile, on a loaded machine for longer
+                    # than a task supervisor waits: so the first request is made here.
                     warmed = http.get(f"{self.base_url}/execution/health", timeout=60).ok
+                    if warmed:
+                        self._mark("execution api ready", started)
                 resp = http.get(f"{self.base_url}/api/v2/monitor/health", timeout=30)
                 last = resp.json() if resp.ok else f"HTTP {resp.status_code}"
-                if resp.ok and all(last.get(part, {}).get("status") == "healthy" for part in
-                                   ("metadatabase", "scheduler", "dag_processor", "triggerer")):
+                if resp.ok and all(last.get(part, {}).get("status") == "healthy"
+                                   for part in parts):
                     return
             except (requests.RequestException, ValueError) as exc:
                 last = type(exc).__name__
             if time.monotonic() > deadline:
                 raise LocalAirflowError(f"Airflow not healthy in time (last health: {last})\n"
-                                        f"{self._logs()}")
+                                        f"{self.logs()}")
             time.sleep(1)
 
     def _wait_workers(self, popens: Mapping[str, subprocess.Popen], deadline: float) -> None:
@@ -448,7 +482,7 @@ class LocalAirflow:
                     return
                 if time.monotonic() > deadline:
                     raise LocalAirflowError(f"Celery workers not answering in time: "
-                                            f"{sorted(missing)}\n{self._logs()}")
+                                            f"{sorted(missing)}\n{self.logs()}")
                 time.sleep(1)
         finally:
             app.close()
@@ -500,10 +534,34 @@ class LocalAirflow:
                 pass
             if time.monotonic() > deadline:
                 raise LocalAirflowError(f"DAG files not parsed in time: {sorted(missing)}\n"
-                                        f"{self._logs()}")
+                                        f"{self.logs()}")
             time.sleep(1)
 
     # ------------------------------------------------------------------ down
+
+    def _left_behind(self, component: str) -> list[psutil.Process]:
+        """The members of the process group of `component` but itself. It ran in a session
+        of its own, so the group's number is its PID, which no new process gets while the
+        group has members; a PID that belongs to another process now means the group is
+        empty."""
+        try:
+            pid_text, _, created = self.pid_file(component).read_text().partition(" ")
+            group = int(pid_text)
+        except (OSError, ValueError):
+            return []
+        try:
+            if created and abs(psutil.Process(group).create_time() - float(created)) > 1.0:
+                return []
+        except psutil.Error:
+            pass
+        members = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != group and os.getpgid(proc.pid) == group:
+                    members.append(proc)
+            except (OSError, psutil.Error):
+                continue
+        return members
 
     def down(self, grace: float = 30.0, *, quiet: bool = False) -> list[str]:
         """Stop every component and its children; remove the PID files. Returns the names
@@ -511,12 +569,25 @@ class LocalAirflow:
         order = (STOP_ORDER[0], *self.state().get("workers", ()), *STOP_ORDER[1:])
         roots = {c: p for c in order if (p := self.process(c))}
         stop_tree(list(roots.values()), grace)  # scheduler first: it launches nothing more
+        # what is still in a component's process group: the children of a component that
+        # died earlier, or of one that started them while it was being stopped
+        stop_tree([p for c in order for p in self._left_behind(c)], 5.0)
         for component in self.components():
             self.pid_file(component).unlink(missing_ok=True)
             (self.run_dir / f"{component}.airflow-pid").unlink(missing_ok=True)
         if not quiet:
             self.out(f"stopped {', '.join(roots)}" if roots else "Airflow was not running")
         return list(roots)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM this process when the process that started it dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _hide_password(url: str) -> str:
