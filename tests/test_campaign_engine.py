@@ -84,6 +84,14 @@ def ledger(url: str, step: str) -> dict[str, tuple]:
     return {r[0]: r[1:] for r in rows}
 
 
+def _email_wave_planned():
+    """The cascade started as of AS_OF and its e-mail step planned: (campaign, run)."""
+    campaign = parse_campaign(CASCADE, "cascade.yaml")
+    run = start_run(campaign, AS_OF, policy=POLICY)
+    plan_step(campaign, run, "email", policy=POLICY)
+    return campaign, run
+
+
 def test_first_wave_applies_consent_caps_quiet_hours(shop):
     campaign = parse_campaign(CASCADE, "cascade.yaml")
     run = start_run(campaign, AS_OF, policy=POLICY)
@@ -105,9 +113,7 @@ def test_first_wave_applies_consent_caps_quiet_hours(shop):
 
 
 def test_replanning_and_rerunning_change_nothing(shop):
-    campaign = parse_campaign(CASCADE, "cascade.yaml")
-    run = start_run(campaign, AS_OF, policy=POLICY)
-    plan_step(campaign, run, "email", policy=POLICY)
+    campaign, run = _email_wave_planned()
     before = ledger(shop, "email")
     again = start_run(campaign, AS_OF, policy=POLICY)
     assert not again.created and again.run_id == run.run_id
@@ -120,9 +126,7 @@ def test_replanning_and_rerunning_change_nothing(shop):
 
 
 def test_second_wave_skips_engaged_and_purchasers(shop):
-    campaign = parse_campaign(CASCADE, "cascade.yaml")
-    run = start_run(campaign, AS_OF, policy=POLICY)
-    plan_step(campaign, run, "email", policy=POLICY)
+    campaign, run = _email_wave_planned()
     with db.connect(shop) as conn:
         conn.execute("update ops.messages set status = 'sent', sent_at = planned_at "
                      "where campaign_id = 'cascade' and status = 'planned'")
@@ -138,9 +142,7 @@ def test_second_wave_skips_engaged_and_purchasers(shop):
 
 
 def test_engaged_member_is_left_out_of_the_next_wave(shop):
-    campaign = parse_campaign(CASCADE, "cascade.yaml")
-    run = start_run(campaign, AS_OF, policy=POLICY)
-    plan_step(campaign, run, "email", policy=POLICY)
+    campaign, run = _email_wave_planned()
     with db.connect(shop) as conn:
         conn.execute("update ops.messages set status = 'sent' where campaign_id = 'cascade' "
                      "and status = 'planned'")
