@@ -374,3 +374,47 @@ def test_a_birthday_trigger_finds_the_loaded_birth_dates(tmp_path, shop):
         ("c1", "date:2026", datetime(2026, 11, 3, 9, tzinfo=UTC)),
         ("c2", "date:2026", datetime(2026, 11, 4, 0, tzinfo=UTC))]
     assert got[0][4] == {"date": "birthday", "year": 2026}
+
+
+def test_the_shipped_bonus_campaign_file_alone_sends_each_credit_once(tmp_path, shop,
+                                                                       monkeypatch):
+    """include/campaigns/bonus_credited.yaml is all there is of this trigger: a run of every
+    trigger finds it, and each credited bonus goes out once, with its amount, through the
+    provider stand-ins; a bonus of 0 and another custom type do not enter; a second run
+    sends nothing."""
+    import json
+
+    from retention.connections import channels_from_env
+    from retention.triggers.runner import definition_triggers
+    from retention_dev.stack import local_provider_stack
+
+    assert "bonus_credited" in definition_triggers()
+    folder = shop_folder(tmp_path, [
+        event("e1", "bonus_credited", "c1", '{"amount": 150, "reason": "birthday"}', hour=9),
+        event("e2", "bonus_credited", "c2", '{"amount": 0}', hour=9),
+        event("e3", "bonus_credited", "c3", '{"amount": 40}', hour=10),
+        event("e4", "payment_method_chosen", "c4", '{"method": "card"}', hour=10),
+    ])
+    write_csv(folder, "channel_subscriptions", [
+        ["customer_id", "channel", "address", "subscribed_at"],
+        *[[c, "mobile_push", f"token-{c}", "2025-01-01T00:00:00Z"] for c in ("c1", "c2", "c4")],
+        ["c3", "email", "c3@example.com", "2025-01-01T00:00:00Z"]])
+    assert load_folder(folder, shop.url, loaded_at=LOADED_AT, currency="UAH").quarantined == 0
+    monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
+    with local_provider_stack() as (handle, env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        channels = channels_from_env(["mobile_push", "telegram", "email"])
+        first = run_triggers(at(8), at(12), shop.url, channels, policy=POLICY, settings=SETTINGS)
+        run_triggers(at(8), at(12), shop.url, channels, policy=POLICY, settings=SETTINGS)
+        pushes = handle.providers["fcm"].accepted_recipients()
+        mails = handle.providers["sendgrid"].accepted_recipients()
+        bodies = json.dumps([r.body for r in handle.accepted])
+    assert first["triggers"]["bonus_credited"]["started"] == 2, first["triggers"]
+    # after both runs: each credit accepted once at the stand-ins
+    assert pushes == {"token-c1": 1} and mails == {"c3@example.com": 1}
+    assert "Bonus credited: 150" in bodies and "(birthday)" in bodies
+    assert "Bonus credited: 40 points" in bodies
+    assert shop.rows("select customer_id, status from ops.messages "
+                     "where campaign_id = 'bonus_credited' order by 1") == [
+        ("c1", "sent"), ("c3", "sent")]

@@ -450,9 +450,11 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
         conds.append(f"{category} is not null")
     elif d.per == "search":
         conds.append("nullif(btrim(e.search_query), '') is not null")
+    with_properties = "properties" in q.columns
     cols = ("e.event_id, e.customer_id, e.session_id, e.product_id, e.occurred_at, "
             f"{category if product_join else 'e.category_path'} as category_path, "
-            "lower(btrim(e.search_query)) as query")
+            "lower(btrim(e.search_query)) as query"
+            + (", e.properties" if with_properties else ""))
     join = " left join raw.products ep on ep.product_id = e.product_id" if product_join else ""
     session = "session" in entry
     m = _Moment("m.customer_id", "m.occurred_at", "m.event_id", "m.product_id", "m.category_path",
@@ -515,6 +517,9 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
         # a cart emptied by removals (or purchases) is not abandoned
         final.append("(m.product_id is null or exists (select 1 from in_cart i "
                      "where i.event_id = m.event_id))")
+    if with_properties:  # a custom event's properties, for its messages' templates
+        context = (f"({context} || case when m.properties is null then '{{}}'::jsonb "
+                   "else jsonb_build_object('properties', m.properties) end)")
     return (f"with {', '.join(ctes)}\n"
             f"    select m.customer_id, m.event_id as event_key, {subject} as subject,\n"
             f"           m.occurred_at + {wait} as hit_at, m.occurred_at as anchor_at,\n"

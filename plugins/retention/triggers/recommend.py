@@ -265,6 +265,8 @@ def chain_context(conn: psycopg.Connection, rows: Sequence[tuple]) -> dict[str, 
             "new_price": _money(context.get("new_price")),
             "order_id": context.get("order_id"),
             "silence_days": context.get("silence_days"),
+            # the entry event's own properties (a custom event type's, events.yaml)
+            "properties": context.get("properties") or {},
         }
         extra.update(step=step, shop_url=base,
                      review_url=f"{base}/review/{context.get('order_id', '')}?m={message_id}",
