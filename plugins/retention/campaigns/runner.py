@@ -85,8 +85,13 @@ def step_progress(campaign: Campaign, run_id: str, step_name: str, release_at: d
     40,000/100,000 (40%) 1,250 messages/s, 48 s left`. The step is counted at most once
     per progress interval."""
     params = {"run_id": run_id, "step": step_name, "release_at": release_at}
-    with db.connect(url) as conn:
-        due = conn.execute(f"select count(*) from ops.messages where {_DUE}", params).fetchone()[0]
+
+    def left() -> int:
+        with db.connect(url) as conn:
+            return conn.execute(f"select count(*) from ops.messages where {_DUE}",
+                                params).fetchone()[0]
+
+    due = left()
     what = f"campaign {campaign.id} step {step_name}" + (f" ({label})" if label else "")
     with progress(what, due or None, unit="messages") as bar:
         last = [time.monotonic()]
@@ -99,18 +104,12 @@ def step_progress(campaign: Campaign, run_id: str, step_name: str, release_at: d
                 return
             try:
                 last[0] = time.monotonic()
-                with db.connect(url) as conn:
-                    left = conn.execute(f"select count(*) from ops.messages where {_DUE}",
-                                        params).fetchone()[0]
-                bar.set_done(max(due - left, 0))
+                bar.set_done(max(due - left(), 0))
             finally:
                 counting.release()
 
         yield on_batch
-        with db.connect(url) as conn:
-            left = conn.execute(f"select count(*) from ops.messages where {_DUE}",
-                                params).fetchone()[0]
-        bar.set_done(max(due - left, 0))
+        bar.set_done(max(due - left(), 0))
 
 
 def format_waves(result: dict) -> str:
