@@ -15,6 +15,7 @@ from retention.channels.base import SendResult
 from retention.triggers import run_reengagement, run_triggers
 from retention.triggers.config import REENGAGEMENT, TRIGGERS, TriggerSettings
 from retention.triggers.health import poisson_cdf, record_health
+from retention.triggers.runner import definition_triggers
 from test_triggers import POLICY, SETTINGS, Shop, at, chains, messages, run
 from test_triggers import shop  # noqa: F401  (fixture)
 
@@ -211,12 +212,13 @@ def _context(step: str, channel: str) -> dict:
                chain={"trigger": "t", "step": step, "subject": "s", "query": "kettle",
                       "category": "home.kitchen.kettle", "category_label": "kettle",
                       "old_price": "59.90", "new_price": "49.90", "order_id": "o1",
-                      "silence_days": 60})
+                      "silence_days": 60,
+                      "properties": {"amount": 150, "reason": "review of <K100>"}})
     return ctx
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("campaign_id", [*TRIGGERS, REENGAGEMENT])
+@pytest.mark.parametrize("campaign_id", [*TRIGGERS, REENGAGEMENT, *definition_triggers()])
 def test_every_chain_step_renders_on_every_channel_it_may_use(campaign_id, monkeypatch):
     monkeypatch.setenv("RETENTION_PROMO_SECRET", "test-secret")
     campaign = load_campaign(campaign_id)
@@ -276,7 +278,10 @@ def test_reengagement_dag_runs_one_day(airflow_db, shop, monkeypatch):
 def test_every_trigger_has_settings_and_a_campaign():
     settings = TriggerSettings()
     assert sorted(settings.priority) == sorted(TRIGGERS)
-    for name in (*TRIGGERS, REENGAGEMENT):
+    # the triggers that are campaign files alone run after those of the priority
+    assert {"bonus_credited", "secure_payment_nudge", "inactive_viewers"} <= set(
+        definition_triggers())
+    for name in (*TRIGGERS, REENGAGEMENT, *definition_triggers()):
         campaign = load_campaign(name)
         assert campaign.exit_on and campaign.schedule is None
         assert campaign.kind in ("trigger", "lifecycle", "reengagement", "transactional")

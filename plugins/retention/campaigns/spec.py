@@ -26,7 +26,8 @@ from retention.ingest.contract import CHANNELS
 CAMPAIGNS_DIR = PROJECT_ROOT / "include" / "campaigns"
 KINDS = ("promo", "trigger", "lifecycle", "reengagement", "transactional")
 CAP_CLASSES = ("promo", "trigger", "transactional")
-EXIT_EVENTS = ("purchase", "unsubscribe", "cart", "view", "wishlist", "review")
+EXIT_EVENTS = ("purchase", "unsubscribe", "cart", "view", "wishlist", "search", "remove_from_cart",
+               "app_open", "review")
 
 _DURATION = r"^\d+(\.\d+)?\s*(s|m|h|d|w)$"
 
@@ -158,6 +159,7 @@ TRIGGER_SCHEMAS: dict[str, Any] = {
             "event": _EVENT_TYPES, "where": _EVENT_FILTERS,
             "purchase": {"type": "object", "additionalProperties": False,
                          "properties": {"same": {"enum": ["product"]}}},
+            "order": _ORDER_FILTERS,
             "same": {"enum": ["product", "category"]},
             "since": {"enum": ["entry", "session_start"]}}}},
     "wait": _WINDOW,

@@ -194,8 +194,9 @@ def apply_exits(conn: psycopg.Connection, campaign: Campaign, at: datetime,
 
     purchase: the customer checked out after the anchor; unsubscribe: any of their
     addresses unsubscribed after the chain started (contract rows or the ledger's
-    consent changes); cart / view / wishlist: that event on the chain's subject after
-    the anchor ('review' has no source in the contract and never fires).
+    consent changes); cart / view / wishlist / search / remove_from_cart / app_open: that
+    event on the chain's subject after the anchor (any such event of the customer's for a
+    chain per label); 'review' has no source in the contract and never fires.
     """
     from retention.triggers.detect import checked_out
 
@@ -213,7 +214,7 @@ def apply_exits(conn: psycopg.Connection, campaign: Campaign, at: datetime,
               join raw.channel_subscriptions s on s.channel = cc.channel and s.address = cc.address
               where s.customer_id = c.customer_id and cc.unsubscribed_at > c.started_at
                 and cc.unsubscribed_at <= %(at)s))"""))
-    for event in ("cart", "view", "wishlist"):
+    for event in ("cart", "view", "wishlist", "search", "remove_from_cart", "app_open"):
         if event in campaign.exit_on:
             reasons.append((event, f"""exists (
               select 1 from raw.events e

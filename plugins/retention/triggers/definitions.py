@@ -227,11 +227,13 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
     if unless and wait is None:
         fail(["unless"], "needs a wait: the time after the entry in which these cancel it")
     for i, item in enumerate(unless):
-        what = [k for k in ("event", "purchase") if k in item]
+        what = [k for k in ("event", "purchase", "order") if k in item]
         if len(what) != 1:
-            fail(["unless", i], "exactly one of event, purchase")
+            fail(["unless", i], "exactly one of event, purchase, order")
         if "purchase" in item and ("where" in item or "same" in item):
             fail(["unless", i], "a purchase takes its options inside: purchase: {same: product}")
+        if "order" in item and ("where" in item or "same" in item):
+            fail(["unless", i], "an order takes its filters inside: order: {payment_method: card}")
         if "event" in item:
             for name in _as_list(item["event"]):
                 if name not in declared_event_types():
@@ -400,7 +402,15 @@ def _unless(q: _Sql, m: _Moment, until: str, has_ropo: bool, session: bool) -> t
     for i, item in enumerate(q.d.unless):
         since = item.get("since", "entry")
         start = m.session_start if since == "session_start" else m.at
-        if "purchase" in item:
+        if "order" in item:
+            # an online order of the customer's after the entry, filtered as an order entry is
+            u = f"u{i}"
+            op = ">=" if since == "session_start" or m.event_id is not None else ">"
+            parts = [f"{u}.customer_id = {m.customer}", f"{u}.ordered_at {op} {start}",
+                     f"{u}.ordered_at <= {until}"] + q.order_filters(u, item["order"])
+            cond = (f"exists (select 1 from raw.orders {u}\n                 where "
+                    + "\n                   and ".join(parts) + ")")
+        elif "purchase" in item:
             if item["purchase"].get("same") == "product":
                 cond = bought_product(m.customer, m.product, m.at, until)
             else:
