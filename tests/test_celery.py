@@ -95,13 +95,10 @@ def _timeline(handle, duplicated: set[str], killed_at: float) -> str:
     return "\n".join(lines[:200])
 
 
-# A full-suite run (2026-12-07) once saw 130 of the 100,000 recipients accepted twice after
-# the SIGKILL; the runs since passed. The cause found and fixed meanwhile: a dead owner's
-# request the provider takes late (tests/test_faults_dispatch.py). Until this scenario has
-# passed many full-suite runs it reports XFAIL/XPASS instead of failing the suite, and a
-# failure prints the stand-in's timeline of the duplicated messages.
-@pytest.mark.xfail(strict=False, reason="a killed worker's shard was once sent twice in part "
-                                        "(130 of 100,000); not yet proven over many runs")
+# A killed worker's shard may leave claims whose requests the provider takes late; the
+# surviving dispatcher must look them up only after the client's timeout
+# (tests/test_faults_dispatch.py proves that rule alone). A failure prints the stand-in's
+# timeline of the duplicated messages.
 def test_two_workers_send_a_wave_once_through_a_killed_worker(make_database, tmp_path,
                                                               monkeypatch):
     from retention import db

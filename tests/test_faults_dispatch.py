@@ -169,6 +169,58 @@ def test_a_killed_dispatchers_request_taken_late_is_not_sent_again(database_url,
     assert t["statuses"] == {"sent": n}
 
 
+# --------------------------------------------------------------------------- 3c
+
+@pytest.mark.parametrize("stack", [{"sequence": ["ok", "accept_timeout"], "hang_seconds": 60,
+                                    "activity_lag_seconds": 0.5, "client_timeout": 2.0}],
+                         indirect=True)
+def test_rows_of_one_claim_due_apart_are_each_looked_up_before_release(database_url, stack):
+    """The rows of a dead dispatcher's claim come due for their lookup at different
+    moments (the clock moves while a large statement writes them; a loaded machine
+    stretches it). The lookup of the rows due first finds the whole request accepted;
+    the rows due later must wait for their own lookup, not be released and sent again.
+    The provider took the killed dispatcher's second request and never answered it."""
+    from retention.campaigns.dispatch import settle
+
+    handle, env = stack
+    n, batch = 2000, 1000
+    env = {**env, "RETENTION_CLAIM_LEASE_SECONDS": "1"}
+    make_shop(database_url, n)
+    campaign, _ = plan(database_url, "email")
+    victim = dispatcher_process(database_url, env, "email")
+    wait_for(lambda: _total_accepted(handle, "email") >= 2 * batch,
+             "the provider to take the second batch")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    scope = {"campaign_id": campaign.id, "step": "wave", "run_id": None}
+    channels = channels_from_env(["email"])
+    # the dead claim becomes `unknown` once its lease is over, due for a lookup
+    wait_for(lambda: settle(scope, channels)["unknown"] == 0 and _unknown(database_url) == batch,
+             "the dead claim to be settled as unknown")
+    with db.connect(database_url) as conn:
+        later = conn.execute("""
+            update ops.messages set settle_after = settle_after + interval '3 seconds'
+            where message_id in (select message_id from ops.messages where status = 'unknown'
+                                 order by message_id limit 400)""").rowcount
+        conn.commit()
+    assert later == 400
+    provider = handle.providers["sendgrid"]
+    provider.configure(sequence=[])
+    again = result_of(dispatcher_process(database_url, env, "email", settle_wait=30))
+    t = tally(handle, database_url, campaign.id, "email")
+    assert t["recipients"] == n and t["accepted_once"] == n and t["accepted_twice"] == 0, t
+    assert t["lost"] == 0 and t["ledger_disagrees"] == 0
+    assert t["statuses"] == {"sent": n}
+    assert again["reconciled"]["reconciled_sent"] == batch, again
+    assert again["reconciled"]["released"] == 0, again
+
+
+def _unknown(url: str) -> int:
+    with db.connect(url) as conn:
+        return conn.execute("select count(*) from ops.messages where status = 'unknown'"
+                            ).fetchone()[0]
+
+
 # --------------------------------------------------------------------------- 4
 
 # the client's timeout leaves room for a loaded machine's ordinary answers (a timeout on an

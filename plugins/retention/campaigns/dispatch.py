@@ -366,8 +366,8 @@ def _record(conn, results: Sequence[SendResult], sent_at_by_id: dict[str, dateti
             cur.execute(
                 "update ops.messages m set status = 'unknown', reason = v.reason, "
                 "settle_after = case when %(lag)s::float8 is null then null "
-                "  else greatest(clock_timestamp(), coalesce((select c.sending_at "
-                "    from ops.claims c where c.claim_token = %(token)s), clock_timestamp()) "
+                "  else greatest(statement_timestamp(), coalesce((select c.sending_at "
+                "    from ops.claims c where c.claim_token = %(token)s), statement_timestamp()) "
                 "    + make_interval(secs => %(timeout)s::float8)) "
                 "  + make_interval(secs => %(lag)s::float8) end "
                 "from unnest(%(ids)s::text[], %(reasons)s::text[]) as v(message_id, reason) "
@@ -471,10 +471,13 @@ def settle(scope: dict, channels: Mapping[str, Channel], url: str | None = None)
                           and m.status = 'unknown'""",
                         {"ids": [s[0] for s in sent], "pids": [s[1] for s in sent],
                          "token": token}).rowcount
+                # only the rows this lookup was for: rows of the claim that came due
+                # later (or became unknown since) wait for a lookup of their own
                 out["released"] += conn.execute(f"""
                     update ops.messages set status = 'planned', reason = null,
                       {_CLEAR_CLAIM}
-                    where claim_token = %s and status = 'unknown'""", (token,)).rowcount
+                    where claim_token = %s and status = 'unknown'
+                      and message_id = any(%s)""", (token, list(ids))).rowcount
     return out
 
 
@@ -511,7 +514,7 @@ def _settle_orphan(conn, token: str, key: int | None,
             made_unknown = conn.execute("""
                 update ops.messages set status = 'unknown', reason = %(reason)s,
                   settle_after = case when %(lag)s::float8 is null then null
-                    else greatest(clock_timestamp(),
+                    else greatest(statement_timestamp(),
                                   coalesce(%(sending_at)s::timestamptz, claimed_at)
                                   + make_interval(secs => %(timeout)s::float8))
                          + make_interval(secs => %(lag)s::float8) end
