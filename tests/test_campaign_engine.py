@@ -49,7 +49,8 @@ def shop(database_url):
         ("c_bought", "Europe/Kyiv"),     # buys after the e-mail: exits the cascade
         ("c_nochannel", "Europe/Kyiv"),  # no subscription at all
         ("c_badtz", "Mars/Olympus"),     # unknown time zone: the default one
-        ("c_quiet", None),               # visited long ago: not in the audience
+        ("c_quiet", None),               # visited long ago (a bonus credited since is no
+                                         # visit): not in the audience
     ]
     _exec(database_url, "insert into raw.customers (customer_id, email, timezone, created_at) "
           "values (%s, %s, %s, '2025-01-01Z')", [(c, f"{c}@example.com", tz) for c, tz in customers])
@@ -62,6 +63,9 @@ def shop(database_url):
               for c, _ in customers]
     _exec(database_url, "insert into raw.events (event_id, occurred_at, event_type, customer_id) "
           "values (%s, %s, 'view', %s)", events)
+    _exec(database_url, "insert into raw.events (event_id, occurred_at, event_type, customer_id, "
+          "properties) values (%s, %s, 'bonus_credited', %s, %s)",
+          [("e_bonus", "2026-11-01T12:00:00Z", "c_quiet", '{"amount": 50}')])
     _exec(database_url, "insert into raw.orders (order_id, customer_id, ordered_at, status, "
           "total_amount) values (%s, %s, %s, 'paid', 10)", [("o_after", "c_bought", "2026-11-02T20:00:00Z")])
     # three earlier marketing messages for c_capped, from another campaign this week

@@ -82,7 +82,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 # bit on AVX-512 machines; generate._exp and _pow use the C library instead).
 SHOP_DIGESTS = {
     "channel_subscriptions.csv": "fdaccc8c7e5647dd", "customers.csv": "2bf4d7975dffeaa6",
-    "events.csv": "9803f95ae8daf0d6", "offline_receipt_items.csv": "6f29b0e0e8e77e1f",
+    "events.csv": "dc73c3348179940c", "offline_receipt_items.csv": "6f29b0e0e8e77e1f",
     "offline_receipts.csv": "043c171adaedf360", "order_items.csv": "b49d5363ffa5c736",
     "orders.csv": "2d14b9a457e4f04e", "product_changes.csv": "ecb6c8a8e50153b0",
     "products.csv": "bc8db5c8f38b8384",
@@ -148,7 +148,8 @@ def test_every_file_has_the_contract_header(tmp_path):
     for t in TABLES:
         with open(tmp_path / f"{t.name}.csv", encoding="utf-8") as fh:
             header = fh.readline().rstrip("\n").split(",")
-        assert header == t.column_names, t.name
+        # events carry the optional `properties` column of the custom events
+        assert header == t.column_names + (["properties"] if t.name == "events" else []), t.name
 
 
 def test_knobs_are_checked():
@@ -166,7 +167,8 @@ def test_knobs_are_checked():
 def test_rows_fit_the_contract(shop):
     for t in TABLES:
         frame = shop[t.name]
-        assert list(frame.columns) == t.column_names
+        extensions = ["properties"] if t.name == "events" else []
+        assert list(frame.columns) == t.column_names + extensions
         assert len(frame) > 0, t.name
         assert not frame.duplicated(list(t.key)).any(), f"{t.name}: duplicate key"
         for col in t.columns:
@@ -175,7 +177,9 @@ def test_rows_fit_the_contract(shop):
             if col.not_null or col.name in t.key:
                 assert (values != "").all(), (t.name, col.name)
             if col.enum:
-                assert set(present) <= set(col.enum), (t.name, col.name)
+                # the shop's own event types come from the events file
+                declared = {"bonus_credited"} if (t.name, col.name) == ("events", "event_type") else set()
+                assert set(present) <= set(col.enum) | declared, (t.name, col.name)
             if col.type == "numeric":
                 assert (present.astype(float) >= 0).all(), (t.name, col.name)
             if col.type == "integer":
@@ -186,7 +190,7 @@ def test_rows_fit_the_contract(shop):
                 assert (_ts(present) < END).all(), f"{t.name}.{col.name} after end"
     assert set(shop["orders"].status) == set(ORDER_STATUSES)
     assert set(shop["channel_subscriptions"].channel) == set(CHANNELS)
-    assert set(shop["events"].event_type) == set(EVENT_TYPES)
+    assert set(shop["events"].event_type) == set(EVENT_TYPES) | {"bonus_credited"}
     assert set(shop["orders"].currency) == {"UAH"}
     assert set(shop["offline_receipts"].currency) == {"UAH"}
 
@@ -194,8 +198,37 @@ def test_rows_fit_the_contract(shop):
 def test_ids_are_prefixed_strings(shop):
     for table, col, prefix in (("customers", "customer_id", "c"), ("orders", "order_id", "o"),
                                ("offline_receipts", "receipt_id", "r"),
-                               ("events", "event_id", "e"), ("products", "product_id", "p")):
+                               ("events", "event_id", "[eb]"), ("products", "product_id", "p")):
         assert shop[table][col].str.match(rf"^{prefix}\d+$").all(), table
+
+
+def test_bonus_credited_follows_delivered_orders_with_its_declared_properties(shop):
+    import json
+
+    from retention.ingest.events import load_catalog
+
+    events = shop["events"]
+    bonus = events[events.event_type == "bonus_credited"]
+    assert len(bonus) > 50
+    # every other event has no properties; the bonus ones carry what events.yaml declares
+    assert (events[events.event_type != "bonus_credited"].properties == "").all()
+    props = [json.loads(p) for p in bonus.properties]
+    assert "bonus_credited" in load_catalog().event_types
+    assert all(set(p) == {"amount", "reason"} and p["reason"] == "order"
+               and isinstance(p["amount"], int) and p["amount"] >= 1 for p in props)
+    assert (bonus[["session_id", "product_id", "category_path", "price"]] == "").all().all()
+    # 1-3 days after a delivered (or later returned) order of the same customer
+    orders = shop["orders"]
+    done = orders[orders.status.isin(["delivered", "returned"])]
+    pairs = bonus.assign(credited=_ts(bonus.occurred_at)).merge(
+        done.assign(placed=_ts(done.ordered_at)), on="customer_id")
+    gap_days = (pairs.credited - pairs.placed).dt.total_seconds() / 86_400
+    follows = pairs[(gap_days >= 1) & (gap_days < 3)].event_id.unique()
+    assert set(follows) == set(bonus.event_id)
+    # about bonus_share of the delivered orders, all before the end
+    share = len(bonus) / len(done)
+    assert 0.25 < share < 0.45, share
+    assert (_ts(bonus.occurred_at) < END).all()
 
 
 def test_foreign_keys_hold(shop):

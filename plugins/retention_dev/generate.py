@@ -17,7 +17,10 @@ What is in it (docs/generator.md says more):
 - till receipts with a loyalty card, a phone in the till's format, or nothing; receipts
   for products the customer viewed online in the 30 days before (ROPO); family phones
   shared by two customers;
-- channel subscriptions with realistic reach and unsubscribes.
+- channel subscriptions with realistic reach and unsubscribes;
+- the shop's own events: a `bonus_credited` event (a custom type of include/events.yaml,
+  with its `amount` and `reason` properties) a day or two after a share of the delivered
+  orders, drawn from generators of their own so every other row stays as it is.
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ class ShopKnobs:
     """Share of orders preceded (1 h to a few days) by an abandoned cart of the same product."""
     anonymous_sessions_per_customer: float = 0.8
     """Sessions of visitors who are not logged in, per customer."""
+    bonus_share: float = 0.35
+    """Share of delivered orders that credit loyalty bonus: a `bonus_credited` event 1-3
+    days after the order, `amount` 2-5% of its total, `reason` `order`."""
 
     # -- stores
     offline_share: float = 0.22
@@ -624,11 +630,11 @@ class _Writer:
                                               compresslevel=knobs.compress_level, mtime=0)
             else:
                 fh = raw
-            fh.write((",".join(table.column_names) + "\n").encode())
+            fh.write((",".join(_written_columns(table.name)) + "\n").encode())
             self.files[table.name] = fh
 
     def write(self, table: str, columns: dict[str, Sequence[str]]) -> None:
-        names = TABLE_BY_NAME[table].column_names
+        names = _written_columns(table)
         if set(columns) != set(names):
             raise KeyError(f"{table}: columns {sorted(columns)} differ from the contract")
         cols = [columns[c] for c in names]
@@ -646,6 +652,18 @@ class _Writer:
             fh.close()
         for raw in self._raw:
             raw.close()
+
+
+#: contract extensions the generator writes (raw.events.properties: the custom events')
+WRITTEN_EXTENSIONS = {"events": ("properties",)}
+
+
+def _written_columns(table: str) -> list[str]:
+    return TABLE_BY_NAME[table].column_names + list(WRITTEN_EXTENSIONS.get(table, ()))
+
+
+def _csv_quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _ints(values: np.ndarray) -> list[str]:
@@ -705,7 +723,7 @@ class _Shop:
         self.loc_ua = self.loc_country == "UA"
         self.loc_has_store = self.cat.loc_stores[2] > 0
         self.store_city_share = float(self.loc_weight[self.loc_has_store].sum())
-        self.counters = {"order": 0, "receipt": 0, "event": 0, "session": 0}
+        self.counters = {"order": 0, "receipt": 0, "event": 0, "session": 0, "bonus": 0}
 
     def _rng(self, purpose: int, chunk: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(purpose, chunk)))
@@ -745,6 +763,7 @@ class _Shop:
         self._emit_orders(out, c, orders)
         self._emit_receipts(out, c, receipts)
         self._emit_events(out, c, events)
+        self._emit_bonuses(out, c, self._bonuses(self._rng(2, chunk), orders))
 
     # customers ---------------------------------------------------------------------
     def _customers(self, rng, first: int, n: int) -> dict:
@@ -1314,7 +1333,39 @@ class _Shop:
                 "category_path": cat.prod_category[prod[a:b]].tolist(),
                 "price": cat.ch_price_text[price[a:b]].tolist(),
                 "search_query": cat.query_text[query[a:b]].tolist(),
+                "properties": [""] * (b - a),
             })
+
+    # the shop's own events -----------------------------------------------------------
+    def _bonuses(self, rng, o: dict) -> dict:
+        """Loyalty bonus credited 1-3 days after a share of the delivered orders (a
+        returned order was delivered first); none at or after `end`."""
+        delivered = np.nonzero((o["status"] == 2) | (o["status"] == 4))[0]
+        pick = delivered[rng.random(len(delivered)) < self.k.bonus_share]
+        t = o["t"][pick] + rng.integers(DAY, 3 * DAY, len(pick))
+        # whole hryvnias (or the shop currency's units), at least one
+        amount = np.maximum(1, (o["total"][pick] * rng.uniform(0.02, 0.05, len(pick)) / 100)
+                            .round().astype(np.int64))
+        keep = t < self.clock.end
+        order = np.argsort(t[keep], kind="stable")
+        return {"cust": o["cust"][pick][keep][order], "t": t[keep][order],
+                "amount": amount[keep][order]}
+
+    def _emit_bonuses(self, out: _Writer, c: dict, b: dict) -> None:
+        n = len(b["t"])
+        first = self.counters["bonus"]
+        self.counters["bonus"] += n
+        empty = [""] * n
+        out.write("events", {
+            "event_id": [f"b{i + 1:09d}" for i in range(first, first + n)],
+            "occurred_at": self.clock.text(b["t"]),
+            "event_type": ["bonus_credited"] * n,
+            "customer_id": c["id_text"][b["cust"]].tolist(),
+            "session_id": empty, "product_id": empty, "category_path": empty, "price": empty,
+            "search_query": empty,
+            "properties": [_csv_quote(f'{{"amount": {a}, "reason": "order"}}')
+                           for a in b["amount"].tolist()],
+        })
 
 
 # --------------------------------------------------------------------------- small formats

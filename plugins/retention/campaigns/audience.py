@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from retention.ingest.contract import EVENT_TYPES
+
 PURCHASE_STATUSES_SQL = "('paid', 'delivered')"
 
 
@@ -77,7 +79,10 @@ class _Compiler:
                   and {self.category('a.category_path', arg['category'])}
                   and a.affinity_rank <= {self.bind(int(arg.get('max_rank', 3)))})"""
         if kind == "visited":
+            # a visit is the customer's own clickstream (the contract's event types); a
+            # shop's declared events such as bonus_credited may come from its back office
             return f"""exists (select 1 from raw.events e where e.customer_id = c.customer_id
+                                and e.event_type = any({self.bind(list(EVENT_TYPES))})
                                 and {self.window(arg['within_days'], 'e.occurred_at')})"""
         if kind == "ordered":
             return f"""exists (select 1 from raw.orders o where o.customer_id = c.customer_id
