@@ -277,6 +277,7 @@ class _Sql:
         self.d, self.settings, self.columns, self.relations = (definition, settings, columns,
                                                                relations)
         self.params: dict = {}
+        self.entry_events = "raw.events"
 
     def bind(self, value) -> str:
         name = f"d{len(self.params)}"
@@ -471,7 +472,7 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
                 "ss.started" if session else None)
     until = f"m.occurred_at + {wait}"
     plain, late = _unless(q, m, until, has_ropo, session)
-    ctes = [f"entries as (\n      select {cols}\n      from raw.events e{join}\n      where "
+    ctes = [f"entries as (\n      select {cols}\n      from {q.entry_events} e{join}\n      where "
             + "\n        and ".join(conds) + "\n    )",
             f"kept as (\n      select m.* from entries m where true{plain}\n    )"]
     subject = {"product": "'product:' || m.product_id", "category": "'category:' || m.category_path",
@@ -771,14 +772,19 @@ TRIVIAL_AUDIENCE = {"include_any": [{"all_customers": True}]}
 
 def compile_definition(definition: Definition, trigger: str, settings: TriggerSettings,
                        has_ropo: bool, columns: set[str] = frozenset(),
-                       relations: set[str] | None = None) -> Compiled:
+                       relations: set[str] | None = None,
+                       entry_events: str = "raw.events") -> Compiled:
     """The detector SQL of a definition (bind parameters plus the runner's `lo`, `hi`).
 
     `columns`: the optional columns the database has (OPTIONAL_COLUMNS keys); a
     definition that needs a missing one fails with its file and line. `relations`: the
-    published tables that exist, for an audience that reads them (None: not checked)."""
+    published tables that exist, for an audience that reads them (None: not checked).
+    `entry_events`: the relation an event entry's own events are read from: raw.events,
+    or a copy of its rows that holds at least the entry's scan range (the runner's
+    events of the interval); unless clauses and lookbacks read raw.events."""
     q = _Sql(definition, settings, set(columns),
              set(relations) if relations is not None else {"marts.customer_predicted_value"})
+    q.entry_events = entry_events
     core = _ENTRIES[definition.kind](q, has_ropo)
     sql = f"select x.* from ({core}) x where true"
     audience = _audience(definition, q, relations)

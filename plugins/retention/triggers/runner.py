@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
+from time import perf_counter
 
 import psycopg
 
@@ -35,7 +36,8 @@ from retention.campaigns.spec import Campaign, CampaignError, Step, load_campaig
 from retention.ingest.contract import CHANNELS
 from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
                                        record_hits, step_report)
-from retention.triggers.config import REENGAGEMENT, TRIGGERS, TriggerSettings, load_settings
+from retention.triggers.config import (REENGAGEMENT, TRIGGERS, TriggerSettings, load_settings,
+                                       parse_window)
 from retention.triggers.definitions import OPTIONAL_COLUMNS, compile_definition
 from retention.triggers.detect import DETECTORS, Detector
 from retention.triggers.health import record_health
@@ -86,6 +88,50 @@ def _scan_from(conn: psycopg.Connection, trigger: str, start: datetime,
     return since - settings.lateness
 
 
+#: the run's copy of the events its event entries scan (a temp table of the session)
+INTERVAL_EVENTS = "trg_interval_events"
+
+
+def _entry_wait(campaign: Campaign, settings: TriggerSettings) -> timedelta:
+    """The wait of the campaign's definition: its entry events are those in the scan
+    range shifted back by it."""
+    raw = campaign.definition.wait or "0s"
+    if isinstance(raw, str) and raw.startswith("$"):
+        return getattr(settings, raw[1:])
+    return parse_window(str(raw))
+
+
+def _merged(ranges: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The union of the ranges (lo, hi] as disjoint ranges, in order."""
+    out: list[list[datetime]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def materialise_interval_events(conn: psycopg.Connection,
+                                ranges: Sequence[tuple[datetime, datetime]]) -> int:
+    """Copy the events of known customers in the union of the ranges (lo, hi] into the
+    temp table INTERVAL_EVENTS (indexed by type and time, analysed) and commit; the
+    run's event entries read it instead of raw.events, so the events of the interval are
+    read once per run, not once per trigger. Returns the rows copied."""
+    conn.execute(f"drop table if exists {INTERVAL_EVENTS}")
+    conn.execute(f"create temp table {INTERVAL_EVENTS} (like raw.events)")
+    rows = 0
+    for lo, hi in _merged(ranges):
+        rows += conn.execute(f"""
+            insert into {INTERVAL_EVENTS} select * from raw.events
+            where occurred_at > %s and occurred_at <= %s and customer_id is not null""",
+                             (lo, hi)).rowcount
+    conn.execute(f"create index on {INTERVAL_EVENTS} (event_type, occurred_at)")
+    conn.execute(f"analyze {INTERVAL_EVENTS}")
+    conn.commit()
+    return rows
+
+
 def _norm_params(conn: psycopg.Connection, trigger: str, end: datetime,
                  settings: TriggerSettings, cache: dict) -> dict:
     if "norms" not in cache:
@@ -99,10 +145,10 @@ def _norm_params(conn: psycopg.Connection, trigger: str, end: datetime,
 
 def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: datetime,
             end: datetime, settings: TriggerSettings, policy: Policy, has_ropo: bool,
-            cache: dict) -> dict:
-    scan_from = _scan_from(conn, name, start, settings)
+            cache: dict, scan_from: datetime, entry_events: str = "raw.events") -> dict:
     if campaign.definition is not None:
-        detector = definition_detector(conn, name, campaign, settings, has_ropo)
+        detector = definition_detector(conn, name, campaign, settings, has_ropo,
+                                       entry_events=entry_events)
         sql, params = detector.build(settings, has_ropo)
     else:
         detector = DETECTORS[name]
@@ -138,20 +184,33 @@ def _detect(conn: psycopg.Connection, name: str, campaign: Campaign, start: date
 
 
 def definition_detector(conn: psycopg.Connection, name: str, campaign: Campaign,
-                        settings: TriggerSettings, has_ropo: bool) -> Detector:
+                        settings: TriggerSettings, has_ropo: bool,
+                        entry_events: str = "raw.events") -> Detector:
     """The campaign's definition compiled for this database (its optional columns and
-    published tables), in the shape of a code Detector."""
+    published tables), in the shape of a code Detector; an event entry reads its events
+    from `entry_events` (compile_definition)."""
     columns = {key for key, (schema, table, column) in OPTIONAL_COLUMNS.items()
                if conn.execute("select 1 from information_schema.columns where table_schema = %s "
                                "and table_name = %s and column_name = %s",
                                (schema, table, column)).fetchone()}
     relations = {r for r in ("marts.customer_lifetime", "marts.customer_category_affinity",
-                             "marts.customer_predicted_value",
+                             "marts.customer_predicted_value", "marts.customer_stage_history",
                              "marts.ropo_purchases") if _has(conn, r)}
     compiled = compile_definition(campaign.definition, name, settings, has_ropo, columns,
-                                  relations)
+                                  relations, entry_events=entry_events)
     return Detector(name, lambda s, r: (compiled.sql, compiled.params), compiled.source_sql,
                     merge_products=compiled.merge_products, source_params=compiled.source_params)
+
+
+def _analyze_if_grown(conn: psycopg.Connection, started: int) -> None:
+    """Analyse ops.chain_instances when the chains just started are a tenth or more of
+    what its statistics know: planning reads the due chains by id, and statistics of a
+    table that was (nearly) empty make the planner nest loops over all of them."""
+    known = conn.execute("select reltuples from pg_class "
+                         "where oid = 'ops.chain_instances'::regclass").fetchone()[0]
+    if known < 0 or started >= 0.1 * known:
+        conn.execute("analyze ops.chain_instances")
+        conn.commit()
 
 
 def definition_triggers(directory=None) -> list[str]:
@@ -222,25 +281,51 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
                         exits[n][reason] = exits[n].get(reason, 0) + k
                 conn.commit()
 
+            seconds = result["seconds"] = {}
+            clock = perf_counter()
             exit_pass()
+            seconds["exits"] = perf_counter() - clock
             cache: dict = {}
+            clock = perf_counter()
+            scan_from = {n: _scan_from(conn, n, start, settings) for n in names}
+            # the entry scans of the event definitions, (scan_from - wait, end - wait]
+            entries = {n: (scan_from[n] - w, end - w) for n in names
+                       if loaded[n].definition is not None and loaded[n].definition.kind == "event"
+                       for w in (_entry_wait(loaded[n], settings),)}
+            events = "raw.events"
+            if len(entries) > 1:
+                result["interval_events"] = materialise_interval_events(conn, list(entries.values()))
+                events = INTERVAL_EVENTS
+            seconds["interval_events"] = perf_counter() - clock
+            clock = perf_counter()
             for n in names:
+                began = perf_counter()
                 result["triggers"][n] = _detect(conn, n, loaded[n], start, end, settings, policy,
-                                                has_ropo, cache)
+                                                has_ropo, cache, scan_from[n],
+                                                events if n in entries else "raw.events")
+                result["triggers"][n]["seconds"] = perf_counter() - began
+            seconds["detect"] = perf_counter() - clock
+            if any(t["started"] for t in result["triggers"].values()):
+                _analyze_if_grown(conn, sum(t["started"] for t in result["triggers"].values()))
             if "norms" in cache:
                 result["cohort_norm_source"] = cache["norms"][2]
             if on_point is not None:
                 on_point("triggers.after_detect", None)
+            clock = perf_counter()
             exit_pass()
+            seconds["exits"] += perf_counter() - clock
+            clock = perf_counter()
             due: dict[str, dict[str, int]] = {}
             for n in names:
                 due[n] = plan_due_steps(conn, loaded[n], end, policy,
                                         channel_orders=channel_orders)
                 if on_point is not None:
                     on_point("triggers.after_plan", None)
+            seconds["plan"] = perf_counter() - clock
             result["exits"] = exits
         finally:
             conn.rollback()
+            conn.execute(f"drop table if exists {INTERVAL_EVENTS}")
             conn.execute("select pg_advisory_unlock(hashtext(%s))", (lock,))
             conn.commit()
     if channels is not None:
