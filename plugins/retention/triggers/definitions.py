@@ -235,8 +235,9 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
         if "order" in item and ("where" in item or "same" in item):
             fail(["unless", i], "an order takes its filters inside: order: {payment_method: card}")
         if "event" in item:
+            declared = declared_event_types()  # reads the events file: once per item
             for name in _as_list(item["event"]):
-                if name not in declared_event_types():
+                if name not in declared:
                     fail(["unless", i, "event"], f"unknown event type {name!r}")
         same = item.get("same") or item.get("purchase", {}).get("same")
         if same == "product" and kind not in ("event", "product_change"):
