@@ -354,9 +354,9 @@ def test_the_cli_shows_who_would_enter_without_sending(loaded, capsys):
     line = next(l for l in out.splitlines() if "entered secure_payment_nudge" in l)
     assert line.strip() == ("entered secure_payment_nudge (definition): 4 customer(s): "
                             "c7, c1, c2, c6")
+    # every trigger: the event entries read the run's copy of their events
     until = VIEWED + timedelta(days=31)
-    assert cli_main(["triggers", "--until", until.isoformat(), "--minutes", "1440",
-                     "--trigger", "inactive_viewers"]) == 0
+    assert cli_main(["triggers", "--until", until.isoformat(), "--minutes", "1440"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines()
                 if "entered inactive_viewers" in l)
     assert line.strip() == ("entered inactive_viewers (definition): 5 customer(s): "
