@@ -57,7 +57,7 @@ def test_a_definition_parses():
 @pytest.mark.parametrize("block,expected", [
     ("entry: {event: cart, order: {}}\n",
      "demo.yaml:4: entry: exactly one of event, order, receipt, subscription, product_change, "
-     "date, predicted (found event, order)"),
+     "date, predicted, stage (found event, order)"),
     ("entry:\n  event: [view, carts]\n",
      "demo.yaml:5: entry.event[1]: unknown event type 'carts'"),
     ("entry: {event: cart}\nwait: $abandoned_window\n",

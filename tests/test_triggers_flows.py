@@ -279,8 +279,8 @@ def test_every_trigger_has_settings_and_a_campaign():
     settings = TriggerSettings()
     assert sorted(settings.priority) == sorted(TRIGGERS)
     # the triggers that are campaign files alone run after those of the priority
-    assert {"bonus_credited", "secure_payment_nudge", "inactive_viewers"} <= set(
-        definition_triggers())
+    assert {"bonus_credited", "secure_payment_nudge", "inactive_viewers",
+            "loyal_at_risk"} <= set(definition_triggers())
     for name in (*TRIGGERS, REENGAGEMENT, *definition_triggers()):
         campaign = load_campaign(name)
         assert campaign.exit_on and campaign.schedule is None

@@ -123,6 +123,11 @@ _ORDER_FILTERS = {"type": "object", "additionalProperties": False, "properties":
 _RECEIPT_FILTERS = {"type": "object", "additionalProperties": False, "properties": {
     "amount": _RANGE, "category": {"type": "string", "minLength": 1}, "store": _NAMES}}
 _KEY = {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"}
+#: values of a `stage` entry's measure; which ones the measure can take is checked by
+#: triggers.definitions (STAGE_VALUES), with the line of the value
+_STAGE_VALUES = {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "minItems": 1, "uniqueItems": True,
+                            "items": {"type": "string", "minLength": 1}}]}
 TRIGGER_SCHEMAS: dict[str, Any] = {
     "entry": {"type": "object", "additionalProperties": False, "properties": {
         "event": _EVENT_TYPES,
@@ -150,6 +155,10 @@ TRIGGER_SCHEMAS: dict[str, Any] = {
                                                "expected_purchases_365d",
                                                "expected_avg_order_value"]},
                           "above": _NUMBER_OR_SETTING, "below": _NUMBER_OR_SETTING}},
+        "stage": {"type": "object", "required": ["measure", "to"], "additionalProperties": False,
+                  "properties": {
+                      "measure": {"enum": ["rfm_segment", "lifecycle_stage"]},
+                      "from": _STAGE_VALUES, "to": _STAGE_VALUES}},
         "at": {"type": "string", "pattern": r"^([01]\d|2[0-3]):[0-5]\d$"},
         "key": _KEY,
         "per": _KEY,

@@ -45,7 +45,7 @@ from retention.triggers.detect import (back_in_stock_changes, bought_product,
 
 #: the kinds of entry, one per definition
 ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date",
-               "predicted")
+               "predicted", "stage")
 #: the contract's event types; a shop declares its own in the events file (setting
 #: events_file, include/events.yaml; retention.ingest.events)
 BUILTIN_EVENTS = EVENT_TYPES
@@ -58,11 +58,21 @@ PER_BY_KIND = {
     "product_change": ("product", "category"),
     "date": (),
     "predicted": (),
+    "stage": (),
 }
 RESERVED_PER = {"product", "category", "search", "top_category", "order", "receipt"}
 DEFAULT_KEY = {"event": "event", "order": "order", "receipt": "receipt",
                "subscription": "subscription", "price_drop": "price", "back_in_stock": "stock",
-               "new_in_category": "new", "date": "date", "predicted": "predicted"}
+               "new_in_category": "new", "date": "date", "predicted": "predicted",
+               "stage": "stage"}
+#: the values of the measures a `stage` entry compares (customer_lifetime.sql; the
+#: accepted_values of customer_lifetime.yml and customer_stage_history.yml)
+STAGE_VALUES = {
+    "rfm_segment": ("champions", "loyal", "potential_loyalist", "new", "promising", "cant_lose",
+                    "at_risk", "hibernating", "lost", "no_purchase"),
+    "lifecycle_stage": ("subscriber_no_purchase", "prospect", "new", "one_time", "repeat",
+                        "loyal", "at_risk", "lapsed"),
+}
 #: optional columns a definition may need (the contract's optional ones)
 OPTIONAL_COLUMNS = {"properties": ("raw", "events", "properties"),
                     "birth_date": ("raw", "customers", "birth_date")}
@@ -205,6 +215,18 @@ def parse_definition(data: dict, source: str, line_of: LineOf) -> Definition:
         for side in ("above", "below"):
             if side in entry["predicted"]:
                 setting(["entry", "predicted", side], entry["predicted"][side], "number")
+    if kind == "stage":
+        opts, seen = entry["stage"], {}
+        values = STAGE_VALUES[opts["measure"]]
+        for side in ("from", "to"):
+            for i, value in enumerate(_as_list(opts.get(side, []))):
+                path = ["entry", "stage", side] + ([i] if isinstance(opts[side], list) else [])
+                if value not in values:
+                    fail(path, f"unknown {opts['measure']} {value!r} (one of "
+                               f"{', '.join(values)})")
+                if seen.setdefault(value, side) != side:
+                    fail(path, f"{value!r} is in both from and to: a move goes between "
+                               "different values")
 
     per = entry.get("per")
     if per is None:
@@ -747,13 +769,45 @@ def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
     return f"select m.* from ({inner}) m where true{plain}"
 
 
+def _stage_entry(q: _Sql, has_ropo: bool) -> str:
+    """A move of the customer's lifecycle stage or RFM segment
+    (marts.customer_stage_history, one snapshot per build as_of): in a `to` value in a
+    snapshot, in a `from` value (without `from`: any value not in `to`) in the customer's
+    previous snapshot, the greatest earlier as_of. The moment is the snapshot's as_of; a
+    customer's first snapshot moves nothing."""
+    d, opts = q.d, q.d.entry["stage"]
+    if "marts.customer_stage_history" not in q.relations:
+        return _NOTHING
+    wait = q.bind(q.window(d.wait or "0s"))
+    column = {m: m for m in STAGE_VALUES}[opts["measure"]]
+    to = q.bind([str(v) for v in _as_list(opts["to"])])
+    before = (f"prev.value = any({q.bind([str(v) for v in _as_list(opts['from'])])})"
+              if "from" in opts else f"not (prev.value = any({to}))")
+    m = _Moment("m.customer_id", "m.anchor_at")
+    plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
+    inner = f"""
+      select s.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from s.as_of)::text as event_key,
+             {q.bind(d.per)}::text as subject, s.as_of + {wait} as hit_at, s.as_of as anchor_at,
+             null::timestamptz as first_step_at,
+             jsonb_build_object('measure', {q.bind(column)}::text, 'value', s.{column},
+                                'previous', prev.value, 'previous_as_of', prev.as_of) as context
+      from marts.customer_stage_history s
+      cross join lateral (
+        select h.{column} as value, h.as_of from marts.customer_stage_history h
+        where h.customer_id = s.customer_id and h.as_of < s.as_of
+        order by h.as_of desc limit 1) prev
+      where s.as_of > %(lo)s - {wait} and s.as_of <= %(hi)s - {wait}
+        and s.{column} = any({to}) and {before}"""
+    return f"select m.* from ({inner}) m where true{plain}"
+
+
 _NOTHING = ("select null::text as customer_id, null::text as event_key, null::text as subject, "
             "null::timestamptz as hit_at, null::timestamptz as anchor_at, "
             "null::timestamptz as first_step_at, null::jsonb as context where false")
 
 _ENTRIES = {"predicted": _predicted_entry, "event": _event_entry, "order": _order_entry, "receipt": _receipt_entry,
             "subscription": _subscription_entry, "product_change": _product_change_entry,
-            "date": _date_entry}
+            "date": _date_entry, "stage": _stage_entry}
 
 _SOURCES = {
     "order": "select count(*) from raw.orders where ordered_at > %(start)s and ordered_at <= %(end)s",
@@ -766,7 +820,13 @@ _SOURCES = {
     "date": "select count(*) from raw.customers",
     "predicted": ("select count(*) from marts.predicted_value_fits "
                   "where as_of > %(start)s and as_of <= %(end)s"),
+    "stage": ("select count(*) from marts.customer_stage_history "
+              "where as_of > %(start)s and as_of <= %(end)s"),
 }
+#: the published table an entry reads: where it does not exist, the entry finds no moment
+#: and its source count is 0
+_SOURCE_RELATIONS = {"predicted": "marts.customer_predicted_value",
+                     "stage": "marts.customer_stage_history"}
 
 TRIVIAL_AUDIENCE = {"include_any": [{"all_customers": True}]}
 
@@ -784,7 +844,7 @@ def compile_definition(definition: Definition, trigger: str, settings: TriggerSe
     or a copy of its rows that holds at least the entry's scan range (the runner's
     events of the interval); unless clauses and lookbacks read raw.events."""
     q = _Sql(definition, settings, set(columns),
-             set(relations) if relations is not None else {"marts.customer_predicted_value"})
+             set(relations) if relations is not None else set(_SOURCE_RELATIONS.values()))
     q.entry_events = entry_events
     core = _ENTRIES[definition.kind](q, has_ropo)
     sql = f"select x.* from ({core}) x where true"
@@ -793,6 +853,9 @@ def compile_definition(definition: Definition, trigger: str, settings: TriggerSe
         sql += f"\n  and {audience}"
     sql = _reentry(definition, q, trigger, sql)
     source, source_params = _SOURCES.get(definition.kind), {}
+    needed = _SOURCE_RELATIONS.get(definition.kind)
+    if needed is not None and needed not in q.relations:
+        source = "select 0::bigint"
     if source is None:
         source = ("select count(*) from raw.events where event_type = any(%(source_types)s) "
                   "and occurred_at > %(start)s and occurred_at <= %(end)s")
