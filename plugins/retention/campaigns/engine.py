@@ -48,6 +48,10 @@ def hash01(expr: str) -> str:
     return f"(('x' || substr(md5({expr}), 1, 8))::bit(32)::bigint / 4294967296.0)"
 
 
+#: work_mem of the planning statements (per sort or hash; a million members' subscriptions
+#: and cap counts fit in memory)
+PLAN_WORK_MEM = "256MB"
+
 MESSAGE_ID_SQL = ("'m_' || left(encode(sha256(convert_to({run_id} || '|' || %(step)s || '|' "
                   "|| {customer}, 'UTF8')), 'hex'), 32)")
 
@@ -98,6 +102,8 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
         ensure_ledger(conn)
         conn.commit()
         conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (run_id,))
+        conn.execute("select set_config('work_mem', %s, true), set_config('jit', 'off', true)",
+                     (PLAN_WORK_MEM,))
         row = conn.execute("select audience_size, holdout_size from ops.campaign_runs "
                            "where run_id = %s", (run_id,)).fetchone()
         if row:
@@ -116,7 +122,8 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
             "insert into ops.campaign_runs (run_id, campaign_id, as_of, spec_hash, spec, "
             "audience_size, holdout_size, created_at) values (%s, %s, %s, %s, %s, 0, 0, %s)",
             (run_id, campaign.id, as_of, campaign.spec_hash, Jsonb(campaign.raw), as_of))
-        conn.execute(f"""
+        size, holdout = conn.execute(f"""
+            with inserted as (
             insert into ops.audience_members (run_id, customer_id, variant, holdout_kind)
             select %(run_id)s, customer_id,
                    case when holdout_kind is not null then 'holdout' else {variant_sql} end,
@@ -133,10 +140,10 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
                 from ({audience_sql}) a
               ) hashed
             ) assigned
-            on conflict do nothing""", params)
-        size, holdout = conn.execute(
-            "select count(*), count(*) filter (where holdout_kind is not null) "
-            "from ops.audience_members where run_id = %s", (run_id,)).fetchone()
+            on conflict do nothing
+            returning holdout_kind)
+            select count(*), count(*) filter (where holdout_kind is not null) from inserted
+            """, params).fetchone()
         conn.execute("update ops.campaign_runs set audience_size = %s, holdout_size = %s "
                      "where run_id = %s", (size, holdout, run_id))
         conn.commit()
@@ -169,6 +176,23 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
     return step_counts(run.run_id, step.name, url)
 
 
+def quiet_not_before_sql(tz: str) -> str:
+    """SQL: when a message planned at %(step_time)s may go out in time zone `tz` (SQL):
+    the end of the quiet hours (%(quiet_start)s to %(quiet_end)s, local) when the step's
+    time falls inside them, else the step's time."""
+    local = f"(%(step_time)s at time zone {tz})"
+    return f"""case
+            when %(quiet_start)s::time > %(quiet_end)s::time
+                 and ({local}::time >= %(quiet_start)s::time or {local}::time < %(quiet_end)s::time)
+              then (({local}::date + case when {local}::time >= %(quiet_start)s::time then 1 else 0 end)
+                    + %(quiet_end)s::time) at time zone {tz}
+            when %(quiet_start)s::time < %(quiet_end)s::time
+                 and {local}::time >= %(quiet_start)s::time and {local}::time < %(quiet_end)s::time
+              then ({local}::date + %(quiet_end)s::time) at time zone {tz}
+            else %(step_time)s
+          end"""
+
+
 def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
                  members_sql: str, members_params: dict, policy: Policy | None = None) -> int:
     """The eligibility rules of the module docstring, set-wise, for any member source.
@@ -177,16 +201,19 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     run's audience for a campaign, or the chain instances due for this step for a trigger
     chain (run_id = the chain instance). Message ids are (run_id, step, customer), so
     planning again inserts nothing. Runs in the caller's transaction; returns rows written.
+
+    One INSERT ... SELECT: the member source is inlined where it is read (so the planner
+    sees its statistics), each member's channel comes from one ordered pass over the
+    customers' subscriptions, the frequency caps from one aggregate of the ledger over the
+    members' customers (minus each member's own rows of this step), and the quiet hours
+    are worked out once per time zone.
     """
     policy = policy or load_policy()
     transactional = campaign.cap_class == "transactional"
+    only_unengaged = step.only_unengaged and step.index > 0
+    exit_on_purchase = "purchase" in campaign.exit_on
     # planning is serialised so that caps see the rows of a concurrent campaign
     conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
-    offline_purchases = ""
-    if _relation_exists(conn, "marts.ropo_purchases"):
-        offline_purchases = """or exists (select 1 from marts.ropo_purchases rp
-                where rp.customer_id = mb.customer_id
-                  and rp.purchased_at > mb.run_as_of and rp.purchased_at <= %(step_time)s)"""
     params = dict(
         members_params, step=step.name, step_index=step.index, step_time=at,
         channels=list(step.channels), campaign_id=campaign.id,
@@ -194,144 +221,140 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         global_window=timedelta(days=policy.global_cap_days), channel_cap=policy.channel_cap,
         channel_window=timedelta(days=policy.channel_cap_days),
         quiet_start=policy.quiet_start, quiet_end=policy.quiet_end,
-        default_tz=policy.default_timezone, transactional=transactional,
-        only_unengaged=step.only_unengaged and step.index > 0,
-        exit_on_purchase="purchase" in campaign.exit_on,
+        default_tz=policy.default_timezone,
     )
-    conn.execute("drop table if exists step_plan")
-    conn.execute(f"""
-        create temp table step_plan on commit drop as
-        with members as ({members_sql}),
-        reached as (
+    ctes = [f"members as not materialized ({members_sql})"]
+    joins, keep = [], ""
+    if only_unengaged:
+        ctes.append("""reached as (
           select distinct x.run_id, x.customer_id from ops.messages x
           where x.run_id in (select run_id from members) and x.step_index < %(step_index)s
             and x.status in ('sent', 'planned', 'unknown')  -- planned: waiting for the morning
-        ),
-        engaged as (
+        )""")
+        ctes.append("""engaged as (
           select distinct msg.run_id, msg.customer_id
           from ops.messages msg
           join ops.message_events ev on ev.message_id = msg.message_id
           where msg.run_id in (select run_id from members) and msg.step_index < %(step_index)s
             and ev.event_type in ('open', 'click') and ev.occurred_at <= %(step_time)s
-        ),
-        purchased as (
+        )""")
+        keep = """and not ((m.run_id, m.customer_id) in (select run_id, customer_id from reached)
+                     and (m.run_id, m.customer_id) in (select run_id, customer_id from engaged))"""
+    exited = "false"
+    if exit_on_purchase:
+        offline_purchases = ""
+        if _relation_exists(conn, "marts.ropo_purchases"):
+            offline_purchases = """or exists (select 1 from marts.ropo_purchases rp
+                where rp.customer_id = mb.customer_id
+                  and rp.purchased_at > mb.run_as_of and rp.purchased_at <= %(step_time)s)"""
+        ctes.append(f"""purchased as (
           select mb.run_id, mb.customer_id from members mb
           where exists (select 1 from raw.orders o
                         where o.customer_id = mb.customer_id and o.status in ('paid', 'delivered')
                           and o.ordered_at > mb.run_as_of and o.ordered_at <= %(step_time)s)
           {offline_purchases}
-        ),
-        subscribed as (
-          select distinct customer_id from raw.channel_subscriptions
-          where channel = any(%(channels)s)
-        ),
-        live_addresses as (
-          select distinct on (s.customer_id, s.channel) s.customer_id, s.channel, s.address
-          from raw.channel_subscriptions s
-          where s.channel = any(%(channels)s)
-            and s.customer_id in (select customer_id from members)
-            and coalesce(s.subscribed_at <= %(step_time)s, true)
-            and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
-            and not exists (select 1 from ops.consent_changes cc
-                            where cc.channel = s.channel and cc.address = s.address
-                              and cc.unsubscribed_at <= %(step_time)s)
-            and not exists (select 1 from ops.deactivated_addresses d
-                            where d.channel = s.channel and d.address = s.address)
-          order by s.customer_id, s.channel, s.subscribed_at desc nulls last, s.address
-        ),
-        resolved as (
-          select m.run_id, m.customer_id, m.variant, m.holdout_kind,
-                 (array_agg(a.channel order by array_position(%(channels)s::text[], a.channel))
-                    filter (where a.channel is not null))[1] as channel,
-                 (array_agg(a.address order by array_position(%(channels)s::text[], a.channel))
-                    filter (where a.channel is not null))[1] as address
-          from members m left join live_addresses a on a.customer_id = m.customer_id
-          group by m.run_id, m.customer_id, m.variant, m.holdout_kind
-        ),
-        concerned as (
-          select r.* from resolved r
-          where ((r.holdout_kind is not null and %(step_index)s = 0)
-                 or (r.holdout_kind is null
-                     and (r.channel is not null
-                          or r.customer_id in (select customer_id from subscribed))))
-            and not (%(only_unengaged)s
-                     and (r.run_id, r.customer_id) in (select run_id, customer_id from reached)
-                     and (r.run_id, r.customer_id) in (select run_id, customer_id from engaged))
-        ),
-        counted as (
-          select c.*,
-            (select count(*) from ops.messages x
-              where x.customer_id = c.customer_id and x.status in ('planned', 'sent', 'unknown')
-                and x.cap_class <> 'transactional'
-                and coalesce(x.not_before, x.planned_at) > %(step_time)s - %(global_window)s
-                and x.planned_at < %(step_time)s + %(global_window)s
-                and not (x.run_id = c.run_id and x.step = %(step)s)) as global_count,
-            (select count(*) from ops.messages x
-              where x.customer_id = c.customer_id and x.status in ('planned', 'sent', 'unknown')
-                and x.cap_class <> 'transactional' and x.channel = c.channel
-                and coalesce(x.not_before, x.planned_at) > %(step_time)s - %(channel_window)s
-                and x.planned_at < %(step_time)s + %(channel_window)s
-                and not (x.run_id = c.run_id and x.step = %(step)s)) as channel_count
-          from concerned c
-        ),
-        decided as (
-          select c.*, e.exited,
-            case
-              when c.holdout_kind is not null then 'holdout'
-              when e.exited then 'suppressed'
-              when c.channel is null then 'suppressed'
-              when not %(transactional)s and c.global_count >= %(global_cap)s then 'suppressed'
-              when not %(transactional)s and c.channel_count >= %(channel_cap)s then 'suppressed'
-              else 'planned'
-            end as status,
-            case
-              when c.holdout_kind is not null then c.holdout_kind || ' holdout'
-              when e.exited then 'exited: purchase'
-              when c.channel is null then 'no consent'
-              when not %(transactional)s and c.global_count >= %(global_cap)s
-                then 'frequency cap: global'
-              when not %(transactional)s and c.channel_count >= %(channel_cap)s
-                then 'frequency cap: channel'
-            end as reason
-          from counted c
-          cross join lateral (
-            select %(exit_on_purchase)s and (c.run_id, c.customer_id) in
-                   (select run_id, customer_id from purchased) as exited) e
-        )
-        select d.*, coalesce(tz.name, %(default_tz)s) as tz
-        from decided d
-        join raw.customers cu on cu.customer_id = d.customer_id
-        left join (select name from pg_timezone_names) tz on tz.name = cu.timezone
-    """, params)
+        )""")
+        exited = "(m.run_id, m.customer_id) in (select run_id, customer_id from purchased)"
+    # one row per customer with any subscription to the step's channels: the first live
+    # address in the channel rule's order (the latest subscribed on that channel), if any
+    ctes.append("""subs as (
+          select distinct on (s.customer_id) s.customer_id,
+                 case when s.live then s.channel end as channel,
+                 case when s.live then s.address end as address
+          from (
+            select s.customer_id, s.channel, s.address, s.subscribed_at,
+                   coalesce(s.subscribed_at <= %(step_time)s, true)
+                     and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
+                     and cc.channel is null and d.channel is null as live
+            from raw.channel_subscriptions s
+            left join ops.consent_changes cc
+              on cc.channel = s.channel and cc.address = s.address
+             and cc.unsubscribed_at <= %(step_time)s
+            left join ops.deactivated_addresses d
+              on d.channel = s.channel and d.address = s.address
+            where s.channel = any(%(channels)s)
+              and s.customer_id in (select customer_id from members)
+          ) s
+          order by s.customer_id, s.live desc, array_position(%(channels)s::text[], s.channel),
+                   s.subscribed_at desc nulls last, s.address
+        )""")
+    status_cases = [("m.holdout_kind is not null", "'holdout'", "m.holdout_kind || ' holdout'"),
+                    (exited, "'suppressed'", "'exited: purchase'"),
+                    ("a.channel is null", "'suppressed'", "'no consent'")]
+    if not transactional:
+        counted = ("x.status in ('planned', 'sent', 'unknown') and x.cap_class <> 'transactional'")
+        g_window = ("coalesce(x.not_before, x.planned_at) > %(step_time)s - %(global_window)s "
+                    "and x.planned_at < %(step_time)s + %(global_window)s")
+        c_window = ("coalesce(x.not_before, x.planned_at) > %(step_time)s - %(channel_window)s "
+                    "and x.planned_at < %(step_time)s + %(channel_window)s")
+        per_channel = []
+        for i, channel in enumerate(step.channels):
+            params[f"cap_channel_{i}"] = channel
+            per_channel.append(f"count(*) filter (where x.channel = %(cap_channel_{i})s "
+                               f"and {c_window}) as c_{i}")
+        counts = ", ".join([f"count(*) filter (where {g_window}) as g", *per_channel])
+        ctes.append(f"""caps as (
+          select x.customer_id, {counts} from ops.messages x
+          where x.customer_id in (select customer_id from members) and {counted}
+            and (({g_window}) or ({c_window}))
+          group by x.customer_id
+        )""")
+        ctes.append(f"""own as (
+          select x.run_id, x.customer_id, {counts} from ops.messages x
+          where x.run_id in (select run_id from members) and x.step = %(step)s and {counted}
+            and (({g_window}) or ({c_window}))
+          group by x.run_id, x.customer_id
+        )""")
+        joins.append("left join caps k on k.customer_id = m.customer_id")
+        joins.append("left join own o on o.run_id = m.run_id and o.customer_id = m.customer_id")
+        channel_count = "case a.channel " + " ".join(
+            f"when %(cap_channel_{i})s then coalesce(k.c_{i}, 0) - coalesce(o.c_{i}, 0)"
+            for i in range(len(step.channels))) + " end"
+        status_cases += [
+            ("coalesce(k.g, 0) - coalesce(o.g, 0) >= %(global_cap)s", "'suppressed'",
+             "'frequency cap: global'"),
+            (f"{channel_count} >= %(channel_cap)s", "'suppressed'", "'frequency cap: channel'")]
+        ctes.append(f"""quiet as (
+          select tz.name, {quiet_not_before_sql('tz.name')} as not_before
+          from pg_timezone_names tz
+        )""")
+        not_before = (f"coalesce(q.not_before, "
+                      f"{quiet_not_before_sql('%(default_tz)s::text')})")
+        joins.append("left join quiet q on q.name = cu.timezone")
+    else:
+        not_before = "%(step_time)s"
+    # one big statement: sorts and hashes in memory, no JIT compilation (it costs more
+    # than it saves here); the caller's own settings come back after it
+    saved = conn.execute("select current_setting('work_mem'), current_setting('jit')").fetchone()
+    conn.execute("select set_config('work_mem', %s, true), set_config('jit', 'off', true)",
+                 (PLAN_WORK_MEM,))
+    status = ("case " + " ".join(f"when {cond} then {st}" for cond, st, _ in status_cases)
+              + " else 'planned' end")
+    reason = "case " + " ".join(f"when {cond} then {why}" for cond, _, why in status_cases) + " end"
     cur = conn.execute(f"""
+        with {(','+chr(10)+'        ').join(ctes)}
         insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
             variant, status, reason, planned_at, step_index, cap_class, address, not_before)
-        select {MESSAGE_ID_SQL.format(run_id='p.run_id', customer='p.customer_id')},
-               %(campaign_id)s, p.run_id, %(step)s,
-               coalesce(p.channel, (%(channels)s::text[])[1]), p.customer_id,
-               p.variant, p.status, p.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
-               case when p.status = 'planned' then p.address end,
-               case when p.status <> 'planned' then null
-                    when %(transactional)s then %(step_time)s
-                    else quiet.not_before end
-        from step_plan p
-        cross join lateral (
-          select (%(step_time)s at time zone p.tz) as local_ts
-        ) l
-        cross join lateral (
-          select case
-            when %(quiet_start)s::time > %(quiet_end)s::time
-                 and (l.local_ts::time >= %(quiet_start)s::time or l.local_ts::time < %(quiet_end)s::time)
-              then ((l.local_ts::date + case when l.local_ts::time >= %(quiet_start)s::time then 1 else 0 end)
-                    + %(quiet_end)s::time) at time zone p.tz
-            when %(quiet_start)s::time < %(quiet_end)s::time
-                 and l.local_ts::time >= %(quiet_start)s::time and l.local_ts::time < %(quiet_end)s::time
-              then (l.local_ts::date + %(quiet_end)s::time) at time zone p.tz
-            else %(step_time)s
-          end as not_before
-        ) quiet
+        select {MESSAGE_ID_SQL.format(run_id='d.run_id', customer='d.customer_id')},
+               %(campaign_id)s, d.run_id, %(step)s,
+               coalesce(d.channel, (%(channels)s::text[])[1]), d.customer_id,
+               d.variant, d.status, d.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
+               case when d.status = 'planned' then d.address end,
+               case when d.status = 'planned' then d.not_before end
+        from (
+          select m.run_id, m.customer_id, m.variant, a.channel, a.address,
+                 {status} as status, {reason} as reason, {not_before} as not_before
+          from members m
+          join raw.customers cu on cu.customer_id = m.customer_id
+          left join subs a on a.customer_id = m.customer_id
+          {chr(10).join(joins)}
+          where ((m.holdout_kind is not null and %(step_index)s = 0)
+                 or (m.holdout_kind is null and a.customer_id is not null))
+            {keep}
+        ) d
         on conflict (message_id) do nothing
     """, params)
+    conn.execute("select set_config('work_mem', %s, true), set_config('jit', %s, true)", saved)
     return cur.rowcount
 
 

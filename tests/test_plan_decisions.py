@@ -1,0 +1,199 @@
+"""Every eligibility decision of plan_step, row by row: channel fallback, consent (raw
+unsubscriptions, consent changes, deactivated addresses, subscription times), which
+address of a channel, both frequency caps with their windows and what they count, quiet
+hours per time zone, and the transactional exceptions. Each customer below exercises one
+rule; the ledger row (status, reason, channel, address, not_before, message id) is
+asserted exactly."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import datetime, time, timezone
+
+import pytest
+
+from retention import db
+from retention.campaigns.engine import plan_step, start_run
+from retention.campaigns.ledger import ensure_ledger, message_id_for
+from retention.campaigns.policy import Policy
+from retention.campaigns.spec import parse_campaign
+
+AS_OF = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)  # 12:00 in Kyiv, 05:00 in New York
+NY_MORNING = datetime(2026, 11, 2, 14, 0, tzinfo=timezone.utc)  # 09:00 in New York
+POLICY = Policy(global_cap=2, global_cap_days=7, channel_cap=1, channel_cap_days=3,
+                quiet_start=time(21), quiet_end=time(9), default_timezone="Europe/Kyiv",
+                global_holdout=0.0)
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+# customer: time zone, subscriptions (channel, address, subscribed_at, unsubscribed_at)
+CUSTOMERS = {
+    "d_push": ("Europe/Kyiv", [("mobile_push", "tok-push", "2025-01-01", None),
+                               ("email", "push@x", "2025-01-01", None)]),
+    "d_deact": ("Europe/Kyiv", [("mobile_push", "tok-deact", "2025-01-01", None),
+                                ("email", "deact@x", "2025-01-01", None)]),
+    "d_consent": ("Europe/Kyiv", [("mobile_push", "tok-consent", "2025-01-01", None),
+                                  ("email", "consent@x", "2025-01-01", None)]),
+    "d_consent_later": ("Europe/Kyiv", [("mobile_push", "tok-later", "2025-01-01", None)]),
+    "d_future_unsub": ("Europe/Kyiv", [("email", "future@x", "2025-01-01", "2026-11-05")]),
+    "d_unsub": ("Europe/Kyiv", [("email", "unsub@x", "2025-01-01", "2026-10-01")]),
+    "d_none": ("Europe/Kyiv", []),
+    "d_telegram": ("Europe/Kyiv", [("telegram", "12345", "2025-01-01", None)]),
+    "d_two": ("Europe/Kyiv", [("email", "a-old@x", "2025-01-01", None),
+                              ("email", "b-new@x", "2026-01-01", None)]),
+    "d_later_sub": ("Europe/Kyiv", [("email", "later@x", "2026-12-01", None)]),
+    "d_null_sub": ("Europe/Kyiv", [("email", "null@x", None, None)]),
+    "d_null_vs_dated": ("Europe/Kyiv", [("email", "a-null@x", None, None),
+                                        ("email", "b-dated@x", "2025-01-01", None)]),
+    "d_tokens": ("Europe/Kyiv", [("mobile_push", "tok-old", "2025-01-01", None),
+                                 ("mobile_push", "tok-new", "2026-06-01", None)]),
+    "d_both_dead": ("Europe/Kyiv", [("mobile_push", "tok-dead", "2025-01-01", None),
+                                    ("email", "dead@x", "2025-01-01", "2026-10-01")]),
+    "d_chcap": ("Europe/Kyiv", [("mobile_push", "tok-chcap", "2025-01-01", None)]),
+    "d_chcap_old": ("Europe/Kyiv", [("mobile_push", "tok-chold", "2025-01-01", None)]),
+    "d_chcap_other": ("Europe/Kyiv", [("mobile_push", "tok-chother", "2025-01-01", None)]),
+    "d_gcap": ("Europe/Kyiv", [("mobile_push", "tok-gcap", "2025-01-01", None)]),
+    "d_gcap_old": ("Europe/Kyiv", [("mobile_push", "tok-gold", "2025-01-01", None)]),
+    "d_trans": ("Europe/Kyiv", [("mobile_push", "tok-trans", "2025-01-01", None)]),
+    "d_failed": ("Europe/Kyiv", [("mobile_push", "tok-failed", "2025-01-01", None)]),
+    "d_future": ("Europe/Kyiv", [("mobile_push", "tok-future", "2025-01-01", None)]),
+    "d_waiting": ("Europe/Kyiv", [("mobile_push", "tok-waiting", "2025-01-01", None)]),
+    "d_ny": ("America/New_York", [("mobile_push", "tok-ny", "2025-01-01", None)]),
+    "d_badtz": ("Mars/Olympus", [("mobile_push", "tok-badtz", "2025-01-01", None)]),
+    "d_notz": (None, [("mobile_push", "tok-notz", "2025-01-01", None)]),
+}
+DEACTIVATED = [("mobile_push", "tok-deact"), ("mobile_push", "tok-new"),
+               ("mobile_push", "tok-dead")]
+CONSENT_CHANGES = [("mobile_push", "tok-consent", "2026-11-01"),
+                   ("mobile_push", "tok-later", "2026-11-03")]
+# earlier ledger rows of another campaign: customer, channel, status, planned_at,
+# not_before, cap_class
+EARLIER = [
+    ("d_chcap", "mobile_push", "sent", "2026-11-01", None, "promo"),
+    ("d_chcap_old", "mobile_push", "sent", "2026-10-28", None, "promo"),
+    ("d_chcap_other", "email", "sent", "2026-11-01", None, "promo"),
+    ("d_gcap", "email", "sent", "2026-10-30", None, "promo"),
+    ("d_gcap", "email", "sent", "2026-10-31", None, "trigger"),
+    ("d_gcap_old", "email", "sent", "2026-10-20", None, "promo"),
+    ("d_gcap_old", "email", "sent", "2026-10-21", None, "promo"),
+    ("d_trans", "email", "sent", "2026-10-31", None, "transactional"),
+    ("d_trans", "mobile_push", "sent", "2026-11-01", None, "transactional"),
+    ("d_failed", "email", "failed", "2026-10-31", None, "promo"),
+    ("d_failed", "mobile_push", "suppressed", "2026-11-01", None, "promo"),
+    ("d_future", "mobile_push", "planned", "2026-11-04", None, "promo"),
+    ("d_waiting", "email", "unknown", "2026-11-01", None, "promo"),
+    ("d_waiting", "email", "planned", "2026-10-25", "2026-10-27", "promo"),
+]
+
+PLANNED = ("planned", None)
+CAMPAIGN_ROWS = {
+    "d_push": (*PLANNED, "mobile_push", "tok-push", AS_OF),
+    "d_deact": (*PLANNED, "email", "deact@x", AS_OF),
+    "d_consent": (*PLANNED, "email", "consent@x", AS_OF),
+    "d_consent_later": (*PLANNED, "mobile_push", "tok-later", AS_OF),
+    "d_future_unsub": (*PLANNED, "email", "future@x", AS_OF),
+    "d_unsub": ("suppressed", "no consent", "mobile_push", None, None),
+    "d_two": (*PLANNED, "email", "b-new@x", AS_OF),
+    "d_later_sub": ("suppressed", "no consent", "mobile_push", None, None),
+    "d_null_sub": (*PLANNED, "email", "null@x", AS_OF),
+    "d_null_vs_dated": (*PLANNED, "email", "b-dated@x", AS_OF),
+    "d_tokens": (*PLANNED, "mobile_push", "tok-old", AS_OF),
+    "d_both_dead": ("suppressed", "no consent", "mobile_push", None, None),
+    "d_chcap": ("suppressed", "frequency cap: channel", "mobile_push", None, None),
+    "d_chcap_old": (*PLANNED, "mobile_push", "tok-chold", AS_OF),
+    "d_chcap_other": (*PLANNED, "mobile_push", "tok-chother", AS_OF),
+    "d_gcap": ("suppressed", "frequency cap: global", "mobile_push", None, None),
+    "d_gcap_old": (*PLANNED, "mobile_push", "tok-gold", AS_OF),
+    "d_trans": (*PLANNED, "mobile_push", "tok-trans", AS_OF),
+    "d_failed": (*PLANNED, "mobile_push", "tok-failed", AS_OF),
+    "d_future": ("suppressed", "frequency cap: channel", "mobile_push", None, None),
+    "d_waiting": ("suppressed", "frequency cap: global", "mobile_push", None, None),
+    "d_ny": (*PLANNED, "mobile_push", "tok-ny", NY_MORNING),
+    "d_badtz": (*PLANNED, "mobile_push", "tok-badtz", AS_OF),
+    "d_notz": (*PLANNED, "mobile_push", "tok-notz", AS_OF),
+}
+
+
+def _campaign(kind: str):
+    return parse_campaign(textwrap.dedent(f"""\
+        id: decisions_{kind}
+        kind: {kind}
+        audience:
+          include_any:
+            - customer_ids: {sorted(CUSTOMERS)}
+        steps:
+          - {{name: wave, channel: [mobile_push, email], template: weekly_promo}}
+        holdout: 0
+        """), f"decisions_{kind}.yaml")
+
+
+@pytest.fixture()
+def shop(database_url):
+    with db.connect(database_url) as conn:
+        ensure_ledger(conn)
+        with conn.cursor() as cur:
+            cur.executemany("insert into raw.customers (customer_id, timezone, created_at) "
+                            "values (%s, %s, '2025-01-01Z')",
+                            [(c, tz) for c, (tz, _) in CUSTOMERS.items()])
+            cur.executemany(
+                "insert into raw.channel_subscriptions (customer_id, channel, address, "
+                "subscribed_at, unsubscribed_at) values (%s, %s, %s, %s, %s)",
+                [(c, ch, a, s and utc(s), u and utc(u))
+                 for c, (_, subs) in CUSTOMERS.items() for ch, a, s, u in subs])
+            cur.executemany("insert into ops.deactivated_addresses (channel, address, "
+                            "deactivated_at, reason) values (%s, %s, '2026-10-01Z', 'gone')",
+                            DEACTIVATED)
+            cur.executemany("insert into ops.consent_changes (channel, address, "
+                            "unsubscribed_at, source) values (%s, %s, %s, 'test')",
+                            [(ch, a, utc(t)) for ch, a, t in CONSENT_CHANGES])
+            cur.executemany(
+                "insert into ops.messages (message_id, campaign_id, run_id, step, channel, "
+                "customer_id, variant, status, planned_at, not_before, cap_class) "
+                "values (%s, 'other', 'other@x', 's', %s, %s, 'A', %s, %s, %s, %s)",
+                [(f"earlier{i}", ch, c, st, utc(p), nb and utc(nb), cc)
+                 for i, (c, ch, st, p, nb, cc) in enumerate(EARLIER)])
+        conn.commit()
+    return database_url
+
+
+def _rows(url: str, run_id: str) -> dict[str, tuple]:
+    with db.connect(url) as conn:
+        rows = conn.execute("select customer_id, status, reason, channel, address, not_before, "
+                            "message_id, planned_at from ops.messages where run_id = %s",
+                            (run_id,)).fetchall()
+    for r in rows:
+        assert r[6] == message_id_for(run_id, "wave", r[0])
+        assert r[7] == AS_OF
+    return {r[0]: r[1:6] for r in rows}
+
+
+def test_every_decision_of_a_marketing_wave(shop):
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    assert run.audience_size == len(CUSTOMERS) and run.holdout_size == 0
+    counts = plan_step(campaign, run, "wave", shop, POLICY)
+    rows = _rows(shop, run.run_id)
+    assert rows == CAMPAIGN_ROWS  # d_none and d_telegram: no subscription to the channels
+    assert counts["audience"] == len(CAMPAIGN_ROWS)
+    # planning again writes nothing and changes nothing (its own rows are not counted)
+    plan_step(campaign, run, "wave", shop, POLICY)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS
+
+
+def test_every_decision_of_a_transactional_wave(shop):
+    """No caps, no quiet hours (not_before is the step's time); consent still applies."""
+    campaign = _campaign("transactional")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    plan_step(campaign, run, "wave", shop, POLICY)
+    expected = {}
+    for customer, (status, reason, channel, address, not_before) in CAMPAIGN_ROWS.items():
+        if reason and reason.startswith("frequency cap"):
+            token = CUSTOMERS[customer][1][0][1]
+            status, reason, address = "planned", None, token
+        if status == "planned":
+            not_before = AS_OF
+        expected[customer] = (status, reason, channel, address, not_before)
+    assert _rows(shop, run.run_id) == expected
