@@ -28,6 +28,7 @@ from retention.triggers.config import TriggerSettings
 from retention.triggers.definitions import STAGE_VALUES, compile_definition
 from retention.triggers.state import ensure_trigger_tables
 from retention.warehouse.build import build
+from test_trigger_language import HEAD, STEPS
 
 pytestmark = pytest.mark.xdist_group("test_trigger_stage_moves")
 
@@ -195,16 +196,7 @@ def test_the_stage_entry_finds_exactly_the_moves_from_a_loyal_cell_to_an_at_risk
 
 
 def _stage_campaign(block: str):
-    head = textwrap.dedent("""\
-        id: demo
-        kind: trigger
-        audience: {include_any: [{all_customers: true}]}
-        """)
-    steps = textwrap.dedent("""\
-        steps:
-          - {name: first, channel: [email], template: abandoned_cart, wait: 0m}
-        """)
-    return parse_campaign(head + textwrap.dedent(block) + steps, "demo.yaml")
+    return parse_campaign(HEAD + textwrap.dedent(block) + STEPS, "demo.yaml")
 
 
 def test_without_from_any_other_value_moves_and_lifecycle_stages_move_too(stage_shop):

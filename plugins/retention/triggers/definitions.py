@@ -530,27 +530,36 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
       order by event_id, views desc, last_at desc, subject
     )""", """session_start as (
       select event_id, min(occurred_at) as started from session_events group by event_id
+    )""", """session_products as (
+      select event_id, subject, jsonb_agg(product_id order by n desc, product_id) as products
+      from (select sv.event_id, sv.subject, sv.product_id, count(*) as n from session_events sv
+            where sv.product_id is not null
+            group by sv.event_id, sv.subject, sv.product_id) p
+      group by event_id, subject
     )"""]
+        # the products are aggregated once and joined (a subquery per moment would scan
+        # the whole CTE for each)
         joins = ("\n    join top_subject ts on ts.event_id = m.event_id"
-                 "\n    join session_start ss on ss.event_id = m.event_id")
+                 "\n    join session_start ss on ss.event_id = m.event_id"
+                 "\n    left join session_products sp on sp.event_id = m.event_id"
+                 " and sp.subject = ts.subject")
         subject = "ts.subject"
         context = """jsonb_build_object(
              'sessions', jsonb_build_array(m.session_id), 'views', ts.views,
-             'products', coalesce((select jsonb_agg(product_id order by n desc, product_id)
-                                   from (select sv.product_id, count(*) as n from session_events sv
-                                         where sv.event_id = m.event_id and sv.subject = ts.subject
-                                           and sv.product_id is not null
-                                         group by sv.product_id) p), '[]'::jsonb))"""
+             'products', coalesce(sp.products, '[]'::jsonb))"""
     if "cart_contents" in entry:
         lookback = q.bind(q.window(entry["cart_contents"].get("lookback", "$cart_lookback")))
         ctes.append(cart_contents_ctes("kept", lookback, wait))
+        ctes.append("""cart_products as (
+      select i.event_id, jsonb_agg(i.product_id order by i.carted_at desc, i.product_id) as products
+      from in_cart i group by i.event_id
+    )""")
+        joins += "\n    left join cart_products cp on cp.event_id = m.event_id"
         context = """jsonb_build_object(
              'sessions', jsonb_build_array(m.session_id),
-             'products', coalesce((select jsonb_agg(i.product_id order by i.carted_at desc, i.product_id)
-                                   from in_cart i where i.event_id = m.event_id), '[]'::jsonb))"""
+             'products', coalesce(cp.products, '[]'::jsonb))"""
         # a cart emptied by removals (or purchases) is not abandoned
-        final.append("(m.product_id is null or exists (select 1 from in_cart i "
-                     "where i.event_id = m.event_id))")
+        final.append("(m.product_id is null or cp.event_id is not null)")
     if with_properties:  # a custom event's properties, for its messages' templates
         context = (f"({context} || case when m.properties is null then '{{}}'::jsonb "
                    "else jsonb_build_object('properties', m.properties) end)")
@@ -751,22 +760,8 @@ def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
     else:
         threshold = q.bind(q.value(opts["below"]))
         now, before = f"p.{column} < {threshold}", f"prev.value >= {threshold}"
-    m = _Moment("m.customer_id", "m.anchor_at")
-    plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
-    inner = f"""
-      select p.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from p.as_of)::text as event_key,
-             {q.bind(d.per)}::text as subject, p.as_of + {wait} as hit_at, p.as_of as anchor_at,
-             null::timestamptz as first_step_at,
-             jsonb_build_object('measure', {q.bind(column)}::text, 'value', p.{column},
-                                'previous', prev.value) as context
-      from marts.customer_predicted_value p
-      cross join lateral (
-        select q.{column} as value from marts.customer_predicted_value q
-        where q.customer_id = p.customer_id and q.as_of < p.as_of
-        order by q.as_of desc limit 1) prev
-      where p.as_of > %(lo)s - {wait} and p.as_of <= %(hi)s - {wait}
-        and {now} and {before}"""
-    return f"select m.* from ({inner}) m where true{plain}"
+    return _snapshot_moves(q, has_ropo, wait, "marts.customer_predicted_value", column,
+                           f"{now} and {before}")
 
 
 def _stage_entry(q: _Sql, has_ropo: bool) -> str:
@@ -783,21 +778,33 @@ def _stage_entry(q: _Sql, has_ropo: bool) -> str:
     to = q.bind([str(v) for v in _as_list(opts["to"])])
     before = (f"prev.value = any({q.bind([str(v) for v in _as_list(opts['from'])])})"
               if "from" in opts else f"not (prev.value = any({to}))")
+    return _snapshot_moves(q, has_ropo, wait, "marts.customer_stage_history", column,
+                           f"p.{column} = any({to}) and {before}", previous_as_of=True)
+
+
+def _snapshot_moves(q: _Sql, has_ropo: bool, wait: str, table: str, column: str,
+                    condition: str, previous_as_of: bool = False) -> str:
+    """Moments of a per-customer snapshot table (one row per customer and as_of): the
+    snapshots `p` in the scan range whose `condition` holds against the customer's
+    previous snapshot `prev` (its `column` as `prev.value`, the greatest earlier as_of).
+    The moment is the snapshot's as_of; a first snapshot has no previous one."""
+    d = q.d
     m = _Moment("m.customer_id", "m.anchor_at")
     plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
+    extra = ", 'previous_as_of', prev.as_of" if previous_as_of else ""
     inner = f"""
-      select s.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from s.as_of)::text as event_key,
-             {q.bind(d.per)}::text as subject, s.as_of + {wait} as hit_at, s.as_of as anchor_at,
+      select p.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from p.as_of)::text as event_key,
+             {q.bind(d.per)}::text as subject, p.as_of + {wait} as hit_at, p.as_of as anchor_at,
              null::timestamptz as first_step_at,
-             jsonb_build_object('measure', {q.bind(column)}::text, 'value', s.{column},
-                                'previous', prev.value, 'previous_as_of', prev.as_of) as context
-      from marts.customer_stage_history s
+             jsonb_build_object('measure', {q.bind(column)}::text, 'value', p.{column},
+                                'previous', prev.value{extra}) as context
+      from {table} p
       cross join lateral (
-        select h.{column} as value, h.as_of from marts.customer_stage_history h
-        where h.customer_id = s.customer_id and h.as_of < s.as_of
+        select h.{column} as value, h.as_of from {table} h
+        where h.customer_id = p.customer_id and h.as_of < p.as_of
         order by h.as_of desc limit 1) prev
-      where s.as_of > %(lo)s - {wait} and s.as_of <= %(hi)s - {wait}
-        and s.{column} = any({to}) and {before}"""
+      where p.as_of > %(lo)s - {wait} and p.as_of <= %(hi)s - {wait}
+        and {condition}"""
     return f"select m.* from ({inner}) m where true{plain}"
 
 
