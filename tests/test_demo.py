@@ -73,7 +73,7 @@ WAVES = {
     "web_push": dict(audience=33, sent=28, failed=0, unknown=0, holdout=0, waiting=0, suppressed=5),
     "telegram": dict(audience=17, sent=15, failed=0, unknown=0, holdout=0, waiting=0, suppressed=2),
 }
-LEDGER = (519, 390)  # ops.messages: rows, sent (the cascade, the trigger chains, re-engagement)
+LEDGER = (522, 392)  # ops.messages: rows, sent (the cascade, the trigger chains, re-engagement)
 STORY = {  # DAG: the demo's run ids
     "retention_ingest": {"demo__2026-10-31T01:00"},
     "retention_dbt_build": {"demo__2026-10-26T07:00"},
@@ -144,7 +144,7 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
         assert _line(first, "buyers ") == "buyers 397"
         assert _line(first, "rpr ") == "rpr 0.5567"
         assert _line(first, "dbt (every layer task): ") == (
-            "dbt (every layer task): models 28, models_built 28, tests 216, unit_tests 0, "
+            "dbt (every layer task): models 29, models_built 29, tests 222, unit_tests 0, "
             "failures 0, warnings 0, skipped 0")
         assert _line(first, "run weekly_promo@") == ("run weekly_promo@2026-10-26T07:00:00Z: "
                                                      "audience 335 (holdout 57)")
@@ -162,6 +162,11 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
             "ledger, sent by channel: email 171, mobile_push 75, telegram 15, web_push 28")
         assert _line(first, "accepted on the wire in this run:") == (
             "accepted on the wire in this run: email 171, push 103, telegram 15")
+        # the shop's own event fires a trigger that exists as a campaign file alone
+        assert _line(first, "entered bonus_credited (definition): ") == (
+            "entered bonus_credited (definition): 1 customer(s): c0000133")
+        assert _line(first, "bonus_credited.notice ") == (  # due, planned, sent, ...
+            "bonus_credited.notice 1 0 1 0 0 0 0")
         assert _line(first, "reengagement.reminder ") == (  # due, planned, sent, ... by reason
             "reengagement.reminder 134 0 88 0 0 25 10 frequency cap: global: 4, no consent: 6")
         # the treated arms' results, and the holdout (sent nothing) beside them as the
