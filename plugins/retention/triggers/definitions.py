@@ -530,7 +530,7 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
       order by event_id, views desc, last_at desc, subject
     )""", """session_start as (
       select event_id, min(occurred_at) as started from session_events group by event_id
-    )""", """session_products as (
+    )""", """session_products as materialized (
       select event_id, subject, jsonb_agg(product_id order by n desc, product_id) as products
       from (select sv.event_id, sv.subject, sv.product_id, count(*) as n from session_events sv
             where sv.product_id is not null
@@ -550,7 +550,7 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
     if "cart_contents" in entry:
         lookback = q.bind(q.window(entry["cart_contents"].get("lookback", "$cart_lookback")))
         ctes.append(cart_contents_ctes("kept", lookback, wait))
-        ctes.append("""cart_products as (
+        ctes.append("""cart_products as materialized (
       select i.event_id, jsonb_agg(i.product_id order by i.carted_at desc, i.product_id) as products
       from in_cart i group by i.event_id
     )""")

@@ -9,7 +9,10 @@ decides, never the wall clock. In order:
    interval start, or the watermark when runs were missed, minus the lateness, found by
    the campaign file's definition (`entry:`, triggers.definitions) or else the trigger's
    code (triggers.detect); new moments start or extend chains (`ops.trigger_hits` makes
-   old ones no-ops); health;
+   old ones no-ops); health. The events the event entries scan (each its scan range
+   shifted back by its wait) are copied once into a temp table that every event entry
+   reads, rather than each trigger reading them from raw.events; unless clauses and
+   lookbacks, which reach other times, read raw.events;
 3. exits again (a chain just started may already be void), then every due step is
    planned through the campaign engine in the triggers' priority order, so the first
    chain due for a customer takes the shared frequency cap first;
