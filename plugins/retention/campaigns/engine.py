@@ -256,9 +256,11 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         )""")
         exited = "(m.run_id, m.customer_id) in (select run_id, customer_id from purchased)"
     # one row per customer with any subscription to the step's channels: the first live
-    # address in the channel rule's order (the latest subscribed on that channel), if any
+    # address in the channel rule's order (the latest subscribed on that channel), if any.
+    # Customers are grouped in byte order (the same groups, a cheaper sort than the
+    # database's collation); the address, a tie-breaker, keeps the database's order.
     ctes.append("""subs as (
-          select distinct on (s.customer_id) s.customer_id,
+          select distinct on (s.customer_id collate "C") s.customer_id,
                  case when s.live then s.channel end as channel,
                  case when s.live then s.address end as address
           from (
@@ -275,7 +277,8 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
             where s.channel = any(%(channels)s)
               and s.customer_id in (select customer_id from members)
           ) s
-          order by s.customer_id, s.live desc, array_position(%(channels)s::text[], s.channel),
+          order by s.customer_id collate "C", s.live desc,
+                   array_position(%(channels)s::text[], s.channel),
                    s.subscribed_at desc nulls last, s.address
         )""")
     status_cases = [("m.holdout_kind is not null", "'holdout'", "m.holdout_kind || ' holdout'"),
