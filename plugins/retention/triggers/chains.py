@@ -103,6 +103,9 @@ def record_hits(conn: psycopg.Connection, trigger: str, campaign: Campaign, dete
         group by h.customer_id, h.subject
     """, {"trigger": trigger})
     if merge_products:
+        # each group reads its own moments: by index, not a scan of all of them per group
+        conn.execute("create index on trg_new_hits (customer_id, subject)")
+        conn.execute("analyze trg_new_hits")
         conn.execute("""
             update trg_groups g set context = g.context || jsonb_build_object('products', (
               select coalesce(jsonb_agg(p.product_id order by p.last_hit desc, p.product_id),
