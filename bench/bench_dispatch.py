@@ -162,13 +162,13 @@ class Servers:
 
 # --------------------------------------------------------------------------- database
 
-def create_database(server: str) -> tuple[str, str, str]:
+def create_database(server: str, prefix: str = "bench_dispatch") -> tuple[str, str, str]:
     import psycopg
     import sqlalchemy as sa
 
     from retention import db
 
-    name = f"bench_dispatch_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin = sa.engine.make_url(server).set(database="postgres").render_as_string(
         hide_password=False)
     with psycopg.connect(db.libpq_dsn(admin), autocommit=True) as conn:

@@ -44,12 +44,14 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_dispatch import create_database, drop_database  # noqa: E402
 
 END = datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)
 START = END - timedelta(minutes=15)
@@ -58,29 +60,6 @@ TOTAL = 60
 
 
 # --------------------------------------------------------------------------- database
-
-def create_database(server: str) -> tuple[str, str, str]:
-    import psycopg
-    import sqlalchemy as sa
-
-    from retention import db
-
-    name = f"bench_triggers_{uuid.uuid4().hex[:8]}"
-    admin = sa.engine.make_url(server).set(database="postgres").render_as_string(
-        hide_password=False)
-    with psycopg.connect(db.libpq_dsn(admin), autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    url = sa.engine.make_url(server).set(database=name).render_as_string(hide_password=False)
-    return admin, name, url
-
-
-def drop_database(admin: str, name: str) -> None:
-    import psycopg
-
-    from retention import db
-    with psycopg.connect(db.libpq_dsn(admin), autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
-
 
 def populate(url: str, customers: int, per_interval: int) -> dict:
     """The shop (module docstring); returns the row counts."""
@@ -340,7 +319,7 @@ def main() -> int:
     else:
         server = (os.environ.get("RETENTION_TEST_DATABASE_URL")
                   or os.environ.get("RETENTION_DATABASE_URL") or db.database_url())
-        admin, name, url = create_database(server)
+        admin, name, url = create_database(server, "bench_triggers")
         print(f"database {name}: {args.customers:,} customers, {per_interval:,} events per "
               "15 minutes ...", flush=True)
     try:
