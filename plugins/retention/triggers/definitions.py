@@ -133,6 +133,19 @@ def declared_event_types(path: Path | None = None) -> set[str]:
         raise CampaignError(str(exc)) from None
 
 
+def setting_value(raw, settings: TriggerSettings):
+    """A value as written, or the TriggerSettings field a `$name` names."""
+    if isinstance(raw, str) and raw.startswith("$"):
+        return getattr(settings, raw[1:])
+    return raw
+
+
+def window_value(raw, settings: TriggerSettings) -> timedelta:
+    """A duration as written (`30m`, `2d`) or named by a `$setting`."""
+    value = setting_value(raw, settings)
+    return value if isinstance(value, timedelta) else parse_window(str(value))
+
+
 def _a(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
 
@@ -308,13 +321,10 @@ class _Sql:
         return f"%({name})s"
 
     def value(self, raw):
-        if isinstance(raw, str) and raw.startswith("$"):
-            return getattr(self.settings, raw[1:])
-        return raw
+        return setting_value(raw, self.settings)
 
     def window(self, raw) -> timedelta:
-        value = self.value(raw)
-        return value if isinstance(value, timedelta) else parse_window(str(value))
+        return window_value(raw, self.settings)
 
     def types(self, column: str, names) -> str:
         names = _as_list(names)
@@ -749,8 +759,6 @@ def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
     below, for `below`) in the customer's previous snapshot. The moment is the
     snapshot's as_of; a customer's first snapshot crosses nothing."""
     d, opts = q.d, q.d.entry["predicted"]
-    if "marts.customer_predicted_value" not in q.relations:
-        return _NOTHING
     wait = q.bind(q.window(d.wait or "0s"))
     column = {m: m for m in ("predicted_value_12m", "probability_alive", "expected_purchases_90d",
                              "expected_purchases_365d", "expected_avg_order_value")}[opts["measure"]]
@@ -771,8 +779,6 @@ def _stage_entry(q: _Sql, has_ropo: bool) -> str:
     previous snapshot, the greatest earlier as_of. The moment is the snapshot's as_of; a
     customer's first snapshot moves nothing."""
     d, opts = q.d, q.d.entry["stage"]
-    if "marts.customer_stage_history" not in q.relations:
-        return _NOTHING
     wait = q.bind(q.window(d.wait or "0s"))
     column = {m: m for m in STAGE_VALUES}[opts["measure"]]
     to = q.bind([str(v) for v in _as_list(opts["to"])])
@@ -853,15 +859,16 @@ def compile_definition(definition: Definition, trigger: str, settings: TriggerSe
     q = _Sql(definition, settings, set(columns),
              set(relations) if relations is not None else set(_SOURCE_RELATIONS.values()))
     q.entry_events = entry_events
-    core = _ENTRIES[definition.kind](q, has_ropo)
+    needed = _SOURCE_RELATIONS.get(definition.kind)
+    missing = needed is not None and needed not in q.relations
+    core = _NOTHING if missing else _ENTRIES[definition.kind](q, has_ropo)
     sql = f"select x.* from ({core}) x where true"
     audience = _audience(definition, q, relations)
     if audience:
         sql += f"\n  and {audience}"
     sql = _reentry(definition, q, trigger, sql)
     source, source_params = _SOURCES.get(definition.kind), {}
-    needed = _SOURCE_RELATIONS.get(definition.kind)
-    if needed is not None and needed not in q.relations:
+    if missing:
         source = "select 0::bigint"
     if source is None:
         source = ("select count(*) from raw.events where event_type = any(%(source_types)s) "

@@ -39,9 +39,8 @@ from retention.campaigns.spec import Campaign, CampaignError, Step, load_campaig
 from retention.ingest.contract import CHANNELS
 from retention.triggers.chains import (apply_exits, campaigns_with_active_chains, plan_due_steps,
                                        record_hits, step_report)
-from retention.triggers.config import (REENGAGEMENT, TRIGGERS, TriggerSettings, load_settings,
-                                       parse_window)
-from retention.triggers.definitions import OPTIONAL_COLUMNS, compile_definition
+from retention.triggers.config import REENGAGEMENT, TRIGGERS, TriggerSettings, load_settings
+from retention.triggers.definitions import OPTIONAL_COLUMNS, compile_definition, window_value
 from retention.triggers.detect import DETECTORS, Detector
 from retention.triggers.health import record_health
 from retention.triggers.norms import cohort_norms, nudge_days
@@ -98,10 +97,7 @@ INTERVAL_EVENTS = "trg_interval_events"
 def _entry_wait(campaign: Campaign, settings: TriggerSettings) -> timedelta:
     """The wait of the campaign's definition: its entry events are those in the scan
     range shifted back by it."""
-    raw = campaign.definition.wait or "0s"
-    if isinstance(raw, str) and raw.startswith("$"):
-        return getattr(settings, raw[1:])
-    return parse_window(str(raw))
+    return window_value(campaign.definition.wait or "0s", settings)
 
 
 def _merged(ranges: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
