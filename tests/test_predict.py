@@ -75,7 +75,7 @@ def test_bgnbd_reproduces_the_paper_on_cdnow_weeks_1_to_39(cdnow_bgnbd):
 @pytest.mark.unit
 def test_bgnbd_expectations_match_the_paper_spreadsheet(cdnow_bgnbd):
     # Fader, Hardie and Lee (2005): customer with x=2, t_x=30.43, T=38.86 over 39 weeks.
-    assert abs(cdnow_bgnbd.expected_purchases(39, 2, 30.43, 38.86) - 1.226) < 1e-3
+    assert round(float(cdnow_bgnbd.expected_purchases(39, 2, 30.43, 38.86)), 3) == 1.226
     times = np.array([0.1429, 1.0, 3.00, 31.8571, 32.00, 78.00])
     np.testing.assert_allclose(cdnow_bgnbd.expected_purchases_new_customer(times),
                                [0.0078, 0.0532, 0.1506, 1.0405, 1.0437, 1.8576], atol=1e-3)
@@ -198,6 +198,104 @@ def test_simulated_transaction_log_round_trips_through_rfm_summary():
     per_day = frame.groupby(["customer_id", "purchased_at"]).size().groupby(level=0).size()
     assert (summary["frequency"] == per_day.reindex(summary.index) - 1).all()
     assert summary["purchases"].sum() == len(frame)
+
+
+# ------------------------------------------------------------- churn risk, next order
+
+
+@pytest.mark.unit
+def test_purchase_probability_and_next_order_wait_by_hand():
+    # r=2, alpha=3, a=b=1; x=1, t_x=1, T=5, next t=8 (time units):
+    # P(alive) = 1 / (1 + 1/1 * (8/4)^3) = 1/9; P(quiet for 8 | alive) = (8/16)^3 = 1/8
+    fit = P.BGNBDFit(r=2.0, alpha=3.0, a=1.0, b=1.0, log_likelihood=0.0, customers=0,
+                     distinct_rows=0, converged=True, iterations=0, message="")
+    assert fit.probability_alive(1, 1.0, 5.0) == pytest.approx(1 / 9)
+    assert fit.probability_purchase(8.0, 1, 1.0, 5.0) == pytest.approx(1 / 9 * (1 - 1 / 8))
+    # the median wait of the alive: (alpha + T)(2^(1/(r+x)) - 1) = 8 (2^(1/3) - 1)
+    assert fit.median_time_to_next_purchase(1, 5.0) == pytest.approx(2.0793684)
+    # no repeat purchase: alive for sure, (3/11)^2 chance of no purchase in 8
+    assert fit.probability_purchase(8.0, 0, 0.0, 0.0) == pytest.approx(1 - (3 / 11) ** 2)
+    # at the median wait an alive customer has even odds of having bought
+    t_med = fit.median_time_to_next_purchase(4, 20.0)
+    assert fit.probability_purchase(t_med, 4, 20.0, 20.0) == pytest.approx(
+        0.5 * fit.probability_alive(4, 20.0, 20.0))
+
+
+@pytest.mark.unit
+def test_scores_carry_churn_risk_and_the_next_order(cdnow_summary, cdnow_bgnbd):
+    scores = P.score_customers(cdnow_summary, cdnow_bgnbd, None, time_unit_days=7.0)
+    one = cdnow_summary.loc[1, ["frequency", "recency", "T"]].to_numpy(dtype=float)
+    assert scores.loc[1, "churn_probability"] == pytest.approx(
+        1 - cdnow_bgnbd.probability_purchase(90 / 7, *one))
+    assert scores.loc[1, "expected_purchases_30d"] == pytest.approx(
+        cdnow_bgnbd.expected_purchases(30 / 7, *one))
+    assert scores.loc[1, "days_to_next_order"] == pytest.approx(
+        7 * cdnow_bgnbd.median_time_to_next_purchase(one[0], one[2]))
+    churn = scores["churn_probability"]
+    assert churn.between(0, 1).all()
+    assert (scores.loc[churn >= 0.8, "churn_risk"] == "high").all()
+    assert (scores.loc[(churn >= 0.5) & (churn < 0.8), "churn_risk"] == "medium").all()
+    assert (scores.loc[churn < 0.5, "churn_risk"] == "low").all()
+    assert set(scores["churn_risk"]) == {"high", "medium", "low"}
+    assert (scores["expected_purchases_30d"] <= scores["expected_purchases_90d"]).all()
+    assert P.churn_risk_band([0.8, 0.79, 0.5, 0.49, np.nan]).tolist() == [
+        "high", "medium", "medium", "low", None]
+
+
+@pytest.mark.unit
+def test_ranking_quality_by_hand():
+    # positives score 0.9 and 0.7, negatives 0.8 and 0.6: 3 of 4 pairs in order
+    auc, lift = P.ranking_quality([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], [0, 1, 0, 1])
+    assert (auc, lift) == (pytest.approx(0.75), pytest.approx(0.5))
+    # gains curve (0,0) (.25,.5) (.5,.5) (.75,1) (1,1): area .625, perfect .75, random .5
+    # ties count half and the curve runs straight across them: scores 1, 1, 0 with the
+    # outcome on one of the tied -> AUC (0.5 + 1) / 2; area 2/3, perfect 5/6
+    auc, lift = P.ranking_quality([1.0, 1.0, 0.0], [1, 0, 0], [0, 1, 1])
+    assert (auc, lift) == (pytest.approx(0.75), pytest.approx(0.5))
+    assert P.ranking_quality([3, 2, 1], [1, 1, 0], [0, 0, 1]) == (1.0, pytest.approx(1.0))
+    assert P.ranking_quality([1, 1], [1, 1], [1, 1]) == (0.5, pytest.approx(0.0))
+    assert P.ranking_quality([1, 2, 3], [0, 1, 1], [0, 0, 0])[0] != P.ranking_quality(
+        [1, 2, 3], [0, 1, 1], [0, 0, 0])[0]  # NaN: nobody without the outcome
+    # weighted rows equal the customers spelled out, and lift quality = 2 AUC - 1
+    rng = np.random.default_rng(3)
+    score = rng.integers(0, 6, 40).astype(float)
+    pos, neg = rng.integers(0, 4, 40), rng.integers(0, 4, 40)
+    spelled = (np.repeat(score, pos + neg),
+               np.concatenate([np.r_[np.ones(p), np.zeros(n)] for p, n in zip(pos, neg)]))
+    weighted = P.ranking_quality(score, pos, neg)
+    assert P.ranking_quality(spelled[0], spelled[1], 1 - spelled[1]) == (
+        pytest.approx(weighted[0]), pytest.approx(weighted[1]))
+    assert weighted[1] == pytest.approx(2 * weighted[0] - 1)
+
+
+@pytest.mark.unit
+def test_backtest_on_cdnow_fits_at_the_cutoff_and_reads_nothing_after_as_of():
+    tx = samples.load_cdnow_transactions(CDNOW_DIR / "CDNOW_sample.txt")
+    # 39 weeks back from the end of week 78: the paper's calibration period
+    as_of = pd.Timestamp("1998-06-30", tz="UTC")
+    fit, results = P.backtest(tx, as_of, horizon_days=273, customer_col="customer_id",
+                              datetime_col="date")
+    for name, published in {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}.items():
+        assert round(getattr(fit, name), 3) == published, name
+    churn, timing = results
+    assert (churn.measure, timing.measure) == ("churn_risk", "next_order")
+    assert churn.cutoff == datetime(1997, 9, 30, tzinfo=UTC)
+    assert churn.customers == timing.customers == 2357
+    ordered = tx[(tx["date"] > "1997-09-30") & (tx["date"] <= "1998-06-30")]["customer_id"]
+    assert churn.positives == 2357 - ordered.nunique()
+    early = tx[(tx["date"] > "1997-09-30") & (tx["date"] <= "1997-10-30")]["customer_id"]
+    assert timing.positives == early.nunique() and timing.outcome_days == 30
+    for r in results:
+        assert 0.7 < r.auc < 1 and r.lift_quality == pytest.approx(2 * r.auc - 1)
+    # a purchase after as_of changes nothing
+    late = pd.DataFrame({"customer_id": [1, 2], "date": pd.to_datetime(["1998-07-01"] * 2),
+                         "dollars": [10.0, 10.0]})
+    _, again = P.backtest(pd.concat([tx, late]), as_of, horizon_days=273,
+                          customer_col="customer_id", datetime_col="date")
+    assert again == results
+    with pytest.raises(ValueError, match="window_days"):
+        P.backtest(tx, as_of, horizon_days=20, window_days=30, customer_col="customer_id",
+                   datetime_col="date")
 
 
 # ------------------------------------------------------------------------- rfm_summary

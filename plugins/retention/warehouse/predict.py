@@ -47,6 +47,17 @@ DEFAULT_TIME_UNIT_DAYS = 7.0
 
 PREDICTIONS_TABLE = "marts.customer_predicted_value"
 FITS_TABLE = "marts.predicted_value_fits"
+BACKTESTS_TABLE = "ops.predicted_value_backtests"
+
+#: churn probability: the chance of no purchase in the next CHURN_HORIZON_DAYS days
+CHURN_HORIZON_DAYS = 90.0
+#: churn risk bands, highest first: a customer is in the first band whose lower bound her
+#: churn probability reaches
+CHURN_BANDS = (("high", 0.8), ("medium", 0.5), ("low", 0.0))
+#: the out-of-time backtest fits as of as_of minus this many days and scores what followed
+BACKTEST_HORIZON_DAYS = 90.0
+#: the next-order backtest's outcome: a purchase within this many days after the cutoff
+NEXT_ORDER_WINDOW_DAYS = 30.0
 
 
 # --------------------------------------------------------------------------- inputs
@@ -278,6 +289,25 @@ class BGNBDFit:
         remaining = 1.0 - one_minus_z ** (a - 1.0) * hyp
         return c / (a - 1.0) * remaining * self.probability_alive(x, tx, age)
 
+    def probability_purchase(self, t, frequency, recency, T) -> np.ndarray:
+        """P(at least one purchase in (T, T + t] | x, t_x, T).
+
+        A customer alive at T buys next after an exponential wait whose rate has the
+        posterior Gamma(r + x, alpha + T) (she can only drop out right after a purchase),
+        so P(no purchase in t | alive) = ((alpha + T) / (alpha + T + t))^(r + x); times
+        P(alive)."""
+        x, tx, age = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        t = np.asarray(t, dtype=float)
+        quiet_if_alive = np.exp(-(self.r + x) * np.log1p(t / (self.alpha + age)))
+        return self.probability_alive(x, tx, age) * (1.0 - quiet_if_alive)
+
+    def median_time_to_next_purchase(self, frequency, T) -> np.ndarray:
+        """The wait after T by which a customer who is alive has even odds of having
+        bought again: (alpha + T)(2^(1 / (r + x)) - 1), in the model's time unit. It
+        does not depend on recency: while alive, purchases are a Poisson process."""
+        x, age = (np.asarray(v, dtype=float) for v in (frequency, T))
+        return (self.alpha + age) * np.expm1(math.log(2.0) / (self.r + x))
+
     def expected_purchases_new_customer(self, t) -> np.ndarray:
         """E[X(t)]: repeat purchases in (0, t] of a customer who first bought at 0."""
         t = np.asarray(t, dtype=float)
@@ -438,7 +468,10 @@ def score_customers(
     """Per-customer predictions for an `rfm_summary` frame (same index).
 
     probability_alive, expected_purchases_90d, expected_purchases_365d,
-    expected_avg_order_value (NaN without a Gamma-Gamma fit), predicted_value_12m.
+    expected_avg_order_value (NaN without a Gamma-Gamma fit), predicted_value_12m,
+    expected_purchases_30d, churn_probability (no purchase in the next
+    CHURN_HORIZON_DAYS days), churn_risk (CHURN_BANDS), days_to_next_order (the median
+    wait for the next purchase of a customer who is alive, in days).
     The 12-month value is expected purchases in the next 365 days times the expected
     order value; with `annual_discount_rate` d > 0 each month's expected purchases are
     discounted by (1 + d)^(month / 12) instead (d = 0 gives the plain product).
@@ -463,7 +496,144 @@ def score_customers(
                                             annual_discount_rate)
                        if annual_discount_rate else purchases_365)
     out["predicted_value_12m"] = value_purchases[inv] * aov
+    out["expected_purchases_30d"] = bgnbd.expected_purchases(30.0 / time_unit_days, x, tx,
+                                                             t)[inv]
+    churn = 1.0 - bgnbd.probability_purchase(CHURN_HORIZON_DAYS / time_unit_days, x, tx, t)
+    out["churn_probability"] = churn[inv]
+    out["churn_risk"] = churn_risk_band(churn)[inv]
+    out["days_to_next_order"] = (bgnbd.median_time_to_next_purchase(x, t)
+                                 * time_unit_days)[inv]
     return out
+
+
+def churn_risk_band(churn_probability) -> np.ndarray:
+    """The CHURN_BANDS label of each churn probability (None where it is NaN)."""
+    p = np.asarray(churn_probability, dtype=float)
+    out = np.full(p.shape, None, dtype=object)
+    for label, lower in reversed(CHURN_BANDS):
+        out[p >= lower] = label
+    return out
+
+
+# ----------------------------------------------------------------------------- backtest
+
+
+def ranking_quality(score, positives, negatives) -> tuple[float, float]:
+    """AUC and lift quality of `score` for a yes/no outcome, rows weighted.
+
+    `positives` / `negatives`: per row, how many customers with that score had / had not
+    the outcome (labels 0/1: positives = labels, negatives = 1 - labels). AUC is the
+    chance that a customer with the outcome scores above one without (ties count half).
+    Lift quality is the area between the cumulative gains curve (share of the outcome
+    found against share of customers taken, best scores first; tied scores taken
+    together, so the curve is straight across them) and the diagonal of a random order,
+    over the same area of a perfect order: 0 random, 1 perfect. It equals 2 AUC - 1;
+    both are computed here, each from its own definition. NaN when every customer has
+    the outcome or none has; rows with a NaN score are left out.
+    """
+    s = np.asarray(score, dtype=float)
+    pos = np.asarray(positives, dtype=float)
+    neg = np.asarray(negatives, dtype=float)
+    keep = np.isfinite(s)
+    s, pos, neg = s[keep], pos[keep], neg[keep]
+    total_p, total_n = float(pos.sum()), float(neg.sum())
+    if total_p <= 0 or total_n <= 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, pos, neg = s[order], pos[order], neg[order]
+    _, start = np.unique(-s, return_index=True)  # tie groups, best score first
+    p_group, n_group = np.add.reduceat(pos, start), np.add.reduceat(neg, start)
+    n_below = total_n - np.cumsum(n_group)
+    auc = float((p_group * (n_below + 0.5 * n_group)).sum() / (total_p * total_n))
+    taken = np.concatenate([[0.0], np.cumsum(p_group + n_group)]) / (total_p + total_n)
+    found = np.concatenate([[0.0], np.cumsum(p_group)]) / total_p
+    area = float((np.diff(taken) * (found[1:] + found[:-1]) / 2.0).sum())
+    base_rate = total_p / (total_p + total_n)
+    perfect = 1.0 - base_rate / 2.0
+    return auc, (area - 0.5) / (perfect - 0.5)
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """One measure of an out-of-time backtest: fitted as of `cutoff`, the customers who
+    had bought by then scored, and the outcome read from (cutoff, cutoff + window]."""
+
+    measure: str  # churn_risk | next_order
+    cutoff: datetime
+    outcome_days: float
+    customers: int
+    positives: int  # customers with the outcome
+    auc: float
+    lift_quality: float
+
+
+def backtest_statistics(frequency, recency_days, age_days, customers, ordered_in_horizon,
+                        ordered_in_window, *, cutoff: datetime,
+                        horizon_days: float = BACKTEST_HORIZON_DAYS,
+                        window_days: float = NEXT_ORDER_WINDOW_DAYS,
+                        time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+                        ) -> tuple[BGNBDFit, list[BacktestResult]]:
+    """The backtest on distinct (x, t_x, T) rows as of the cutoff (times in days), with
+    per row the customers and how many of them bought within `horizon_days` and within
+    `window_days` after the cutoff.
+
+    churn_risk: the score is the churn probability over the horizon, the outcome no
+    purchase in it. next_order: the score is how soon the next purchase is expected
+    (minus the median wait), the outcome a purchase within the window.
+    """
+    x = np.asarray(frequency, dtype=float)
+    tx = np.asarray(recency_days, dtype=float) / time_unit_days
+    t = np.asarray(age_days, dtype=float) / time_unit_days
+    n = np.asarray(customers, dtype=float)
+    in_horizon = np.asarray(ordered_in_horizon, dtype=float)
+    in_window = np.asarray(ordered_in_window, dtype=float)
+    fit = fit_bgnbd(x, tx, t, weights=n)
+    churn = 1.0 - fit.probability_purchase(horizon_days / time_unit_days, x, tx, t)
+    soon = -fit.median_time_to_next_purchase(x, t)
+    results = []
+    for measure, score, positives, days in (
+            ("churn_risk", churn, n - in_horizon, horizon_days),
+            ("next_order", soon, in_window, window_days)):
+        auc, lift = ranking_quality(score, positives, n - positives)
+        results.append(BacktestResult(measure, cutoff, float(days), int(round(n.sum())),
+                                      int(round(positives.sum())), auc, lift))
+    return fit, results
+
+
+def backtest(transactions: pd.DataFrame, as_of: Any,
+             horizon_days: float = BACKTEST_HORIZON_DAYS,
+             window_days: float = NEXT_ORDER_WINDOW_DAYS,
+             time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
+             customer_col: str = "customer_id",
+             datetime_col: str = "purchased_at") -> tuple[BGNBDFit, list[BacktestResult]]:
+    """Out-of-time backtest on a transaction log: fit as of `as_of` minus `horizon_days`
+    (the cutoff), score the customers who had bought by then, and read the outcome from
+    the purchases in (cutoff, as_of] (backtest_statistics). Nothing after as_of is read.
+    """
+    if not 0 < window_days <= horizon_days:
+        raise ValueError("need 0 < window_days <= horizon_days")
+    as_of_ts = _utc_timestamp(as_of)
+    cutoff = as_of_ts - pd.Timedelta(days=horizon_days)
+    summary = rfm_summary(transactions, cutoff, 1.0, customer_col, datetime_col, None)
+    if summary.empty:
+        raise ValueError(f"no purchase at or before the cutoff {cutoff.isoformat()}")
+    stamps = _utc_naive(transactions[datetime_col])
+    after = (~np.isnat(stamps) & (stamps > cutoff.tz_convert(None).to_datetime64())
+             & (stamps <= as_of_ts.tz_convert(None).to_datetime64()))
+    first_after = pd.Series(stamps[after]).groupby(
+        transactions[customer_col].to_numpy()[after]).min()
+    first_after = first_after.reindex(summary.index)
+    window_end = (cutoff + pd.Timedelta(days=window_days)).tz_convert(None).to_datetime64()
+    frame = pd.DataFrame({
+        "x": summary["frequency"].to_numpy(), "tx": summary["recency"].to_numpy(),
+        "t": summary["T"].to_numpy(), "n": 1.0,
+        "h": first_after.notna().to_numpy(dtype=float),
+        "w": (first_after.to_numpy() <= window_end).astype(float)})
+    grouped = frame.groupby(["x", "tx", "t"], sort=False).sum().reset_index()
+    return backtest_statistics(grouped["x"], grouped["tx"], grouped["t"], grouped["n"],
+                               grouped["h"], grouped["w"], cutoff=cutoff.to_pydatetime(),
+                               horizon_days=horizon_days, window_days=window_days,
+                               time_unit_days=time_unit_days)
 
 
 @dataclass(frozen=True)
