@@ -36,6 +36,7 @@ EXPECTED_TABLES = {
         "campaign_runs", "audience_members", "messages", "claims", "message_events",
         "consent_changes", "deactivated_addresses", "chain_instances", "trigger_hits",
         "trigger_watermarks", "trigger_health", "webhook_batches", "report_deliveries",
+        "predicted_value_backtests",
     },
     "marts": {"customer_predicted_value", "predicted_value_fits"},
 }
@@ -263,7 +264,7 @@ def test_upgrade_from_the_baseline_adds_the_custom_event_columns(make_database, 
         assert conn.execute("select to_regprocedure('ops.try_jsonb(text)')").fetchone() == (
             None,)
     schema.upgrade(url)
-    assert schema.current(url) == schema.head() == "0002_custom_events"
+    assert schema.current(url) == schema.head()
     assert _rows(url) == ROWS
     assert _snapshot(url) == fresh_snapshot
     with db.connect(url) as conn:
@@ -284,6 +285,39 @@ def test_upgrade_from_the_baseline_adds_the_custom_event_columns(make_database, 
             "and table_name in ('events', 'customers')").fetchall()}
         assert "properties" not in columns and "birth_date" not in columns
         assert conn.execute("select to_regprocedure('ops.try_date(text)')").fetchone() == (None,)
+
+
+def test_upgrade_from_0002_adds_churn_risk_columns_and_the_backtests(make_database,
+                                                                      fresh_snapshot):
+    """A database at 0002 with a prediction row: the next revision adds the churn and
+    next-order columns (NULL on the existing row) and ops.predicted_value_backtests, and
+    ends identical to a fresh database; its downgrade removes them and keeps the row."""
+    url = make_database("mig")
+    schema.upgrade(url, "0002_custom_events")
+    with db.connect(url) as conn:
+        conn.execute("insert into marts.customer_predicted_value (customer_id, as_of, "
+                     "purchases, time_unit) values ('c1', '2024-03-01Z', 0, '7 days')")
+        conn.commit()
+    schema.upgrade(url, "0003_churn_risk")
+    assert _snapshot(url) == fresh_snapshot or schema.head() != "0003_churn_risk"
+    with db.connect(url) as conn:
+        assert conn.execute("select customer_id, churn_risk, expected_next_order_at, "
+                            "predicted_value_rank from marts.customer_predicted_value"
+                            ).fetchall() == [("c1", None, None, None)]
+        assert conn.execute("select count(*) from ops.predicted_value_backtests"
+                            ).fetchone() == (0,)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("update marts.customer_predicted_value set churn_risk = 'huge'")
+    schema.downgrade(url, "0002_custom_events")
+    with db.connect(url) as conn:
+        assert conn.execute("select to_regclass('ops.predicted_value_backtests')"
+                            ).fetchone() == (None,)
+        columns = {r[0] for r in conn.execute(
+            "select column_name from information_schema.columns where table_schema = 'marts' "
+            "and table_name = 'customer_predicted_value'").fetchall()}
+        assert "churn_risk" not in columns and "purchases" in columns
+        assert conn.execute("select customer_id from marts.customer_predicted_value"
+                            ).fetchall() == [("c1",)]
 
 
 def test_upgrade_at_head_is_a_no_op(make_database, fresh_snapshot):

@@ -441,6 +441,32 @@ def test_write_predictions_one_row_per_customer_and_idempotent(shop):
                    "expected_avg_order_value", "predicted_value_12m"]:
         np.testing.assert_allclose(buyers[column], expected[column], rtol=1e-6,
                                    err_msg=column)
+    for column in ["expected_purchases_30d", "churn_probability"]:
+        np.testing.assert_allclose(buyers[column], expected[column], rtol=1e-6,
+                                   err_msg=column)
+    assert (buyers["churn_risk"] == expected["churn_risk"]).all()
+    waited = (buyers["expected_next_order_at"] - AS_OF).dt.total_seconds() / 86400
+    np.testing.assert_allclose(waited, expected["days_to_next_order"], rtol=1e-6)
+    assert never[["expected_purchases_30d", "churn_probability", "churn_risk",
+                  "expected_next_order_at", "predicted_value_rank"]].isna().all().all()
+    # rank: the share of valued customers at or below her value; the top is 1
+    values = buyers["predicted_value_12m"]
+    rank = values.apply(lambda v: (values <= v).mean())
+    np.testing.assert_allclose(buyers["predicted_value_rank"], rank, rtol=1e-12)
+    # the backtest: fitted 90 days back, the same as on the transactions in memory
+    fit, backtests = P.backtest(purchases, AS_OF)
+    kept = _table(shop, "select * from ops.predicted_value_backtests order by measure")
+    assert kept["measure"].tolist() == ["churn_risk", "next_order"]
+    assert (kept["cutoff"] == AS_OF - timedelta(days=90)).all()
+    assert kept["outcome_window"].tolist() == [timedelta(days=90), timedelta(days=30)]
+    assert (kept["run_id"] == "run-1").all()
+    for row, b in zip(kept.itertuples(), backtests):
+        assert (row.customers, row.positives) == (b.customers, b.positives)
+        assert 0 < row.positives < row.customers
+        assert row.auc == pytest.approx(b.auc, rel=1e-6)
+        assert row.lift_quality == pytest.approx(b.lift_quality, rel=1e-6)
+        assert row.params["r"] == pytest.approx(fit.r, rel=1e-6)
+    assert result["backtest"]["churn_risk"]["auc"] == pytest.approx(backtests[0].auc)
     assert result["bgnbd"]["r"] == pytest.approx(direct.bgnbd.r, rel=1e-6)
     assert result["gamma_gamma"]["p"] == pytest.approx(direct.gamma_gamma.p, rel=1e-6)
     late = _table(shop, "select max(revenue) as m from intermediate.int_purchases_unified")
@@ -467,6 +493,8 @@ def test_write_predictions_one_row_per_customer_and_idempotent(shop):
                           "group by as_of order by as_of")
     assert counts["n"].tolist() == [305, 305]
     assert _table(shop, "select count(*) as n from marts.predicted_value_fits")["n"][0] == 4
+    assert _table(shop, "select count(*) as n from ops.predicted_value_backtests"
+                  )["n"][0] == 4
 
 
 def test_write_predictions_without_purchases_writes_unmodelled_rows(database_url):

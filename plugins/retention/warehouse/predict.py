@@ -675,7 +675,8 @@ def predict_customer_value(
 PREDICTION_COLUMNS = (
     "customer_id", "as_of", "purchases", "frequency", "recency", "age", "time_unit",
     "probability_alive", "expected_purchases_90d", "expected_purchases_365d",
-    "expected_avg_order_value", "predicted_value_12m",
+    "expected_avg_order_value", "predicted_value_12m", "expected_purchases_30d",
+    "churn_probability", "churn_risk", "expected_next_order_at", "predicted_value_rank",
 )
 
 PURCHASES_RELATION = "intermediate.int_purchases_unified"
@@ -685,7 +686,7 @@ PURCHASES_RELATION = "intermediate.int_purchases_unified"
 # distinct (x, t_x, T) and (x, mean value) rows it fits on, and sends back one prediction
 # per distinct (x, t_x, T). tests/test_predict.py checks both paths give the same rows.
 RFM_SQL = """
-create temp table _pv_rfm on commit drop as
+create temp table {table} on commit drop as
 with days as (
   select customer_id,
          (purchased_at at time zone 'UTC')::date as day,
@@ -708,18 +709,44 @@ from flagged
 group by customer_id
 """
 
+# predicted_value_rank: the share of the as_of's customers with a predicted value whose
+# value is at most hers (cume_dist; the top quarter is rank > 0.75)
 INSERT_SQL = """
 insert into {table} ({columns})
-select c.customer_id, {as_of}, coalesce(r.purchases, 0), r.frequency,
-       r.recency_days / {unit_days}, r.age_days / {unit_days}, {unit},
-       p.probability_alive, p.expected_purchases_90d, p.expected_purchases_365d,
-       aov.value, p.value_purchases * aov.value
-from raw.customers c
-left join _pv_rfm r on r.customer_id = c.customer_id
-left join _pv_predictions p
-  on p.frequency = r.frequency and p.recency_days = r.recency_days
-  and p.age_days = r.age_days
-cross join lateral (select {aov} as value) aov
+select s.*, case when s.value_12m is not null then
+         cume_dist() over (partition by s.value_12m is null order by s.value_12m) end
+from (
+  select c.customer_id, {as_of}, coalesce(r.purchases, 0), r.frequency,
+         r.recency_days / {unit_days}, r.age_days / {unit_days}, {unit},
+         p.probability_alive, p.expected_purchases_90d, p.expected_purchases_365d,
+         aov.value, p.value_purchases * aov.value as value_12m, p.expected_purchases_30d,
+         p.churn_probability,
+         case when p.churn_probability >= {high} then 'high'
+              when p.churn_probability >= {medium} then 'medium'
+              when p.churn_probability is not null then 'low' end,
+         {as_of} + make_interval(secs => p.next_order_days * 86400.0)
+  from raw.customers c
+  left join _pv_rfm r on r.customer_id = c.customer_id
+  left join _pv_predictions p
+    on p.frequency = r.frequency and p.recency_days = r.recency_days
+    and p.age_days = r.age_days
+  cross join lateral (select {aov} as value) aov
+) s
+"""
+
+# the backtest's statistics: rfm as of the cutoff (_pv_rfm_cutoff) and, per distinct
+# (x, t_x, T), how many customers bought in (cutoff, as_of] and in (cutoff, window end]
+BACKTEST_SQL = """
+copy (
+  select r.frequency, r.recency_days, r.age_days, count(*),
+         count(n.first_at), count(*) filter (where n.first_at <= {window_end})
+  from _pv_rfm_cutoff r
+  left join (select customer_id, min(purchased_at) as first_at from {purchases}
+             where customer_id is not null and purchased_at > {cutoff}
+               and purchased_at <= {as_of}
+             group by customer_id) n on n.customer_id = r.customer_id
+  group by 1, 2, 3
+) to stdout with (format csv)
 """
 
 
@@ -776,6 +803,8 @@ def write_predictions(
     *,
     time_unit_days: float = DEFAULT_TIME_UNIT_DAYS,
     annual_discount_rate: float = 0.0,
+    backtest_horizon_days: float = BACKTEST_HORIZON_DAYS,
+    next_order_window_days: float = NEXT_ORDER_WINDOW_DAYS,
 ) -> dict[str, Any]:
     """Fit both models on the purchases up to `as_of` and publish the predictions.
 
@@ -784,9 +813,11 @@ def write_predictions(
     replaces the rows of `as_of` in marts.customer_predicted_value (one per customer of
     raw.customers; purchases 0 and every model column NULL for a customer without a
     purchase) and in marts.predicted_value_fits (one per model fitted; Gamma-Gamma only
-    when some customer has a repeat purchase of positive value). Re-running for the same
-    as_of gives the same rows. Returns a summary of the run. `url` None: the configured
-    database.
+    when some customer has a repeat purchase of positive value), and the rows of `as_of`
+    in ops.predicted_value_backtests: the out-of-time backtest (`backtest`) with the
+    cutoff as_of minus `backtest_horizon_days`, one row per measure (none when nobody had
+    bought by the cutoff). Re-running for the same as_of gives the same rows. Returns a
+    summary of the run. `url` None: the configured database.
     """
     from psycopg import sql
 
@@ -806,7 +837,8 @@ def write_predictions(
         # one run per as_of at a time; different as_of values proceed in parallel
         conn.execute("select pg_advisory_xact_lock(hashtext('retention.warehouse.predict'), "
                      "hashtext(%s))", (as_of_ts.isoformat(),))
-        conn.execute(sql.SQL(RFM_SQL).format(purchases=sql.SQL(PURCHASES_RELATION),
+        conn.execute(sql.SQL(RFM_SQL).format(table=sql.SQL("_pv_rfm"),
+                                             purchases=sql.SQL(PURCHASES_RELATION),
                                              as_of=as_of_sql))
         triples = pd.read_csv(_copy_out(conn, (
             "copy (select frequency, recency_days, age_days, count(*) from _pv_rfm "
@@ -823,7 +855,8 @@ def write_predictions(
         conn.execute("create temp table _pv_predictions (frequency integer, "
                      "recency_days integer, age_days integer, probability_alive float8, "
                      "expected_purchases_90d float8, expected_purchases_365d float8, "
-                     "value_purchases float8) on commit drop")
+                     "value_purchases float8, expected_purchases_30d float8, "
+                     "churn_probability float8, next_order_days float8) on commit drop")
         if len(triples):
             x = triples["x"].to_numpy(dtype=float)
             tx = triples["recency_days"].to_numpy() / time_unit_days
@@ -838,6 +871,10 @@ def write_predictions(
                 (bgnbd.expected_purchases(DAYS_PER_YEAR / time_unit_days, x, tx, t), "f"),
                 (_purchases_for_value(bgnbd, x, tx, t, time_unit_days,
                                       annual_discount_rate), "f"),
+                (bgnbd.expected_purchases(30.0 / time_unit_days, x, tx, t), "f"),
+                (1.0 - bgnbd.probability_purchase(CHURN_HORIZON_DAYS / time_unit_days,
+                                                  x, tx, t), "f"),
+                (bgnbd.median_time_to_next_purchase(x, t) * time_unit_days, "f"),
             ])
             with conn.cursor().copy("copy _pv_predictions from stdin with (format binary)"
                                     ) as copy:
@@ -861,6 +898,8 @@ def write_predictions(
             columns=sql.SQL(", ").join(map(sql.Identifier, PREDICTION_COLUMNS)),
             as_of=as_of_sql, unit_days=sql.Literal(float(time_unit_days)),
             unit=sql.Literal(unit), aov=aov,
+            high=sql.Literal(dict(CHURN_BANDS)["high"]),
+            medium=sql.Literal(dict(CHURN_BANDS)["medium"]),
         )).rowcount
         with_purchases = conn.execute(
             f"select count(*) from {PREDICTIONS_TABLE} where as_of = %s and purchases > 0",
@@ -878,6 +917,9 @@ def write_predictions(
             ) as copy:
                 for row in fit_rows:
                     copy.write_row(row)
+        backtest_fit, backtests = _write_backtest(
+            conn, as_of_ts, run_id, time_unit_days, backtest_horizon_days,
+            next_order_window_days)
         conn.commit()
 
     return {
@@ -888,4 +930,45 @@ def write_predictions(
         "time_unit_days": time_unit_days,
         "bgnbd": None if bgnbd is None else asdict(bgnbd),
         "gamma_gamma": None if gamma_gamma is None else asdict(gamma_gamma),
+        "backtest": {"bgnbd": None if backtest_fit is None else backtest_fit.params,
+                     **{b.measure: {**asdict(b), "cutoff": b.cutoff.isoformat()}
+                        for b in backtests}},
     }
+
+
+def _write_backtest(conn, as_of_ts: pd.Timestamp, run_id: str | None,
+                    time_unit_days: float, horizon_days: float, window_days: float,
+                    ) -> tuple[BGNBDFit | None, list[BacktestResult]]:
+    """Replace the as_of's rows of BACKTESTS_TABLE with the backtest fitted as of as_of
+    minus `horizon_days` (in the caller's transaction)."""
+    from psycopg import sql
+
+    if not 0 < window_days <= horizon_days:
+        raise ValueError("need 0 < next_order_window_days <= backtest_horizon_days")
+    as_of_dt = as_of_ts.to_pydatetime()
+    cutoff = (as_of_ts - pd.Timedelta(days=horizon_days)).to_pydatetime()
+    window_end = cutoff + timedelta(days=window_days)
+    conn.execute(f"delete from {BACKTESTS_TABLE} where as_of = %s", (as_of_dt,))
+    conn.execute(sql.SQL(RFM_SQL).format(table=sql.SQL("_pv_rfm_cutoff"),
+                                         purchases=sql.SQL(PURCHASES_RELATION),
+                                         as_of=sql.Literal(cutoff)))
+    rows = pd.read_csv(_copy_out(conn, sql.SQL(BACKTEST_SQL).format(
+        purchases=sql.SQL(PURCHASES_RELATION), cutoff=sql.Literal(cutoff),
+        as_of=sql.Literal(as_of_dt), window_end=sql.Literal(window_end))),
+        header=None, names=["x", "recency_days", "age_days", "n", "h", "w"], dtype="int64")
+    if rows.empty:
+        return None, []
+    fit, results = backtest_statistics(
+        rows["x"], rows["recency_days"], rows["age_days"], rows["n"], rows["h"], rows["w"],
+        cutoff=cutoff, horizon_days=horizon_days, window_days=window_days,
+        time_unit_days=time_unit_days)
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"insert into {BACKTESTS_TABLE} (as_of, measure, cutoff, outcome_window, "
+            "customers, positives, auc, lift_quality, params, run_id) "
+            "values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(as_of_dt, b.measure, b.cutoff, timedelta(days=b.outcome_days), b.customers,
+              b.positives, None if math.isnan(b.auc) else b.auc,
+              None if math.isnan(b.lift_quality) else b.lift_quality,
+              json.dumps(fit.params), run_id) for b in results])
+    return fit, results
