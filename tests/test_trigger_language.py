@@ -57,7 +57,7 @@ def test_a_definition_parses():
 @pytest.mark.parametrize("block,expected", [
     ("entry: {event: cart, order: {}}\n",
      "demo.yaml:4: entry: exactly one of event, order, receipt, subscription, product_change, "
-     "date, predicted, stage (found event, order)"),
+     "date, predicted, stage, next_order (found event, order)"),
     ("entry:\n  event: [view, carts]\n",
      "demo.yaml:5: entry.event[1]: unknown event type 'carts'"),
     ("entry: {event: cart}\nwait: $abandoned_window\n",
@@ -289,6 +289,69 @@ def test_predicted_value_crossing_a_threshold(shop):
     assert [m[0] for m in moments(shop, below, DAY, DAY + timedelta(weeks=3))] == ["down"]
     # the snapshot of week 2 is outside a scan that ends before it
     assert moments(shop, above, DAY, DAY + timedelta(weeks=2) - timedelta(seconds=1)) == []
+
+
+def _snapshot(shop, cid: str, as_of: datetime, **values) -> None:
+    columns = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    shop._exec(f"insert into marts.customer_predicted_value (customer_id, as_of, purchases, "
+               f"time_unit{', ' if values else ''}{columns}) values (%s, %s, 1, "
+               f"interval '7 days'{', ' if values else ''}{marks})",
+               (cid, as_of, *values.values()))
+
+
+def test_next_order_due_with_nothing_bought(shop):
+    """The snapshot's expected date passes: the moment is that date, unless the customer
+    bought after the snapshot's as_of; wait and unless work as for any entry."""
+    for cid in ("due", "bought", "later", "after_wait"):
+        shop.customer(cid)
+    week = DAY - timedelta(days=7)
+    for cid in ("due", "bought", "after_wait"):
+        _snapshot(shop, cid, week, expected_next_order_at=at(10), churn_risk="low")
+    _snapshot(shop, "later", week, expected_next_order_at=at(10, day=5))
+    shop.order("bought", DAY - timedelta(days=2), status="paid")  # after as_of, before the date
+    shop.order("after_wait", at(12), status="paid")  # within the wait below
+    c = campaign("entry: {next_order: due}\n")
+    got = moments(shop, c, DAY, DAY + timedelta(days=1))
+    assert [(m[0], m[1], m[3]) for m in got] == [
+        ("after_wait", f"next_order:{week.timestamp():.6f}", at(10)),
+        ("due", f"next_order:{week.timestamp():.6f}", at(10))]
+    assert got[1][4]["churn_risk"] == "low"
+    waited = campaign("entry: {next_order: due}\nwait: 1d\nunless:\n  - purchase: {}\n")
+    assert [(m[0], m[3]) for m in moments(shop, waited, DAY, DAY + timedelta(days=2))] == [
+        ("due", at(10, day=1))]
+    # a scan that ends before the date finds nothing yet
+    assert moments(shop, c, DAY, at(9)) == []
+
+
+def test_audience_rules_on_the_predicted_snapshot(shop):
+    """Churn risk, a top share by predicted value and a measure's range select on the
+    customer's latest snapshot at or before the moment."""
+    for i, cid in enumerate(("hi_top", "hi_low", "lo_top", "none")):
+        shop.customer(cid)
+        shop.event(cid, "cart", at(10 + i))
+    old = DAY - timedelta(days=14)
+    _snapshot(shop, "hi_top", old, churn_risk="low", predicted_value_rank=0.2)
+    for cid, risk, rank, alive in (("hi_top", "high", 1.0, 0.3), ("hi_low", "high", 0.5, 0.2),
+                                   ("lo_top", "low", 0.8, 0.9)):
+        _snapshot(shop, cid, DAY - timedelta(days=7), churn_risk=risk,
+                  predicted_value_rank=rank, probability_alive=alive)
+    # a snapshot after the moments is not read
+    _snapshot(shop, "hi_low", at(20), churn_risk="high", predicted_value_rank=1.0)
+
+    def audience(rules: str):
+        head = HEAD.replace("{include_any: [{all_customers: true}]}", rules)
+        return [m[0] for m in moments(shop, campaign("entry: {event: cart}\n", head),
+                                      DAY, DAY + timedelta(days=1))]
+
+    assert audience("{include_all: [{churn_risk: [high]}, {predicted_value_top: 0.25}]}"
+                    ) == ["hi_top"]
+    assert audience("{include_any: [{churn_risk: [high, medium]}]}") == ["hi_top", "hi_low"]
+    assert audience("{include_any: [{probability_alive: {min: 0.25}}]}") == ["hi_top", "lo_top"]
+    assert audience("{include_any: [{all_customers: true}], "
+                    "exclude_any: [{churn_risk: [high]}]}") == ["lo_top", "none"]
+    with pytest.raises(CampaignError, match="churn_risk"):
+        audience("{include_any: [{churn_risk: [huge]}]}")
 
 
 @pytest.mark.unit

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from retention.ingest.contract import EVENT_TYPES
 
 PURCHASE_STATUSES_SQL = "('paid', 'delivered')"
+#: rules on the customer's latest predicted-value snapshot at or before as_of
+#: (marts.customer_predicted_value, retention.warehouse.predict): the churn risk bands, a
+#: top share by predicted value, and a min/max range of a measure
+PREDICTED_RULES = ("churn_risk", "predicted_value_top", "probability_alive",
+                   "churn_probability", "expected_purchases_30d", "expected_purchases_90d",
+                   "predicted_value_12m")
 
 
 def _like_prefix(category: str) -> str:
@@ -98,6 +104,23 @@ class _Compiler:
             if arg.get("max") is not None:
                 parts.append(f"cl.{kind} <= {self.bind(arg['max'])}")
             return "(" + (" and ".join(parts) or "true") + ")"
+        if kind in PREDICTED_RULES:
+            self.needs.add("marts.customer_predicted_value")
+        if kind == "churn_risk":
+            return f"coalesce(pv.churn_risk = any({self.bind(list(arg))}), false)"
+        if kind == "predicted_value_top":
+            # the top share of the snapshot's customers by predicted value
+            return f"coalesce(pv.predicted_value_rank > 1 - {self.bind(float(arg))}, false)"
+        if kind in PREDICTED_RULES:
+            parts = []
+            if arg.get("min") is not None:
+                parts.append(f"pv.{kind} >= {self.bind(arg['min'])}")
+            if arg.get("max") is not None:
+                parts.append(f"pv.{kind} <= {self.bind(arg['max'])}")
+            # no snapshot, or no value in it (a customer who never bought): not selected,
+            # and so kept by an exclude rule
+            return ("coalesce(pv.customer_id is not null and "
+                    + (" and ".join(parts) or "true") + ", false)")
         if kind == "has_channel":
             return f"""exists (select 1 from raw.channel_subscriptions s
                                 where s.customer_id = c.customer_id and s.channel = {self.bind(arg)}
@@ -123,5 +146,9 @@ def compile_audience(audience: dict) -> tuple[str, dict, set[str]]:
         conditions.append(f"not {comp.rule(r)}")
     join = ("left join marts.customer_lifetime cl on cl.customer_id = c.customer_id "
             if "marts.customer_lifetime" in comp.needs else "")
+    if "marts.customer_predicted_value" in comp.needs:
+        join += ("left join marts.customer_predicted_value pv on pv.customer_id = c.customer_id "
+                 "and pv.as_of = (select max(h.as_of) from marts.customer_predicted_value h "
+                 "where h.as_of <= %(as_of)s) ")
     sql = f"select c.customer_id from raw.customers c {join}where " + "\n and ".join(conditions)
     return sql, comp.params, comp.needs

@@ -39,13 +39,13 @@ from retention.campaigns.spec import CampaignError
 from retention.ingest.contract import EVENT_TYPES
 from retention.ingest.events import EventsFileError, load_catalog
 from retention.triggers.config import TriggerSettings, parse_window
-from retention.triggers.detect import (back_in_stock_changes, bought_product,
+from retention.triggers.detect import (PROBE, back_in_stock_changes, bought_product,
                                       cart_contents_ctes, checked_out, interested_ctes,
                                       launch_viewers_ctes, order_products, price_drops)
 
 #: the kinds of entry, one per definition
 ENTRY_KINDS = ("event", "order", "receipt", "subscription", "product_change", "date",
-               "predicted", "stage")
+               "predicted", "stage", "next_order")
 #: the contract's event types; a shop declares its own in the events file (setting
 #: events_file, include/events.yaml; retention.ingest.events)
 BUILTIN_EVENTS = EVENT_TYPES
@@ -59,12 +59,13 @@ PER_BY_KIND = {
     "date": (),
     "predicted": (),
     "stage": (),
+    "next_order": (),
 }
 RESERVED_PER = {"product", "category", "search", "top_category", "order", "receipt"}
 DEFAULT_KEY = {"event": "event", "order": "order", "receipt": "receipt",
                "subscription": "subscription", "price_drop": "price", "back_in_stock": "stock",
                "new_in_category": "new", "date": "date", "predicted": "predicted",
-               "stage": "stage"}
+               "stage": "stage", "next_order": "next_order"}
 #: the values of the measures a `stage` entry compares (customer_lifetime.sql; the
 #: accepted_values of customer_lifetime.yml and customer_stage_history.yml)
 STAGE_VALUES = {
@@ -443,7 +444,7 @@ def _unless(q: _Sql, m: _Moment, until: str, has_ropo: bool, session: bool) -> t
             parts = [f"{u}.customer_id = {m.customer}", f"{u}.ordered_at {op} {start}",
                      f"{u}.ordered_at <= {until}"] + q.order_filters(u, item["order"])
             cond = (f"exists (select 1 from raw.orders {u}\n                 where "
-                    + "\n                   and ".join(parts) + ")")
+                    + "\n                   and ".join(parts) + f" {PROBE})")
         elif "purchase" in item:
             if item["purchase"].get("same") == "product":
                 cond = bought_product(m.customer, m.product, m.at, until)
@@ -473,7 +474,7 @@ def _unless(q: _Sql, m: _Moment, until: str, has_ropo: bool, session: bool) -> t
                 parts.append(f"({path} = {m.category} or {path} like {m.category} || '.%%')")
             parts += q.event_filters(u, f"{u}p", where)
             cond = (f"exists (select 1 from raw.events {u}{join}\n                 where "
-                    + "\n                   and ".join(parts) + ")")
+                    + "\n                   and ".join(parts) + f" {PROBE})")
         (late if since == "session_start" else plain).append(f"\n      and not {cond}")
     return "".join(plain), "".join(late)
 
@@ -521,14 +522,17 @@ def _event_entry(q: _Sql, has_ropo: bool) -> str:
         span = q.bind(q.window(entry["session"].get("span", "$cart_lookback")))
         min_views = q.bind(q.value(entry["session"]["min_views"]))
         b_filters = "".join(f"\n       and {c}" for c in q.event_filters("b", "bp", where))
+        # the session's events: a probe per kept entry (PROBE), not a join over raw.events
         ctes += [f"""session_events as (
       select lv.event_id, b.product_id, b.occurred_at,
              coalesce('category:' || coalesce(b.category_path, bp.category_path),
                       'product:' || b.product_id) as subject
       from kept lv
-      join raw.events b on b.customer_id = lv.customer_id and {q.types('b.event_type', types)}
-       and b.occurred_at <= lv.occurred_at and b.occurred_at > lv.occurred_at - {span}
-       and (b.session_id = lv.session_id or lv.session_id is null)
+      cross join lateral (
+        select b.* from raw.events b
+        where b.customer_id = lv.customer_id and {q.types('b.event_type', types)}
+          and b.occurred_at <= lv.occurred_at and b.occurred_at > lv.occurred_at - {span}
+          and (b.session_id = lv.session_id or lv.session_id is null) {PROBE}) b
       left join raw.products bp on bp.product_id = b.product_id
       where (b.product_id is not null or b.category_path is not null){b_filters}
     )""", """subjects as (
@@ -761,7 +765,8 @@ def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
     d, opts = q.d, q.d.entry["predicted"]
     wait = q.bind(q.window(d.wait or "0s"))
     column = {m: m for m in ("predicted_value_12m", "probability_alive", "expected_purchases_90d",
-                             "expected_purchases_365d", "expected_avg_order_value")}[opts["measure"]]
+                             "expected_purchases_365d", "expected_avg_order_value",
+                             "expected_purchases_30d", "churn_probability")}[opts["measure"]]
     if "above" in opts:
         threshold = q.bind(q.value(opts["above"]))
         now, before = f"p.{column} > {threshold}", f"prev.value <= {threshold}"
@@ -770,6 +775,32 @@ def _predicted_entry(q: _Sql, has_ropo: bool) -> str:
         now, before = f"p.{column} < {threshold}", f"prev.value >= {threshold}"
     return _snapshot_moves(q, has_ropo, wait, "marts.customer_predicted_value", column,
                            f"{now} and {before}")
+
+
+def _next_order_entry(q: _Sql, has_ropo: bool) -> str:
+    """The expected date of the customer's next order passing with nothing bought: each
+    snapshot of marts.customer_predicted_value names a date (expected_next_order_at); the
+    moment is that date when the customer checked out nothing after the snapshot's as_of
+    up to it. Every snapshot names its own date (one moment each, key by the snapshot's
+    as_of); `reentry` limits how often a customer who stays quiet enters."""
+    d = q.d
+    wait = q.bind(q.window(d.wait or "0s"))
+    m = _Moment("m.customer_id", "m.anchor_at")
+    plain, _ = _unless(q, m, f"m.anchor_at + {wait}", has_ropo, False)
+    bought = checked_out("p.customer_id", "p.as_of", "p.expected_next_order_at",
+                         inclusive=False, has_ropo=has_ropo)
+    inner = f"""
+      select p.customer_id, {q.bind(d.key + ':')}::text || extract(epoch from p.as_of)::text as event_key,
+             {q.bind(d.per)}::text as subject, p.expected_next_order_at + {wait} as hit_at,
+             p.expected_next_order_at as anchor_at, null::timestamptz as first_step_at,
+             jsonb_build_object('as_of', p.as_of, 'expected_next_order_at',
+                                p.expected_next_order_at, 'churn_risk', p.churn_risk,
+                                'probability_alive', p.probability_alive) as context
+      from marts.customer_predicted_value p
+      where p.expected_next_order_at > %(lo)s - {wait}
+        and p.expected_next_order_at <= %(hi)s - {wait}
+        and not {bought}"""
+    return f"select m.* from ({inner}) m where true{plain}"
 
 
 def _stage_entry(q: _Sql, has_ropo: bool) -> str:
@@ -820,7 +851,7 @@ _NOTHING = ("select null::text as customer_id, null::text as event_key, null::te
 
 _ENTRIES = {"predicted": _predicted_entry, "event": _event_entry, "order": _order_entry, "receipt": _receipt_entry,
             "subscription": _subscription_entry, "product_change": _product_change_entry,
-            "date": _date_entry, "stage": _stage_entry}
+            "date": _date_entry, "stage": _stage_entry, "next_order": _next_order_entry}
 
 _SOURCES = {
     "order": "select count(*) from raw.orders where ordered_at > %(start)s and ordered_at <= %(end)s",
@@ -835,11 +866,15 @@ _SOURCES = {
                   "where as_of > %(start)s and as_of <= %(end)s"),
     "stage": ("select count(*) from marts.customer_stage_history "
               "where as_of > %(start)s and as_of <= %(end)s"),
+    "next_order": ("select count(*) from marts.customer_predicted_value "
+                   "where expected_next_order_at > %(start)s "
+                   "and expected_next_order_at <= %(end)s"),
 }
 #: the published table an entry reads: where it does not exist, the entry finds no moment
 #: and its source count is 0
 _SOURCE_RELATIONS = {"predicted": "marts.customer_predicted_value",
-                     "stage": "marts.customer_stage_history"}
+                     "stage": "marts.customer_stage_history",
+                     "next_order": "marts.customer_predicted_value"}
 
 TRIVIAL_AUDIENCE = {"include_any": [{"all_customers": True}]}
 

@@ -3,7 +3,8 @@ ops.predicted_value_backtests, the out-of-time backtest of each prediction run.
 
 The new columns (retention.warehouse.predict, docs/predicted_value.md) are nullable and
 NULL on the rows written before them: expected_purchases_30d, churn_probability,
-churn_risk (high, medium, low), expected_next_order_at, predicted_value_rank.
+churn_risk (high, medium, low), expected_next_order_at (indexed: the next_order trigger
+entry scans it), predicted_value_rank.
 ops.predicted_value_backtests holds per as_of and measure (churn_risk, next_order) the
 cutoff the models were fitted at, the outcome window, the customers scored, how many had
 the outcome, AUC and lift quality.
@@ -34,6 +35,10 @@ alter table marts.customer_predicted_value
   add column if not exists expected_next_order_at timestamptz,
   add column if not exists predicted_value_rank double precision;
 
+-- the next_order trigger entry scans the dates that fall in its range
+create index if not exists customer_predicted_value_next_order
+  on marts.customer_predicted_value (expected_next_order_at);
+
 create table if not exists ops.predicted_value_backtests (
   as_of timestamptz not null,
   measure text not null check (measure in ('churn_risk', 'next_order')),
@@ -51,6 +56,7 @@ create table if not exists ops.predicted_value_backtests (
 
 DOWNGRADE = """
 drop table if exists ops.predicted_value_backtests;
+drop index if exists marts.customer_predicted_value_next_order;
 alter table marts.customer_predicted_value
   drop column if exists predicted_value_rank,
   drop column if exists expected_next_order_at,
