@@ -243,6 +243,30 @@ def test_scores_carry_churn_risk_and_the_next_order(cdnow_summary, cdnow_bgnbd):
 
 
 @pytest.mark.unit
+def test_probability_alive_against_the_planted_churn_dates():
+    """Simulated customers whose drop-out is planted (dropped_at): among the repeat buyers
+    (the others cannot have dropped out) the fitted model's P(alive) adds up to the
+    number still alive, and ranks the dropped out as the likelier lost."""
+    true = {"r": 0.25, "alpha": 4.0, "a": 0.8, "b": 2.5}
+    ages = np.random.default_rng(7).integers(10 * 7, 78 * 7, 20_000) / 7.0
+    sim = samples.simulate(20_000, true, None, T=ages, seed=11)
+    dropped = ~np.isnan(sim.dropped_at)
+    assert (sim.dropped_at[dropped] == sim.recency[dropped]).all()  # after her last purchase
+    assert not dropped[sim.frequency == 0].any()
+    recency = np.floor(sim.recency * 7.0) / 7.0
+    fit = P.fit_bgnbd(sim.frequency, recency, sim.T)
+    repeat = sim.frequency > 0
+    alive = fit.probability_alive(sim.frequency, recency, sim.T)[repeat]
+    spread = np.sqrt((alive * (1 - alive)).sum())
+    assert abs(alive.sum() - (~dropped[repeat]).sum()) < 4 * spread
+    auc, lift = P.ranking_quality(1 - alive, dropped[repeat], ~dropped[repeat])
+    assert auc > 0.75 and lift == pytest.approx(2 * auc - 1)
+    churn = 1 - fit.probability_purchase(90 / 7, sim.frequency, recency, sim.T)
+    high = P.churn_risk_band(churn) == "high"
+    assert dropped[high & repeat].mean() > 2 * dropped[~high & repeat].mean()
+
+
+@pytest.mark.unit
 def test_ranking_quality_by_hand():
     # positives score 0.9 and 0.7, negatives 0.8 and 0.6: 3 of 4 pairs in order
     auc, lift = P.ranking_quality([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], [0, 1, 0, 1])

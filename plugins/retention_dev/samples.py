@@ -24,7 +24,8 @@ class Simulated:
 
     frequency, recency, T, monetary_value per customer (continuous time), and, when asked
     for, the transaction log (customer, time since the customer's first purchase, value),
-    first purchases included.
+    first purchases included. `dropped_at`: the planted churn date, the time of the
+    purchase after which the customer dropped out (NaN for one still alive at T).
     """
 
     frequency: np.ndarray
@@ -32,6 +33,7 @@ class Simulated:
     T: np.ndarray
     monetary_value: np.ndarray
     transactions: pd.DataFrame | None
+    dropped_at: np.ndarray | None = None
 
 
 def simulate(
@@ -51,6 +53,7 @@ def simulate(
     x = np.zeros(n, dtype=np.int64)
     tx = np.zeros(n)
     clock = np.zeros(n)
+    dropped_at = np.full(n, np.nan)
     active = np.arange(n)
     ids: list[np.ndarray] = [np.arange(n)] if transactions else []
     times: list[np.ndarray] = [np.zeros(n)] if transactions else []
@@ -64,7 +67,9 @@ def simulate(
         if transactions:
             ids.append(active)
             times.append(nxt)
-        active = active[rng.random(active.size) >= dropout[active]]
+        stays = rng.random(active.size) >= dropout[active]
+        dropped_at[active[~stays]] = clock[active[~stays]]
+        active = active[stays]
 
     monetary = np.zeros(n)
     log = None
@@ -85,7 +90,7 @@ def simulate(
             monetary[repeat] = rng.gamma(p * x[repeat], scale[repeat] / x[repeat])
     elif transactions:
         log = pd.DataFrame({"customer": np.concatenate(ids), "time": np.concatenate(times)})
-    return Simulated(x, tx, ages, monetary, log)
+    return Simulated(x, tx, ages, monetary, log, dropped_at)
 
 
 def insert_subscribed_customers(conn: Any, n: int, *, digits: int = 6,
