@@ -43,34 +43,42 @@ COLUMNS = ("customer_id", "event_key", "subject", "hit_at", "anchor_at", "first_
            "context")
 
 
+#: ends a correlated EXISTS over raw.events or raw.orders so that it stays a probe per
+#: candidate row (an index range scan on the customer and time): without it the planner
+#: may turn the EXISTS into a (anti-)join over the whole table, which it prefers when it
+#: overestimates the candidates (OFFSET keeps a subquery from being pulled up)
+PROBE = "offset 0"
+
+
 def checked_out(customer: str, after: str, until: str, *, inclusive: bool,
                 has_ropo: bool) -> str:
     """SQL: the customer checked out in (after, until] (or [after, until]): a purchase
-    event, an order that was not cancelled, or a matched offline receipt."""
+    event, an order that was not cancelled, or a matched offline receipt. Each EXISTS
+    is a probe per row (PROBE)."""
     op = ">=" if inclusive else ">"
     ropo = (f"""or exists (select 1 from marts.ropo_purchases rp
                        where rp.customer_id = {customer} and rp.purchased_at {op} {after}
                          and rp.purchased_at <= {until})""" if has_ropo else "")
     return f"""(exists (select 1 from raw.events x
                   where x.customer_id = {customer} and x.event_type = 'purchase'
-                    and x.occurred_at {op} {after} and x.occurred_at <= {until})
+                    and x.occurred_at {op} {after} and x.occurred_at <= {until} {PROBE})
              or exists (select 1 from raw.orders o
                         where o.customer_id = {customer} and o.status <> 'cancelled'
-                          and o.ordered_at {op} {after} and o.ordered_at <= {until})
+                          and o.ordered_at {op} {after} and o.ordered_at <= {until} {PROBE})
              {ropo})"""
 
 
 def bought_product(customer: str, product: str, after: str, until: str) -> str:
     """SQL: the customer bought (purchase event or an order line of) the product in
-    [after, until]."""
+    [after, until]. Each EXISTS is a probe per row (PROBE)."""
     return f"""(exists (select 1 from raw.events x
                   where x.customer_id = {customer} and x.event_type = 'purchase'
                     and x.product_id = {product}
-                    and x.occurred_at >= {after} and x.occurred_at <= {until})
+                    and x.occurred_at >= {after} and x.occurred_at <= {until} {PROBE})
              or exists (select 1 from raw.orders o
                         join raw.order_items oi on oi.order_id = o.order_id
                         where o.customer_id = {customer} and oi.product_id = {product}
-                          and o.ordered_at >= {after} and o.ordered_at <= {until}))"""
+                          and o.ordered_at >= {after} and o.ordered_at <= {until} {PROBE}))"""
 
 
 def order_products(order: str) -> str:
@@ -315,9 +323,12 @@ def interested_ctes(changes: str, lookback: str, types: str) -> str:
 def launch_viewers_ctes(lo: str, hi: str, lookback: str, types: str) -> str:
     """SQL: the CTEs `launches` (new products in (lo, hi]: their first product_changes
     row, in stock, in a category) and `viewers` (the customers with an event of `types`,
-    a condition on alias `v`, in the launch's category in the lookback before it)."""
+    a condition on alias `v`, in the launch's category in the lookback before it, once
+    per launch). The events are read in one range scan, from the earliest launch's
+    lookback to the latest launch, and matched to the launches by category and time:
+    the lookbacks of the launches of one scan overlap almost entirely."""
     return f"""
-    with launches as (
+    with launches as materialized (
       select c.product_id, c.changed_at as launched_at, p.category_path
       from raw.product_changes c join raw.products p on p.product_id = c.product_id
       where c.changed_at > {lo} and c.changed_at <= {hi} and coalesce(c.in_stock, true)
@@ -326,14 +337,17 @@ def launch_viewers_ctes(lo: str, hi: str, lookback: str, types: str) -> str:
                         where e.product_id = c.product_id and e.changed_at < c.changed_at)
     ),
     viewers as (
-      select l.product_id, l.launched_at, l.category_path, v.customer_id
+      select distinct l.product_id, l.launched_at, l.category_path, v.customer_id
       from launches l
-      cross join lateral (
-        select distinct v.customer_id
+      join (
+        select v.customer_id, v.occurred_at,
+               coalesce(v.category_path, vp.category_path) as category_path
         from raw.events v left join raw.products vp on vp.product_id = v.product_id
-        where v.occurred_at > l.launched_at - {lookback} and v.occurred_at <= l.launched_at
-          and {types} and v.customer_id is not null
-          and coalesce(v.category_path, vp.category_path) = l.category_path) v
+        where v.occurred_at > (select min(launched_at) from launches) - {lookback}
+          and v.occurred_at <= (select max(launched_at) from launches)
+          and {types} and v.customer_id is not null) v
+        on v.category_path = l.category_path
+       and v.occurred_at > l.launched_at - {lookback} and v.occurred_at <= l.launched_at
     )"""
 
 
