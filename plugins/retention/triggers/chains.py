@@ -35,11 +35,26 @@ from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign, Step
 from retention.triggers.state import CHAIN_ID_SQL
 
-MEMBERS_SQL = """
+#: the chains planned by one plan_members call (a temp table of the transaction)
+DUE_CHAINS = "trg_due_chains"
+
+#: the member source of a chain step: the chains of DUE_CHAINS. A table with a key, not
+#: an array parameter: the planner may probe the member source once per ledger row, and
+#: a probe of `chain_id = any(<thousands of ids>)` goes through the whole array each time
+MEMBERS_SQL = f"""
     select ci.customer_id, ci.variant, ci.holdout_kind, ci.chain_id as run_id,
            ci.anchor_at as run_as_of
-    from ops.chain_instances ci where ci.chain_id = any(%(chain_ids)s)
+    from {DUE_CHAINS} d join ops.chain_instances ci on ci.chain_id = d.chain_id
 """
+
+
+def due_chains(conn: psycopg.Connection, chain_ids: Sequence[str]) -> None:
+    """Fill DUE_CHAINS (dropped at commit) with the chains, analysed."""
+    conn.execute(f"drop table if exists {DUE_CHAINS}")
+    conn.execute(f"create temp table {DUE_CHAINS} (chain_id text primary key) on commit drop")
+    conn.execute(f"insert into {DUE_CHAINS} select distinct unnest(%s::text[])",
+                 (list(chain_ids),))
+    conn.execute(f"analyze {DUE_CHAINS}")
 
 
 def _arms_sql(campaign: Campaign, policy: Policy, params: dict) -> tuple[str, str]:
@@ -287,8 +302,8 @@ def plan_due_steps(conn: psycopg.Connection, campaign: Campaign, at: datetime,
             for channels, group in groups.items():
                 planned_step = step if tuple(channels) == step.channels else replace(
                     step, channels=tuple(channels))
-                plan_members(conn, campaign, planned_step, at, MEMBERS_SQL,
-                             {"chain_ids": group}, policy)
+                due_chains(conn, group)
+                plan_members(conn, campaign, planned_step, at, MEMBERS_SQL, {}, policy)
         _advance(conn, campaign, step, [r[0] for r in rows], at)
         if commit:
             conn.commit()

@@ -201,15 +201,19 @@ def definition_detector(conn: psycopg.Connection, name: str, campaign: Campaign,
                     merge_products=compiled.merge_products, source_params=compiled.source_params)
 
 
-def _analyze_if_grown(conn: psycopg.Connection, started: int) -> None:
-    """Analyse ops.chain_instances when the chains just started are a tenth or more of
-    what its statistics know: planning reads the due chains by id, and statistics of a
-    table that was (nearly) empty make the planner nest loops over all of them."""
-    known = conn.execute("select reltuples from pg_class "
-                         "where oid = 'ops.chain_instances'::regclass").fetchone()[0]
-    if known < 0 or started >= 0.1 * known:
-        conn.execute("analyze ops.chain_instances")
+def _analyze_if_grown(conn: psycopg.Connection, added: int,
+                      table: str = "ops.chain_instances") -> bool:
+    """Analyse the table when the rows just added are a tenth or more of what its
+    statistics know (True if it did): planning reads the due chains by id and the
+    ledger rows of their customers, and statistics of a table that was (nearly) empty
+    make the planner nest loops over all of them."""
+    known = conn.execute("select reltuples from pg_class where oid = %s::regclass",
+                         (table,)).fetchone()[0]
+    if known < 0 or added >= 0.1 * known:
+        conn.execute(f"analyze {table}")
         conn.commit()
+        return True
+    return False
 
 
 def definition_triggers(directory=None) -> list[str]:
@@ -315,9 +319,13 @@ def _run(names: Sequence[str], start: datetime, end: datetime, url: str | None, 
             seconds["exits"] += perf_counter() - clock
             clock = perf_counter()
             due: dict[str, dict[str, int]] = {}
+            planned = 0  # ledger rows (about one per due chain) since ops.messages was analysed
             for n in names:
                 due[n] = plan_due_steps(conn, loaded[n], end, policy,
                                         channel_orders=channel_orders)
+                planned += sum(due[n].values())
+                if planned and _analyze_if_grown(conn, planned, "ops.messages"):
+                    planned = 0
                 if on_point is not None:
                     on_point("triggers.after_plan", None)
             seconds["plan"] = perf_counter() - clock
