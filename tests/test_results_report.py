@@ -289,6 +289,7 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
         "Weekly retention report, 2026-W43", "Summary", "Cascade funnel by wave and channel",
         "Revenue per campaign, online and offline", "A/B tests and holdouts", "Trigger chains",
         "Cohort retention and new-customer RPR", "ROPO: research online, purchase offline",
+        "Model quality",
     ], rendered.headings
     # the summary tiles of the seeded shop's week 43 (test_report_figures_match_the_marts
     # checks the figures against the marts)
@@ -492,3 +493,49 @@ def test_weekly_report_dag_writes_the_past_week(shop_url, airflow_db, tmp_path, 
                       "write_report": "success", "send_report": "skipped"}, states
     report = tmp_path / "home" / "reports" / "weekly_report_2026-W43.html"
     assert report.exists() and "Results as of 2026-10-26 08:00 UTC" in report.read_text()
+
+
+def test_model_quality_shows_the_backtests_of_the_prediction_runs(shop_url):
+    """Two prediction runs on the generated shop: the report's model-quality table holds
+    both runs' backtests as kept in ops.predicted_value_backtests; the outcome counts are
+    the shop's own purchases after each cutoff."""
+    from retention.warehouse.predict import write_predictions
+
+    earlier = END - timedelta(days=7)
+    runs = {as_of: write_predictions(shop_url, as_of, run_id=f"predict@{as_of:%m-%d}")
+            for as_of in (earlier, END)}
+    data = collect(WEEK, shop_url, as_of=END)
+    assert [(m["as_of"], m["measure"]) for m in data.model_quality] == [
+        (END, "churn_risk"), (END, "next_order"), (earlier, "churn_risk"),
+        (earlier, "next_order")]
+    with db.connect(shop_url) as conn:
+        for m in data.model_quality:
+            cutoff = m["as_of"] - timedelta(days=90)
+            assert m["cutoff"] == cutoff
+            buyers, quiet, soon = conn.execute("""
+                with before as (select distinct customer_id from intermediate.int_purchases_unified
+                                where customer_id is not null and purchased_at <= %(cutoff)s),
+                     after as (select customer_id, min(purchased_at) as first_at
+                               from intermediate.int_purchases_unified
+                               where purchased_at > %(cutoff)s and purchased_at <= %(as_of)s
+                               group by customer_id)
+                select count(*), count(*) filter (where a.customer_id is null),
+                       count(*) filter (where a.first_at <= %(cutoff)s + interval '30 days')
+                from before b left join after a using (customer_id)""",
+                {"cutoff": cutoff, "as_of": m["as_of"]}).fetchone()
+            assert m["customers"] == buyers > 100
+            assert m["positives"] == (quiet if m["measure"] == "churn_risk" else soon)
+            assert 0 < m["positives"] < buyers
+            summary = runs[m["as_of"]]["backtest"][m["measure"]]
+            assert m["auc"] == pytest.approx(summary["auc"])
+            # the models rank the generated customers' next purchases better than chance
+            assert m["auc"] > 0.6 and m["lift_quality"] == pytest.approx(2 * m["auc"] - 1)
+            print(f"\n{m['as_of']:%Y-%m-%d} {m['measure']}: {buyers} customers, "
+                  f"{m['positives']} with the outcome, AUC {m['auc']:.3f}, "
+                  f"lift quality {m['lift_quality']:.3f}")
+    html = render(data)
+    section = html[html.index('<section id="model-quality">'):html.index("<footer>")]
+    for m in data.model_quality:
+        assert f"{m['auc'] * 100:.1f}%" in section and f"{m['lift_quality'] * 100:.1f}%" in section
+    # a report as of a moment before the runs shows none of them
+    assert collect(WEEK, shop_url, as_of=earlier - timedelta(seconds=1)).model_quality == []

@@ -17,7 +17,10 @@ Sections (each an element id, each chart an `<svg id="chart-...">`, see SECTIONS
 * cohorts: second-purchase curves (30/60/90 days) and new-customer 30-day RPR by
   first-purchase month, unfinished windows marked;
 * ROPO: per week, offline revenue split into ROPO purchases, other matched receipts and
-  unmatched receipts, and the ROPO share of offline revenue.
+  unmatched receipts, and the ROPO share of offline revenue;
+* model quality: the out-of-time backtest of churn risk and next-order timing of the
+  latest prediction runs (ops.predicted_value_backtests, written by `retention predict`):
+  AUC and lift quality per run.
 
 A week is an ISO week (Monday 00:00 UTC to the next Monday). The report reads the marts
 built by `retention build` (message_attribution, campaign_results, cohort_retention,
@@ -50,12 +53,14 @@ from retention.results.uplift import (
 )
 
 SECTIONS = ("summary", "cascade-funnel", "campaign-revenue", "experiments", "trigger-chains",
-            "cohorts", "ropo")
+            "cohorts", "ropo", "model-quality")
 CHARTS = ("chart-cascade-funnel", "chart-campaign-revenue", "chart-experiments-conversion",
           "chart-experiments-revenue", "chart-trigger-revenue", "chart-trigger-share",
           "chart-cohort-curves", "chart-rpr-30d", "chart-ropo-share")
 ROPO_WEEKS = 12
 COHORT_MONTHS = 12
+#: prediction runs shown in the model-quality table, latest first
+MODEL_RUNS = 8
 
 
 # --- weeks ----------------------------------------------------------------------------
@@ -106,6 +111,8 @@ class ReportData:
     experiments: list[RunUplift] = field(default_factory=list)
     cohorts: list[dict] = field(default_factory=list)
     ropo_weeks: list[dict] = field(default_factory=list)
+    #: backtest rows of the latest prediction runs up to as_of, latest first
+    model_quality: list[dict] = field(default_factory=list)
     sent_in_week: int = 0
     #: messages whose request went out with no answer from the provider (never resent)
     unknown_in_week: int = 0
@@ -245,6 +252,15 @@ def collect(week_start: date, url: str | None = None, as_of: datetime | None = N
                 order by 1""", dict(params, back=ROPO_WEEKS - 1)))
         else:
             data.notes.append("marts.ropo_purchases is not built yet.")
+        if _exists(conn, "ops.predicted_value_backtests"):
+            data.model_quality = _dicts(conn.execute("""
+                select b.as_of, b.measure, b.cutoff,
+                       extract(epoch from b.outcome_window) / 86400 as outcome_days,
+                       b.customers, b.positives, b.auc, b.lift_quality
+                from ops.predicted_value_backtests b
+                where b.as_of in (select distinct as_of from ops.predicted_value_backtests
+                                  where as_of <= %(as_of)s order by as_of desc limit %(n)s)
+                order by b.as_of desc, b.measure""", dict(params, n=MODEL_RUNS)))
     data.experiments = [r for r in measure_runs(as_of, started_from=ws, started_before=we, url=url)
                         if r.holdout or r.ab]
     return data

@@ -181,10 +181,36 @@ TEMPLATE = r"""<!doctype html>
   <figure>{{ charts.ropo }}</figure>
 </section>
 
+<section id="model-quality">
+  <h2>Model quality</h2>
+  <p class="lead">How well the predictions of the latest runs held up: each run also fits the models as
+  of an earlier cutoff and scores the customers of that day against what they did afterwards. Churn
+  risk: did the customers it rated riskiest buy nothing in the window? Next order: did the customers
+  it expected to order soonest order within the window? AUC is the chance that a customer with the
+  outcome is rated above one without (50% random, 100% perfect); lift quality is how much of the way
+  from a random to a perfect ordering the ranking gets (0% random, 100% perfect).</p>
+  {% if d.model_quality %}
+  <table>
+    <tr><th class="text">run (as of)</th><th class="text">prediction</th><th class="text">fitted as of</th>
+        <th>window (days)</th><th>customers</th><th>with the outcome</th><th>AUC</th><th>lift quality</th></tr>
+    {% for m in d.model_quality %}
+    <tr><td>{{ m.as_of.strftime('%Y-%m-%d %H:%M') }}</td>
+        <td class="text">{{ {'churn_risk': 'churn risk (no purchase)', 'next_order': 'next order (purchase)'}.get(m.measure, m.measure) }}</td>
+        <td class="text">{{ m.cutoff.strftime('%Y-%m-%d') }}</td><td>{{ m.outcome_days | round | int }}</td>
+        <td>{{ "{:,}".format(m.customers | int) }}</td><td>{{ "{:,}".format(m.positives | int) }}</td>
+        <td>{{ pct(m.auc) }}</td><td>{{ pct(m.lift_quality) }}</td></tr>
+    {% endfor %}
+  </table>
+  {% else %}
+  <p class="note">No backtest yet: each prediction run (`retention predict`, the build DAG's predicted value task) writes one.</p>
+  {% endif %}
+</section>
+
 <footer>
   Attribution windows (hours after a message): {% for ch, h in windows | dictsort %}{{ ch }} {{ h | int }}{% if not loop.last %}, {% endif %}{% endfor %}.
   Last touch: a purchase goes to the last message before it. Built from marts.campaign_results,
-  marts.message_attribution, marts.cohort_retention, marts.ropo_purchases and ops.campaign_runs.
+  marts.message_attribution, marts.cohort_retention, marts.ropo_purchases, ops.campaign_runs and
+  ops.predicted_value_backtests.
 </footer>
 </body>
 </html>
