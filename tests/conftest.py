@@ -1,8 +1,9 @@
 """Shared fixtures: a fresh PostgreSQL database per test (never a mock).
 
-The server is RETENTION_TEST_DATABASE_URL, else RETENTION_DATABASE_URL, else the embedded
-pgserver the quick start uses, started on first use by a test that asks for a database
-(never at import or collection). Every database a session creates gets a unique name and
+The server is RETENTION_TEST_DATABASE_URL, else RETENTION_DATABASE_URL, else an embedded
+pgserver of the tests' own (.retention/test-pgdata, beside the quick start's, with
+`db.SCRATCH_SETTINGS`: no fsync, so checkpoints and commits do not wait for the disk),
+started on first use by a test that asks for a database (never at import or collection). Every database a session creates gets a unique name and
 is dropped at the end, so tests never touch a developer's data and pytest-xdist workers
 never share one.
 
@@ -47,6 +48,8 @@ from retention.db.schema import upgrade as upgrade_schemas  # noqa: E402
 
 #: sample data the tests read, shipped in the repository (docs/CONTRACT.md section 6)
 DATA = ROOT / "tests" / "data"
+#: the data directory of the tests' embedded server (when no server is named)
+TEST_PGDATA = ROOT / ".retention" / "test-pgdata"
 
 #: fixtures that reach PostgreSQL or Airflow; a test marked `unit` may use none of them
 NOT_UNIT_FIXTURES = frozenset({"server_url", "make_database", "database_url", "airflow_db",
@@ -105,7 +108,7 @@ def _server_url() -> str:
     )
     if explicit:
         return explicit
-    return db.database_url()
+    return db.embedded_url(TEST_PGDATA, scratch=True)
 
 
 def _with_database(url: str, name: str) -> str:

@@ -45,13 +45,12 @@ def _reason(error: BaseException) -> str:
     return (reason[:1].lower() + reason[1:]) if reason else type(error).__name__
 
 
-def _embedded_server():  # pragma: no cover - exercised by the quick start
+def _embedded_server(pgdata):  # pragma: no cover - exercised by the quick start
     import warnings
 
     warnings.filterwarnings("ignore", module="platformdirs")
     import pgserver
 
-    pgdata = paths().pgdata
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     return pgserver.get_server(pgdata, cleanup_mode=None)
 
@@ -63,22 +62,44 @@ def _ensure_database(admin_url: str, name: str) -> None:
             conn.execute(f'create database "{name}"')
 
 
-def database_url() -> str:
-    """The SQLAlchemy URL in use (credentials included; never log it, use `redacted_url`)."""
-    explicit = settings().database_url or os.environ.get("DATABASE_URL")
-    if explicit:
-        return explicit
+#: server settings of a scratch server whose data need not survive a machine crash (the
+#: test suite's): no fsync of WAL or data files and no full-page images. A killed server
+#: process loses nothing with these (its writes are already in the kernel); only a crash
+#: of the machine could.
+SCRATCH_SETTINGS = {"fsync": "off", "full_page_writes": "off"}
+
+
+def embedded_url(pgdata, *, scratch: bool = False) -> str:
+    """The URL of the `retention` database of an embedded PostgreSQL whose data directory
+    is `pgdata`, started (or created) on demand; `scratch` applies SCRATCH_SETTINGS."""
     # Processes that start together (pytest-xdist workers, parallel tasks) take turns:
     # pgserver creates the data directory outside its own lock, and two processes would
     # both try to create the database.
     from filelock import FileLock
 
-    home = paths().pgdata.parent
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(home / "pgdata.lock"):
-        server = _embedded_server()
-        _ensure_database(server.get_uri("postgres"), _EMBEDDED_DB)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(pgdata.parent / f"{pgdata.name}.lock"):
+        server = _embedded_server(pgdata)
+        admin = server.get_uri("postgres")
+        _ensure_database(admin, _EMBEDDED_DB)
+        if scratch:
+            with psycopg.connect(libpq_dsn(admin), autocommit=True) as conn:
+                current = dict(conn.execute(
+                    "select name, setting from pg_settings where name = any(%s)",
+                    (list(SCRATCH_SETTINGS),)).fetchall())
+                if current != SCRATCH_SETTINGS:
+                    for name, value in SCRATCH_SETTINGS.items():
+                        conn.execute(f"alter system set {name} = '{value}'")
+                    conn.execute("select pg_reload_conf()")
     return server.get_uri(_EMBEDDED_DB)
+
+
+def database_url() -> str:
+    """The SQLAlchemy URL in use (credentials included; never log it, use `redacted_url`)."""
+    explicit = settings().database_url or os.environ.get("DATABASE_URL")
+    if explicit:
+        return explicit
+    return embedded_url(paths().pgdata)
 
 
 def stop_embedded() -> bool:
