@@ -32,6 +32,7 @@ from retention.results.report import (
     CHARTS, SECTIONS, collect, parse_week, previous_week, render, send_report, week_label,
     write_report,
 )
+from retention.results.uplift import format_difference as render_text
 
 # one pytest-xdist worker runs the module: its built shop is made once
 pytestmark = pytest.mark.xdist_group("test_results_report")
@@ -301,13 +302,13 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
     ], rendered.kpis
     screenshot = path.with_suffix(".png")
     subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
-                    "--window-size=1100,5600", f"--screenshot={screenshot}", path.as_uri()],
+                    "--window-size=1100,6400", f"--screenshot={screenshot}", path.as_uri()],
                    capture_output=True, timeout=120, check=True)
     pixels = _png_pixels(screenshot.read_bytes())
-    assert pixels.shape == (5600, 1100, 3), pixels.shape  # the window, the page drawn into it
+    assert pixels.shape == (6400, 1100, 3), pixels.shape  # the window, the page drawn into it
     # the styled page: the grey background beside the cards on every row, white section
     # cards from under the header to the last sections, the title's ink in the header
-    assert _rows_with(pixels, "#f4f6f8").size == 5600
+    assert _rows_with(pixels, "#f4f6f8").size == 6400
     cards = _rows_with(pixels, "#ffffff")
     assert cards[0] < 200 and cards[-1] > 5000, (cards[0], cards[-1])
     assert _rows_with(pixels, "#1f2933")[0] < 100
@@ -348,6 +349,31 @@ def test_report_figures_match_the_marts(shop_url):
                if d.difference == 0)
     assert data.ropo_weeks[-1]["week_start"] == WEEK and data.ropo_weeks[-1]["ropo_revenue"] > 0
     assert 0 < converted
+    # each revenue difference has its CUPED-adjusted one beside it, and every difference
+    # its always-valid interval, wider than the fixed one
+    for diff in weekly.holdout + weekly.ab:
+        assert diff.cs_low <= diff.ci_low and diff.ci_high <= diff.cs_high
+        assert "always valid" in render_text(diff)
+    revenue = weekly.holdout[1]
+    assert revenue.cuped.metric == "revenue_per_member_cuped" and revenue.cuped.cs_low is not None
+    assert render_text(revenue.cuped) in html and "CUPED-adjusted" in html
+    assert {t.split for t in weekly.srm} == {"holdout split", "A/B split"}
+    assert "Sample ratio, holdout split: global holdout" in html
+    # the global control group: the week's global holdout members, as many others by hash
+    gc = data.global_control
+    with db.connect(shop_url) as conn:
+        members, held = conn.execute("""
+            select count(distinct am.customer_id),
+                   count(distinct am.customer_id) filter (where am.holdout_kind = 'global')
+            from ops.audience_members am join ops.campaign_runs r on r.run_id = am.run_id
+            where r.as_of >= %s and r.as_of < %s""",
+            (datetime.combine(WEEK, datetime.min.time(), timezone.utc),
+             datetime.combine(WEEK + timedelta(days=7), datetime.min.time(), timezone.utc))
+        ).fetchone()
+    assert held > 20 and gc.holdout.members == gc.sample.members == held
+    assert gc.population == members and gc.srm.cells[0][:2] == ("global holdout", held)
+    assert [d.metric for d in gc.differences] == ["conversion_rate", "revenue_per_member"]
+    assert gc.differences[1].cuped is not None and 'id="global-control"' in html
 
 
 def test_one_definition_of_results_in_the_cli_the_mart_and_the_report(shop_url):

@@ -105,6 +105,10 @@ def test_sample_ratio_chi_square_by_hand():
     assert sample_ratio_test("holdout split", {"treated": 1000}, none_held) is None
     broken = sample_ratio_test("holdout split", {"campaign holdout": 3, "treated": 997}, none_held)
     assert broken.mismatch and broken.p_value == 0.0
+    # a 5% cell of 99 members expects 4.95 < 5: too few for the chi-square approximation
+    assert sample_ratio_test("global", {"g": 1, "others": 98}, {"g": 0.05, "others": 0.95}) is None
+    assert sample_ratio_test("global", {"g": 1, "others": 99}, {"g": 0.05, "others": 0.95}).p_value \
+        == pytest.approx(2 * stats.norm.sf(4 / np.sqrt(5 * 0.95)))  # chi2 = 16/5 + 16/95
 
 
 def _xy_arm(name: str, x: list[float], y: list[float]) -> ArmStats:

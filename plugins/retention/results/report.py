@@ -11,7 +11,10 @@ Sections (each an element id, each chart an `<svg id="chart-...">`, see SECTIONS
 * each campaign's revenue, online and offline (runs whose first message is in the week);
 * experiments: holdout uplift (conversion rate, revenue per member) and A/B differences
   with 95% intervals and a verdict ("not significant yet" where it is not), from
-  `uplift.measure_runs` (intention to treat over each run's frozen audience);
+  `uplift.measure_runs` (intention to treat over each run's frozen audience), each with
+  its always-valid interval beside it and revenue per member also CUPED-adjusted; each
+  run's sample ratio tests (a mismatch is also a note at the top); the week's global
+  control group against an equal-sized sample of treated members;
 * trigger chains: their revenue and their share of retention revenue (promo campaigns
   plus trigger chains; transactional messages are service, not retention);
 * cohorts: second-purchase curves (30/60/90 days) and new-customer 30-day RPR by
@@ -49,7 +52,8 @@ from retention.results import charts
 from retention.results.charts import Interval, Series
 from retention.results.report_template import TEMPLATE
 from retention.results.uplift import (
-    NOT_SIGNIFICANT, RunUplift, attribution_windows, format_difference, measure_runs,
+    NOT_SIGNIFICANT, SRM_ALPHA, GlobalControl, RunUplift, attribution_windows,
+    format_difference, measure_global_control, measure_runs,
 )
 
 SECTIONS = ("summary", "cascade-funnel", "campaign-revenue", "experiments", "trigger-chains",
@@ -109,6 +113,8 @@ class ReportData:
     funnel: list[dict] = field(default_factory=list)
     campaigns: list[dict] = field(default_factory=list)
     experiments: list[RunUplift] = field(default_factory=list)
+    #: the global holdout of the week's marketing runs against as many treated members
+    global_control: GlobalControl | None = None
     cohorts: list[dict] = field(default_factory=list)
     ropo_weeks: list[dict] = field(default_factory=list)
     #: backtest rows of the latest prediction runs up to as_of, latest first
@@ -263,7 +269,29 @@ def collect(week_start: date, url: str | None = None, as_of: datetime | None = N
                 order by b.as_of desc, b.measure""", dict(params, n=MODEL_RUNS)))
     data.experiments = [r for r in measure_runs(as_of, started_from=ws, started_before=we, url=url)
                         if r.holdout or r.ab]
+    data.global_control = measure_global_control(as_of, ws, we, url=url)
+    for run in data.experiments:  # a sample ratio mismatch goes to the top of the report
+        data.notes.extend(f"{run.campaign_id}, run of {run.run_as_of:%Y-%m-%d %H:%M}: {w}"
+                          for w in run.srm_warnings)
+    if data.global_control and data.global_control.srm and data.global_control.srm.mismatch:
+        data.notes.append(f"The week's global control group: {data.global_control.srm.warning}")
     return data
+
+
+def _metric_label(metric: str) -> str:
+    return ("revenue per member, CUPED-adjusted" if metric == "revenue_per_member_cuped"
+            else metric.replace("_", " "))
+
+
+def _comparison_rows(differences) -> list[tuple]:
+    """(difference, its text) per comparison, a revenue difference followed by its
+    CUPED-adjusted counterpart."""
+    rows = []
+    for d in differences:
+        rows.append((d, format_difference(d)))
+        if d.cuped is not None:
+            rows.append((d.cuped, format_difference(d.cuped)))
+    return rows
 
 
 # --- rendering ------------------------------------------------------------------------
@@ -391,7 +419,11 @@ def context(data: ReportData) -> dict:
         experiments.append({
             "run": run, "complete": run.complete,
             "arms": [(name, arm) for name, arm in sorted(run.arms.items())],
-            "rows": [(d, format_difference(d)) for d in run.holdout + run.ab]})
+            "rows": _comparison_rows(run.holdout + run.ab), "srm": run.srm})
+    gc = data.global_control
+    global_control = gc and {"gc": gc, "arms": [("global holdout", gc.holdout),
+                                                 ("treated sample", gc.sample)],
+                             "rows": _comparison_rows(gc.differences)}
     chart_markup = {
         "funnel": _funnel_chart(data),
         "campaign_revenue": _revenue_chart(
@@ -417,6 +449,7 @@ def context(data: ReportData) -> dict:
         money=lambda v: _money(v, cur), pct=_pct, ratio=_ratio, ropo_share=ropo_share,
         ropo_share_matched=ropo_share_matched, this_week=this_week,
         experiments=experiments, not_significant=NOT_SIGNIFICANT,
+        global_control=global_control, srm_alpha=SRM_ALPHA, metric_label=_metric_label,
         windows=attribution_windows(), chart_markup=chart_markup,
         week_end_display=data.week_end - timedelta(days=1))
 

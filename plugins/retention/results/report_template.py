@@ -36,6 +36,7 @@ TEMPLATE = r"""<!doctype html>
   .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px;
            background: #fff4e5; color: #8a5a00; margin-left: 6px; }
   ul.notes { color: var(--muted); }
+  .srm-warning { color: #b42318; }
   footer { color: var(--muted); font-size: 12px; }
 </style>
 </head>
@@ -116,7 +117,13 @@ TEMPLATE = r"""<!doctype html>
   <h2>A/B tests and holdouts</h2>
   <p class="lead">Every member of a run's frozen audience counts in the arm they were assigned to,
   reached or not; purchases online and offline within the run's window. 95% intervals; a difference
-  whose test is not below p = 0.05 reads "{{ not_significant }}".</p>
+  whose test is not below p = 0.05 reads "{{ not_significant }}". The always-valid interval beside
+  each may be read every week: however often it is looked at, the chance that it ever misses the
+  true difference stays within 5% (the fixed interval holds for one look only). Revenue per member
+  is also shown CUPED-adjusted: each member's revenue in the equally long period before the run
+  explains part of the spread, which narrows the interval without moving its centre on average.
+  Each run's arm sizes are tested against the shares its assignment gives them (sample ratio,
+  chi-square); p &lt; {{ srm_alpha }} is a warning that members were lost or moved unevenly.</p>
   <figure>{{ charts.experiments_conversion }}</figure>
   <figure>{{ charts.experiments_revenue }}</figure>
   {% for e in experiments %}
@@ -131,15 +138,42 @@ TEMPLATE = r"""<!doctype html>
     {% endfor %}
   </table>
   <table>
-    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p</th></tr>
+    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
     {% for diff, text in e.rows %}
-    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ diff.metric.replace('_', ' ') }}</td>
+    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
         <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
     {% endfor %}
   </table>
+  {% for t in e.srm %}
+  <p class="{{ 'srm-warning' if t.mismatch else 'note' }}">{% if t.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ t.describe() }}.</p>
+  {% endfor %}
   {% else %}
   <p class="note">No campaign run this week had a holdout or more than one variant.</p>
   {% endfor %}
+  {% if global_control %}
+  {% set g = global_control.gc %}
+  <h3 id="global-control">Global control group</h3>
+  <p class="note">The {{ "{:,}".format(g.holdout.members) }} members of the week's marketing runs in the global
+  holdout (no marketing message reaches them) against {{ "{:,}".format(g.sample.members) }} of the other
+  {{ "{:,}".format(g.population - g.holdout.members) }}, drawn by hash; purchases from
+  {{ g.measured_from.strftime('%Y-%m-%d %H:%M') }} to {{ g.measured_until.strftime('%Y-%m-%d %H:%M') }} UTC.</p>
+  <table>
+    <tr><th class="text">group</th><th>members</th><th>converted</th><th>conversion rate</th><th>revenue</th><th>revenue per member</th></tr>
+    {% for name, arm in global_control.arms %}
+    <tr><td>{{ name }}</td><td>{{ "{:,}".format(arm.members) }}</td><td>{{ "{:,}".format(arm.converters) }}</td>
+        <td>{{ pct(arm.conversion_rate) }}</td><td>{{ money(arm.revenue) }}</td>
+        <td>{{ "%.2f"|format(arm.revenue_per_member or 0) }}</td></tr>
+    {% endfor %}
+  </table>
+  <table>
+    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
+    {% for diff, text in global_control.rows %}
+    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
+        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
+    {% endfor %}
+  </table>
+  {% if g.srm %}<p class="{{ 'srm-warning' if g.srm.mismatch else 'note' }}">{% if g.srm.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ g.srm.describe() }}.</p>{% endif %}
+  {% endif %}
 </section>
 
 <section id="trigger-chains">

@@ -31,8 +31,10 @@ counts against those shares: the holdout split (global holdout g, campaign holdo
 (1 - g) h, treated (1 - g)(1 - h)) and, with more than one variant, the A/B split of the
 treated members (w_i / sum(w)). chi2 = sum((O - E)^2 / E) with k - 1 degrees of freedom
 over the k cells of positive expected share (a member in a cell of share 0 is a mismatch
-outright). p < SRM_ALPHA (0.001) is a warning: the assignment or the data lost members
-unevenly, and the run's differences are not to be trusted until that is explained.
+outright); a split where a cell expects fewer than SRM_MIN_EXPECTED (5) members is too
+small for the approximation and is not tested. p < SRM_ALPHA (0.001) is a warning: the
+assignment or the data lost members unevenly, and the run's differences are not to be
+trusted until that is explained.
 
 CUPED (Deng, Xu, Kohavi and Walker 2013) on revenue per member. X is a member's purchase
 revenue (the same purchases as Y) in the pre-period of equal length just before the
@@ -93,6 +95,9 @@ DEFAULT_WINDOW_HOURS: dict[str, float] = {"email": 72, "mobile_push": 24, "web_p
 NOT_SIGNIFICANT = "not significant yet"
 #: a sample ratio test with a p-value below this is a warning
 SRM_ALPHA = 0.001
+#: the smallest expected count of a cell for which the chi-square approximation is used
+#: (Cochran's rule); a split with a smaller one is not tested
+SRM_MIN_EXPECTED = 5.0
 #: the always-valid intervals' mixing standard deviation, in per-member standard deviations
 MIXING_SD = 0.05
 
@@ -394,7 +399,8 @@ def sample_ratio_test(split: str, observed: dict[str, int],
                       shares: dict[str, float]) -> SampleRatio | None:
     """Pearson's chi-square of `observed` counts against expected `shares` (normalised to
     sum 1) over the cells of positive share; a member in a cell of share 0 is a mismatch
-    outright (p = 0). None when fewer than two cells can hold members or nobody is counted."""
+    outright (p = 0). None when fewer than two cells can hold members, nobody is counted,
+    or a cell expects fewer than SRM_MIN_EXPECTED members."""
     total_share = sum(v for v in shares.values() if v > 0)
     n = sum(observed.values())
     if n == 0 or total_share <= 0:
@@ -406,7 +412,7 @@ def sample_ratio_test(split: str, observed: dict[str, int],
     if any(o > 0 and share == 0 for _, o, share in cells):
         return SampleRatio(split, tuple(c for c in cells if c[1] or c[2]), math.inf,
                            max(1, len(positive)), 0.0)
-    if len(positive) < 2:
+    if len(positive) < 2 or min(s * n for _, _, s in positive) < SRM_MIN_EXPECTED:
         return None
     result = stats.chisquare([o for _, o, _ in positive], [s * n for _, _, s in positive])
     return SampleRatio(split, tuple(positive), float(result.statistic), len(positive) - 1,
@@ -743,6 +749,9 @@ def format_difference(d: Difference) -> str:
         text += (f"; always valid {d.cs_low * scale:+.{digits}f} to "
                  f"{d.cs_high * scale:+.{digits}f}")
     if d.variance_reduction is not None:
-        text += (f"; CUPED variance {abs(d.variance_reduction) * 100:.0f}% "
-                 f"{'lower' if d.variance_reduction >= 0 else 'higher'} than unadjusted")
+        if abs(d.variance_reduction) < 0.005:
+            text += "; CUPED variance as unadjusted (pre-period revenue explains little)"
+        else:
+            text += (f"; CUPED variance {abs(d.variance_reduction) * 100:.0f}% "
+                     f"{'lower' if d.variance_reduction > 0 else 'higher'} than unadjusted")
     return text
