@@ -534,6 +534,30 @@ def test_write_predictions_without_purchases_writes_unmodelled_rows(database_url
     assert fits["n"][0] == 0
 
 
+def test_write_predictions_when_nobody_bought_twice(database_url):
+    """One purchase each: the fit expects (almost) no purchase ever; the run still
+    publishes every row, and no next-order date lies beyond NEXT_ORDER_MAX_DAYS."""
+    with db.connect(database_url) as conn:
+        conn.execute(PURCHASES_DDL)
+        for i, days in enumerate((200, 120, 30, 5)):
+            conn.execute("insert into raw.customers (customer_id) values (%s)", (f"o{i}",))
+            conn.execute("insert into intermediate.int_purchases_unified values "
+                         "(%s, 'online', %s, %s, 10)", (f"p{i}", f"o{i}",
+                                                        AS_OF - timedelta(days=days)))
+        conn.commit()
+    result = P.write_predictions(database_url, AS_OF)
+    assert result["customers"] == 4 and result["bgnbd"] is not None
+    rows = _table(database_url, "select churn_risk, expected_next_order_at "
+                                "from marts.customer_predicted_value")
+    assert rows["churn_risk"].notna().all()
+    dates = rows["expected_next_order_at"].dropna()
+    assert (dates <= AS_OF + timedelta(days=P.NEXT_ORDER_MAX_DAYS)).all()
+    kept = _table(database_url, "select measure, customers, auc from ops.predicted_value_backtests "
+                                "order by measure")
+    assert kept["customers"].tolist() == [2, 2]  # bought by the cutoff, 90 days back
+    assert kept["auc"].isna().all()  # nobody bought after it: no ranking to judge
+
+
 def test_write_predictions_names_the_missing_purchases_relation(database_url):
     with pytest.raises(LookupError, match="intermediate.int_purchases_unified"):
         P.write_predictions(database_url, AS_OF)

@@ -58,6 +58,9 @@ CHURN_BANDS = (("high", 0.8), ("medium", 0.5), ("low", 0.0))
 BACKTEST_HORIZON_DAYS = 90.0
 #: the next-order backtest's outcome: a purchase within this many days after the cutoff
 NEXT_ORDER_WINDOW_DAYS = 30.0
+#: expected_next_order_at is NULL where the median wait is longer (or infinite: a fit
+#: that expects no purchase at all)
+NEXT_ORDER_MAX_DAYS = 36500.0
 
 
 # --------------------------------------------------------------------------- inputs
@@ -306,7 +309,8 @@ class BGNBDFit:
         bought again: (alpha + T)(2^(1 / (r + x)) - 1), in the model's time unit. It
         does not depend on recency: while alive, purchases are a Poisson process."""
         x, age = (np.asarray(v, dtype=float) for v in (frequency, T))
-        return (self.alpha + age) * np.expm1(math.log(2.0) / (self.r + x))
+        with np.errstate(over="ignore"):  # r + x near 0: no purchase expected, ever (inf)
+            return (self.alpha + age) * np.expm1(math.log(2.0) / (self.r + x))
 
     def expected_purchases_new_customer(self, t) -> np.ndarray:
         """E[X(t)]: repeat purchases in (0, t] of a customer who first bought at 0."""
@@ -724,7 +728,8 @@ from (
          case when p.churn_probability >= {high} then 'high'
               when p.churn_probability >= {medium} then 'medium'
               when p.churn_probability is not null then 'low' end,
-         {as_of} + make_interval(secs => p.next_order_days * 86400.0)
+         case when p.next_order_days <= {max_days}
+              then {as_of} + make_interval(secs => p.next_order_days * 86400.0) end
   from raw.customers c
   left join _pv_rfm r on r.customer_id = c.customer_id
   left join _pv_predictions p
@@ -898,6 +903,7 @@ def write_predictions(
             columns=sql.SQL(", ").join(map(sql.Identifier, PREDICTION_COLUMNS)),
             as_of=as_of_sql, unit_days=sql.Literal(float(time_unit_days)),
             unit=sql.Literal(unit), aov=aov,
+            max_days=sql.Literal(NEXT_ORDER_MAX_DAYS),
             high=sql.Literal(dict(CHURN_BANDS)["high"]),
             medium=sql.Literal(dict(CHURN_BANDS)["medium"]),
         )).rowcount
