@@ -3,8 +3,9 @@
 The servers run in their own process (`python -m retention_dev.servers`),
 so this process's time is the channel's: SDK, JSON, HTTP. E-mail goes through
 SendGridChannel (1,000 personalizations a request), push through FirebaseChannel
-(FCM HTTP v1 over aiohttp, 500 messages a call, each its own HTTP request); several
-`send_batch` calls are kept in flight by a thread pool, as the dispatcher's workers do.
+(FCM HTTP v1 over libcurl through pycurl, 500 messages a call, each its own HTTP
+request); several `send_batch` calls are kept in flight by a thread pool, as the
+dispatcher's workers do.
 
     .venv/bin/python bench/bench_channels.py                      # 100,000 of each
     .venv/bin/python bench/bench_channels.py --messages 20000 --latency-ms 20 \

@@ -13,7 +13,7 @@ count of the messages they accepted, which each wave is checked against.
 Waves, each a campaign run of its own:
 
 * e-mail: SendGridChannel, 1,000 personalizations per request;
-* push: FirebaseChannel (HTTP v1 over aiohttp), 500 per call, one HTTP request each;
+* push: FirebaseChannel (HTTP v1 over libcurl, pycurl), 500 per call, one HTTP request each;
 * e-mail one request per message, as the Airflow SendGrid provider sends
   (`airflow.providers.sendgrid.utils.emailer.send_email`: a Mail with one personalization
   and a new SendGridAPIClient per call, run one after the other by a task): measured on

@@ -3,8 +3,8 @@
 Each `send_batch` goes to FCM in calls of up to 500 messages, each message its own HTTP
 request (`POST /v1/projects/<project>/messages:send`), all of a call in flight at once,
 so one call is about one round trip long. The requests go through `FcmClient`
-(fcm_transport.py: aiohttp on an event loop of the channel's own, keep-alive
-connections, at most `pool_size`).
+(fcm_transport.py: libcurl's multi interface through pycurl, driven by a thread of the
+channel's own, keep-alive connections, at most `pool_size`).
 
 firebase-admin is used through its public API for the service account:
 `credentials.Certificate` checks the JSON and gives the google-auth credential (with the
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-import ssl
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -67,12 +66,12 @@ def environment_proxy(url: str) -> str | None:
     return requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
 
 
-def ssl_context(from_env: bool = True) -> ssl.SSLContext:
-    """Verification against REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (with `from_env`), else
-    certifi's bundle."""
+def ca_bundle(from_env: bool = True) -> str:
+    """The CA file to verify against: REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (with
+    `from_env`), else certifi's bundle."""
     bundle = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
               if from_env else None)
-    return ssl.create_default_context(cafile=bundle or certifi.where())
+    return bundle or certifi.where()
 
 
 def fcm_error(answer: FcmAnswer) -> tuple[str, str, bool]:
@@ -135,7 +134,7 @@ class FirebaseChannel:
         self._client = FcmClient(
             base, project, certificate.get_credential(), pool_size=pool_size, timeout=timeout,
             proxy=self.proxy,
-            ssl_context=ssl_context(proxies_from_env) if base.startswith("https:") else None,
+            ca_bundle=ca_bundle(proxies_from_env) if base.startswith("https:") else None,
             name=f"fcm-{kind}-{uuid.uuid4().hex[:8]}")
 
     def close(self) -> None:
