@@ -35,25 +35,28 @@ from retention.campaigns.policy import Policy
 from retention.campaigns.spec import Campaign, Step
 from retention.triggers.state import CHAIN_ID_SQL
 
-#: the chains planned by one plan_members call (a temp table of the transaction)
+#: the chains planned by one plan_members call, as its members (a temp table of the
+#: transaction, keyed by run_id = chain_id)
 DUE_CHAINS = "trg_due_chains"
 
-#: the member source of a chain step: the chains of DUE_CHAINS. A table with a key, not
-#: an array parameter: the planner may probe the member source once per ledger row, and
-#: a probe of `chain_id = any(<thousands of ids>)` goes through the whole array each time
+#: the member source of a chain step: the rows of DUE_CHAINS. A small keyed table, not
+#: ops.chain_instances filtered by an array of ids: the engine reads its member source
+#: in several places, and may probe it once per ledger row, where a probe of
+#: `chain_id = any(<thousands of ids>)` goes through the whole array each time
 MEMBERS_SQL = f"""
-    select ci.customer_id, ci.variant, ci.holdout_kind, ci.chain_id as run_id,
-           ci.anchor_at as run_as_of
-    from {DUE_CHAINS} d join ops.chain_instances ci on ci.chain_id = d.chain_id
+    select d.customer_id, d.variant, d.holdout_kind, d.run_id, d.run_as_of from {DUE_CHAINS} d
 """
 
 
 def due_chains(conn: psycopg.Connection, chain_ids: Sequence[str]) -> None:
-    """Fill DUE_CHAINS (dropped at commit) with the chains, analysed."""
+    """Copy the chains' member columns into DUE_CHAINS (dropped at commit), analysed."""
     conn.execute(f"drop table if exists {DUE_CHAINS}")
-    conn.execute(f"create temp table {DUE_CHAINS} (chain_id text primary key) on commit drop")
-    conn.execute(f"insert into {DUE_CHAINS} select distinct unnest(%s::text[])",
-                 (list(chain_ids),))
+    conn.execute(f"""
+        create temp table {DUE_CHAINS} on commit drop as
+        select ci.chain_id as run_id, ci.customer_id, ci.variant, ci.holdout_kind,
+               ci.anchor_at as run_as_of
+        from ops.chain_instances ci where ci.chain_id = any(%s)""", (list(chain_ids),))
+    conn.execute(f"alter table {DUE_CHAINS} add primary key (run_id)")
     conn.execute(f"analyze {DUE_CHAINS}")
 
 
@@ -315,11 +318,15 @@ def _advance(conn: psycopg.Connection, campaign: Campaign, step: Step, chain_ids
     is_last = step.index == len(campaign.steps) - 1
     next_wait = 0.0 if is_last else campaign.steps[step.index + 1].wait.total_seconds()
     message_id = MESSAGE_ID_SQL.format(run_id="c.chain_id", customer="c.customer_id")
+    # each chain's message of the step: a probe of the ledger's key per chain (OFFSET 0
+    # keeps it one), not a join over the whole ledger
     conn.execute(f"""
         with outcome as (
           select c.chain_id, m.not_before, m.reason = 'exited: purchase' as exited
           from ops.chain_instances c
-          left join ops.messages m on m.message_id = {message_id}
+          left join lateral (
+            select m.not_before, m.reason from ops.messages m
+            where m.message_id = {message_id} offset 0) m on true
           where c.chain_id = any(%(chain_ids)s)
         )
         update ops.chain_instances ci set
