@@ -376,6 +376,37 @@ def test_report_figures_match_the_marts(shop_url):
     assert gc.differences[1].cuped is not None and 'id="global-control"' in html
 
 
+def test_a_sample_ratio_mismatch_is_a_warning_at_the_top_of_the_report(shop_url):
+    """The week's cascade loses its campaign holdout from the ledger: its holdout split no
+    longer fits the assigned shares, and the report says so above everything else."""
+    with db.connect(shop_url) as conn:
+        lost = conn.execute(
+            "select am.run_id, am.customer_id, am.variant, am.holdout_kind "
+            "from ops.audience_members am join ops.campaign_runs r on r.run_id = am.run_id "
+            "where r.campaign_id = 'weekly_promo' and am.holdout_kind = 'campaign'").fetchall()
+        assert len(lost) > 30
+        conn.execute("delete from ops.audience_members where holdout_kind = 'campaign' and "
+                     "run_id in (select run_id from ops.campaign_runs "
+                     "where campaign_id = 'weekly_promo')")
+        conn.commit()
+    try:
+        data = collect(WEEK, shop_url)
+    finally:
+        with db.connect(shop_url) as conn, conn.cursor() as cur:
+            cur.executemany("insert into ops.audience_members (run_id, customer_id, variant, "
+                            "holdout_kind) values (%s, %s, %s, %s)", lost)
+            conn.commit()
+    (weekly,) = [r for r in data.experiments if r.campaign_id == "weekly_promo"]
+    (split,) = [t for t in weekly.srm if t.mismatch]
+    assert split.split == "holdout split" and split.p_value < 1e-6
+    assert dict((c, o) for c, o, _ in split.cells)["campaign holdout"] == 0
+    note = next(n for n in data.notes if "Sample ratio mismatch" in n)
+    assert note.startswith("weekly_promo, run of 2026-10-19 07:00: Sample ratio mismatch")
+    dom = _parse(render(data))
+    assert "Sample ratio mismatch" in render(data).split('<section id="summary">')[0]
+    assert set(SECTIONS) <= dom.ids
+
+
 def test_one_definition_of_results_in_the_cli_the_mart_and_the_report(shop_url):
     """The treated arms are the results and the holdout (sent nothing) the control beside
     them, never summed: `retention results` prints what the report's funnel shows, and
