@@ -459,7 +459,7 @@ class _Catalog:
             raise ValueError(f"n_products must be at least {4 * n_leaf}")
         share = np.sqrt(leaf_w) / np.sqrt(leaf_w).sum()
         per_leaf = 4 + np.floor(share * extra).astype(np.int64)
-        per_leaf[np.argsort(-share)[: knobs.n_products - per_leaf.sum()]] += 1
+        per_leaf[np.argsort(-share, kind="stable")[: knobs.n_products - per_leaf.sum()]] += 1
         self.prod_leaf = np.repeat(np.arange(n_leaf), per_leaf)
         n = len(self.prod_leaf)
         self.n_products = n
@@ -780,7 +780,7 @@ class _Shop:
         buyer = rng.random(n) < k.buyer_share
         has_email = rng.random(n) < k.email_share
         has_phone = rng.random(n) < k.phone_share
-        engagement = (np.argsort(np.argsort(rate)) + 0.5) / n  # rank in [0, 1)
+        engagement = (np.argsort(np.argsort(rate, kind="stable"), kind="stable") + 0.5) / n  # rank in [0, 1)
         app_user = rng.random(n) < k.app_user_share * (0.5 + engagement)
         # families: customer i+1 shares the phone (and the home) of customer i
         head = (rng.random(n) < k.shared_phone_share / 2) & self.loc_ua[loc]
