@@ -234,7 +234,7 @@ def test_shipped_trigger_files_are_definitions_where_the_language_can_say_them()
     # the converted code triggers, and the triggers that exist only as definitions
     assert {n for n, c in campaigns.items() if c.definition is not None} == {
         *CONVERTED, "bonus_credited", "secure_payment_nudge", "inactive_viewers",
-        "loyal_at_risk"}
+        "loyal_at_risk", "replenishment_due"}
     # the ones that stay code
     assert campaigns["second_purchase_nudge"].definition is None
     assert campaigns["reengagement"].definition is None
