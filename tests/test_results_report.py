@@ -596,3 +596,53 @@ def test_model_quality_shows_the_backtests_of_the_prediction_runs(shop_url):
         assert f"{m['auc'] * 100:.1f}%" in section and f"{m['lift_quality'] * 100:.1f}%" in section
     # a report as of a moment before the runs shows none of them
     assert collect(WEEK, shop_url, as_of=earlier - timedelta(seconds=1)).model_quality == []
+
+
+def test_replenishment_due_reaches_who_the_snapshots_expected_back(shop_url):
+    """include/campaigns/replenishment_due.yaml on the generated shop's predictions: the
+    moments over 60 days after the data's end are exactly those computed from the
+    snapshots, the purchases and the campaign's rules (wait 3 days, nothing bought since
+    the snapshot, churn risk low or medium as of the moment, once in 30 days)."""
+    from retention.campaigns.spec import load_campaign
+    from retention.triggers.config import TriggerSettings
+    from retention.triggers.definitions import compile_definition
+    from retention.warehouse.predict import write_predictions
+
+    write_predictions(shop_url, END, run_id="replenishment")
+    campaign = load_campaign("replenishment_due")
+    compiled = compile_definition(campaign.definition, "replenishment_due", TriggerSettings(),
+                                  has_ropo=True)
+    lo, hi = END, END + timedelta(days=60)
+    with db.connect(shop_url) as conn:
+        found = conn.execute(f"select customer_id, hit_at, anchor_at, context from "
+                             f"({compiled.sql}) d", dict(compiled.params, lo=lo, hi=hi)
+                             ).fetchall()
+        snapshots = conn.execute(
+            "select customer_id, as_of, expected_next_order_at, churn_risk "
+            "from marts.customer_predicted_value where churn_risk is not null").fetchall()
+        bought: dict[str, list[datetime]] = {}
+        for customer, at in conn.execute(
+                "select customer_id, ordered_at from raw.orders where status <> 'cancelled' "
+                "union all select customer_id, occurred_at from raw.events "
+                "where event_type = 'purchase' and customer_id is not null "
+                "union all select customer_id, purchased_at from marts.ropo_purchases"):
+            bought.setdefault(customer, []).append(at)
+    wait = timedelta(days=3)
+    risk = {}
+    for customer, as_of, _, band in snapshots:
+        risk.setdefault(customer, []).append((as_of, band))
+    moments = []
+    for customer, as_of, due, _ in snapshots:
+        hit = due + wait
+        if not lo < hit <= hi or any(as_of < t <= hit for t in bought.get(customer, [])):
+            continue
+        band = max((s for s in risk[customer] if s[0] <= hit), default=(None, None))[1]
+        if band in ("low", "medium"):
+            moments.append((customer, hit))
+    expected, last = set(), {}
+    for customer, hit in sorted(moments):
+        if customer not in last or hit >= last[customer] + timedelta(days=30):
+            expected.add((customer, hit))
+            last[customer] = hit
+    assert {(c, hit) for c, hit, _, _ in found} == expected and len(expected) > 20
+    assert all(hit == due + wait and ctx["expected_next_order_at"] for _, hit, due, ctx in found)
