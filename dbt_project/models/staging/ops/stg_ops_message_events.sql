@@ -16,7 +16,10 @@ renamed as (
         message_id,
         event_type,
         occurred_at,
-        received_at
+        received_at,
+        -- an open the provider flags as made by a machine (SendGrid's sg_machine_open:
+        -- Apple Mail Privacy Protection fetches every image), not by the reader
+        coalesce(payload ->> 'sg_machine_open' in ('true', '1'), false) as is_machine_open
 
     from source
 
