@@ -189,11 +189,11 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
     return step_counts(run.run_id, step.name, url)
 
 
-def quiet_not_before_sql(tz: str) -> str:
-    """SQL: when a message planned at %(step_time)s may go out in time zone `tz` (SQL):
-    the end of the quiet hours (%(quiet_start)s to %(quiet_end)s, local) when the step's
-    time falls inside them, else the step's time."""
-    local = f"(%(step_time)s at time zone {tz})"
+def quiet_not_before_sql(tz: str, at: str = "%(step_time)s") -> str:
+    """SQL: when a message due at `at` (SQL, by default the step's time %(step_time)s) may
+    go out in time zone `tz` (SQL): the end of the quiet hours (%(quiet_start)s to
+    %(quiet_end)s, local) when that time falls inside them, else that time."""
+    local = f"({at} at time zone {tz})"
     return f"""case
             when %(quiet_start)s::time > %(quiet_end)s::time
                  and ({local}::time >= %(quiet_start)s::time or {local}::time < %(quiet_end)s::time)
@@ -202,8 +202,52 @@ def quiet_not_before_sql(tz: str) -> str:
             when %(quiet_start)s::time < %(quiet_end)s::time
                  and {local}::time >= %(quiet_start)s::time and {local}::time < %(quiet_end)s::time
               then ({local}::date + %(quiet_end)s::time) at time zone {tz}
-            else %(step_time)s
+            else {at}
           end"""
+
+
+def step_control_sql(customer: str) -> str:
+    """SQL: true when the customer (SQL) is in the step's control arm: a hash of (campaign,
+    step, customer) below the step's control share %(step_control)s."""
+    key = f"%(campaign_id)s || ':' || %(step)s || ':control:' || {customer}"
+    return f"({hash01(key)} < %(step_control)s)"
+
+
+def _hour_of_week(local: str) -> str:
+    return f"((extract(isodow from {local})::int - 1) * 24 + extract(hour from {local})::int)"
+
+
+def optimal_time_sql(control: str) -> tuple[list[str], str]:
+    """The lateral joins and the SQL of the time a `send_time: optimal` step's message is
+    due: the next start of the member's preferred hour of the week (marts.customer_send_time,
+    the chosen channel's row, else the customer's `any` row; in the zone it was learned in)
+    at or after the step's time, when it comes within %(send_window)s; else the next start
+    of the preferred hour of the day, when that does; else (or in the control arm, or
+    without a preference) the step's time. A preferred hour that has begun counts from the
+    step's time."""
+    step_time = "%(step_time)s::timestamptz"
+    # `%%`: the modulo operator in a statement with placeholders
+    wk_hours = f"(((pr.how - {_hour_of_week('pr.local')}) %% 168 + 168) %% 168)"
+    dy_hours = "(((pr.hod - extract(hour from pr.local)::int) %% 24 + 24) %% 24)"
+    joins = [
+        f"""cross join lateral (
+            select pr0.*, {step_time} at time zone pr0.tz as local
+            from (select coalesce(p.timezone, pa.timezone, z.name, %(default_tz)s) as tz,
+                         coalesce(p.preferred_hour_of_week, pa.preferred_hour_of_week) as how,
+                         coalesce(p.preferred_hour_of_day, pa.preferred_hour_of_day) as hod) pr0
+          ) pr""",
+        f"""cross join lateral (
+            select greatest({step_time}, (date_trunc('hour', pr.local)
+                     + make_interval(hours => {wk_hours})) at time zone pr.tz) as wk,
+                   greatest({step_time}, (date_trunc('hour', pr.local)
+                     + make_interval(hours => {dy_hours})) at time zone pr.tz) as dy
+          ) cand""",
+    ]
+    at = f"""case when {control} or pr.how is null then {step_time}
+                 when cand.wk < {step_time} + %(send_window)s then cand.wk
+                 when cand.dy < {step_time} + %(send_window)s then cand.dy
+                 else {step_time} end"""
+    return joins, at
 
 
 def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
@@ -234,8 +278,12 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         global_window=timedelta(days=policy.global_cap_days), channel_cap=policy.channel_cap,
         channel_window=timedelta(days=policy.channel_cap_days),
         quiet_start=policy.quiet_start, quiet_end=policy.quiet_end,
-        default_tz=policy.default_timezone,
+        default_tz=policy.default_timezone, step_control=step.control,
+        send_window=step.send_window,
     )
+    optimal = step.send_time == "optimal"
+    params.update(optimal=optimal, best_channel=step.best_channel)
+    control = step_control_sql("m.customer_id")
     ctes = [f"members as not materialized ({members_sql})"]
     joins, keep = [], ""
     if only_unengaged:
@@ -272,12 +320,21 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     # address in the channel rule's order (the latest subscribed on that channel), if any.
     # Customers are grouped in byte order (the same groups, a cheaper sort than the
     # database's collation); the address, a tie-breaker, keeps the database's order.
-    ctes.append("""subs as (
+    # `channel: best`: outside the step's control arm, the customer's best channel
+    # (marts.customer_channel_engagement) goes before the rule's order
+    best_first, best_join = "", ""
+    if step.best_channel and _relation_exists(conn, "marts.customer_channel_engagement"):
+        best_first = (f"case when s.channel = s.best and not {step_control_sql('s.customer_id')}"
+                      " then 0 else 1 end,")
+        best_join = """left join marts.customer_channel_engagement b
+              on b.customer_id = s.customer_id and b.is_best"""
+    ctes.append(f"""subs as (
           select distinct on (s.customer_id collate "C") s.customer_id,
                  case when s.live then s.channel end as channel,
                  case when s.live then s.address end as address
           from (
             select s.customer_id, s.channel, s.address, s.subscribed_at,
+                   {'b.channel' if best_join else 'null::text'} as best,
                    coalesce(s.subscribed_at <= %(step_time)s, true)
                      and (s.unsubscribed_at is null or s.unsubscribed_at > %(step_time)s)
                      and cc.channel is null and d.channel is null as live
@@ -287,10 +344,11 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
              and cc.unsubscribed_at <= %(step_time)s
             left join ops.deactivated_addresses d
               on d.channel = s.channel and d.address = s.address
+            {best_join}
             where s.channel = any(%(channels)s)
               and s.customer_id in (select customer_id from members)
           ) s
-          order by s.customer_id collate "C", s.live desc,
+          order by s.customer_id collate "C", s.live desc, {best_first}
                    array_position(%(channels)s::text[], s.channel),
                    s.subscribed_at desc nulls last, s.address
         )""")
@@ -342,6 +400,30 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         joins.append("left join quiet q on q.name = cu.timezone")
     else:
         not_before = "%(step_time)s"
+    if optimal:
+        # the member's preferred hour within the window, then still the quiet hours in
+        # the customer's own zone; the control arm keeps the step's time as above
+        params["zone_names"] = _zone_names(conn)
+        joins.append("left join unnest(%(zone_names)s::text[]) as z(name) on z.name = cu.timezone")
+        if _relation_exists(conn, "marts.customer_send_time"):
+            joins.append("left join marts.customer_send_time p "
+                         "on p.customer_id = m.customer_id and p.channel = a.channel")
+            joins.append("left join marts.customer_send_time pa "
+                         "on pa.customer_id = m.customer_id and pa.channel = 'any'")
+        else:
+            joins.append("cross join (select null::text as timezone, "
+                         "null::int as preferred_hour_of_week, "
+                         "null::int as preferred_hour_of_day) p "
+                         "cross join (select null::text as timezone, "
+                         "null::int as preferred_hour_of_week, "
+                         "null::int as preferred_hour_of_day) pa")
+        lateral, at = optimal_time_sql(control)
+        joins += lateral
+        joins.append(f"cross join lateral (select {at} as at) due")
+        released = ("due.at" if transactional else
+                    quiet_not_before_sql("coalesce(z.name, %(default_tz)s::text)", "due.at"))
+        not_before = f"case when {control} then {not_before} else {released} end"
+    member_arm = f"case when m.holdout_kind is null then {control} end"
     # one big statement: sorts and hashes in memory, no JIT compilation (it costs more
     # than it saves here); the caller's own settings come back after it
     saved = conn.execute("select current_setting('work_mem'), current_setting('jit')").fetchone()
@@ -353,16 +435,22 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     cur = conn.execute(f"""
         with {(','+chr(10)+'        ').join(ctes)}
         insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
-            variant, status, reason, planned_at, step_index, cap_class, address, not_before)
+            variant, status, reason, planned_at, step_index, cap_class, address, not_before,
+            send_time_arm, channel_arm)
         select {MESSAGE_ID_SQL.format(run_id='d.run_id', customer='d.customer_id')},
                %(campaign_id)s, d.run_id, %(step)s,
                coalesce(d.channel, (%(channels)s::text[])[1]), d.customer_id,
                d.variant, d.status, d.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
                case when d.status = 'planned' then d.address end,
-               case when d.status = 'planned' then d.not_before end
+               case when d.status = 'planned' then d.not_before end,
+               case when %(optimal)s then case d.in_control when true then 'default'
+                                                            when false then 'optimal' end end,
+               case when %(best_channel)s then case d.in_control when true then 'default'
+                                                                 when false then 'best' end end
         from (
           select m.run_id, m.customer_id, m.variant, a.channel, a.address,
-                 {status} as status, {reason} as reason, {not_before} as not_before
+                 {status} as status, {reason} as reason, {not_before} as not_before,
+                 {member_arm if step.has_control_arm else 'null::boolean'} as in_control
           from members m
           join raw.customers cu on cu.customer_id = m.customer_id
           left join subs a on a.customer_id = m.customer_id

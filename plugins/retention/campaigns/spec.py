@@ -85,13 +85,22 @@ RULE_SCHEMA = {
     "properties": RULE_SCHEMAS,
     "additionalProperties": False,
 }
+#: a step's channel rule: a channel, or channels in the order to try them; `best` (alone,
+#: or first in the list) tries the customer's best channel first
+#: (marts.customer_channel_engagement), then the rest (alone: every channel) in order
+BEST_CHANNEL = "best"
 CHANNEL_RULE = {
     "oneOf": [
-        {"type": "string", "enum": list(CHANNELS)},
-        {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}, "minItems": 1,
-         "uniqueItems": True},
+        {"type": "string", "enum": [*CHANNELS, BEST_CHANNEL]},
+        {"type": "array", "items": {"type": "string", "enum": [*CHANNELS, BEST_CHANNEL]},
+         "minItems": 1, "uniqueItems": True},
     ]
 }
+#: share of a step's members kept at the step's own time or channel order when the step
+#: says `send_time: optimal` or `best`, unless the step says `control:`
+DEFAULT_STEP_CONTROL = 0.2
+#: how long after the step's time an optimal send time may fall, unless `send_window:`
+DEFAULT_SEND_WINDOW = "24h"
 #: the blocks of a trigger definition (docs/triggers.md); what the schema cannot say (one
 #: entry kind, a subject the entry can give, settings named with $) is checked by
 #: retention.triggers.definitions with the same file:line: field messages
@@ -223,6 +232,9 @@ CAMPAIGN_SCHEMA: dict[str, Any] = {
                     "template": {"type": "string", "pattern": r"^[a-z][a-z0-9_]*$"},
                     "wait": {"type": "string", "pattern": _DURATION},
                     "only_unengaged": {"type": "boolean"},
+                    "send_time": {"enum": ["default", "optimal"]},
+                    "send_window": {"type": "string", "pattern": _DURATION},
+                    "control": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5},
                 },
             },
         },
@@ -269,6 +281,18 @@ class Step:
     template: str
     wait: timedelta
     only_unengaged: bool
+    #: `channel:` says `best`: the member's best channel first (`channels` is the rest)
+    best_channel: bool = False
+    #: `default` (the step's time) or `optimal` (each member's preferred hour within
+    #: `send_window` of the step's time)
+    send_time: str = "default"
+    send_window: timedelta = timedelta(hours=24)
+    #: share of the members in the step's control arm (step's time, channel order)
+    control: float = DEFAULT_STEP_CONTROL
+
+    @property
+    def has_control_arm(self) -> bool:
+        return self.best_channel or self.send_time == "optimal"
 
 
 @dataclass(frozen=True)
@@ -319,6 +343,16 @@ def parse_duration(text: str) -> timedelta:
     seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
     scale = settings().wait_scale
     return timedelta(seconds=value * seconds * scale)
+
+
+def parse_window(text: str) -> timedelta:
+    """A send window: a duration on the clock of the customer's day, never scaled by
+    RETENTION_WAIT_SCALE (a preferred hour stays an hour)."""
+    m = re.match(r"^(\d+(?:\.\d+)?)\s*([smhdw])$", text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30m, 24h, 3d)")
+    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return timedelta(seconds=float(m.group(1)) * seconds)
 
 
 def _line_of(node: yaml.Node, path: list) -> int:
@@ -418,8 +452,30 @@ def parse_campaign(text: str, source: str = "<string>") -> Campaign:
                                 f"steps[{i}].name: duplicate step name {s['name']!r}")
         names.add(s["name"])
         channels = (s["channel"],) if isinstance(s["channel"], str) else tuple(s["channel"])
+        best = BEST_CHANNEL in channels
+        if best and channels[0] != BEST_CHANNEL:
+            raise CampaignError(f"{source}:{_line_of(node, ['steps', i, 'channel'])}: "
+                                f"steps[{i}].channel: {BEST_CHANNEL!r} must come first "
+                                "(the best channel is tried before the others)")
+        if best:
+            channels = channels[1:] or tuple(CHANNELS)
+        send_time = s.get("send_time", "default")
+        for key in ("send_window",):
+            if key in s and send_time != "optimal":
+                raise CampaignError(f"{source}:{_line_of(node, ['steps', i, key])}: "
+                                    f"steps[{i}].{key}: only with send_time: optimal")
+        if "control" in s and not (best or send_time == "optimal"):
+            raise CampaignError(f"{source}:{_line_of(node, ['steps', i, 'control'])}: "
+                                f"steps[{i}].control: only with send_time: optimal or "
+                                f"channel: {BEST_CHANNEL}")
+        window = parse_window(s.get("send_window", DEFAULT_SEND_WINDOW))
+        if window <= timedelta(0):
+            raise CampaignError(f"{source}:{_line_of(node, ['steps', i, 'send_window'])}: "
+                                f"steps[{i}].send_window: must be longer than 0")
         steps.append(Step(i, s["name"], channels, s["template"],
-                          parse_duration(s.get("wait", "0s")), s.get("only_unengaged", i > 0)))
+                          parse_duration(s.get("wait", "0s")), s.get("only_unengaged", i > 0),
+                          best_channel=best, send_time=send_time, send_window=window,
+                          control=float(s.get("control", DEFAULT_STEP_CONTROL))))
     variants = tuple(Variant(v["name"], float(v.get("weight", 1)), v.get("subject"),
                              v.get("template")) for v in data.get("variants", [{"name": "A"}]))
     if len({v.name for v in variants}) != len(variants):
