@@ -282,3 +282,14 @@ def test_planted_preferences_are_recovered_and_the_effect_measured(database_url)
     # the simulated customers open more at their hour and on their channel
     assert rate.ci_low > 0 and rate.significant
     assert [d.metric for d in time_arms.differences] == ["engagement_rate", "conversion_rate"]
+
+    # the weekly report shows both arms and the differences of the step
+    from retention.results.report import collect, render, week_start_of
+    data = collect(week_start_of(SIM_STEP_AT.date()), url=database_url,
+                   as_of=SIM_AS_OF + timedelta(days=3))
+    assert [(s.step, s.kind) for s in data.step_arms] == [("s", "channel"), ("s", "send_time")]
+    html = render(data)
+    assert "smart, step s: learned send time against its control arm" in html
+    assert "smart, step s: best channel against its control arm" in html
+    assert f"<td>optimal</td><td>{arms['optimal']:,}</td><td>{engaged['optimal']:,}</td>" in html
+    assert f"<td>default</td><td>{arms['default']:,}</td><td>{engaged['default']:,}</td>" in html

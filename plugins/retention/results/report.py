@@ -51,6 +51,7 @@ from retention.config import paths, settings
 from retention.results import charts
 from retention.results.charts import Interval, Series
 from retention.results.report_template import TEMPLATE
+from retention.results.step_arms import measure_step_arms
 from retention.results.uplift import (
     NOT_SIGNIFICANT, SRM_ALPHA, GlobalControl, RunUplift, attribution_windows,
     format_difference, measure_global_control, measure_runs,
@@ -115,6 +116,8 @@ class ReportData:
     experiments: list[RunUplift] = field(default_factory=list)
     #: the global holdout of the week's marketing runs against as many treated members
     global_control: GlobalControl | None = None
+    #: steps with a learned send time or best channel against their control arm
+    step_arms: list = field(default_factory=list)
     cohorts: list[dict] = field(default_factory=list)
     ropo_weeks: list[dict] = field(default_factory=list)
     #: backtest rows of the latest prediction runs up to as_of, latest first
@@ -270,6 +273,7 @@ def collect(week_start: date, url: str | None = None, as_of: datetime | None = N
     data.experiments = [r for r in measure_runs(as_of, started_from=ws, started_before=we, url=url)
                         if r.holdout or r.ab]
     data.global_control = measure_global_control(as_of, ws, we, url=url)
+    data.step_arms = measure_step_arms(as_of, started_from=ws, started_before=we, url=url)
     for run in data.experiments:  # a sample ratio mismatch goes to the top of the report
         data.notes.extend(f"{run.campaign_id}, run of {run.run_as_of:%Y-%m-%d %H:%M}: {w}"
                           for w in run.srm_warnings)
@@ -450,6 +454,7 @@ def context(data: ReportData) -> dict:
         ropo_share_matched=ropo_share_matched, this_week=this_week,
         experiments=experiments, not_significant=NOT_SIGNIFICANT,
         global_control=global_control, srm_alpha=SRM_ALPHA, metric_label=_metric_label,
+        step_arms=[(s, _comparison_rows(s.differences)) for s in data.step_arms],
         windows=attribution_windows(), chart_markup=chart_markup,
         week_end_display=data.week_end - timedelta(days=1))
 

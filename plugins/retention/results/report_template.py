@@ -174,6 +174,26 @@ TEMPLATE = r"""<!doctype html>
   </table>
   {% if g.srm %}<p class="{{ 'srm-warning' if g.srm.mismatch else 'note' }}">{% if g.srm.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ g.srm.describe() }}.</p>{% endif %}
   {% endif %}
+  {% for s, rows in step_arms %}
+  <h3 id="step-arms-{{ loop.index }}">{{ s.campaign_id }}, step {{ s.step }}: {{ 'learned send time' if s.kind == 'send_time' else 'best channel' }} against its control arm</h3>
+  <p class="note">Run {{ s.run_id }}. Every ledger row of the step counts in its member's arm; engaged: an open
+  (not a machine's) or a click; converted: a purchase within the step's span (docs/campaigns.md).</p>
+  <table>
+    <tr><th class="text">arm</th><th>members</th><th>engaged</th><th>engagement rate</th><th>converted</th><th>conversion rate</th></tr>
+    {% for name, arm in s.engaged.items() %}
+    <tr><td>{{ name }}</td><td>{{ "{:,}".format(arm.members) }}</td><td>{{ "{:,}".format(arm.converters) }}</td>
+        <td>{{ pct(arm.conversion_rate) }}</td><td>{{ "{:,}".format(s.converted[name].converters) }}</td>
+        <td>{{ pct(s.converted[name].conversion_rate) }}</td></tr>
+    {% endfor %}
+  </table>
+  <table>
+    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
+    {% for diff, text in rows %}
+    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
+        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
+    {% endfor %}
+  </table>
+  {% endfor %}
 </section>
 
 <section id="trigger-chains">

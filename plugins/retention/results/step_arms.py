@@ -66,6 +66,10 @@ def measure_step_arms(as_of: datetime, *, run_ids: list[str] | None = None,
     params.update(as_of=as_of, run_ids=run_ids, started_from=started_from,
                   started_before=started_before, default_hours=max(windows.values()))
     with db.connect(url) as conn:
+        if not conn.execute("select exists (select 1 from information_schema.columns where "
+                            "table_schema = 'ops' and table_name = 'messages' "
+                            "and column_name = 'channel_arm')").fetchone()[0]:
+            return []  # a ledger before migration 0004_step_arms
         rows = conn.execute(f"""
             with windows (channel, hours) as ({values}),
             arms as (
