@@ -6,6 +6,7 @@ the product's rfm_summary, so the paper's numbers check the whole chain.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -556,6 +557,8 @@ def test_write_predictions_when_nobody_bought_twice(database_url):
                                 "order by measure")
     assert kept["customers"].tolist() == [2, 2]  # bought by the cutoff, 90 days back
     assert kept["auc"].isna().all()  # nobody bought after it: no ranking to judge
+    json.dumps(result, allow_nan=False, default=str)  # fits a strict JSON XCom
+    assert result["backtest"]["churn_risk"]["auc"] is None
 
 
 def test_write_predictions_names_the_missing_purchases_relation(database_url):

@@ -937,9 +937,16 @@ def write_predictions(
         "bgnbd": None if bgnbd is None else asdict(bgnbd),
         "gamma_gamma": None if gamma_gamma is None else asdict(gamma_gamma),
         "backtest": {"bgnbd": None if backtest_fit is None else backtest_fit.params,
-                     **{b.measure: {**asdict(b), "cutoff": b.cutoff.isoformat()}
+                     **{b.measure: {**asdict(b), "cutoff": b.cutoff.isoformat(),
+                                    "auc": _finite(b.auc),
+                                    "lift_quality": _finite(b.lift_quality)}
                         for b in backtests}},
     }
+
+
+def _finite(value: float) -> float | None:
+    """None for NaN (JSON, e.g. an Airflow XCom, has no NaN)."""
+    return None if math.isnan(value) else value
 
 
 def _write_backtest(conn, as_of_ts: pd.Timestamp, run_id: str | None,
@@ -974,7 +981,6 @@ def _write_backtest(conn, as_of_ts: pd.Timestamp, run_id: str | None,
             "customers, positives, auc, lift_quality, params, run_id) "
             "values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [(as_of_dt, b.measure, b.cutoff, timedelta(days=b.outcome_days), b.customers,
-              b.positives, None if math.isnan(b.auc) else b.auc,
-              None if math.isnan(b.lift_quality) else b.lift_quality,
+              b.positives, _finite(b.auc), _finite(b.lift_quality),
               json.dumps(fit.params), run_id) for b in results])
     return fit, results
