@@ -108,7 +108,7 @@ def _without_none(d: dict[str, Any]) -> dict[str, Any]:
 
 class FirebaseChannel:
     """Push through FCM; `kind` is the channel name, `mobile_push` or `web_push`.
-    `timeout` is the seconds to connect and to wait for each read of an answer."""
+    `timeout` is the seconds to connect, and for a whole request and its answer."""
 
     max_batch = MAX_SEND_EACH
 
