@@ -1,10 +1,19 @@
 {#-
     as_of: the moment every model is computed for (CONTRACT.md section 2).
 
-    `as_of()` renders the var `as_of` as a timestamptz literal. The var is required when
-    models execute (there is no default: the wall clock is never read). It must look like
-    an ISO-8601 timestamp with an offset or Z, e.g. 2026-10-31T00:00:00Z; anything else
-    stops the build (it is pasted into SQL).
+    `as_of()` renders the moment as a timestamptz literal: the var `as_of` when one is
+    given (`--vars '{as_of: ...}'` by hand, a unit test's override), else the environment
+    variable RETENTION_DBT_AS_OF, which `retention.warehouse.build` sets. One of them is
+    required when models execute (there is no default: the wall clock is never read). It
+    must look like an ISO-8601 timestamp with an offset or Z, e.g. 2026-10-31T00:00:00Z;
+    anything else stops the build (it is pasted into SQL).
+
+    The environment variable is read only while nodes execute, never while dbt parses the
+    project, so a build as of another moment keeps dbt's partial parsing (a var given on
+    the command line is part of what dbt checks before reusing its parse, and a new value
+    costs a full parse of the project). For the same reason the `where` of a data test
+    says `__as_of__` instead of calling as_of(): `get_where_subquery` below puts the
+    literal in when the test runs.
 
     Conventions used everywhere:
     - data stamped at or before as_of counts, data after it is ignored (`<= as_of`);
@@ -14,9 +23,12 @@
 -#}
 {% macro as_of() -%}
     {%- set value = var('as_of', none) -%}
+    {%- if (value is none or (value | string | trim) == '') and execute -%}
+        {%- set value = env_var('RETENTION_DBT_AS_OF', '') -%}
+    {%- endif -%}
     {%- if value is none or (value | string | trim) == '' -%}
         {%- if execute -%}
-            {{ exceptions.raise_compiler_error("var 'as_of' is required, e.g. --vars '{as_of: \"2026-10-31T00:00:00Z\"}'") }}
+            {{ exceptions.raise_compiler_error("as_of is required: set RETENTION_DBT_AS_OF or pass --vars '{as_of: \"2026-10-31T00:00:00Z\"}'") }}
         {%- endif -%}
         {%- set value = '1970-01-01T00:00:00Z' -%}
     {%- endif -%}
@@ -87,5 +99,25 @@
         {{ as_of() }}
     {%- else -%}
         to_timestamp(floor((extract(epoch from {{ as_of() }}) - 345600) / {{ days * 86400 }}) * {{ days * 86400 }} + 345600)
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#-
+    The relation a data test reads, narrowed by its `where` config (dbt's own macro, with
+    `__as_of__` in the condition replaced by as_of() when the test runs).
+-#}
+{% macro default__get_where_subquery(relation) -%}
+    {%- set where = config.get('where', '') -%}
+    {%- if where -%}
+        {%- if '__as_of__' in where -%}
+            {%- set where = where | replace('__as_of__', as_of()) -%}
+        {%- endif -%}
+        {%- set filtered -%}
+            (select * from {{ relation }} where {{ where }}) dbt_subquery
+        {%- endset -%}
+        {%- do return(filtered) -%}
+    {%- else -%}
+        {%- do return(relation) -%}
     {%- endif -%}
 {%- endmacro %}

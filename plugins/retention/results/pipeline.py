@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -58,9 +57,8 @@ def build_attribution(as_of: datetime, url: str | None = None, *,
             " and to_regclass('staging.stg_ops_messages') is not null"
             " and to_regclass('staging.stg_ops_message_events') is not null").fetchone()[0]
     prefix = "+" if with_parents or not parents_built else ""
-    result = run_dbt(["build", "--vars", json.dumps({"as_of": as_of_literal(as_of)}),
-                      "--select", *(prefix + m for m in ATTRIBUTION_MODELS),
-                      "--indirect-selection", "buildable"], url)
+    result = run_dbt(["build", "--select", *(prefix + m for m in ATTRIBUTION_MODELS),
+                      "--indirect-selection", "buildable"], url, as_of=as_of)
     nodes = getattr(result.result, "results", None) or []
     failed = [f"{r.node.name}: {getattr(r.status, 'value', r.status)}" for r in nodes
               if str(getattr(r.status, "value", r.status)) in ("error", "fail")]

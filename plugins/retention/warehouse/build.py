@@ -202,23 +202,102 @@ def node_progress(what: str) -> tuple[Any, Callable[[Any], None]]:
     return bar, callback
 
 
-def run_dbt(args: list[str], url: str | None = None, *,
+#: the environment variable the as_of() macro reads while nodes execute
+AS_OF_ENV = "RETENTION_DBT_AS_OF"
+#: dbt commands that take --vars (retry replays its previous invocation's own)
+_TAKES_VARS = {"build", "run", "test", "compile", "parse", "ls", "list", "docs", "seed",
+               "snapshot", "show", "run-operation"}
+
+
+def _parse_state(url: str | None) -> Path:
+    """Where dbt's partial-parse state of the database of `url` is kept between builds.
+
+    dbt reuses its parse (target/partial_parse.msgpack) only when the profile's
+    connection is the one it was made with; builds of several databases from one
+    checkout (the test suite, a staging and a production warehouse) would otherwise
+    replace each other's and parse the whole project again each time."""
+    import hashlib
+
+    params = db.connection_params(url)
+    key = "|".join(params[k] for k in ("host", "port", "user", "dbname"))
+    return target_dir() / "partial_parse" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.msgpack"
+
+
+def run_dbt(args: list[str], url: str | None = None, *, as_of: datetime | None = None,
             callbacks: list[Callable[[Any], None]] | None = None) -> Any:
     """Run one dbt command against the project with the profile of `url` (dbtRunner);
-    `callbacks` get dbt's events. Returns the dbtRunnerResult."""
+    `as_of` goes to the models through the environment (AS_OF_ENV, read only while nodes
+    execute, so dbt keeps its partial parse from one as_of to the next), and commands
+    that take vars get the project's vars (the declared custom event types). `callbacks`
+    get dbt's events. Returns the dbtRunnerResult; `last_invocation()` tells the as_of
+    of the run whose run_results.json the target folder holds."""
+    import shutil
+
     from dbt.cli.main import dbtRunner
 
     project = project_dir()
     target = target_dir()
-    full_args = [
-        *args,
+    full_args = list(args)
+    if args and (args[0] in _TAKES_VARS) and "--vars" not in args:
+        full_args += ["--vars", json.dumps({"custom_event_types": _custom_event_types()})]
+    full_args += [
         "--project-dir", str(project),
         "--profiles-dir", str(project),
         "--target-path", str(target),
         "--log-path", str(target / "logs"),
     ]
     with _exclusive_build(), _profile_env(url):
-        return dbtRunner(callbacks=list(callbacks or [])).invoke(full_args)
+        saved = os.environ.get(AS_OF_ENV)
+        if as_of is not None:
+            os.environ[AS_OF_ENV] = as_of_literal(as_of)
+        else:
+            os.environ.pop(AS_OF_ENV, None)
+        state, current = _parse_state(url), target / "partial_parse.msgpack"
+        if state.exists():
+            shutil.copyfile(state, current)
+        try:
+            result = dbtRunner(callbacks=list(callbacks or [])).invoke(full_args)
+        finally:
+            if saved is None:
+                os.environ.pop(AS_OF_ENV, None)
+            else:
+                os.environ[AS_OF_ENV] = saved
+        if current.exists():
+            state.parent.mkdir(exist_ok=True)
+            shutil.copyfile(current, state)
+        _record_invocation(target, args[0] if args else "", as_of)
+        return result
+
+
+def _record_invocation(target: Path, command: str, as_of: datetime | None) -> None:
+    """Beside run_results.json: the as_of of the invocation that wrote it."""
+    try:
+        results = json.loads((target / "run_results.json").read_text())
+        invocation = results["metadata"]["invocation_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    (target / "run_results.as_of.json").write_text(json.dumps({
+        "invocation_id": invocation, "command": command,
+        "as_of": as_of_literal(as_of) if as_of is not None else None}))
+
+
+def last_invocation() -> tuple[dict, str | None]:
+    """run_results.json of the target folder and the as_of of the invocation that wrote
+    it (None when unknown: written by dbt by hand, or by a command without an as_of)."""
+    target = target_dir()
+    try:
+        results = json.loads((target / "run_results.json").read_text())
+    except (OSError, ValueError):
+        return {}, None
+    try:
+        record = json.loads((target / "run_results.as_of.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    invocation = (results.get("metadata") or {}).get("invocation_id")
+    as_of = record.get("as_of") if record.get("invocation_id") == invocation else None
+    if as_of is None:  # a build with the as_of on the command line
+        as_of = ((results.get("args") or {}).get("vars") or {}).get("as_of")
+    return results, as_of
 
 
 def build(as_of: datetime | None = None, url: str | None = None, select: str | None = None,
@@ -255,8 +334,7 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
         ensure_schemas(conn)
         conn.commit()
     as_of = _utc(as_of) if as_of is not None else default_as_of(url)
-    args = ["build", "--vars", json.dumps({"as_of": as_of_literal(as_of),
-                                           "custom_event_types": _custom_event_types()})]
+    args = ["build"]
     if select:
         if select.startswith("selector:"):
             args += ["--selector", select.split(":", 1)[1]]
@@ -272,7 +350,7 @@ def build(as_of: datetime | None = None, url: str | None = None, select: str | N
         args.append("--full-refresh")
     bar, on_event = node_progress(f"build as of {as_of.isoformat()}")
     with bar:
-        result = run_dbt(args, url, callbacks=[on_event])
+        result = run_dbt(args, url, as_of=as_of, callbacks=[on_event])
     dbt_summary = dbt_results(result)
     if result.exception is not None:
         dbt_summary["error"] = str(result.exception)

@@ -10,12 +10,11 @@ target folder since) the layer is built again in full.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
 from retention.warehouse.build import (BuildError, as_of_literal, build, dbt_results,
-                                      node_progress, run_dbt, target_dir)
+                                      last_invocation, node_progress, run_dbt, target_dir)
 
 #: node outcomes `dbt retry` runs again
 RETRIED = {"error", "fail", "skipped", "runtime error"}
@@ -24,14 +23,11 @@ RETRIED = {"error", "fail", "skipped", "runtime error"}
 def last_build_failed(select: str, as_of: datetime) -> bool:
     """The target folder's last dbt invocation was `dbt build --select <select>` (or its
     retry) as of `as_of`, and some of its nodes failed or were skipped."""
-    try:
-        results = json.loads((target_dir() / "run_results.json").read_text())
-    except (OSError, ValueError):
-        return False
+    results, last_as_of = last_invocation()
     args = results.get("args") or {}
     return (args.get("which") in ("build", "retry")
             and list(args.get("select") or []) == [select]
-            and (args.get("vars") or {}).get("as_of") == as_of_literal(as_of)
+            and last_as_of == as_of_literal(as_of)
             and any(r.get("status") in RETRIED for r in results.get("results") or []))
 
 
@@ -46,7 +42,7 @@ def build_or_retry(selector: str, as_of: datetime, url: str | None = None) -> di
 def retry_failed(as_of: datetime, url: str | None = None) -> dict:
     bar, on_event = node_progress(f"dbt retry as of {as_of.isoformat()}")
     with bar:
-        result = run_dbt(["retry"], url, callbacks=[on_event])
+        result = run_dbt(["retry"], url, as_of=as_of, callbacks=[on_event])
     summary = dbt_results(result)
     summary["as_of"] = as_of.isoformat()
     if not summary["success"]:
@@ -57,10 +53,7 @@ def retry_failed(as_of: datetime, url: str | None = None) -> dict:
 
 def generate_docs(as_of: datetime, url: str | None = None) -> Path:
     """`dbt docs generate` (catalog from the warehouse); returns the site's index.html."""
-    import json
-
-    result = run_dbt(["docs", "generate", "--vars", json.dumps({"as_of": as_of_literal(as_of)})],
-                     url)
+    result = run_dbt(["docs", "generate"], url, as_of=as_of)
     if not result.success:
         raise BuildError(f"dbt docs generate failed: {result.exception}", {})
     return target_dir() / "index.html"
