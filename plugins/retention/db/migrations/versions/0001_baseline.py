@@ -10,7 +10,7 @@ Revises:
 
 from __future__ import annotations
 
-from alembic import op
+from retention.db.migrations import execute_script
 
 revision = "0001_baseline"
 down_revision = None
@@ -431,15 +431,9 @@ SCRIPTS = (RAW, RAW_INDEXES, OPS_LOADS, TRY_TIMESTAMPTZ, OPS_QUALITY, OPS_LEDGER
            OPS_RESULTS, MARTS_PREDICT)
 
 
-def _execute(script: str) -> None:
-    # the driver's own execute: a script of several statements, sent as it is (no bind
-    # parameters, so `%` and `:` in it are plain text)
-    op.get_bind().connection.driver_connection.execute(script)
-
-
 def upgrade() -> None:
     for script in SCRIPTS:
-        _execute(script)
+        execute_script(script)
 
 
 def downgrade() -> None:

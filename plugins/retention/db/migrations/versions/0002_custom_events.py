@@ -16,7 +16,7 @@ Revises: 0001_baseline
 
 from __future__ import annotations
 
-from alembic import op
+from retention.db.migrations import execute_script
 
 revision = "0002_custom_events"
 down_revision = "0001_baseline"
@@ -54,14 +54,9 @@ alter table raw.events drop column if exists properties;
 """
 
 
-def _execute(script: str) -> None:
-    # the driver's own execute, as in the baseline: a script sent as it is
-    op.get_bind().connection.driver_connection.execute(script)
-
-
 def upgrade() -> None:
-    _execute(UPGRADE)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    _execute(DOWNGRADE)
+    execute_script(DOWNGRADE)

@@ -18,7 +18,7 @@ Revises: 0002_custom_events
 
 from __future__ import annotations
 
-from alembic import op
+from retention.db.migrations import execute_script
 
 revision = "0003_churn_risk"
 down_revision = "0002_custom_events"
@@ -66,14 +66,9 @@ alter table marts.customer_predicted_value
 """
 
 
-def _execute(script: str) -> None:
-    # the driver's own execute, as in the baseline: a script sent as it is
-    op.get_bind().connection.driver_connection.execute(script)
-
-
 def upgrade() -> None:
-    _execute(UPGRADE)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    _execute(DOWNGRADE)
+    execute_script(DOWNGRADE)

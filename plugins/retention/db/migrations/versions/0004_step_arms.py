@@ -19,7 +19,7 @@ Revises: 0003_churn_risk
 
 from __future__ import annotations
 
-from alembic import op
+from retention.db.migrations import execute_script
 
 revision = "0004_step_arms"
 down_revision = "0003_churn_risk"
@@ -41,14 +41,9 @@ alter table ops.messages
 """
 
 
-def _execute(script: str) -> None:
-    # the driver's own execute, as in the baseline: a script sent as it is
-    op.get_bind().connection.driver_connection.execute(script)
-
-
 def upgrade() -> None:
-    _execute(UPGRADE)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    _execute(DOWNGRADE)
+    execute_script(DOWNGRADE)
