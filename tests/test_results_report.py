@@ -95,7 +95,7 @@ def _make_shop(url: str, folder: Path) -> None:
     from retention.results.pipeline import build_attribution
     from retention.results.webhook import record_send_results
 
-    generate_shop(folder, customers=1500, seed=11, end=END)
+    generate_shop(folder, customers=1500, seed=13, end=END)
     load_folder(folder, url, loaded_at=END)
     build(as_of=END, url=url)
     rng = random.Random(43)
