@@ -296,9 +296,9 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
     # checks the figures against the marts)
     # (text with its spaces collapsed: the thousands separator is a narrow no-break space)
     assert rendered.kpis == [
-        ("844", "messages sent"), ("56 179", "attributed revenue"), ("51 143", "of it online"),
-        ("5 036", "of it offline (stores)"), ("45.1%", "trigger chains' share"),
-        ("0.9%", "ROPO share of offline revenue"),
+        ("827", "messages sent"), ("186 805", "attributed revenue"), ("176 586", "of it online"),
+        ("10 219", "of it offline (stores)"), ("4.4%", "trigger chains' share"),
+        ("10.1%", "ROPO share of offline revenue"),
     ], rendered.kpis
     screenshot = path.with_suffix(".png")
     subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",
@@ -508,7 +508,7 @@ def _assert_mail_client_safe(body: dict, link: str, sizes: dict) -> None:
         assert "<svg" not in part.lower()
     assert not re.search(r"<(style|script|link)\b", html, re.I)
     # the text alternative: the summary's figures and the link
-    assert "\n- messages sent: 844\n- attributed revenue: 56\u202f179" in text, text
+    assert "\n- messages sent: 827\n- attributed revenue: 186\u202f805" in text, text
     assert f"Full report with charts and every table: {link}" in text
     assert f'<a href="{link}"' in html
     cids = re.findall(r'<img src="cid:([^"]+)"', html)
