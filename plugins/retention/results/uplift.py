@@ -483,6 +483,15 @@ def _windows_sql(windows: dict[str, float]) -> tuple[str, dict]:
     return "values " + ", ".join(rows), params
 
 
+def _outcome_columns(start: str) -> str:
+    """SQL: a member's `converted`, `revenue` (purchases after `start`, the run's start)
+    and `pre_revenue` (before it, in the pre-period the purchases join already limits)."""
+    return (f"count(p.customer_id) filter (where p.purchased_at > {start}) > 0 as converted, "
+            f"coalesce(sum(p.revenue) filter (where p.purchased_at > {start}), 0)::float8 "
+            f"as revenue, coalesce(sum(p.revenue) filter (where p.purchased_at <= {start}), "
+            f"0)::float8 as pre_revenue")
+
+
 def _purchases_sql(conn) -> str:
     """SQL of (customer_id, purchased_at, revenue): online orders paid or delivered and,
     once built, the offline receipts matched to a customer."""
@@ -561,12 +570,7 @@ def measure_runs(as_of: datetime, *, run_ids: list[str] | None = None,
             ),
             outcomes as (
               select mb.run_id, mb.variant, mb.holdout_kind, mb.customer_id,
-                     count(p.customer_id) filter (where p.purchased_at > mb.start_at) > 0
-                       as converted,
-                     coalesce(sum(p.revenue) filter (where p.purchased_at > mb.start_at),
-                              0)::float8 as revenue,
-                     coalesce(sum(p.revenue) filter (where p.purchased_at <= mb.start_at),
-                              0)::float8 as pre_revenue
+                     {_outcome_columns('mb.start_at')}
               from members mb
               left join purchases p on p.customer_id = mb.customer_id
                 and p.purchased_at > mb.start_at - (mb.stop_at - mb.start_at)
@@ -689,12 +693,7 @@ def measure_global_control(as_of: datetime, started_from: datetime, started_befo
             ),
             outcomes as (
               select c.customer_id, c.global_holdout,
-                     count(p.customer_id) filter (where p.purchased_at > s.start_at) > 0
-                       as converted,
-                     coalesce(sum(p.revenue) filter (where p.purchased_at > s.start_at),
-                              0)::float8 as revenue,
-                     coalesce(sum(p.revenue) filter (where p.purchased_at <= s.start_at),
-                              0)::float8 as pre_revenue
+                     {_outcome_columns('s.start_at')}
               from chosen c cross join span s
               left join purchases p on p.customer_id = c.customer_id
                 and p.purchased_at > s.start_at - (s.stop_at - s.start_at)
