@@ -145,6 +145,12 @@ def plant(url: str, as_of: datetime, *, customers: int = 400, weeks: int = 12,
             cur.executemany("insert into marts.customer_lifetime (customer_id, rfm_segment) "
                             "values (%s, %s)", [(p.customer_id, p.segment) for p in truth.values()])
         conn.commit()
+        # statistics now, as autovacuum would give them later: without them the planner
+        # takes the freshly filled tables for empty and nests loops over them
+        for table in ("raw.customers", "raw.channel_subscriptions", "raw.events",
+                      "ops.messages", "ops.message_events", "marts.customer_lifetime"):
+            conn.execute(f"analyze {table}")
+        conn.commit()
     return truth
 
 

@@ -78,29 +78,45 @@ local_signals as (
         s.channel,
         c.segment,
         (extract(isodow from s.signal_at at time zone c.timezone)::int - 1) * 24
-          + extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_week
+          + extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_week,
+        extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_day
     from signals as s
     join customers as c on c.customer_id = s.customer_id
 ),
 
+channel_keys as (
+    select distinct customer_id, segment, channel
+    from local_signals
+    where channel <> 'site'
+),
+
 keys as (
-    select customer_id, 'any' as channel from customers
-    union
-    select customer_id, channel from local_signals where channel <> 'site'
+    select customer_id, segment, 'any' as channel from customers
+    union all
+    select customer_id, segment, channel from channel_keys
+),
+
+key_signals as (
+    -- the `any` row counts every signal, a channel's row that channel's and the sessions
+    select customer_id, segment, 'any' as channel, hour_of_week, hour_of_day
+    from local_signals
+    union all
+    select k.customer_id, k.segment, k.channel, s.hour_of_week, s.hour_of_day
+    from channel_keys as k
+    join local_signals as s
+        on s.customer_id = k.customer_id
+        and (s.channel = k.channel or s.channel = 'site')
 ),
 
 {%- for grain, bins in [('week', 168), ('day', 24)] %}
 
 -- hour of the {{ grain }}: {{ bins }} bins
-{%- set hour = 'hour_of_week' if grain == 'week' else 'hour_of_week % 24' %}
+{%- set hour = 'hour_of_' ~ grain %}
 
 own_{{ grain }} as (
-    select k.customer_id, k.channel, s.{{ hour }} as hour, count(*)::float8 as n
-    from keys as k
-    join local_signals as s
-        on s.customer_id = k.customer_id
-        and (k.channel = 'any' or s.channel in (k.channel, 'site'))
-    group by k.customer_id, k.channel, s.{{ hour }}
+    select customer_id, segment, channel, {{ hour }} as hour, count(*)::float8 as n
+    from key_signals
+    group by customer_id, segment, channel, {{ hour }}
 ),
 
 shop_{{ grain }} as (
@@ -113,17 +129,22 @@ shop_{{ grain }} as (
     group by h.hour
 ),
 
+segment_counts_{{ grain }} as (
+    select segment, {{ hour }} as hour, count(*) as n
+    from local_signals
+    group by segment, {{ hour }}
+),
+
 segment_{{ grain }} as (
     select
         g.segment,
         shop.hour,
-        (count(s.customer_id) + {{ segment_prior }} * shop.p_shop)
-          / (sum(count(s.customer_id)) over (partition by g.segment) + {{ segment_prior }})
+        (coalesce(n.n, 0) + {{ segment_prior }} * shop.p_shop)
+          / (sum(coalesce(n.n, 0)) over (partition by g.segment) + {{ segment_prior }})
             as p_segment
     from (select distinct segment from customers) as g
     cross join shop_{{ grain }} as shop
-    left join local_signals as s on s.segment = g.segment and s.{{ hour }} = shop.hour
-    group by g.segment, shop.hour, shop.p_shop
+    left join segment_counts_{{ grain }} as n on n.segment = g.segment and n.hour = shop.hour
 ),
 
 segment_top_{{ grain }} as (
@@ -133,12 +154,16 @@ segment_top_{{ grain }} as (
 ),
 
 candidates_{{ grain }} as (
-    select customer_id, channel, hour from own_{{ grain }}
-    union
-    select k.customer_id, k.channel, t.hour
-    from keys as k
-    join customers as c on c.customer_id = k.customer_id
-    join segment_top_{{ grain }} as t on t.segment = c.segment
+    -- the customer's own hours, and the segment's best hour (n = 0 unless also their own)
+    select customer_id, segment, channel, hour, sum(n) as n
+    from (
+        select customer_id, segment, channel, hour, n from own_{{ grain }}
+        union all
+        select k.customer_id, k.segment, k.channel, t.hour, 0
+        from keys as k
+        join segment_top_{{ grain }} as t on t.segment = k.segment
+    ) as x
+    group by customer_id, segment, channel, hour
 ),
 
 best_{{ grain }} as (
@@ -146,12 +171,9 @@ best_{{ grain }} as (
         x.customer_id,
         x.channel,
         x.hour,
-        coalesce(o.n, 0) + {{ prior }} * g.p_segment as score
+        x.n + {{ prior }} * g.p_segment as score
     from candidates_{{ grain }} as x
-    join customers as c on c.customer_id = x.customer_id
-    join segment_{{ grain }} as g on g.segment = c.segment and g.hour = x.hour
-    left join own_{{ grain }} as o
-        on o.customer_id = x.customer_id and o.channel = x.channel and o.hour = x.hour
+    join segment_{{ grain }} as g on g.segment = x.segment and g.hour = x.hour
     order by x.customer_id, x.channel, score desc, x.hour
 ),
 
@@ -167,7 +189,7 @@ select
     k.customer_id,
     k.channel,
     c.timezone,
-    c.segment,
+    k.segment,
     w.hour as preferred_hour_of_week,
     d.hour as preferred_hour_of_day,
     coalesce(h.signals, 0)::int as signals,
