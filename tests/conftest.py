@@ -3,9 +3,9 @@
 The server is RETENTION_TEST_DATABASE_URL, else RETENTION_DATABASE_URL, else an embedded
 pgserver of the tests' own (.retention/test-pgdata, beside the quick start's, with
 `db.SCRATCH_SETTINGS`: no fsync, so checkpoints and commits do not wait for the disk),
-started on first use by a test that asks for a database (never at import or collection). Every database a session creates gets a unique name and
-is dropped at the end, so tests never touch a developer's data and pytest-xdist workers
-never share one.
+started on first use by a test that asks for a database (never at import or
+collection). Every database a session creates gets a unique name and is dropped at the
+end, so tests never touch a developer's data and pytest-xdist workers never share one.
 
 Tests marked `unit` need no database, no server and no Airflow (`bin/test -m unit`). The
 hooks below hold them to it: a unit test that asks for a database or Airflow fixture fails
