@@ -51,6 +51,8 @@ _PROFILE_ENV = {
     "dbname": "RETENTION_DBT_DBNAME",
 }
 _THREADS_ENV = "RETENTION_DBT_THREADS"
+#: the environment variable the as_of() macro reads while nodes execute
+AS_OF_ENV = "RETENTION_DBT_AS_OF"
 _process_lock = threading.Lock()
 
 
@@ -118,16 +120,22 @@ def default_as_of(url: str | None = None) -> datetime:
 
 
 @contextmanager
-def _profile_env(url: str | None) -> Iterator[None]:
-    """The RETENTION_DBT_* variables profiles.yml reads, for the duration of one build."""
+def _profile_env(url: str | None, as_of: datetime | None = None) -> Iterator[None]:
+    """The RETENTION_DBT_* variables profiles.yml reads, and the as_of the models read
+    (AS_OF_ENV, unset without one), for the duration of one build."""
     params = db.connection_params(url)
     # saved to be restored afterwards: the variables this build overwrites
-    saved = {name: os.environ.get(name) for name in (*_PROFILE_ENV.values(), _THREADS_ENV)}
+    saved = {name: os.environ.get(name)
+             for name in (*_PROFILE_ENV.values(), _THREADS_ENV, AS_OF_ENV)}
     saved["PGOPTIONS"] = os.environ.get("PGOPTIONS")
     try:
         for key, name in _PROFILE_ENV.items():
             os.environ[name] = str(params[key])
         os.environ[_THREADS_ENV] = str(settings().dbt_threads)
+        if as_of is not None:
+            os.environ[AS_OF_ENV] = as_of_literal(as_of)
+        else:
+            os.environ.pop(AS_OF_ENV, None)
         # JIT compiles every large query anew, and a build runs many of them once each,
         # so compiling costs more than it saves on these one-pass queries (measured:
         # bench/RESULTS.md, "Figures moved from docstrings"); sorts and hashes of a few
@@ -202,8 +210,6 @@ def node_progress(what: str) -> tuple[Any, Callable[[Any], None]]:
     return bar, callback
 
 
-#: the environment variable the as_of() macro reads while nodes execute
-AS_OF_ENV = "RETENTION_DBT_AS_OF"
 #: dbt commands that take --vars (retry replays its previous invocation's own)
 _TAKES_VARS = {"build", "run", "test", "compile", "parse", "ls", "list", "docs", "seed",
                "snapshot", "show", "run-operation"}
@@ -246,22 +252,11 @@ def run_dbt(args: list[str], url: str | None = None, *, as_of: datetime | None =
         "--target-path", str(target),
         "--log-path", str(target / "logs"),
     ]
-    with _exclusive_build(), _profile_env(url):
-        saved = os.environ.get(AS_OF_ENV)
-        if as_of is not None:
-            os.environ[AS_OF_ENV] = as_of_literal(as_of)
-        else:
-            os.environ.pop(AS_OF_ENV, None)
+    with _exclusive_build(), _profile_env(url, as_of):
         state, current = _parse_state(url), target / "partial_parse.msgpack"
         if state.exists():
             shutil.copyfile(state, current)
-        try:
-            result = dbtRunner(callbacks=list(callbacks or [])).invoke(full_args)
-        finally:
-            if saved is None:
-                os.environ.pop(AS_OF_ENV, None)
-            else:
-                os.environ[AS_OF_ENV] = saved
+        result = dbtRunner(callbacks=list(callbacks or [])).invoke(full_args)
         if current.exists():
             state.parent.mkdir(exist_ok=True)
             shutil.copyfile(current, state)
