@@ -52,6 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
+from retention.warehouse.build import AS_OF_ENV, _custom_event_types  # noqa: E402
+
 SEED = 7
 END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 TARGET_SHARE = 0.01
@@ -282,9 +284,13 @@ def plain_build(name: str, as_of: datetime, label: str, project: Path | None = N
     ensure_schemas_in(url)
     project = project or fresh_project(label)
     env = dbt_env(url, project)
+    # as `retention build`: the as_of through the environment and the project's vars on
+    # the command line, so a build of the same project and database as of another moment
+    # reuses dbt's parse (the incremental build after the full one)
+    env[AS_OF_ENV] = as_of.isoformat()
     cmd = [DBT, "build", "--project-dir", str(project), "--profiles-dir", str(project),
            "--target-path", str(project / "target"), "--log-path", str(project / "target" / "logs"),
-           "--vars", json.dumps({"as_of": as_of.isoformat()}),
+           "--vars", json.dumps({"custom_event_types": _custom_event_types()}),
            # as `retention build` and the DAG: unit tests belong to CI, not to production
            "--exclude-resource-type", "unit_test"]
     log(f"{label}: dbt build as of {as_of.isoformat()} on {name}")
