@@ -222,8 +222,10 @@ def test_planted_preferences_are_recovered_and_the_effect_measured(database_url)
     from retention_dev import preference_sim as sim
 
     truth = sim.plant(database_url, SIM_AS_OF, customers=400, seed=7)
-    result = build(as_of=SIM_AS_OF, url=database_url, select=MARTS, indirect_selection="cautious")
+    result = build(as_of=SIM_AS_OF, url=database_url, select=MARTS, indirect_selection="cautious",
+                   unit_tests=True)  # the marts' hand-worked unit tests run here too
     assert result["dbt"]["success"] and result["dbt"]["failures"] == 0
+    assert result["dbt"]["by_type"]["unit_test"] == {"pass": 2}, result["dbt"]
 
     found = sim.recovery(database_url, truth, min_signals=8)
     print({k: (r.customers, r.recovered, round(r.rate, 3)) for k, r in found.items()})
