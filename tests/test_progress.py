@@ -185,9 +185,10 @@ def test_a_load_shows_bytes_streamed_per_file(database_url, tmp_path):
                                           "c1,a@example.com,2026-10-01T00:00:00Z\n")
     (folder / "orders.csv").write_text("order_id,customer_id,ordered_at,status,total_amount\n"
                                        "o1,c1,2026-10-30T10:00:00Z,paid,10\n")
-    with open(folder / "events.csv", "w") as f:  # ~25 MB: COPY takes seconds, not a poll
+    # ~60 MB: its COPY lasts many of the watcher's polls (every 0.05 s with interval 0)
+    with open(folder / "events.csv", "w") as f:
         f.write("event_id,occurred_at,event_type,customer_id,session_id,product_id\n")
-        for i in range(300_000):
+        for i in range(600_000):
             f.write(f"e{i:09d},2026-10-{1 + i % 28:02d}T10:00:00Z,view,c1,s{i // 10:08d},"
                     f"p{i % 500:05d}-a-rather-long-product-identifier-to-fill-bytes\n")
     total = sum(p.stat().st_size for p in folder.iterdir())

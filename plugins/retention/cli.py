@@ -128,7 +128,10 @@ class _CopyWatch:
             return
         with conn:
             index = 0
-            while not self.stop.wait(0.5):
+            # polled as often as lines may be written (--progress-interval), at most every
+            # 0.5 s and at least every 0.05 s
+            period = min(0.5, max(0.05, float(getattr(self.bar, "interval", 0.5))))
+            while not self.stop.wait(period):
                 try:
                     row = conn.execute(
                         "select a.query, p.bytes_processed from pg_stat_progress_copy p "
