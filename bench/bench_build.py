@@ -11,15 +11,17 @@ out of raw into schema `holdback` (orders and their lines, receipts and their li
 events, product changes, customers who signed up then without an earlier order,
 subscriptions, and unsubscribes that happened then). Every measurement runs on a copy of
 that base (`create database ... template`), with a fresh copy of dbt_project/ (no
-partial-parse state, as after a change of as_of), the same PGOPTIONS and threads as
-`retention build` (plugins/retention/warehouse/build.py), and builds as of the cut-off C:
+partial-parse state, as after a change of the project), the same PGOPTIONS, threads and
+as_of variable as `retention build` (plugins/retention/warehouse/build.py), and builds as
+of the cut-off C:
 
 - plain: `dbt build --exclude-resource-type unit_test` (models and data tests of the
   whole project; unit tests have fixed inputs and run in CI, and `retention build` and
   the DAG leave them out too), the dbt CLI in a subprocess; wall time of the process.
 - incremental: the held-back rows go back into raw (then `analyze`, untimed), and
   `dbt build` as of the end of the data, on the tables of the full build (the incremental
-  models: dbt_project/README.md).
+  models: dbt_project/README.md), with the full build's project copy, so dbt reuses its
+  parse as the daily build does.
 - floor: bench/customer_lifetime_floor.sql, one hand-written statement computing the
   columns of marts.customer_lifetime from raw (`create temp table ... as`), checked equal
   to the mart row for row; compared with the customer_lifetime model's own time and the
