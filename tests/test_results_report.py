@@ -594,6 +594,20 @@ def test_model_quality_shows_the_backtests_of_the_prediction_runs(shop_url):
     section = html[html.index('<section id="model-quality">'):html.index("<footer>")]
     for m in data.model_quality:
         assert f"{m['auc'] * 100:.1f}%" in section and f"{m['lift_quality'] * 100:.1f}%" in section
+    # the e-mail version: the latest run's two backtests, and the global control group
+    from retention.results.report import context
+    from retention.results.report_email import render_email
+
+    mail = render_email(context(data), Path("weekly_report_2026-W43.html"))
+    latest = [m for m in data.model_quality if m["as_of"] == END]
+    quality = mail.text.split("Model quality (the latest prediction run's backtest):\n", 1)[1]
+    assert quality.split("\n\n", 1)[0].splitlines() == [
+        f"- {name}: AUC {m['auc'] * 100:.1f}%, lift quality {m['lift_quality'] * 100:.1f}% "
+        f"(fitted as of {m['cutoff']:%Y-%m-%d}, {m['customers']:,} customers)"
+        for name, m in zip(("churn risk (no purchase)", "next order (purchase)"), latest)]
+    assert data.global_control and len(data.global_control.differences) >= 2
+    assert "Global control group (sent no marketing)" in mail.text
+    assert ">Model quality</h2>" in mail.html and ">Global control group</h2>" in mail.html
     # a report as of a moment before the runs shows none of them
     assert collect(WEEK, shop_url, as_of=earlier - timedelta(seconds=1)).model_quality == []
 

@@ -130,6 +130,21 @@ _HTML = _ENV.from_string(r"""<!doctype html>
   {% endif %}
 </td></tr>
 {% endfor %}
+{% if global_control or quality %}
+<tr><td style="padding:22px 20px 0 20px;">
+  {% if global_control %}
+  <h2 style="margin:0 0 8px 0;font-size:17px;color:{{ c.ink }};{{ c.font }};">Global control group</h2>
+  {% for diff, text in global_control.rows %}
+  <p style="margin:4px 0;font-size:13px;">{{ diff.metric.replace('_', ' ') }}:
+    <b style="color:{{ c.good if diff.significant else c.muted }};">{{ text }}</b></p>
+  {% endfor %}
+  {% endif %}
+  {% if quality %}
+  <h2 style="margin:14px 0 8px 0;font-size:17px;color:{{ c.ink }};{{ c.font }};">Model quality</h2>
+  {% for line in quality %}<p style="margin:4px 0;font-size:13px;">{{ line[2:] }}</p>{% endfor %}
+  {% endif %}
+</td></tr>
+{% endif %}
 <tr><td style="padding:22px 20px 20px 20px;color:{{ c.muted }};font-size:12px;">
   {% if link %}<a href="{{ link }}" style="color:#2f6db5;">The full report</a> has every table behind these charts.{% endif %}
   Last touch: a purchase goes to the last message before it within the channel's attribution window.
@@ -177,8 +192,10 @@ def render_email(ctx: dict, html_path: Path) -> ReportEmail:
         summary += f" ROPO purchases were {pct(ctx['ropo_share'])} of offline revenue."
     link = report_link(html_path)
     subject = f"Weekly retention report {label}"
+    quality = model_quality_lines(d.model_quality, pct)
     html = _HTML.render(
         **ctx, subject=subject, summary=summary, kpis=kpis, link=link, path=str(html_path),
+        quality=quality,
         sections=[(heading, [images[k] for k in keys]) for heading, keys in EMAIL_SECTIONS],
         shown_width=SHOWN_WIDTH,
         c=dict(ink=INK, muted=MUTED, line=LINE, good=GOOD, font=FONT))
@@ -191,11 +208,30 @@ def render_email(ctx: dict, html_path: Path) -> ReportEmail:
                 for e in ctx["experiments"] for diff, text in e["rows"]]
     if verdicts:
         lines += ["", "A/B tests and holdouts:", *verdicts]
+    gc = ctx["global_control"]
+    if gc:
+        lines += ["", "Global control group (sent no marketing) against an equal treated sample:",
+                  *(f"- {diff.metric.replace('_', ' ')}: {text}" for diff, text in gc["rows"])]
+    if quality:
+        lines += ["", "Model quality (the latest prediction run's backtest):", *quality]
     if d.notes:
         lines += ["", *d.notes]
     lines += ["", f"Full report with charts and every table: {link}" if link else
               f"The full report with charts and every table is kept as {html_path}."]
     return ReportEmail(subject, html, "\n".join(lines) + "\n", list(images.values()))
+
+
+def model_quality_lines(rows: list[dict], pct) -> list[str]:
+    """One line per prediction of the latest run in `rows` (ReportData.model_quality,
+    newest run first): AUC and lift quality of its backtest."""
+    if not rows:
+        return []
+    latest = rows[0]["as_of"]
+    names = {"churn_risk": "churn risk (no purchase)", "next_order": "next order (purchase)"}
+    return [f"- {names.get(m['measure'], m['measure'])}: AUC {pct(m['auc'])}, lift quality "
+            f"{pct(m['lift_quality'])} (fitted as of {m['cutoff']:%Y-%m-%d}, "
+            f"{int(m['customers']):,} customers)"
+            for m in rows if m["as_of"] == latest]
 
 
 def email_path(html_path: Path) -> Path:
