@@ -1,7 +1,30 @@
 """The weekly report's HTML template (Jinja2, autoescaped). Kept in Python so an installed
 package carries it; charts arrive as ready SVG markup."""
 
-TEMPLATE = r"""<!doctype html>
+TEMPLATE = r"""{#- the tables and note of an experiment: its arms, its comparisons, its sample ratio -#}
+{% macro arms_table(arms, head) -%}
+  <table>
+    <tr><th class="text">{{ head }}</th><th>members</th><th>converted</th><th>conversion rate</th><th>revenue</th><th>revenue per member</th></tr>
+    {% for name, arm in arms %}
+    <tr><td>{{ name }}</td><td>{{ "{:,}".format(arm.members) }}</td><td>{{ "{:,}".format(arm.converters) }}</td>
+        <td>{{ pct(arm.conversion_rate) }}</td><td>{{ money(arm.revenue) }}</td>
+        <td>{{ "%.2f"|format(arm.revenue_per_member or 0) }}</td></tr>
+    {% endfor %}
+  </table>
+{%- endmacro -%}
+{% macro comparisons_table(rows) -%}
+  <table>
+    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
+    {% for diff, text in rows %}
+    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
+        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
+    {% endfor %}
+  </table>
+{%- endmacro -%}
+{% macro srm_note(t) -%}
+  <p class="{{ 'srm-warning' if t.mismatch else 'note' }}">{% if t.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ t.describe() }}.</p>
+{%- endmacro -%}
+<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -129,23 +152,10 @@ TEMPLATE = r"""<!doctype html>
   {% for e in experiments %}
   <h3 id="experiment-{{ loop.index }}">{{ e.run.campaign_id }}, run of {{ e.run.run_as_of.strftime('%Y-%m-%d %H:%M') }}
     {% if not e.complete %}<span class="badge">window open until {{ e.run.window_end.strftime('%Y-%m-%d %H:%M') }}</span>{% endif %}</h3>
-  <table>
-    <tr><th class="text">arm</th><th>members</th><th>converted</th><th>conversion rate</th><th>revenue</th><th>revenue per member</th></tr>
-    {% for name, arm in e.arms %}
-    <tr><td>{{ name }}</td><td>{{ "{:,}".format(arm.members) }}</td><td>{{ "{:,}".format(arm.converters) }}</td>
-        <td>{{ pct(arm.conversion_rate) }}</td><td>{{ money(arm.revenue) }}</td>
-        <td>{{ "%.2f"|format(arm.revenue_per_member or 0) }}</td></tr>
-    {% endfor %}
-  </table>
-  <table>
-    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
-    {% for diff, text in e.rows %}
-    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
-        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
-    {% endfor %}
-  </table>
+  {{ arms_table(e.arms, "arm") }}
+  {{ comparisons_table(e.rows) }}
   {% for t in e.srm %}
-  <p class="{{ 'srm-warning' if t.mismatch else 'note' }}">{% if t.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ t.describe() }}.</p>
+  {{ srm_note(t) }}
   {% endfor %}
   {% else %}
   <p class="note">No campaign run this week had a holdout or more than one variant.</p>
@@ -157,22 +167,9 @@ TEMPLATE = r"""<!doctype html>
   holdout (no marketing message reaches them) against {{ "{:,}".format(g.sample.members) }} of the other
   {{ "{:,}".format(g.population - g.holdout.members) }}, drawn by hash; purchases from
   {{ g.measured_from.strftime('%Y-%m-%d %H:%M') }} to {{ g.measured_until.strftime('%Y-%m-%d %H:%M') }} UTC.</p>
-  <table>
-    <tr><th class="text">group</th><th>members</th><th>converted</th><th>conversion rate</th><th>revenue</th><th>revenue per member</th></tr>
-    {% for name, arm in global_control.arms %}
-    <tr><td>{{ name }}</td><td>{{ "{:,}".format(arm.members) }}</td><td>{{ "{:,}".format(arm.converters) }}</td>
-        <td>{{ pct(arm.conversion_rate) }}</td><td>{{ money(arm.revenue) }}</td>
-        <td>{{ "%.2f"|format(arm.revenue_per_member or 0) }}</td></tr>
-    {% endfor %}
-  </table>
-  <table>
-    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
-    {% for diff, text in global_control.rows %}
-    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
-        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
-    {% endfor %}
-  </table>
-  {% if g.srm %}<p class="{{ 'srm-warning' if g.srm.mismatch else 'note' }}">{% if g.srm.mismatch %}<b>Sample ratio mismatch.</b> {% endif %}Sample ratio, {{ g.srm.describe() }}.</p>{% endif %}
+  {{ arms_table(global_control.arms, "group") }}
+  {{ comparisons_table(global_control.rows) }}
+  {% if g.srm %}{{ srm_note(g.srm) }}{% endif %}
   {% endif %}
   {% for s, rows in step_arms %}
   <h3 id="step-arms-{{ loop.index }}">{{ s.campaign_id }}, step {{ s.step }}: {{ 'learned send time' if s.kind == 'send_time' else 'best channel' }} against its control arm</h3>
@@ -186,13 +183,7 @@ TEMPLATE = r"""<!doctype html>
         <td>{{ pct(s.converted[name].conversion_rate) }}</td></tr>
     {% endfor %}
   </table>
-  <table>
-    <tr><th class="text">comparison</th><th class="text">metric</th><th class="text">difference (95% CI), p; always-valid 95% CI</th></tr>
-    {% for diff, text in rows %}
-    <tr><td>{{ diff.treatment }} vs {{ diff.control }}</td><td class="text">{{ metric_label(diff.metric) }}</td>
-        <td class="text"><span class="verdict {{ 'sig' if diff.significant else 'ns' }}">{{ text }}</span></td></tr>
-    {% endfor %}
-  </table>
+  {{ comparisons_table(rows) }}
   {% endfor %}
 </section>
 
