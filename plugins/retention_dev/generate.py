@@ -47,6 +47,21 @@ EV = {name: code for code, name in enumerate(EVENT_TYPES)}
 _SLICE = 100_000  # event rows turned into text at once
 _STORE_TZ = "Europe/Kyiv"
 
+#: the ground truth of a shop generated with plant_preferences (`_truth.csv`): the
+#: favourite hour of the week is local to the customer's `timezone` (customers.csv),
+#: Monday 00:00-00:59 = 0; the favourite channel is one of the channels the customer is
+#: subscribed to at `end` (empty: none); `activity` (0.1-1) and `proxy_reader` (reads mail
+#: through a privacy proxy that opens every e-mail) are for simulating their engagement
+#: (retention_dev.planted_truth); `churned_at` is the time of the order after which the
+#: customer dropped out (empty: still buying at `end`, or never bought), `orders` their
+#: orders of any status.
+TRUTH_FILE = "_truth.csv"
+TRUTH_COLUMNS = ("customer_id", "timezone", "favourite_hour_of_week", "favourite_channel",
+                 "activity", "proxy_reader", "orders", "churned_at")
+#: favourite hours of the day of most customers (the rest: any hour of the week), as in
+#: retention_dev.preference_sim
+_FAVOURITE_HOURS = np.array([8, 9, 12, 13, 18, 19, 20, 21])
+
 #: relative activity by local hour, online and at the till
 _ONLINE_HOURS = np.array(
     [1.2, 0.7, 0.4, 0.3, 0.3, 0.5, 1.0, 2.0, 3.2, 4.2, 4.8, 5.0,
@@ -203,13 +218,22 @@ class ShopKnobs:
     unsubscribe_share: float = 0.12
     """Subscriptions that end with an unsubscribe (web push more, Telegram less)."""
 
+    # -- planted ground truth (off: the shop above, byte for byte)
+    plant_preferences: bool = False
+    """Plant each customer's favourite hour of the week and channel and write the ground
+    truth to `_truth.csv` (see `TRUTH_COLUMNS`; the loader skips files named `_*`): the
+    customer's browse sessions start in their favourite hour with chance hour_loyalty.
+    Drawn from generators of their own, so every file but events.csv stays as without."""
+    hour_loyalty: float = 0.7
+    """With plant_preferences: chance a browse session starts in the favourite hour."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{f.name} must not be negative, got {value}")
             if isinstance(value, float) and (f.name.endswith(("share", "rate", "reach"))
-                                             or f.name == "category_loyalty"):
+                                             or f.name in ("category_loyalty", "hour_loyalty")):
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"{f.name} must be between 0 and 1, got {value}")
         if self.chunk_size < 1 or self.history_days < 30 or self.n_products < 2_000:
@@ -632,6 +656,10 @@ class _Writer:
                 fh = raw
             fh.write((",".join(_written_columns(table.name)) + "\n").encode())
             self.files[table.name] = fh
+        self.truth: IO[bytes] | None = None
+        if knobs.plant_preferences:
+            self.truth = open(out_dir / TRUTH_FILE, "wb")
+            self.truth.write((",".join(TRUTH_COLUMNS) + "\n").encode())
 
     def write(self, table: str, columns: dict[str, Sequence[str]]) -> None:
         names = _written_columns(table)
@@ -647,9 +675,16 @@ class _Writer:
         self.files[table].write(text.encode("utf-8"))
         self.rows[table] += n
 
+    def write_truth(self, columns: dict[str, Sequence[str]]) -> None:
+        assert self.truth is not None and tuple(columns) == TRUTH_COLUMNS
+        if len(columns["customer_id"]):
+            self.truth.write(("\n".join(map(",".join, zip(*columns.values()))) + "\n").encode())
+
     def close(self) -> None:
         for fh in self.files.values():
             fh.close()
+        if self.truth is not None:
+            self.truth.close()
         for raw in self._raw:
             raw.close()
 
@@ -724,6 +759,7 @@ class _Shop:
         self.loc_has_store = self.cat.loc_stores[2] > 0
         self.store_city_share = float(self.loc_weight[self.loc_has_store].sum())
         self.counters = {"order": 0, "receipt": 0, "event": 0, "session": 0, "bonus": 0}
+        self._zone_offsets: tuple[int, np.ndarray] | None = None
 
     def _rng(self, purpose: int, chunk: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(purpose, chunk)))
@@ -752,9 +788,10 @@ class _Shop:
     def write_chunk(self, out: _Writer, chunk: int, first: int, n: int) -> None:
         rng = self._rng(1, chunk)
         c = self._customers(rng, first, n)
+        planted = self._plant(self._rng(3, chunk), c) if self.k.plant_preferences else None
         events = _Events()
         orders = self._orders(rng, c, events)
-        self._browse(rng, c, orders, events)
+        self._browse(rng, c, orders, events, planted)
         self._anonymous(rng, n, events)
         receipts = self._offline(rng, c, events)
         subs = self._subscriptions(rng, c)
@@ -764,6 +801,8 @@ class _Shop:
         self._emit_receipts(out, c, receipts)
         self._emit_events(out, c, events)
         self._emit_bonuses(out, c, self._bonuses(self._rng(2, chunk), orders))
+        if planted is not None:
+            self._emit_truth(out, c, orders, subs, planted)
 
     # customers ---------------------------------------------------------------------
     def _customers(self, rng, first: int, n: int) -> dict:
@@ -856,12 +895,14 @@ class _Shop:
         t = np.maximum(t, c["created"][bc] + 120)
         cur_c, cur_t = bc[t < end], t[t < end]
         oc, ot, ok = [], [], []
+        dropped = np.full(c["n"], -1, dtype=np.int64)  # the order after which they stopped
         nth = 0
         while cur_c.size:
             oc.append(cur_c)
             ot.append(cur_t)
             ok.append(np.full(cur_c.size, nth))
             drop = rng.random(cur_c.size) < c["dropout"][cur_c]
+            dropped[cur_c[drop]] = cur_t[drop]
             gap = np.minimum(rng.exponential(1.0, cur_c.size) / c["rate"][cur_c], 1e5)
             day = np.floor((cur_t - clock.day0) / DAY + gap).astype(np.int64)
             nt = clock.at(day, _online_sod(rng, cur_c.size), c["offset"][cur_c])
@@ -927,7 +968,7 @@ class _Shop:
             "cust": o_cust, "t": o_t, "total": total, "status": status, "payment": payment,
             "reason": reason, "l_order": l_order, "l_no": l_no, "prod": prod, "qty": qty,
             "unit": unit, "count": np.bincount(o_cust, minlength=c["n"]),
-            "last": _group_max(o_cust, o_t, c["n"]),
+            "last": _group_max(o_cust, o_t, c["n"]), "dropped": dropped,
         }
 
     def _category_choice(self, rng, c: dict, cust: np.ndarray, first_purchase=None):
@@ -1011,7 +1052,8 @@ class _Shop:
         events.add(t0 + rng.integers(20, 300, len(o)), EV["cart"], cust[o], rs, p0)
 
     # sessions without an order -------------------------------------------------------
-    def _browse(self, rng, c: dict, orders: dict, events: _Events) -> None:
+    def _browse(self, rng, c: dict, orders: dict, events: _Events,
+                planted: dict | None = None) -> None:
         k, clock = self.k, self.clock
         n = c["n"]
         count = rng.poisson(k.browse_sessions_per_customer
@@ -1025,6 +1067,8 @@ class _Shop:
         span = np.maximum(active_until[s_cust] - created, 0)
         t = created + (rng.random(len(s_cust)) * span).astype(np.int64)
         t = clock.at(clock.day_of(t), _online_sod(rng, len(t)), c["offset"][s_cust])
+        if planted is not None:
+            t = self._at_favourite_hour(planted, c, s_cust, t, active_until[s_cust])
         t = np.maximum(t, created + 60)
         leaf = self._session_leaf(rng, c, s_cust)
         self._sessions(rng, events, s_cust, t, leaf, c["app_user"][s_cust], k.cart_rate,
@@ -1365,6 +1409,85 @@ class _Shop:
             "search_query": empty,
             "properties": [_csv_quote(f'{{"amount": {a}, "reason": "order"}}')
                            for a in b["amount"].tolist()],
+        })
+
+    # the planted ground truth (plant_preferences) -----------------------------------------
+    def _plant(self, rng, c: dict) -> dict:
+        """Each customer's favourite hour of the week (local), activity and proxy reading,
+        from the chunk's own generator (`rng`, kept for the sessions and the channel)."""
+        n = c["n"]
+        usual = rng.random(n) < 0.8
+        day = rng.integers(0, 7, n)
+        hour = _FAVOURITE_HOURS[rng.integers(0, len(_FAVOURITE_HOURS), n)]
+        how = np.where(usual, day * 24 + hour, rng.integers(0, 168, n))
+        return {"rng": rng, "how": how, "activity": rng.uniform(0.1, 1.0, n),
+                "proxy": rng.random(n) < 1 / 3}
+
+    def _utc_offset(self, loc: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """UTC offset (seconds) of each location's zone on the day of t, daylight saving
+        included (the offset at noon UTC: wrong only in the hours before a switch)."""
+        if self._zone_offsets is None:
+            first = self.clock.day0 - 14 * DAY
+            n_days = (self.clock.end - first) // DAY + 16
+            by_zone: dict[str, np.ndarray] = {}
+            table = np.zeros((len(self.loc_tz), n_days), dtype=np.int64)
+            for i, tz in enumerate(self.loc_tz.tolist()):
+                if tz not in by_zone:
+                    zone = ZoneInfo(tz)
+                    by_zone[tz] = np.array([int(datetime.fromtimestamp(
+                        first + d * DAY + DAY // 2, timezone.utc).astimezone(zone)
+                        .utcoffset().total_seconds()) for d in range(n_days)], dtype=np.int64)
+                table[i] = by_zone[tz]
+            self._zone_offsets = (first, table)
+        first, table = self._zone_offsets
+        return table[loc, np.clip((t - first) // DAY, 0, table.shape[1] - 1)]
+
+    def _at_favourite_hour(self, planted: dict, c: dict, cust: np.ndarray, t: np.ndarray,
+                           until: np.ndarray) -> np.ndarray:
+        """Session starts moved, with chance hour_loyalty each, to a minute 0-49 of the
+        customer's favourite hour of the week in the same local week (or the week before or
+        after, to stay between their sign-up and `until`); the others stay at t."""
+        rng, n = planted["rng"], len(t)
+        moved = rng.random(n) < self.k.hour_loyalty
+        into = rng.integers(0, 50 * 60, n)
+        loc = c["loc"][cust]
+        local_day = (t + self._utc_offset(loc, t)) // DAY
+        monday = (local_day - (local_day + 3) % 7) * DAY  # 1970-01-01 was a Thursday
+        low = c["created"][cust] + 60
+        high = np.minimum(until, self.clock.end)
+        out = t.copy()
+        todo = moved.copy()
+        for weeks in (0, -1, 1):
+            wall = monday + weeks * 7 * DAY + planted["how"][cust] * 3600 + into
+            at = wall - self._utc_offset(loc, wall - self._utc_offset(loc, wall))
+            ok = todo & (at >= low) & (at < high)
+            out[ok] = at[ok]
+            todo &= ~ok
+        return out
+
+    def _emit_truth(self, out: _Writer, c: dict, o: dict, s: dict, planted: dict) -> None:
+        n = c["n"]
+        # the favourite channel: one of the customer's channels not unsubscribed at `end`
+        # (subscription rows come sorted by customer and channel; a second device is one)
+        live = s["unsub"] < 0
+        cust, chan = s["cust"][live], s["channel"][live]
+        distinct = np.r_[True, (cust[1:] != cust[:-1]) | (chan[1:] != chan[:-1])][:len(cust)]
+        cust, chan = cust[distinct], chan[distinct]
+        count = np.bincount(cust, minlength=n)
+        start = np.cumsum(count) - count
+        pick = start + (planted["rng"].random(n) * count).astype(np.int64)
+        favourite = np.where(count > 0, np.r_[chan, -1][np.minimum(pick, len(chan))], -1)
+        names = np.array(["email", "mobile_push", "web_push", "telegram", "sms", "viber", ""],
+                         dtype=object)  # the channel codes of _subscriptions, -1: none
+        out.write_truth({
+            "customer_id": c["id_text"][:-1].tolist(),
+            "timezone": self.loc_tz[c["loc"]].tolist(),
+            "favourite_hour_of_week": _ints(planted["how"]),
+            "favourite_channel": names[favourite].tolist(),
+            "activity": [f"{a:.3f}" for a in planted["activity"].tolist()],
+            "proxy_reader": np.where(planted["proxy"], "true", "false").tolist(),
+            "orders": _ints(o["count"]),
+            "churned_at": self.clock.text(o["dropped"]),
         })
 
 

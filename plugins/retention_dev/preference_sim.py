@@ -18,6 +18,10 @@ of the customers read mail through a privacy proxy: every e-mail they get has a 
 open a minute after the send (flagged `sg_machine_open`, as SendGrid flags it), which the
 marts must ignore. Site sessions: Poisson(activity x 8), each at the favourite hour with
 probability `hour_loyalty`, else at a uniform time. Everything is a function of `seed`.
+
+The engagement with one message is `engagement`; retention_dev.planted_truth applies it to
+the customers a generated shop planted (generate_shop(plant_preferences=True)), with draws
+that are a function of the message id.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -90,21 +95,7 @@ def plant(url: str, as_of: datetime, *, customers: int = 400, weeks: int = 12,
                     break
                 mid = f"sim_{p.customer_id}_{channel}_{w}"
                 messages.append((mid, channel, p.customer_id, sent))
-                if channel == "email" and p.proxy_reader:
-                    events.append((mid, "open", sent + timedelta(minutes=1), True))
-                rate = p.activity * (0.6 if channel == p.channel else 0.15)
-                if rng.random() >= rate:
-                    continue
-                if rng.random() < hour_loyalty:
-                    at = next_local_hour(sent, p.hour_of_week, p.timezone) + timedelta(
-                        minutes=int(rng.integers(0, 60)))
-                else:
-                    at = sent + timedelta(seconds=float(rng.uniform(60, 72 * 3600)))
-                if at > as_of:
-                    continue
-                events.append((mid, "open", at, False))
-                if rng.random() < 0.5:
-                    events.append((mid, "click", at + timedelta(minutes=2), False))
+                events += engagement(p, channel, mid, sent, as_of, hour_loyalty, rng)
         for k in range(int(rng.poisson(p.activity * 8))):
             if rng.random() < hour_loyalty:
                 week = int(rng.integers(1, weeks + 1))
@@ -152,6 +143,38 @@ def plant(url: str, as_of: datetime, *, customers: int = 400, weeks: int = 12,
             conn.execute(f"analyze {table}")
         conn.commit()
     return truth
+
+
+class Draws(Protocol):
+    """What `engagement` draws from: a numpy Generator, or anything with these three."""
+
+    def random(self) -> float: ...
+    def integers(self, low: int, high: int) -> int: ...
+    def uniform(self, low: float, high: float) -> float: ...
+
+
+def engagement(p, channel: str, mid: str, sent: datetime, as_of: datetime,
+               hour_loyalty: float, draws: Draws) -> list[tuple[str, str, datetime, bool]]:
+    """The events (message id, open or click, time, machine open) of customer `p` (with
+    hour_of_week, timezone, channel, activity, proxy_reader) for message `mid` sent on
+    `channel` at `sent`, up to `as_of`: the model of the module docstring."""
+    events = []
+    if channel == "email" and p.proxy_reader:
+        events.append((mid, "open", sent + timedelta(minutes=1), True))
+    rate = p.activity * (0.6 if channel == p.channel else 0.15)
+    if draws.random() >= rate:
+        return events
+    if draws.random() < hour_loyalty:
+        at = next_local_hour(sent, p.hour_of_week, p.timezone) + timedelta(
+            minutes=int(draws.integers(0, 60)))
+    else:
+        at = sent + timedelta(seconds=float(draws.uniform(60, 72 * 3600)))
+    if at > as_of:
+        return events
+    events.append((mid, "open", at, False))
+    if draws.random() < 0.5:
+        events.append((mid, "click", at + timedelta(minutes=2), False))
+    return events
 
 
 @dataclass(frozen=True)
