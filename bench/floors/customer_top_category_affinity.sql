@@ -50,7 +50,6 @@ purchase_lines as (
     from raw.orders as o
     join raw.order_items as i on i.order_id = o.order_id
     where o.ordered_at <= {as_of} and o.status in ('paid', 'delivered')
-      and o.customer_id in (select customer_id from customers)
     union all
     select 'offline', r.receipt_id, coalesce(card_owner.customer_id, phone_owner.customer_id),
            r.purchased_at, i.product_id, i.quantity * i.unit_price
@@ -65,15 +64,24 @@ purchase_lines as (
 
 ),
 
+purchase_categories as materialized (
+
+    -- one row per purchase and category, so a purchase counts once per category
+    select l.customer_id, p.category_path, l.source, l.purchase_id,
+           sum(l.revenue) as revenue, max(l.purchased_at) as purchased_at
+    from purchase_lines as l
+    join products as p on p.product_id = l.product_id
+    where p.category_path is not null
+    group by 1, 2, 3, 4
+
+),
+
 purchased as (
 
-    select l.customer_id, p.category_path,
-           sum(l.revenue) as purchase_revenue,
-           count(distinct (l.source, l.purchase_id)) as purchases,
-           max(l.purchased_at) as last_purchased_at
-    from purchase_lines as l
-    join products as p on p.product_id = l.product_id and p.category_path is not null
-    group by l.customer_id, p.category_path
+    select customer_id, category_path, sum(revenue) as purchase_revenue, count(*) as purchases,
+           max(purchased_at) as last_purchased_at
+    from purchase_categories
+    group by 1, 2
 
 ),
 
@@ -89,8 +97,7 @@ clickstream as (
            max(e.occurred_at) as last_event_at
     from raw.events as e
     left join products as p on p.product_id = e.product_id
-    where e.occurred_at <= {as_of}
-      and e.customer_id in (select customer_id from customers)
+    where e.occurred_at <= {as_of} and e.customer_id is not null
       and coalesce(nullif(trim(e.category_path), ''), p.category_path) is not null
     group by 1, 2
 
@@ -110,16 +117,17 @@ joined as (
         greatest(b.last_purchased_at, c.last_view_at) as last_interaction_at
     from purchased as b
     full join clickstream as c using (customer_id, category_path)
+    -- customers existing as of as_of (a join, not an IN over the CTE: hashes)
+    join customers using (customer_id)
 
 ),
 
 top_purchases as (
 
     -- a purchase with two categories of one top category counts once
-    select l.customer_id, split_part(p.category_path, '.', 1) as top_category,
-           count(distinct (l.source, l.purchase_id)) as purchases
-    from purchase_lines as l
-    join products as p on p.product_id = l.product_id and p.category_path is not null
+    select customer_id, top_category, count(*) as purchases
+    from (select distinct customer_id, split_part(category_path, '.', 1) as top_category, source, purchase_id
+          from purchase_categories) as t
     group by 1, 2
 
 ),

@@ -4,6 +4,7 @@
 -- viewed (raw.events, event_type 'view') a product of the receipt, or a product or
 -- category whose category_path (the event's own, else the catalogue's) is one of the
 -- receipt's lines' category_path, in [purchased_at - 30 x 24 hours, purchased_at).
+-- The views are read per receipt through raw.events' (customer_id, occurred_at) index.
 -- {as_of} is replaced by a timestamptz literal. Every column is compared exactly.
 with
 
@@ -52,55 +53,6 @@ receipts as (
     where r.purchased_at <= {as_of}
       and coalesce(card_owner.customer_id, phone_owner.customer_id) is not null
 
-),
-
-products as (
-
-    select product_id, nullif(trim(category_path), '') as category_path from raw.products
-
-),
-
-receipt_items as (
-
-    select distinct r.receipt_id, r.customer_id, r.purchased_at, i.product_id, p.category_path
-    from receipts as r
-    join raw.offline_receipt_items as i on i.receipt_id = r.receipt_id
-    left join products as p on p.product_id = i.product_id
-
-),
-
-views as (
-
-    select e.customer_id, e.occurred_at, e.product_id,
-           coalesce(nullif(trim(e.category_path), ''), p.category_path) as category_path
-    from raw.events as e
-    left join products as p on p.product_id = e.product_id
-    where e.event_type = 'view' and e.customer_id is not null and e.occurred_at <= {as_of}
-
-),
-
-last_views as (
-
-    -- two equality joins (a view of the product, a view in the category) instead of one
-    -- join on an OR, so each can hash
-    select receipt_id, max(occurred_at) as last_online_view_at
-    from (
-        select i.receipt_id, v.occurred_at
-        from receipt_items as i
-        join views as v
-          on v.customer_id = i.customer_id and v.product_id = i.product_id
-         and v.occurred_at >= i.purchased_at - 30 * interval '24 hours'
-         and v.occurred_at < i.purchased_at
-        union all
-        select i.receipt_id, v.occurred_at
-        from receipt_items as i
-        join views as v
-          on v.customer_id = i.customer_id and v.category_path = i.category_path
-         and v.occurred_at >= i.purchased_at - 30 * interval '24 hours'
-         and v.occurred_at < i.purchased_at
-    ) as hits
-    group by receipt_id
-
 )
 
 select
@@ -109,8 +61,27 @@ select
     r.matched_by,
     r.purchased_at,
     r.total_amount,
-    l.receipt_id is not null as is_ropo,
+    l.last_online_view_at is not null as is_ropo,
     l.last_online_view_at,
     r.store_id
 from receipts as r
-left join last_views as l on l.receipt_id = r.receipt_id
+-- the customer's views in the window, read through raw.events' (customer_id, occurred_at)
+-- index: a few rows per receipt instead of a pass over every view
+left join lateral (
+    select max(e.occurred_at) as last_online_view_at
+    from raw.events as e
+    left join raw.products as ep on ep.product_id = e.product_id
+    where e.customer_id = r.customer_id
+      and e.occurred_at >= r.purchased_at - 30 * interval '24 hours'
+      and e.occurred_at < r.purchased_at
+      and e.event_type = 'view'
+      and exists (
+          select 1
+          from raw.offline_receipt_items as i
+          left join raw.products as ip on ip.product_id = i.product_id
+          where i.receipt_id = r.receipt_id
+            and (i.product_id = e.product_id
+                 or nullif(trim(ip.category_path), '') = coalesce(nullif(trim(e.category_path), ''),
+                                                                   nullif(trim(ep.category_path), '')))
+      )
+) as l on true
