@@ -37,12 +37,6 @@ phone_owner as (
 
 ),
 
-products as (
-
-    select product_id, nullif(trim(category_path), '') as category_path from raw.products
-
-),
-
 purchase_lines as (
 
     select 'online' as source, o.order_id as purchase_id, o.customer_id, o.ordered_at as purchased_at,
@@ -67,11 +61,11 @@ purchase_lines as (
 purchase_categories as materialized (
 
     -- one row per purchase and category, so a purchase counts once per category
-    select l.customer_id, p.category_path, l.source, l.purchase_id,
+    select l.customer_id, nullif(trim(p.category_path), '') as category_path, l.source, l.purchase_id,
            sum(l.revenue) as revenue, max(l.purchased_at) as purchased_at
     from purchase_lines as l
-    join products as p on p.product_id = l.product_id
-    where p.category_path is not null
+    join raw.products as p on p.product_id = l.product_id
+    where nullif(trim(p.category_path), '') is not null
     group by 1, 2, 3, 4
 
 ),
@@ -88,7 +82,7 @@ purchased as (
 clickstream as (
 
     select e.customer_id,
-           coalesce(nullif(trim(e.category_path), ''), p.category_path) as category_path,
+           coalesce(nullif(trim(e.category_path), ''), nullif(trim(p.category_path), '')) as category_path,
            count(*) filter (where e.event_type = 'view') as views,
            count(*) filter (where e.event_type = 'view' and e.occurred_at > {as_of} - 90 * interval '24 hours') as views_90d,
            count(*) filter (where e.event_type = 'cart' and e.occurred_at > {as_of} - 90 * interval '24 hours') as carts_90d,
@@ -96,9 +90,9 @@ clickstream as (
            max(e.occurred_at) filter (where e.event_type = 'view') as last_view_at,
            max(e.occurred_at) as last_event_at
     from raw.events as e
-    left join products as p on p.product_id = e.product_id
+    left join raw.products as p on p.product_id = e.product_id
     where e.occurred_at <= {as_of} and e.customer_id is not null
-      and coalesce(nullif(trim(e.category_path), ''), p.category_path) is not null
+      and coalesce(nullif(trim(e.category_path), ''), nullif(trim(p.category_path), '')) is not null
     group by 1, 2
 
 ),
