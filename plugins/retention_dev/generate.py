@@ -20,7 +20,11 @@ What is in it (docs/generator.md says more):
 - channel subscriptions with realistic reach and unsubscribes;
 - the shop's own events: a `bonus_credited` event (a custom type of include/events.yaml,
   with its `amount` and `reason` properties) a day or two after a share of the delivered
-  orders, drawn from generators of their own so every other row stays as it is.
+  orders, drawn from generators of their own so every other row stays as it is;
+- on request (`plant_preferences`), a planted ground truth in `_truth.csv`: each
+  customer's favourite hour of the week and channel, which their browse sessions follow,
+  and the order after which they dropped out (TRUTH_COLUMNS), also from generators of its
+  own: every file but events.csv stays as without it.
 """
 
 from __future__ import annotations
