@@ -65,7 +65,7 @@ buyers as (
     select p.customer_id, count(*) as purchases, sum(p.revenue) as ltv,
            max(p.purchased_at) as last_purchase_at
     from purchases as p
-    where p.customer_id in (select customer_id from customers_raw)
+    join customers_raw as c on c.customer_id = p.customer_id
     group by p.customer_id
 
 ),
@@ -131,12 +131,13 @@ signals as (
 
 local_signals as materialized (
 
-    select s.customer_id, s.channel, c.segment,
-           (extract(isodow from s.signal_at at time zone c.timezone)::int - 1) * 24
-             + extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_week,
-           extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_day
-    from signals as s
-    join customers as c on c.customer_id = s.customer_id
+    -- the local time computed once per signal
+    select customer_id, channel, segment,
+           (extract(isodow from local_at)::int - 1) * 24 + extract(hour from local_at)::int as hour_of_week,
+           extract(hour from local_at)::int as hour_of_day
+    from (select s.customer_id, s.channel, c.segment, s.signal_at at time zone c.timezone as local_at
+          from signals as s
+          join customers as c on c.customer_id = s.customer_id) as l
 
 ),
 
@@ -188,18 +189,17 @@ segment_week as (
 ),
 
 best_week as (
+    -- candidates: the customer's own hours, and the segment's best hour with n = 0. No
+    -- sum per hour as in the model: when the segment's best hour is also the customer's
+    -- own, its own row scores n more than the n = 0 row and wins over it anyway
     select distinct on (x.customer_id, x.channel) x.customer_id, x.channel, x.hour
     from (
-        select customer_id, segment, channel, hour, sum(n) as n
-        from (
-            select customer_id, segment, channel, hour, n from own_week
-            union all
-            select k.customer_id, k.segment, k.channel, t.hour, 0
-            from keys as k
-            join (select distinct on (segment) segment, hour from segment_week
-                  order by segment, p_segment desc, hour) as t on t.segment = k.segment
-        ) as c
-        group by customer_id, segment, channel, hour
+        select customer_id, segment, channel, hour, n from own_week
+        union all
+        select k.customer_id, k.segment, k.channel, t.hour, 0
+        from keys as k
+        join (select distinct on (segment) segment, hour from segment_week
+              order by segment, p_segment desc, hour) as t on t.segment = k.segment
     ) as x
     join segment_week as g on g.segment = x.segment and g.hour = x.hour
     order by x.customer_id, x.channel, x.n + 4.0 * g.p_segment desc, x.hour
@@ -228,18 +228,17 @@ segment_day as (
 ),
 
 best_day as (
+    -- candidates: the customer's own hours, and the segment's best hour with n = 0. No
+    -- sum per hour as in the model: when the segment's best hour is also the customer's
+    -- own, its own row scores n more than the n = 0 row and wins over it anyway
     select distinct on (x.customer_id, x.channel) x.customer_id, x.channel, x.hour
     from (
-        select customer_id, segment, channel, hour, sum(n) as n
-        from (
-            select customer_id, segment, channel, hour, n from own_day
-            union all
-            select k.customer_id, k.segment, k.channel, t.hour, 0
-            from keys as k
-            join (select distinct on (segment) segment, hour from segment_day
-                  order by segment, p_segment desc, hour) as t on t.segment = k.segment
-        ) as c
-        group by customer_id, segment, channel, hour
+        select customer_id, segment, channel, hour, n from own_day
+        union all
+        select k.customer_id, k.segment, k.channel, t.hour, 0
+        from keys as k
+        join (select distinct on (segment) segment, hour from segment_day
+              order by segment, p_segment desc, hour) as t on t.segment = k.segment
     ) as x
     join segment_day as g on g.segment = x.segment and g.hour = x.hour
     order by x.customer_id, x.channel, x.n + 4.0 * g.p_segment desc, x.hour
