@@ -140,18 +140,30 @@ def main() -> int:
     parser.add_argument("--recipients", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--old-ref", help="git revision whose engine.py runs in turns with ours")
+    parser.add_argument("--old-schema", metavar="REVISION",
+                        help="run the old engine on the schema at this migration revision "
+                             "(downgraded before its runs, upgraded to head before ours)")
     parser.add_argument("--explain", action="store_true")
     parser.add_argument("--empty-ledger", action="store_true")
     parser.add_argument("--keep-database", action="store_true")
     parser.add_argument("--url", help="an already populated database (from --keep-database)")
+    parser.add_argument("--prefix", default="bench_plan",
+                        help="name prefix of the database it creates")
     args = parser.parse_args()
 
     from bench_dispatch import AS_OF, create_database, drop_database, policy, populate
     from retention import db
 
+    from retention.db import schema
+
     engines = [("new", load_engine(None))]
     if args.old_ref:
-        engines.insert(0, (f"old ({args.old_ref})", load_engine(args.old_ref)))
+        old = load_engine(args.old_ref)
+        if args.old_schema:
+            # the schema is set up by the loop below: the ledger module it imports from the
+            # working tree would upgrade it to head
+            old.ensure_ledger = lambda conn: None
+        engines.insert(0, (f"old ({args.old_ref})", old))
     timer = StatementTimer(args.explain)
     n = args.recipients
     load0 = os.getloadavg()
@@ -161,7 +173,7 @@ def main() -> int:
     else:
         server = (os.environ.get("RETENTION_TEST_DATABASE_URL")
                   or os.environ.get("RETENTION_DATABASE_URL") or db.database_url())
-        admin, name, url = create_database(server)
+        admin, name, url = create_database(server, args.prefix)
     rows, digests = [], {}
     try:
         if not args.url:
@@ -175,6 +187,12 @@ def main() -> int:
         c = campaign("bench_plan")
         for rep in range(args.repeat):
             for label, engine in engines:
+                if args.old_schema:
+                    if label == "new":
+                        schema.upgrade(url)
+                    else:
+                        schema.downgrade(url, args.old_schema)
+                    timer.take()
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 run = engine.start_run(c, AS_OF, url, policy())

@@ -170,10 +170,17 @@ def test_fresh_database_at_head_has_every_table(make_database):
             "select pg_get_constraintdef(oid) from pg_constraint "
             "where conname = 'messages_status_check'").fetchone()[0]
         assert "'unknown'::text" in status_check
+        # audience_members' run is checked per statement by triggers (migration 0005),
+        # not by a foreign key
         assert conn.execute(
             "select conrelid::regclass::text from pg_constraint where contype = 'f' "
-            "and confrelid = 'ops.campaign_runs'::regclass").fetchall() == [
-                ("ops.audience_members",)]
+            "and confrelid = 'ops.campaign_runs'::regclass").fetchall() == []
+        assert {r[0] for r in conn.execute(
+            "select tgname from pg_trigger where not tgisinternal and tgrelid in "
+            "('ops.audience_members'::regclass, 'ops.campaign_runs'::regclass)")} == {
+                "audience_members_run_insert", "audience_members_run_update",
+                "campaign_runs_members_delete", "campaign_runs_members_update",
+                "campaign_runs_members_truncate"}
         # the loader's cast: a valid timestamp, an impossible day, no offset
         assert conn.execute(
             "select ops.try_timestamptz('2024-02-29T10:00:00+02:00') "

@@ -49,12 +49,15 @@ def hash01(expr: str) -> str:
     return f"(('x' || substr(md5({expr}), 1, 8))::bit(32)::bigint / 4294967296.0)"
 
 
-#: work_mem of the planning statements (per sort or hash; a million members' subscriptions
-#: and cap counts fit in memory)
-PLAN_WORK_MEM = "256MB"
+#: work_mem of the planning statements (per sort or hash; a million members' two million
+#: subscriptions sort in memory, about 400MB, and their cap counts hash in it)
+PLAN_WORK_MEM = "512MB"
 
-MESSAGE_ID_SQL = ("'m_' || left(encode(sha256(convert_to({run_id} || '|' || %(step)s || '|' "
-                  "|| {customer}, 'UTF8')), 'hex'), 32)")
+#: SQL of a ledger row's message id: 'm_' and the first 32 hex digits of the sha256 of
+#: '<run_id>|<step>|<customer>' (ledger.message_id_for); the first 16 bytes are hex-encoded
+#: rather than all 32 and cut
+MESSAGE_ID_SQL = ("'m_' || encode(substr(sha256(convert_to({run_id} || '|' || %(step)s || '|' "
+                  "|| {customer}, 'UTF8')), 1, 16), 'hex')")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,36 @@ def variant_case(variants: Sequence[Variant], value: str, params: dict, prefix: 
             else f"%({prefix}_name_0)s")
 
 
+#: the keys (SQL) hashed with the customer for the global holdout, the campaign's holdout
+#: and the variant
+GLOBAL_KEY = "'global:'"
+HOLDOUT_KEY = "%(campaign_id)s || ':holdout:'"
+VARIANT_KEY = "%(campaign_id)s || ':variant:'"
+
+#: audience tables joined to raw.customers (compile_audience's `needs`)
+JOINED_AUDIENCE = {"marts.customer_lifetime", "marts.customer_predicted_value"}
+
+
+def arm_sql(variants: Sequence[Variant], customer: str, params: dict, *,
+            global_holdout: bool, holdout: bool) -> tuple[str, str, str]:
+    """SQL of a member's arm: its holdout kind ('global', 'campaign' or null: hashes of
+    'global:<customer>' below %(global_holdout)s, then of '<campaign>:holdout:<customer>'
+    below %(holdout)s), its variant (by the variant hash `v`, see variant_case), and the
+    select-list item computing `v` (empty with one variant, whose name needs no hash).
+    A share that is zero is not hashed at all: no hash in [0, 1) is below it."""
+    cases = []
+    if global_holdout:
+        cases.append(f"when {hash01(f'{GLOBAL_KEY} || {customer}')} < %(global_holdout)s "
+                     "then 'global'")
+    if holdout:
+        cases.append(f"when {hash01(f'{HOLDOUT_KEY} || {customer}')} < %(holdout)s "
+                     "then 'campaign'")
+    holdout_sql = f"case {' '.join(cases)} end" if cases else "null::text"
+    variant_sql = variant_case(variants, "v", params, "variant")
+    hashed = f", {hash01(f'{VARIANT_KEY} || {customer}')} as v" if len(variants) > 1 else ""
+    return holdout_sql, variant_sql, hashed
+
+
 def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
               policy: Policy | None = None) -> RunInfo:
     """Select and freeze the run's audience (once; a re-run returns the frozen one)."""
@@ -127,14 +160,24 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
             raise RuntimeError(f"campaign {campaign.id}: its audience reads {', '.join(missing)}, "
                                "which does not exist yet: run `retention build` first")
         marketing = campaign.kind != "transactional"
-        variant_sql = variant_case(campaign.variants, "v", params, "variant")
         params.update(as_of=as_of, run_id=run_id, campaign_id=campaign.id,
                       global_holdout=policy.global_holdout if marketing else 0.0,
                       holdout=campaign.holdout if marketing else 0.0)
+        holdout_sql, variant_sql, hashed = arm_sql(
+            campaign.variants, "a.customer_id", params,
+            global_holdout=params["global_holdout"] > 0, holdout=params["holdout"] > 0)
+        if needs & JOINED_AUDIENCE:
+            # the published tables it joins are one row per customer (and snapshot); a
+            # duplicate would still count once
+            audience_sql = f"select distinct d.customer_id from ({audience_sql}) d"
         conn.execute(
             "insert into ops.campaign_runs (run_id, campaign_id, as_of, spec_hash, spec, "
             "audience_size, holdout_size, created_at) values (%s, %s, %s, %s, %s, 0, 0, %s)",
             (run_id, campaign.id, as_of, campaign.spec_hash, Jsonb(campaign.raw), as_of))
+        # a new run (its row was just inserted under the run's lock) has no members yet,
+        # and the audience selects each customer once: a plain INSERT (no ON CONFLICT
+        # arbitration per row). The run check of ops.audience_members runs once for the
+        # statement (migration 0005).
         size, holdout = conn.execute(f"""
             with inserted as (
             insert into ops.audience_members (run_id, customer_id, variant, holdout_kind)
@@ -142,18 +185,12 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
                    case when holdout_kind is not null then 'holdout' else {variant_sql} end,
                    holdout_kind
             from (
-              select customer_id, v,
-                     case when g < %(global_holdout)s then 'global'
-                          when h < %(holdout)s then 'campaign' end as holdout_kind
-              from (
-                select a.customer_id,
-                       {hash01("'global:' || a.customer_id")} as g,
-                       {hash01("%(campaign_id)s || ':holdout:' || a.customer_id")} as h,
-                       {hash01("%(campaign_id)s || ':variant:' || a.customer_id")} as v
-                from ({audience_sql}) a
-              ) hashed
+              -- OFFSET 0: each hash is worked out once per customer (flattened, the
+              -- holdout's expression would be evaluated once per reference)
+              select a.customer_id, {holdout_sql} as holdout_kind{hashed}
+              from ({audience_sql}) a
+              offset 0
             ) assigned
-            on conflict do nothing
             returning holdout_kind)
             select count(*), count(*) filter (where holdout_kind is not null) from inserted
             """, params).fetchone()
@@ -184,7 +221,8 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
         ensure_ledger(conn)
         conn.commit()
         plan_members(conn, campaign, step, step_time(campaign, run, step), members_sql,
-                     {"member_run_id": run.run_id, "member_run_as_of": run.as_of}, policy)
+                     {"member_run_id": run.run_id, "member_run_as_of": run.as_of}, policy,
+                     run_id=run.run_id, members=run.audience_size)
         conn.commit()
     return step_counts(run.run_id, step.name, url)
 
@@ -251,13 +289,16 @@ def optimal_time_sql(control: str) -> tuple[list[str], str]:
 
 
 def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
-                 members_sql: str, members_params: dict, policy: Policy | None = None) -> int:
+                 members_sql: str, members_params: dict, policy: Policy | None = None,
+                 run_id: str | None = None, members: int | None = None) -> int:
     """The eligibility rules of the module docstring, set-wise, for any member source.
 
     `members_sql` selects (customer_id, variant, holdout_kind, run_id, run_as_of): the
     run's audience for a campaign, or the chain instances due for this step for a trigger
     chain (run_id = the chain instance). Message ids are (run_id, step, customer), so
     planning again inserts nothing. Runs in the caller's transaction; returns rows written.
+    `run_id`: the one run all members belong to (a campaign run), if so; `members`: how
+    many members there are, if known.
 
     One INSERT ... SELECT: the member source is inlined where it is read (so the planner
     sees its statistics), each member's channel comes from one ordered pass over the
@@ -284,6 +325,16 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     optimal = step.send_time == "optimal"
     params.update(optimal=optimal, best_channel=step.best_channel)
     control = step_control_sql("m.customer_id")
+    # the subscriptions and the ledger rows read are those of the members' customers;
+    # when the members are most of the shop's customers, reading them all is cheaper
+    # than a semi-join with the members (the members' own join keeps only theirs)
+    subs_of_members = "and s.customer_id in (select customer_id from members)"
+    caps_of_members = "x.customer_id in (select customer_id from members) and"
+    if members is not None:
+        customers = conn.execute("select reltuples from pg_class "
+                                 "where oid = 'raw.customers'::regclass").fetchone()[0]
+        if 0 < customers <= 2 * members:  # reltuples < 0: never analysed
+            subs_of_members = caps_of_members = ""
     ctes = [f"members as not materialized ({members_sql})"]
     joins, keep = [], ""
     if only_unengaged:
@@ -308,14 +359,18 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
             offline_purchases = """or exists (select 1 from marts.ropo_purchases rp
                 where rp.customer_id = mb.customer_id
                   and rp.purchased_at > mb.run_as_of and rp.purchased_at <= %(step_time)s)"""
-        ctes.append(f"""purchased as (
+        ctes.append(f"""purchased as materialized (
           select mb.run_id, mb.customer_id from members mb
           where exists (select 1 from raw.orders o
                         where o.customer_id = mb.customer_id and o.status in ('paid', 'delivered')
                           and o.ordered_at > mb.run_as_of and o.ordered_at <= %(step_time)s)
           {offline_purchases}
         )""")
-        exited = "(m.run_id, m.customer_id) in (select run_id, customer_id from purchased)"
+        # a join, not `in (select ...)`: the condition is read by both the status and
+        # the reason, and a hashed subplan is probed once per read
+        joins.append("left join purchased px on px.run_id = m.run_id "
+                     "and px.customer_id = m.customer_id")
+        exited = "px.customer_id is not null"
     # one row per customer with any subscription to the step's channels: the first live
     # address in the channel rule's order (the latest subscribed on that channel), if any.
     # Customers are grouped in byte order (the same groups, a cheaper sort than the
@@ -346,7 +401,7 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
               on d.channel = s.channel and d.address = s.address
             {best_join}
             where s.channel = any(%(channels)s)
-              and s.customer_id in (select customer_id from members)
+              {subs_of_members}
           ) s
           order by s.customer_id collate "C", s.live desc, {best_first}
                    array_position(%(channels)s::text[], s.channel),
@@ -369,7 +424,7 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         counts = ", ".join([f"count(*) filter (where {g_window}) as g", *per_channel])
         ctes.append(f"""caps as (
           select x.customer_id, {counts} from ops.messages x
-          where x.customer_id in (select customer_id from members) and {counted}
+          where {caps_of_members} {counted}
             and (({g_window}) or ({c_window}))
           group by x.customer_id
         )""")
@@ -397,7 +452,9 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         )""")
         not_before = (f"coalesce(q.not_before, "
                       f"{quiet_not_before_sql('%(default_tz)s::text')})")
-        joins.append("left join quiet q on q.name = cu.timezone")
+        # zone names are ASCII: byte order ("C") compares them as the database's
+        # collation does, and sorts them cheaper if the planner merges the two
+        joins.append('left join quiet q on q.name = cu.timezone collate "C"')
     else:
         not_before = "%(step_time)s"
     if optimal:
@@ -425,13 +482,28 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
         not_before = f"case when {control} then {not_before} else {released} end"
     member_arm = f"case when m.holdout_kind is null then {control} end"
     # one big statement: sorts and hashes in memory, no JIT compilation (it costs more
-    # than it saves here); the caller's own settings come back after it
-    saved = conn.execute("select current_setting('work_mem'), current_setting('jit')").fetchone()
-    conn.execute("select set_config('work_mem', %s, true), set_config('jit', 'off', true)",
-                 (PLAN_WORK_MEM,))
+    # than it saves here), and no merge joins (the planner, not knowing how few distinct
+    # zones the quiet hours have, sorted all members by time zone to merge them in);
+    # the caller's own settings come back after it
+    saved = conn.execute("select current_setting('work_mem'), current_setting('jit'), "
+                         "current_setting('enable_mergejoin')").fetchone()
+    conn.execute("select set_config('work_mem', %s, true), set_config('jit', 'off', true), "
+                 "set_config('enable_mergejoin', 'off', true)", (PLAN_WORK_MEM,))
     status = ("case " + " ".join(f"when {cond} then {st}" for cond, st, _ in status_cases)
               + " else 'planned' end")
     reason = "case " + " ".join(f"when {cond} then {why}" for cond, _, why in status_cases) + " end"
+    # a step of a run with no ledger rows yet can conflict with none (its message ids are
+    # the run's and the step's; planners hold the lock above): a plain INSERT, without ON
+    # CONFLICT's arbitration per row. Planning again, or chains, keep `do nothing`.
+    conflict = "on conflict (message_id) do nothing"
+    if run_id is not None and not conn.execute(
+            "select exists (select 1 from ops.messages where run_id = %s and step = %s)",
+            (run_id, step.name)).fetchone()[0]:
+        conflict = ""
+    # `offset 0` keeps the decisions a subquery of their own, worked out once per member
+    # (flattened into the select list, the status would be evaluated again for each of
+    # its three reads); the rows go in by customer (byte order), the order of the
+    # ledger's customer index
     cur = conn.execute(f"""
         with {(','+chr(10)+'        ').join(ctes)}
         insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
@@ -458,10 +530,13 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
           where ((m.holdout_kind is not null and %(step_index)s = 0)
                  or (m.holdout_kind is null and a.customer_id is not null))
             {keep}
+          offset 0
         ) d
-        on conflict (message_id) do nothing
+        order by d.customer_id collate "C"
+        {conflict}
     """, params)
-    conn.execute("select set_config('work_mem', %s, true), set_config('jit', %s, true)", saved)
+    conn.execute("select set_config('work_mem', %s, true), set_config('jit', %s, true), "
+                 "set_config('enable_mergejoin', %s, true)", saved)
     return cur.rowcount
 
 
