@@ -23,7 +23,9 @@ unsubscribes; some planned and opened after as_of), and `dbt build` runs as
 `retention build` does (bench_build.plain_build: fresh project copy, PGOPTIONS, threads,
 as_of through the environment) as of the end of the data (default_as_of). The database is
 dropped afterwards unless --keep. With --database/--as-of/--project the database is taken
-as built, and the times come from that project's target/run_results.json.
+as built, and the times come from that project's target/run_results.json. The server is
+the one bench_build.py uses (RETENTION_DATABASE_URL, e.g.
+postgresql://postgres@127.0.0.1:5432/postgres).
 
 Each floor runs `--repeat` times (default 2) as `create temp table ... as` in a session with
 the build's settings (jit=off, work_mem=64MB, timezone=UTC); the table shows the first and
@@ -231,6 +233,7 @@ def dbt_times(project: Path, marts: list[str]) -> dict:
            "models": sum(v for k, v in times.items() if k.startswith("model.")),
            "tests": sum(v for k, v in times.items() if not k.startswith("model.")),
            "marts": {}}
+    needed: set[str] = set()
     for mart in marts:
         node = f"model.retention.{mart}"
         chain, todo = {node}, [node]
@@ -239,8 +242,14 @@ def dbt_times(project: Path, marts: list[str]) -> dict:
                 if parent.startswith("model.") and parent not in chain:
                     chain.add(parent)
                     todo.append(parent)
+        needed |= chain
         out["marts"][mart] = {"model": times.get(node), "chain": sum(times.get(m, 0) for m in chain),
                               "chain_models": len(chain)}
+    # the models these marts need, each once (intermediates shared by several chains)
+    out["needed"] = sum(times.get(m, 0) for m in needed)
+    out["needed_models"] = len(needed)
+    out["other_models"] = sorted(k.split(".")[-1] for k in times
+                                 if k.startswith("model.") and k not in needed)
     return out
 
 
@@ -271,6 +280,9 @@ def table(floors: dict, dbt: dict, wall: float | None, header: str) -> str:
                  f"{_r(dbt['elapsed'], total)} the sum of the floors")
     lines.append(f"- every model's execution time, summed: {dbt['models']:.1f} s "
                  f"({_r(dbt['models'], total)}); data tests summed: {dbt['tests']:.1f} s")
+    lines.append(f"- the {dbt['needed_models']} models these marts need (the union of the chains, "
+                 f"each once), summed: {dbt['needed']:.1f} s ({_r(dbt['needed'], total)}); "
+                 f"models without a floor here: {', '.join(dbt['other_models']) or 'none'}")
     return "\n".join(lines)
 
 
