@@ -15,15 +15,27 @@
 {%- set purchase_weight = var('recommendations_purchase_weight', 2) %}
 {%- set snapshot = recommendations_as_of() %}
 {%- set snapshot_date = utc_date(snapshot) %}
--- millions of (X, Y, customer) rows to group and rank: work_mem for this statement only
-{{ config(pre_hook="set local work_mem = '256MB'",
+-- One statement that groups twice and sorts instead of hashing (the planner settings
+-- below hold for this statement only, `set local`): the interactions are sorted by
+-- customer and product and grouped into one row per customer and product; each
+-- customer's first purchases then meet that customer's rows by hash, which gives each
+-- (X, Y, customer) once, with no grouping of the pairs per customer; the pairs are
+-- sorted by X and Y and counted, and come out in X order, so the ranking sorts only
+-- within each X (incremental sort). Ids compare by code point (collate "C"), whatever
+-- the database's locale: sorting short ids so is a byte comparison.
+{{ config(pre_hook=["set local work_mem = '512MB'",
+                    "set local enable_mergejoin = off",
+                    "set local enable_hashagg = off"],
           post_hook="{{ record_incremental_state(recommendations_as_of()) }}") }}
 with
 
 purchase_items as (
 
-    select * from {{ ref('int_purchase_items_categorized') }}
+    select customer_id collate "C" as customer_id, product_id collate "C" as product_id,
+           purchased_at
+    from {{ ref('int_purchase_items_categorized') }}
     where purchased_at <= {{ snapshot }}
+      and customer_id is not null and product_id is not null
 
 ),
 
@@ -33,8 +45,8 @@ product_views_daily as (
     -- events: per customer, UTC day and product, the first and last view of the day up
     -- to the snapshot moment (on its own day, the last view at or before it)
     select
-        customer_id,
-        product_id,
+        customer_id collate "C" as customer_id,
+        product_id collate "C" as product_id,
         first_view_at,
         case
             when event_date < {{ snapshot_date }} then last_view_at
@@ -48,57 +60,92 @@ product_views_daily as (
 
 ),
 
+interactions as (
+
+    -- a purchase is the moment purchased_at; a day of views the span from its first to
+    -- its last view (all within one UTC day)
+    select customer_id, product_id, purchased_at as starts_at, purchased_at as ends_at,
+           purchased_at
+    from purchase_items
+
+    union all
+
+    select customer_id, product_id, first_view_at, last_view_at, null
+    from product_views_daily
+
+),
+
+products_per_customer as materialized (
+
+    -- per customer and product: the bounds of the spans, the first and last purchase,
+    -- and every span and purchase (read only when the bounds cannot decide, below)
+    select
+        customer_id,
+        product_id,
+        min(starts_at) as starts_min,
+        max(ends_at) as ends_max,
+        min(purchased_at) as first_bought_at,
+        max(purchased_at) as last_bought_at,
+        array_agg(starts_at) as starts,
+        array_agg(ends_at) as ends,
+        array_agg(purchased_at) filter (where purchased_at is not null) as bought
+
+    from interactions
+    group by customer_id, product_id
+
+),
+
 first_purchases_of_product as (
 
     select
         customer_id,
         product_id,
-        min(purchased_at) as first_bought_at,
+        first_bought_at,
         -- the window's end, computed once per first purchase, not once per pair
-        min(purchased_at) + {{ days_interval(window_days) }} as window_ends_at
+        first_bought_at + {{ days_interval(window_days) }} as window_ends_at
 
-    from purchase_items
-    where customer_id is not null and product_id is not null
-    group by customer_id, product_id
-
-),
-
-later_interactions as (
-
-    select bought.product_id, later.product_id as recommended_product_id, bought.customer_id,
-           true as is_purchase
-    from first_purchases_of_product as bought
-    inner join purchase_items as later
-        on later.customer_id = bought.customer_id
-        and later.product_id <> bought.product_id
-        and later.purchased_at > bought.first_bought_at
-        and later.purchased_at <= bought.window_ends_at
-
-    union all
-
-    -- a day with a view in (first_bought_at, first_bought_at + window]: exact at the
-    -- second, because the window is longer than a day (its first day needs a view after
-    -- the purchase, its last day a view before the end, the days between any view)
-    select bought.product_id, later.product_id, bought.customer_id, false
-    from first_purchases_of_product as bought
-    inner join product_views_daily as later
-        on later.customer_id = bought.customer_id
-        and later.product_id <> bought.product_id
-        and later.last_view_at > bought.first_bought_at
-        and later.first_view_at <= bought.window_ends_at
+    from products_per_customer
+    where first_bought_at is not null
 
 ),
 
 purchases_and_later_interactions_joined as (
 
+    -- X bought at b, window (b, e]: Y counts when one of its spans [s, t] (a purchase:
+    -- s = t) has t > b and s <= e (exact at the second: a day's views lie within the
+    -- day, the window is longer than a day). When every span starts after b, that is
+    -- "the earliest start <= e"; when every span ends by e, "the latest end > b";
+    -- otherwise the spans are looked at one by one. The same for Y's purchases
+    -- (bought_after). One row per (X, Y, customer).
     select
-        product_id,
-        recommended_product_id,
-        customer_id,
-        bool_or(is_purchase) as bought_after
+        bought.product_id,
+        later.product_id as recommended_product_id,
+        case
+            when later.first_bought_at is null then false
+            when later.first_bought_at > bought.first_bought_at
+                then later.first_bought_at <= bought.window_ends_at
+            when later.last_bought_at <= bought.window_ends_at
+                then later.last_bought_at > bought.first_bought_at
+            else exists (
+                select from unnest(later.bought) as p(at)
+                where p.at > bought.first_bought_at and p.at <= bought.window_ends_at)
+        end as bought_after
 
-    from later_interactions
-    group by product_id, recommended_product_id, customer_id
+    from first_purchases_of_product as bought
+    inner join products_per_customer as later
+        on later.customer_id = bought.customer_id
+        and later.product_id <> bought.product_id
+        and later.ends_max > bought.first_bought_at
+        and later.starts_min <= bought.window_ends_at
+    where
+        case
+            when later.starts_min > bought.first_bought_at then true
+            when later.ends_max <= bought.window_ends_at then true
+            else exists (
+                select from unnest(later.starts, later.ends) as span(starts_at, ends_at)
+                where span.ends_at > bought.first_bought_at
+                  and span.starts_at <= bought.window_ends_at)
+        end
 
 ),
 
@@ -126,19 +173,18 @@ pairs_aggregated as (
 ranked as (
 
     -- within one X, buyers is the same on every row, so ordering by the integer
-    -- numerator orders by score (and sorts far faster than numeric); ids compare by
-    -- code point (collate "C"), whatever the database's locale. Only the keys are
-    -- sorted; the score is computed for the rows kept.
+    -- numerator orders by score (and sorts far faster than numeric); the score is
+    -- computed for the rows kept
     select
         product_id,
         recommended_product_id,
         customers,
         customers_bought,
         row_number() over (
-            partition by product_id collate "C"
+            partition by product_id
             order by customers + {{ purchase_weight }} * customers_bought desc,
                      customers desc,
-                     recommended_product_id collate "C"
+                     recommended_product_id
         ) as rank
 
     from pairs_aggregated
@@ -149,8 +195,8 @@ ranked as (
 final as (
 
     select
-        ranked.product_id,
-        ranked.recommended_product_id,
+        ranked.product_id collate "default" as product_id,
+        ranked.recommended_product_id collate "default" as recommended_product_id,
         ranked.rank,
         -- a later purchase weighs more than a later view; +1 damps products bought once
         (ranked.customers + {{ purchase_weight }} * ranked.customers_bought)::numeric
