@@ -1,8 +1,8 @@
 """dbt build of the customer lifetime tables: full, incremental, orchestrated, and the floor.
 
     .venv/bin/python bench/bench_build.py [--customers 1000000] [--orchestration-customers 100000]
-                                          [--steps plain,incremental,floor,airflow,cosmos]
-                                          [--results bench/RESULTS.md] [--keep]
+                                          [--steps plain,incremental,equality,floor,airflow,cosmos]
+                                          [--results bench/RESULTS.md] [--keep] [--db-prefix P]
 
 For each size: a generated shop (seed 7, data ending 2026-10-31, cached under
 $RETENTION_BENCH_CACHE or /tmp/retention-bench, keyed by size and seed) is loaded once into
@@ -21,7 +21,14 @@ of the cut-off C:
 - incremental: the held-back rows go back into raw (then `analyze`, untimed), and
   `dbt build` as of the end of the data, on the tables of the full build (the incremental
   models: dbt_project/README.md), with the full build's project copy, so dbt reuses its
-  parse as the daily build does.
+  parse as the daily build does. Printed against the full build with the goal of issue
+  17 (GOALS: 0.2x at 100,000 customers, 0.1x at 1,000,000), with the models' and the
+  data tests' thread time, dbt's start, and the incremental build's slowest nodes, each
+  against the same figure of the full build.
+- equality (after incremental, untimed): every table of intermediate and marts is kept,
+  a `--full-refresh` build of the same data and as_of is run, and each table is compared
+  with it row for row (`except all` both ways; EQUALITY_SKIP lists what differs by
+  design).
 - floor: bench/customer_lifetime_floor.sql, one hand-written statement computing the
   columns of marts.customer_lifetime from raw (`create temp table ... as`), checked equal
   to the mart row for row; compared with the customer_lifetime model's own time and the
@@ -61,7 +68,9 @@ END = datetime(2026, 10, 31, tzinfo=timezone.utc)
 TARGET_SHARE = 0.01
 PY = sys.executable
 DBT = str(Path(sys.executable).with_name("dbt"))
-STEPS = ("plain", "incremental", "floor", "airflow", "cosmos")
+STEPS = ("plain", "incremental", "equality", "floor", "airflow", "cosmos")
+# issue 17: the daily incremental build's wall time against the full build's, per size
+GOALS = {100_000: 0.2, 1_000_000: 0.1}
 
 
 def _dag_layers() -> tuple[str, ...]:
@@ -170,9 +179,12 @@ def shop_folder(customers: int) -> Path:
     return folder
 
 
+DB_PREFIX = "bench_build_"  # --db-prefix: scratch databases of concurrent runs kept apart
+
+
 def prepare_base(customers: int) -> tuple[str, dict]:
     """The base database (raw up to the cut-off, held-back rows in schema holdback)."""
-    name = f"bench_build_base_{customers}"
+    name = f"{DB_PREFIX}base_{customers}"
     if _exists(name):
         with _connect(name) as conn:
             row = conn.execute("select info from holdback.info").fetchone() \
@@ -281,7 +293,8 @@ def ensure_schemas_in(url: str) -> None:
         conn.commit()
 
 
-def plain_build(name: str, as_of: datetime, label: str, project: Path | None = None) -> dict:
+def plain_build(name: str, as_of: datetime, label: str, project: Path | None = None,
+                extra: tuple[str, ...] = ()) -> dict:
     url = _url(name)
     ensure_schemas_in(url)
     project = project or fresh_project(label)
@@ -294,7 +307,7 @@ def plain_build(name: str, as_of: datetime, label: str, project: Path | None = N
            "--target-path", str(project / "target"), "--log-path", str(project / "target" / "logs"),
            "--vars", json.dumps({"custom_event_types": _custom_event_types()}),
            # as `retention build` and the DAG: unit tests belong to CI, not to production
-           "--exclude-resource-type", "unit_test"]
+           "--exclude-resource-type", "unit_test", *extra]
     log(f"{label}: dbt build as of {as_of.isoformat()} on {name}")
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -331,7 +344,50 @@ def run_results(project: Path) -> dict:
         "lifetime_model": times.get(lifetime),
         "lifetime_chain": times.get(lifetime, 0) + sum(times.get(m, 0) for m in chain),
         "slowest": sorted(((v, k.split(".")[-1]) for k, v in times.items()), reverse=True)[:6],
+        "times": {k.split(".")[-1] if k.startswith("model.") else k: v for k, v in times.items()},
     }
+
+
+# what differs between an incremental build and a full refresh by design: the lists of
+# changed customers (int_*_customers_changed), the build's own bookkeeping (which dbt
+# invocation last rewrote a daily events row; the as_of of each incremental table), and
+# the history of snapshots, which a full refresh leaves alone (full_refresh: false)
+EQUALITY_SKIP = {"incremental_state", "int_purchases_customers_changed",
+                 "int_affinity_customers_changed", "int_send_time_customers_changed"}
+EQUALITY_SKIP_COLUMNS = {"int_events_aggregated_daily": {"aggregated_in"}}
+
+
+def equality(name: str, as_of: datetime, project: Path) -> dict:
+    """Every table of intermediate and marts after the incremental build, against a
+    `--full-refresh` build of the same data and as_of (untimed): rows in one and not the
+    other (`except all` both ways), per table."""
+    with _connect(name) as conn:
+        tables = [(s, t) for s, t in conn.execute(
+            "select table_schema, table_name from information_schema.tables where "
+            "table_schema in ('intermediate', 'marts') and table_type = 'BASE TABLE' "
+            "order by 1, 2") if t not in EQUALITY_SKIP]
+        conn.execute("drop schema if exists bench_incremental cascade; create schema bench_incremental")
+        for schema, table in tables:
+            conn.execute(f'create table bench_incremental."{schema}__{table}" as '
+                         f'select * from {schema}."{table}"')
+    plain_build(name, as_of, "full refresh (equality)", project=project, extra=("--full-refresh",))
+    out: dict = {"tables": len(tables), "differ": {}, "rows": 0}
+    with _connect(name) as conn:
+        for schema, table in tables:
+            cols = ", ".join(f'"{c}"' for (c,) in conn.execute(
+                "select column_name from information_schema.columns where table_schema = %s "
+                "and table_name = %s order by ordinal_position", (schema, table))
+                if c not in EQUALITY_SKIP_COLUMNS.get(table, ()))
+            inc, full = f'bench_incremental."{schema}__{table}"', f'{schema}."{table}"'
+            differ = conn.execute(
+                f"select count(*) from ((select {cols} from {inc} except all select {cols} from {full}) "
+                f"union all (select {cols} from {full} except all select {cols} from {inc})) d").fetchone()[0]
+            out["rows"] += conn.execute(f"select count(*) from {full}").fetchone()[0]
+            if differ:
+                out["differ"][f"{schema}.{table}"] = differ
+        conn.execute("drop schema bench_incremental cascade")
+    log(f"equality: {out}")
+    return out
 
 
 def floor(name: str, as_of: datetime) -> dict:
@@ -535,10 +591,35 @@ def table(size: int, info: dict, res: dict, orch_size: int, concurrent: list[str
                      f"thread time)"))
     inc = res.get("incremental")
     if inc:
+        goal = GOALS.get(size)
+        ratio = inc["wall"] / plain["wall"] if plain else None
+        verdict = "" if goal is None or ratio is None else \
+            f"; goal {goal}x: {'met' if ratio <= goal else 'not met'}"
         rows.append((f"incremental `dbt build`, +{info['share']:.2%} rows", f"{inc['wall']:.1f}",
                      _ratio(inc["wall"], plain and plain["wall"]),
                      f"last {info['holdback_days']} days held back and loaded, as_of moved to "
-                     f"{info['end'][:10]}; vs full"))
+                     f"{info['end'][:10]}; vs full{verdict}"))
+        if plain:
+            for what, key in (("models", "model_seconds"), ("data tests", "test_seconds")):
+                rows.append((f"  incremental: {what} (thread time)", f"{inc[key]:.1f}",
+                             _ratio(inc[key], plain[key]),
+                             f"vs the full build's {plain[key]:.1f} s; "
+                             f"{inc[key] / (inc['model_seconds'] + inc['test_seconds']):.0%} "
+                             f"of the incremental build's thread time"))
+            start_inc, start_full = inc["wall"] - inc["elapsed"], plain["wall"] - plain["elapsed"]
+            rows.append(("  incremental: dbt start, parse, hooks", f"{start_inc:.1f}",
+                         _ratio(start_inc, start_full),
+                         f"wall time outside run_results' elapsed time, vs the full build's "
+                         f"{start_full:.1f} s (a full parse there)"))
+            for v, name in inc["slowest"]:
+                full_v = plain["times"].get(name)
+                rows.append((f"  incremental: {name}", f"{v:.1f}", _ratio(v, full_v),
+                             f"vs {full_v:.1f} s in the full build" if full_v else "not in the full build"))
+    eq = res.get("equality")
+    if eq:
+        rows.append(("  incremental == `--full-refresh` of the same data", "-", "-",
+                     f"{eq['tables']} tables of intermediate and marts, {eq['rows']:,} rows: "
+                     + (f"differ: {eq['differ']}" if eq["differ"] else "every row equal")))
     fl = res.get("floor")
     if fl and plain:
         rows.append(("floor: one SQL statement (customer_lifetime columns)", f"{fl['first']:.1f}",
@@ -600,8 +681,11 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--results", type=Path, help="append the table to this Markdown file")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the base databases (bench_build_base_<N>) for the next run")
+                        help="keep the base databases (<prefix>base_<N>) for the next run")
+    parser.add_argument("--db-prefix", default="bench_build_",
+                        help="prefix of the databases this run creates (default %(default)s)")
     args = parser.parse_args()
+    globals()["DB_PREFIX"] = args.db_prefix
     steps = set(args.steps.split(","))
     orch_size = args.orchestration_customers or args.customers
     res: dict = {}
@@ -616,7 +700,7 @@ def main() -> None:
 
     base, info = prepare_base(args.customers)
     cutoff, end = datetime.fromisoformat(info["cutoff"]), datetime.fromisoformat(info["end"])
-    work = f"bench_build_run_{args.customers}_{os.getpid()}"  # two runs may share a base
+    work = f"{DB_PREFIX}run_{args.customers}_{os.getpid()}"  # two runs may share a base
     bases = [base]
     try:
         if steps & {"plain", "incremental", "floor"}:
@@ -631,6 +715,9 @@ def main() -> None:
                 note("incremental")
                 res["incremental"] = plain_build(work, end, "incremental",
                                                  project=Path(res["plain"]["project"]))
+                if "equality" in steps:
+                    note("equality")
+                    res["equality"] = equality(work, end, Path(res["plain"]["project"]))
             drop(work)
         if steps & {"airflow", "cosmos"}:
             obase, oinfo = (base, info) if orch_size == args.customers else prepare_base(orch_size)
