@@ -855,6 +855,103 @@ def _tables(url: str) -> dict[str, Any]:
     return out
 
 
+SEND_TIME = {  # customer_send_time and its per-customer signal counts, with their keys
+    "intermediate.int_send_time_signals": ["customer_id", "channel", "hour_of_week"],
+    "marts.customer_send_time": ["customer_id", "channel"],
+}
+
+
+def _send_time_tables(url: str) -> dict[str, Any]:
+    return {name: {tuple(r[k] for k in keys): r for r in _query(url, f"select * from {name}")}
+            for name, keys in SEND_TIME.items()}
+
+
+def _send_time_build(url: str, as_of: datetime, **kw) -> None:
+    result = build(as_of=as_of, url=url, select="+customer_send_time",
+                   indirect_selection="cautious", **kw)  # not the other marts' tests
+    assert result["dbt"]["success"] and result["dbt"]["failures"] == 0, result["dbt"]
+
+
+def test_send_time_signals_recompute_only_changed_customers(generated_shop):
+    """customer_send_time reads int_send_time_signals, maintained per changed customer.
+    Built first ten days before the shop's as_of, then forward to it (new sessions and
+    opens, the 180-day history's start moved, a customer's time zone changed) and back five
+    days (signals after as_of drop out): each incremental build equals a --full-refresh
+    build of the same as_of, row for row, and recomputes only the customers it must."""
+    url, end = generated_shop["url"], generated_shop["as_of"]
+    first, back = end - 10 * DAY, end - 5 * DAY
+    with db.connect(url) as conn:
+        # a customer with sessions in the history but none in the moments the forward
+        # build looks at: only the time zone change can list them
+        quiet, = conn.execute(
+            """select customer_id from raw.events e where session_id is not null
+               and occurred_at > %(first)s - interval '180 days' and occurred_at <= %(first)s
+               and customer_id in (select customer_id from raw.customers
+                                   where timezone is distinct from 'Asia/Tokyo'
+                                     and created_at < %(first)s - interval '3 days')
+               group by customer_id
+               having count(*) filter (where occurred_at > %(first)s - interval '3 days'
+                                         or occurred_at <= %(end)s - interval '180 days') = 0
+                  and not exists (select 1 from raw.events l where l.customer_id = e.customer_id
+                                  and l.occurred_at > %(first)s and l.occurred_at <= %(end)s)
+               order by customer_id limit 1""", {"first": first, "end": end}).fetchone()
+        # opens and clicks: one message engaged before the first build, one after it
+        engaged = [r[0] for r in conn.execute(
+            "select customer_id from raw.customers where created_at < %s and customer_id <> %s "
+            "order by customer_id limit 2", (first - 30 * DAY, quiet))]
+        for i, (customer, channel, sent) in enumerate(zip(engaged, ("email", "mobile_push"),
+                                                          (first - 5 * DAY, end - 2 * DAY))):
+            conn.execute(
+                "insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id, "
+                "variant, status, planned_at, sent_at) values (%s, 'c', 'r', 's', %s, %s, 'a', 'sent', %s, %s)",
+                (f"m{i}", channel, customer, sent, sent))
+            for j, (kind, minutes) in enumerate((("open", 10), ("click", 40), ("open", 24 * 60))):
+                at = sent + timedelta(minutes=minutes)
+                conn.execute(
+                    "insert into ops.message_events (provider, provider_event_id, message_id, event_type, "
+                    "occurred_at, received_at) values ('p', %s, %s, %s, %s, %s)",
+                    (f"e{i}{j}", f"m{i}", kind, at, at))
+        conn.commit()
+
+    _send_time_build(url, first)
+    reasons = _query(url, "select distinct reason from intermediate.int_send_time_customers_changed")
+    assert {r["reason"] for r in reasons} <= {"no previous build"}
+    assert {r["timezone"] for r in _query(
+        url, f"select timezone from intermediate.int_send_time_signals where customer_id = '{quiet}'")
+            } - {"Asia/Tokyo"}
+    with db.connect(url) as conn:  # the customer moves to another time zone
+        conn.execute("update raw.customers set timezone = 'Asia/Tokyo' where customer_id = %s", (quiet,))
+        conn.commit()
+
+    _send_time_build(url, end)
+    changed = {r["customer_id"]: r["reason"] for r in _query(
+        url, "select * from intermediate.int_send_time_customers_changed")}
+    assert changed[quiet] == "time zone changed"
+    assert changed[engaged[1]] == "engagements changed"  # opened after the first build
+    assert {"sessions changed", "new customer"} <= set(changed.values())
+    assert 0 < len(changed) < GENERATED_CUSTOMERS * 0.6, len(changed)
+    forward = _send_time_tables(url)
+    signals = forward["intermediate.int_send_time_signals"]
+    assert {k[1] for k in signals} == {"any", "email", "mobile_push"}
+    assert {r["timezone"] for k, r in signals.items() if k[0] == quiet} == {"Asia/Tokyo"}
+    assert len(forward["marts.customer_send_time"]) >= GENERATED_CUSTOMERS
+    _send_time_build(url, end, full_refresh=True)
+    assert _send_time_tables(url) == forward
+
+    _send_time_build(url, back)
+    changed = {r["customer_id"]: r["reason"] for r in _query(
+        url, "select * from intermediate.int_send_time_customers_changed")}
+    assert "signals after as_of" in changed.values() or "sessions changed" in changed.values()
+    assert 0 < len(changed) < GENERATED_CUSTOMERS * 0.6, len(changed)
+    backward = _send_time_tables(url)
+    assert backward != forward
+    _send_time_build(url, back, full_refresh=True)
+    assert _send_time_tables(url) == backward
+
+    # the module's next test starts from the lifetime tables as of the shop's as_of
+    _build(url, end)
+
+
 def test_changed_purchases_recompute_only_their_customers(generated_shop):
     """Raw changes in place, as a shop's systems make them: an order is returned, a
     receipt's loyalty card moves to another customer, a product changes category, an

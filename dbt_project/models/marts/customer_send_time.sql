@@ -8,7 +8,9 @@
     session). Each signal counts once in the hour of the week (Monday 00:00-00:59 local =
     0, ..., Sunday 23:00-23:59 = 167) and in the hour of the day it fell in, in the
     customer's time zone (raw.customers.timezone; a missing or unknown zone: var
-    send_time_default_timezone).
+    send_time_default_timezone). int_send_time_signals counts them per customer, channel
+    row and hour of the week (maintained per changed customer); this model scores those
+    counts for every customer, since the profiles below move with as_of for everyone.
 
     Rows: channel `any` for every customer (all signals), and one row per channel whose
     messages the customer engaged with (that channel's opens and clicks, plus the site
@@ -25,7 +27,6 @@
     customer never used scores a * p_seg(h), at most the segment's best), so the model
     scores those candidates instead of every hour.
 -#}
-{%- set history_days = var('send_time_history_days') -%}
 {%- set prior = var('send_time_prior_events') | float -%}
 {%- set segment_prior = var('send_time_segment_prior_events') | float -%}
 
@@ -34,105 +35,57 @@ with
 customers as (
     select
         c.customer_id,
-        coalesce(z.name, '{{ var("send_time_default_timezone") }}') as timezone,
+        -- a zone the server knows, else the default (a hashed lookup: a join with the
+        -- function's guessed 1,000 rows would skew every estimate after it)
+        case when c.timezone in (select name from pg_catalog.pg_timezone_names) then c.timezone
+             else '{{ var("send_time_default_timezone") }}' end as timezone,
         coalesce(l.rfm_segment, 'none') as segment
     from {{ ref('stg_customers') }} as c
-    left join pg_catalog.pg_timezone_names as z on z.name = c.timezone
     left join {{ ref('customer_lifetime') }} as l on l.customer_id = c.customer_id
 ),
 
-engagements as (
-    -- one signal per message and hour: an open and a click in the same hour count once
-    select distinct
-        m.customer_id,
-        m.channel,
-        m.message_id,
-        date_trunc('hour', e.occurred_at) as signal_hour
-    from {{ ref('stg_ops_message_events') }} as e
-    join {{ ref('stg_ops_messages') }} as m on m.message_id = e.message_id
-    where e.event_type in ('open', 'click')
-      and not e.is_machine_open
-      and e.occurred_at <= {{ as_of() }}
-      and e.occurred_at > {{ as_of() }} - interval '{{ history_days }} days'
-),
-
-sessions as (
-    select customer_id, session_id, min(occurred_at) as started_at
-    from {{ ref('stg_events') }}
-    where customer_id is not null
-      and session_id is not null
-      and occurred_at <= {{ as_of() }}
-      and occurred_at > {{ as_of() }} - interval '{{ history_days }} days'
-    group by customer_id, session_id
-),
-
-signals as (
-    select customer_id, channel, signal_hour as signal_at from engagements
-    union all
-    select customer_id, 'site' as channel, started_at as signal_at from sessions
-),
-
-local_signals as (
-    select
-        s.customer_id,
-        s.channel,
-        c.segment,
-        (extract(isodow from s.signal_at at time zone c.timezone)::int - 1) * 24
-          + extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_week,
-        extract(hour from s.signal_at at time zone c.timezone)::int as hour_of_day
-    from signals as s
+own_week as (
+    -- the signals counted per customer, channel row and local hour of the week
+    -- (int_send_time_signals, maintained per changed customer; the `any` rows count every
+    -- signal once)
+    select s.customer_id, c.segment, s.channel, s.hour_of_week as hour, s.signals as k,
+           s.signals::float8 as n
+    from {{ ref('int_send_time_signals') }} as s
     join customers as c on c.customer_id = s.customer_id
 ),
 
-channel_keys as (
-    select distinct customer_id, segment, channel
-    from local_signals
-    where channel <> 'site'
+own_day as (
+    select customer_id, segment, channel, hour % 24 as hour, sum(k)::bigint as k,
+           sum(k)::float8 as n
+    from own_week
+    group by customer_id, segment, channel, hour % 24
 ),
 
 keys as (
     select customer_id, segment, 'any' as channel from customers
     union all
-    select customer_id, segment, channel from channel_keys
-),
-
-key_signals as (
-    -- the `any` row counts every signal, a channel's row that channel's and the sessions
-    select customer_id, segment, 'any' as channel, hour_of_week, hour_of_day
-    from local_signals
-    union all
-    select k.customer_id, k.segment, k.channel, s.hour_of_week, s.hour_of_day
-    from channel_keys as k
-    join local_signals as s
-        on s.customer_id = k.customer_id
-        and (s.channel = k.channel or s.channel = 'site')
+    select distinct customer_id, segment, channel from own_week where channel <> 'any'
 ),
 
 {%- for grain, bins in [('week', 168), ('day', 24)] %}
 
 -- hour of the {{ grain }}: {{ bins }} bins
-{%- set hour = 'hour_of_' ~ grain %}
-
-own_{{ grain }} as (
-    select customer_id, segment, channel, {{ hour }} as hour, count(*)::float8 as n
-    from key_signals
-    group by customer_id, segment, channel, {{ hour }}
-),
 
 shop_{{ grain }} as (
     select
         h.hour,
-        (count(s.customer_id) + 1.0) / (sum(count(s.customer_id)) over () + {{ bins }})
-            as p_shop
+        (coalesce(sum(s.k), 0)::bigint + 1.0)
+          / (sum(coalesce(sum(s.k), 0)::bigint) over () + {{ bins }}) as p_shop
     from generate_series(0, {{ bins - 1 }}) as h (hour)
-    left join local_signals as s on s.{{ hour }} = h.hour
+    left join own_{{ grain }} as s on s.hour = h.hour and s.channel = 'any'
     group by h.hour
 ),
 
 segment_counts_{{ grain }} as (
-    select segment, {{ hour }} as hour, count(*) as n
-    from local_signals
-    group by segment, {{ hour }}
+    select segment, hour, sum(k)::bigint as n
+    from own_{{ grain }}
+    where channel = 'any'
+    group by segment, hour
 ),
 
 segment_{{ grain }} as (
@@ -153,28 +106,23 @@ segment_top_{{ grain }} as (
     order by segment, p_segment desc, hour
 ),
 
-candidates_{{ grain }} as (
-    -- the customer's own hours, and the segment's best hour (n = 0 unless also their own)
-    select customer_id, segment, channel, hour, sum(n) as n
+best_{{ grain }} as (
+    -- the candidates: the customer's own hours, and the segment's best hour (n = 0; when
+    -- it is also their own, that row scores higher and has the same hour). The highest
+    -- score wins, ties the earlier hour: the greatest [score, -hour]
+    select
+        x.customer_id,
+        x.channel,
+        -(max(array[x.n + {{ prior }} * g.p_segment, -x.hour::float8]))[2]::int as hour
     from (
         select customer_id, segment, channel, hour, n from own_{{ grain }}
         union all
-        select k.customer_id, k.segment, k.channel, t.hour, 0
+        select k.customer_id, k.segment, k.channel, t.hour, 0::float8
         from keys as k
         join segment_top_{{ grain }} as t on t.segment = k.segment
     ) as x
-    group by customer_id, segment, channel, hour
-),
-
-best_{{ grain }} as (
-    select distinct on (x.customer_id, x.channel)
-        x.customer_id,
-        x.channel,
-        x.hour,
-        x.n + {{ prior }} * g.p_segment as score
-    from candidates_{{ grain }} as x
     join segment_{{ grain }} as g on g.segment = x.segment and g.hour = x.hour
-    order by x.customer_id, x.channel, score desc, x.hour
+    group by x.customer_id, x.channel
 ),
 
 {%- endfor %}
