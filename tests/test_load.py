@@ -464,3 +464,77 @@ def test_a_first_load_without_currency_column_or_setting_loads(tmp_path, databas
     with db.connect(database_url) as conn:
         assert conn.execute("select count(*) from ops.shop_settings "
                             "where key = 'currency'").fetchone()[0] == 0
+
+
+#: texts the casts read, some of which the contract refuses (the fast pass must refuse
+#: them too, with the safe pass's reasons): ordered_at, total_amount
+CASTABLE_EDGES = [
+    ("2025-03-01T10:00:00Z", "100.50"),        # canonical: accepted without a pattern
+    ("2025-03-01T10:00:00+02:00", "20"),       # other spellings: by the patterns
+    ("2025-03-01 10:00:00Z", "+5"),
+    ("2025-03-01T10:00:00.123456z", ".5"),
+    ("2025-03-01T10:00:60Z", "5."),
+    ("2025-03-01T24:00:00Z", "1.239"),         # hour 24: the cast reads it, the contract not
+    ("0999-03-01T10:00:00Z", " 7 "),           # a year before 1000
+    ("2025-03-01T 5:00:00Z", "1e3"),           # a space for a digit; an exponent
+    ("2025-03-01T10:00:00", "NaN"),            # no offset; not a number
+    ("2025-03-01", "-0.00"),                   # a date alone
+    ("2025-03-01T10:00:00+1500", "12345678901234567.00"),  # offset > 14 h; 17 digits
+]
+
+
+def test_fast_and_safe_checks_agree(tmp_path, database_url):
+    """The fast pass (plain casts, patterns only for other spellings) gives the rows and
+    reasons of the safe pass on every text the casts can read; a text they cannot read
+    fails the fast statement, and the load then checks the file by the safe pass."""
+    from decimal import Decimal
+
+    import psycopg
+
+    from retention.db.schema import ensure_schemas
+    from retention.ingest.contract import TABLE_BY_NAME
+    from retention.ingest.load import PlannedFile, _validate_sql, read_header, stage_file
+
+    rows = [ORDERS[0]] + [[f"o{i}", "c1", ts, "paid", amount, "UAH", "", ""]
+                          for i, (ts, amount) in enumerate(CASTABLE_EDGES[:-1])]
+    path = write_csv(tmp_path / "shop", "orders", rows)
+    table = TABLE_BY_NAME["orders"]
+    params = {"loaded_at": LOADED_AT}
+    with db.connect(database_url) as conn:
+        ensure_schemas(conn)
+        stage_file(conn, PlannedFile(table, path, read_header(path)))
+        order = "select * from ({}) x order by _rec_no"
+        fast = conn.execute(order.format(_validate_sql(table, rows[0], "UAH", fast=True)
+                                         .as_string(conn)), params).fetchall()
+        safe = conn.execute(order.format(_validate_sql(table, rows[0], "UAH")
+                                         .as_string(conn)), params).fetchall()
+        assert fast == safe
+        reasons = [r[-1] for r in fast]
+        assert reasons[:5] == [None] * 5, reasons
+        assert all(r and r.startswith("unparsable timestamptz in ordered_at") for r in reasons[5:])
+        assert "unparsable numeric in total_amount: '1e3'" in reasons[7]
+        assert "unparsable numeric in total_amount: 'NaN'" in reasons[8]
+        assert [r[5] for r in fast[:5]] == [Decimal("100.50"), 20, 5, Decimal("0.50"), 5]
+        # 17 digits: numeric(18,2) cannot hold it, so the fast statement fails
+        conn.execute("savepoint s")
+        overflow = write_csv(tmp_path / "big", "orders", [ORDERS[0], [
+            "o1", "c1", CASTABLE_EDGES[-1][0], "paid", CASTABLE_EDGES[-1][1], "UAH", "", ""]])
+        stage_file(conn, PlannedFile(table, overflow, read_header(overflow)))
+        with pytest.raises(psycopg.DataError):
+            conn.execute(_validate_sql(table, rows[0], "UAH", fast=True), params)
+        conn.execute("rollback to savepoint s")
+        conn.rollback()
+    # the load: the safe pass after the failed fast one, and the first load's insert
+    # after a repeated key (quarantined as a duplicate) made the plain one fail
+    folder = tmp_path / "load"
+    write_csv(folder, "customers", CUSTOMERS)
+    write_csv(folder, "orders", ORDERS + [
+        ["o9", "c1", CASTABLE_EDGES[-1][0], "paid", CASTABLE_EDGES[-1][1], "UAH", "", ""],
+        ["o1", "c2", "2025-03-05T10:00:00Z", "paid", "5", "UAH", "", ""]])
+    report = load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
+    orders = next(t for t in report.tables if t.table == "orders")
+    assert (orders.inserted, orders.quarantined) == (2, 2)
+    got = {line: reason for _, _, line, reason in quarantine(database_url)}
+    assert got[4].startswith("unparsable timestamptz in ordered_at: '2025-03-01T10:00:00+1500'")
+    assert "unparsable numeric in total_amount: '12345678901234567.00'" in got[4]
+    assert got[5] == "duplicate key (first at line 2)"

@@ -96,6 +96,7 @@ class _CopyWatch:
         import os
         import secrets
         import threading
+        import time
 
         from retention.progress import progress
 
@@ -111,12 +112,16 @@ class _CopyWatch:
         self.saved_app = os.environ.get("PGAPPNAME")
         os.environ["PGAPPNAME"] = self.app
         first = self.files[0].name if self.files else str(path)
-        self.bar = progress(f"load {first}", sum(self.sizes) or None, unit="B")
+        self.started = time.monotonic()  # the clock of `retention.progress`
+        self.bar = progress(f"load {first}", sum(self.sizes) or None, unit="B",
+                            started=self.started)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="load-progress", daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
+        import time
+
         import psycopg
 
         from retention import db
@@ -128,13 +133,15 @@ class _CopyWatch:
             return
         with conn:
             index = 0
+            rows_before, rows_now = 0, 0  # rows COPYed from the files before this one, of it
             # polled as often as lines may be written (--progress-interval), at most every
             # 0.5 s and at least every 0.05 s
             period = min(0.5, max(0.05, float(getattr(self.bar, "interval", 0.5))))
             while not self.stop.wait(period):
                 try:
                     row = conn.execute(
-                        "select a.query, p.bytes_processed from pg_stat_progress_copy p "
+                        "select a.query, p.bytes_processed, p.tuples_processed "
+                        "from pg_stat_progress_copy p "
                         "join pg_stat_activity a using (pid) where a.application_name = %s",
                         (self.app,)).fetchone()
                 except psycopg.Error:
@@ -145,11 +152,20 @@ class _CopyWatch:
                 now = next((i for i, h in enumerate(self.headers) if h == columns), index)
                 if now != index:
                     index = now
+                    rows_before += rows_now
                     self.bar.describe(f"load {self.files[index].name}")
+                rows_now = int(row[2])
+                rows = rows_before + rows_now
+                seconds = max(time.monotonic() - self.started, 1e-9)
+                self.bar.set_note(f"{rows:,} rows, {rows / seconds:,.0f} rows/s")
                 self.bar.set_done(sum(self.sizes[:index]) + int(row[1]))
 
-    def close(self, ok: bool) -> None:
+    def close(self, ok: bool, rows: int | None = None) -> None:
+        """End the bar; `rows`: the rows the load read, for a last line of rows per
+        second over the whole load (written before the bar's own last line)."""
         import os
+
+        from retention.progress import progress
 
         self.stop.set()
         self.thread.join(timeout=5)
@@ -157,8 +173,12 @@ class _CopyWatch:
             os.environ.pop("PGAPPNAME", None)
         else:
             os.environ["PGAPPNAME"] = self.saved_app
+        if ok and rows is not None:
+            with progress("load", rows, unit="rows", started=self.started) as count:
+                count.set_done(rows)
         if ok and self.sizes:
             self.bar.describe("load")
+            self.bar.set_note("")
             self.bar.set_done(sum(self.sizes))
         self.bar.close(summary=ok)
 
@@ -173,7 +193,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                            fmt=args.format)
         ok = True
     finally:
-        watch.close(ok)
+        watch.close(ok, sum(t.rows for t in report.tables) if ok else None)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if args.check:
         from retention.ingest.quality import run_checkpoint

@@ -5,7 +5,7 @@ log, a file, a pipe) plain lines on stderr, at most one every `interval` seconds
 last line when the work ends:
 
     build: nodes 12/60 (20%) 1.3 nodes/s, 37 s left
-    load orders.csv: 120.0 MB/450.0 MB (26%) 60.0 MB/s, 6 s left
+    load orders.csv: 120.0 MB/450.0 MB (26%) 60.0 MB/s, 6 s left; 812,040 rows, 406,020 rows/s
     build: nodes 60/60 (100%) in 42 s, 1.4 nodes/s
 
 `configure(mode=..., interval=...)` sets the process-wide defaults (the CLI's
@@ -64,9 +64,11 @@ class Progress:
     def __init__(self, what: str, total: int | None = None, unit: str = "rows", *,
                  mode: str | None = None, interval: float | None = None,
                  stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.what, self.total, self.unit = what, total, unit
         self.done = 0
+        self.note = ""  # see set_note
         self.stream = stream if stream is not None else sys.stderr
         self.interval = _defaults["interval"] if interval is None else interval
         self.clock = clock
@@ -75,7 +77,8 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             mode = "bar" if isatty is not None and isatty() else "lines"
         self.mode = mode
-        self.started = self.clock()
+        # `started`: when the work began, if before this object (a clock() reading)
+        self.started = self.clock() if started is None else started
         self._rate_start = self.started  # where the counted work began (see set_total)
         self._last_line = self.started
         self._lock = threading.Lock()
@@ -107,6 +110,14 @@ class Progress:
             self.what = what
             if self._bar is not None:
                 self._bar.set_description(what, refresh=False)
+
+    def set_note(self, note: str) -> None:
+        """A second figure shown after the rate while the work runs (e.g. the rows of a
+        load measured in bytes); the last line leaves it out."""
+        with self._lock:
+            self.note = note
+            if self._bar is not None:
+                self._bar.set_postfix_str(note, refresh=False)
 
     def update(self, n: int = 1) -> None:
         with self._lock:
@@ -162,7 +173,8 @@ class Progress:
         left = ""
         if self.total and rate > 0 and self.done < self.total:
             left = f", {human_seconds((self.total - self.done) / rate)} left"
-        return f"{self.what}: {noun}{amount} {speed}{left}"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.what}: {noun}{amount} {speed}{left}{note}"
 
     def _write(self, text: str) -> None:
         try:
@@ -184,6 +196,9 @@ class _Off(Progress):
         pass
 
     def describe(self, what: str) -> None:
+        pass
+
+    def set_note(self, note: str) -> None:
         pass
 
     def set_done(self, done: int) -> None:

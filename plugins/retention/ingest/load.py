@@ -12,10 +12,19 @@ How a load works:
    staging table with PostgreSQL COPY (a 1 GB file never sits in memory), then checked
    set-wise in SQL: every row that breaks the contract goes to `ops.quarantine` with its
    reason, file and line; the rest is upserted into `raw.<table>` on the table's key, only
-   where a value changed, so re-loading the same files changes nothing.
+   where a value changed, so re-loading the same files changes nothing (rows equal to the
+   stored ones are left out before the upsert, which would otherwise lock, and so write,
+   every row it finds).
+   The checks run as one statement per file (`_validate_sql`). Its fast pass reads the
+   values with plain casts and runs the contract's patterns only on texts that are not
+   the cast's own rendering (a clean file's values mostly are); when one text in the file
+   cannot be cast at all, that statement fails, is rolled back to a savepoint, and the
+   safe pass (functions that never fail) checks the file instead, with the same result.
    When `raw.<table>` is empty before its write (a shop's first load), the accepted rows
-   (their keys distinct: a repeated key is quarantined as a duplicate) go in with a plain
-   INSERT, without the upsert's conflict checks, and the table's secondary
+   go in with a plain INSERT, without the upsert's conflict checks; a repeated key makes
+   that insert fail on the primary key, and then it is rolled back to a savepoint, the
+   repeats are quarantined as duplicates, and the rest goes in (a file without repeats
+   spares the search for them). The table's secondary
    indexes (not unique, backing no constraint: the lookup indexes the migrations create)
    are dropped just before the insert and created again right after it from their own
    definitions as the database holds them (`pg_get_indexdef`, with their tablespace and
@@ -249,6 +258,8 @@ STRICT_TIMESTAMP = (
     r"^[1-9]\d{3}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):[0-5]\d"
     r"(:([0-5]\d|60)(\.\d{1,6})?)?([Zz]|[+-](0\d|1[0-4])(:?[0-5]\d)?)$"
 )
+#: ops.try_date's pattern
+STRICT_DATE = r"^[1-9]\d{3}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$"
 
 
 def _lock_timeout() -> float:
@@ -343,6 +354,8 @@ def restore_indexes(conn: psycopg.Connection, indexes: list[DeferredIndex]) -> N
 
 
 def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
+    """The value of the cleaned text `ref` as `col_type`, NULL where the contract does not
+    accept the text; never fails (the safe pass)."""
     if col_type == "text":
         return ref
     if col_type == "timestamptz":
@@ -350,7 +363,7 @@ def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
     if col_type == "date":
         return sql.SQL("ops.try_date({})").format(ref)
     if col_type == "jsonb":
-        return sql.SQL("ops.try_jsonb({})").format(ref)
+        return sql.SQL("case when {r} is not null then ops.try_jsonb({r}) end").format(r=ref)
     if col_type == "numeric":
         return sql.SQL("case when {r} ~ {p} then ({r})::numeric(18,2) end").format(
             r=ref, p=sql.Literal(NUMERIC))
@@ -358,11 +371,56 @@ def _typed_expr(col_type: str, ref: sql.Composable) -> sql.Composable:
         return sql.SQL("case when {r} ~ {p} then ({r})::integer end").format(
             r=ref, p=sql.Literal(INTEGER))
     if col_type == "boolean":
-        return sql.SQL(
-            "case when lower({r}) in ({t}) then true when lower({r}) in ({f}) then false end"
-        ).format(r=ref, t=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_TRUE)),
-                 f=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_FALSE)))
+        return _boolean_expr(ref)
     raise ValueError(col_type)
+
+
+def _boolean_expr(ref: sql.Composable) -> sql.Composable:
+    return sql.SQL(
+        "case when lower({r}) in ({t}) then true when lower({r}) in ({f}) then false end"
+    ).format(r=ref, t=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_TRUE)),
+             f=sql.SQL(", ").join(map(sql.Literal, BOOLEANS_FALSE)))
+
+
+#: the fast pass's plain cast of each type (it fails the statement on a text the type
+#: cannot read, and the safe pass runs instead); text and boolean need none
+CASTS = {"timestamptz": "timestamptz", "date": "date", "jsonb": "jsonb",
+         "numeric": "numeric(18,2)", "integer": "integer"}
+
+
+def _fast_typed_expr(col_type: str, ref: sql.Composable, cast: sql.Composable) -> sql.Composable:
+    """The fast pass's value of the cleaned text `ref`, given `cast`, its plain cast that
+    succeeded: the same value as `_typed_expr` gives. A text the cast reads but the
+    contract does not accept (a timestamp without offset, `1e3`, `NaN`) is NULL: the text
+    is accepted at once when it is the cast's own canonical rendering (what exporters
+    write: `2025-03-01T10:00:00Z`, `100.50`, `7`), else when it matches the contract's
+    pattern, so the regular expression only runs on the other spellings."""
+    if col_type in ("text", "jsonb"):
+        return ref if col_type == "text" else cast
+    if col_type == "boolean":
+        return _boolean_expr(ref)
+    if col_type == "timestamptz":
+        canonical = sql.SQL(
+            "({r} like '____-__-__T__:__:__Z' and left({r}, 1) <> '0' and "
+            "to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') = {r})"
+        ).format(r=ref, c=cast)
+        pattern = STRICT_TIMESTAMP
+    elif col_type == "date":
+        canonical = sql.SQL("(left({r}, 1) <> '0' and to_char({c}, 'YYYY-MM-DD') = {r})").format(
+            r=ref, c=cast)
+        pattern = STRICT_DATE
+    elif col_type == "numeric":
+        # a finite numeric(18,2) renders with two decimals (NaN and Infinity do not)
+        canonical = sql.SQL("({c}::text = {r} and {r} like '%%.__')").format(r=ref, c=cast)
+        pattern = NUMERIC
+    elif col_type == "integer":
+        canonical = sql.SQL("({c}::text = {r} and {c} between -999999999 and 999999999)"
+                            ).format(r=ref, c=cast)
+        pattern = INTEGER
+    else:
+        raise ValueError(col_type)
+    return sql.SQL("case when {canonical} or {r} ~ {p} then {c} end").format(
+        canonical=canonical, r=ref, p=sql.Literal(pattern), c=cast)
 
 
 def _reason(cond: sql.Composable, text: sql.Composable | str) -> sql.Composable:
@@ -371,28 +429,45 @@ def _reason(cond: sql.Composable, text: sql.Composable | str) -> sql.Composable:
 
 
 def _validate_sql(table: Table, header: list[str], currency: str | None,
-                  catalog: EventCatalog | None = None) -> sql.Composable:
+                  catalog: EventCatalog | None = None, *, fast: bool = False) -> sql.Composable:
     """One pass over the staged text rows: _rec_no, typed contract columns and the reasons
     a row breaks the contract (NULL when it does not). Duplicates and foreign keys are
     checked afterwards on the result (see `_mark_duplicates_and_orphans`).
+
+    `fast`: the typed values come from plain casts (`CASTS`), and the statement fails
+    (a DataError) when a text cannot be cast at all; otherwise its result is the same
+    as the safe pass's (`fast=False`), whose typed values never fail. See `_checked_stage`.
 
     `catalog`: the shop's declared event types (events only): a declared custom type is
     a known event_type, and each row's properties are checked against its type's
     declaration. Without it only the contract's event types are known."""
     n = sql.Identifier
-    cleaned, typed, reasons = [], [], []
+    cleaned, casts, typed, reasons = [], [], [], []
     for col in table.all_columns:
         if col.name in header:
-            src = sql.SQL("nullif(btrim(s.{}), '')").format(n(col.name))
+            # nullif(btrim(x), ''), with btrim's copy only where there are spaces to trim
+            # ('%%': the statement has parameters; LIKE reads '%%' as '%' either way)
+            src = sql.SQL("case when s.{0} like ' %%' or s.{0} like '%% ' "
+                          "then nullif(btrim(s.{0}), '') else nullif(s.{0}, '') end"
+                          ).format(n(col.name))
         else:
             src = sql.SQL("null::text")
         if col.enum:
             src = sql.SQL("lower({})").format(src)
         cleaned.append(sql.SQL("{} as {}").format(src, n(f"t_{col.name}")))
-        tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
-        typed.append(sql.SQL("{} as {}").format(_typed_expr(col.type, tref), n(col.name)))
+        if fast and col.type in CASTS:
+            casts.append(sql.SQL("(c.{})::{} as {}").format(
+                n(f"t_{col.name}"), sql.SQL(CASTS[col.type]), n(f"k_{col.name}")))
+        tref = sql.SQL("k.{}").format(n(f"t_{col.name}"))
+        if fast and col.type in CASTS:
+            expr = _fast_typed_expr(col.type, tref, sql.SQL("k.{}").format(n(f"k_{col.name}")))
+        elif fast:
+            expr = _fast_typed_expr(col.type, tref, sql.SQL("null"))
+        else:
+            expr = _typed_expr(col.type, tref)
+        typed.append(sql.SQL("{} as {}").format(expr, n(col.name)))
     for col in table.all_columns:
-        tref = sql.SQL("c.{}").format(n(f"t_{col.name}"))
+        tref = sql.SQL("v.{}").format(n(f"t_{col.name}"))
         vref = sql.SQL("v.{}").format(n(col.name))
         if col.name in table.key:
             reasons.append(_reason(sql.SQL("{} is null").format(tref), f"missing key {col.name}"))
@@ -435,25 +510,52 @@ def _validate_sql(table: Table, header: list[str], currency: str | None,
                 sql.SQL("{} || left({}::text, 60)").format(
                     sql.Literal(f"{col.name} is not a JSON object: "), vref)))
     if catalog is not None and "properties" in table.all_column_names:
-        reasons.append(properties_reason(catalog, sql.SQL("c.t_event_type"),
-                                         sql.SQL("v.properties"), sql.SQL("c.t_properties")))
+        reasons.append(properties_reason(catalog, sql.SQL("v.t_event_type"),
+                                         sql.SQL("v.properties"), sql.SQL("v.t_properties")))
     if table.currency_column and currency:
-        cref = sql.SQL("upper(c.{})").format(n(f"t_{table.currency_column}"))
+        cref = sql.SQL("upper(v.{})").format(n(f"t_{table.currency_column}"))
         reasons.append(_reason(
             sql.SQL("{} <> {}").format(cref, sql.Literal(currency)),
             sql.SQL("'wrong currency ' || {} || {}").format(
                 cref, sql.Literal(f" (shop currency {currency})"))))
+    # nested subqueries, each kept apart by `offset 0` so that an expression is computed
+    # once per row: c cleans the text, k casts it (fast pass), v types it; the reasons
+    # read v (a lateral subquery per level costs a rescan per row, these do not)
     return sql.SQL("""
-        select s._rec_no, {cols}, nullif(concat_ws('; ', {reasons}), '') as reason
-        from stage s
-        cross join lateral (select {cleaned} offset 0) c
-        cross join lateral (select {typed} offset 0) v
+        select v._rec_no, {cols}, nullif(concat_ws('; ', {reasons}), '') as reason
+        from (select k.*, {typed} from (
+                select c.*{casts} from (
+                  select s._rec_no, {cleaned} from stage s offset 0) c
+                offset 0) k
+              offset 0) v
     """).format(
         cols=sql.SQL(", ").join(sql.SQL("v.{}").format(n(c.name)) for c in table.all_columns),
         reasons=sql.SQL(", ").join(reasons) if reasons else sql.SQL("null"),
         cleaned=sql.SQL(", ").join(cleaned),
+        casts=sql.SQL("").join(sql.SQL(", {}").format(c) for c in casts),
         typed=sql.SQL(", ").join(typed),
     )
+
+
+def _first_write(conn: psycopg.Connection, table: Table) -> int | None:
+    """Into an empty `raw.<table>` (a shop's first load of it): mark the orphans, then
+    insert the rows valid so far with a plain INSERT, the secondary indexes built after
+    it (`deferred_indexes`); the number of rows inserted. When the file repeats a key
+    (the primary key refuses the second row), everything it did is rolled back and it
+    returns None: the caller marks duplicates and orphans as usual, and writes then.
+    A file without repeated keys so spares the duplicate search over all its rows."""
+    conn.execute("savepoint first_write")
+    try:
+        _mark_orphans(conn, table)
+        deferred = deferred_indexes(conn, table.name)
+        inserted = conn.execute(_insert_sql(table)).rowcount
+    except psycopg.errors.UniqueViolation:
+        conn.execute("rollback to savepoint first_write")
+        conn.execute("release savepoint first_write")
+        return None
+    restore_indexes(conn, deferred)
+    conn.execute("release savepoint first_write")
+    return inserted
 
 
 def _mark_duplicates_and_orphans(conn: psycopg.Connection, table: Table) -> None:
@@ -471,6 +573,12 @@ def _mark_duplicates_and_orphans(conn: psycopg.Connection, table: Table) -> None
         set reason = 'duplicate key (first at line ' || (d.first_rec + 1) || ')'
         from dupes d where {join} and c.reason is null and c._rec_no <> d.first_rec
     """).format(keys=keys, join=join))
+    _mark_orphans(conn, table)
+
+
+def _mark_orphans(conn: psycopg.Connection, table: Table) -> None:
+    """A row (valid so far) whose foreign key points nowhere is an orphan."""
+    n = sql.Identifier
     for fk in table.foreign_keys:
         conn.execute(sql.SQL("""
             update checked_stage c set reason = {reason}
@@ -500,17 +608,25 @@ def _upsert_sql(table: Table) -> sql.Composable:
     changed = sql.SQL("({}) is distinct from ({})").format(
         sql.SQL(", ").join(sql.SQL("t.{}").format(n(c)) for c in non_key),
         sql.SQL(", ").join(sql.SQL("excluded.{}").format(n(c)) for c in non_key))
+    # rows equal to the stored ones are left out before the insert: the upsert would
+    # lock (and so write) every row it finds, even where it changes nothing
+    same = sql.SQL(" and ").join(
+        [sql.SQL("r.{0} = c.{0}").format(n(k)) for k in table.key]
+        + ([sql.SQL("({}) is not distinct from ({})").format(
+            sql.SQL(", ").join(sql.SQL("r.{}").format(n(c)) for c in non_key),
+            sql.SQL(", ").join(sql.SQL("c.{}").format(n(c)) for c in non_key))] if non_key else []))
     return sql.SQL("""
         with written as (
           insert into raw.{table} as t ({cols})
-          select {cols} from checked_stage where reason is null
+          select {cols} from checked_stage c where c.reason is null
+            and not exists (select from raw.{table} r where {same})
           on conflict ({key}) do update set {updates} where {changed}
           returning (xmax = 0) as inserted
         )
         select count(*) filter (where inserted), count(*) filter (where not inserted) from written
     """).format(table=n(table.name), cols=cols,
                 key=sql.SQL(", ").join(n(k) for k in table.key),
-                updates=updates, changed=changed)
+                updates=updates, changed=changed, same=same)
 
 
 # --------------------------------------------------------------------------- the load
@@ -553,7 +669,6 @@ def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
         with conn.cursor().copy(stmt.format(copy_cols)) as copy:
             for chunk in _stream(pf.path):
                 copy.write(chunk)
-        conn.execute("analyze stage")
     except (psycopg.errors.DataError, psycopg.errors.BadCopyFileFormat,
             psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter,
             gzip.BadGzipFile, EOFError, OSError) as exc:
@@ -566,6 +681,30 @@ def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
         raise LoadError(f"{pf.path}: not valid CSV{line}: {detail}") from exc
 
 
+def _checked_stage(conn: psycopg.Connection, pf: PlannedFile, currency: str | None,
+                   loaded_at: datetime, catalog: EventCatalog | None) -> None:
+    """Create `checked_stage` from `stage` (see `_validate_sql`): by the fast pass, in a
+    savepoint, and when a text in the file cannot be cast at all (a date that does not
+    exist, a number that is no number), by the safe pass after rolling the fast one back.
+    Both give the same rows: the fast pass spares a clean file the regular expressions
+    and the safe functions' costs on every value."""
+    params = {"loaded_at": loaded_at}
+    conn.execute("savepoint fast_check")
+    try:
+        conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
+            _validate_sql(pf.table, pf.header, currency, catalog, fast=True)), params)
+    except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
+        # (a JSON text nested too deep for the cast, which ops.try_jsonb reads as NULL)
+        conn.execute("rollback to savepoint fast_check")
+        conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
+            _validate_sql(pf.table, pf.header, currency, catalog)), params)
+    conn.execute("release savepoint fast_check")
+    # statistics for the joins that follow (duplicates, foreign keys, the rows that
+    # changed): without them `reason is null` looks rare, and the planner probes the raw
+    # table's index once per staged row instead of hashing
+    conn.execute("analyze checked_stage")
+
+
 def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | None,
                     loaded_at: datetime, load_id: int, source_file: str, *,
                     catalog: EventCatalog | None = None) -> TableResult:
@@ -573,9 +712,10 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
     `catalog`: the declared event types, for the events file (see `_validate_sql`)."""
     table = pf.table
     result = TableResult(table.name, source_file)
-    conn.execute(sql.SQL("create temp table checked_stage on commit drop as {}").format(
-        _validate_sql(table, pf.header, currency, catalog)), {"loaded_at": loaded_at})
-    _mark_duplicates_and_orphans(conn, table)
+    _checked_stage(conn, pf, currency, loaded_at, catalog)
+    written = _first_write(conn, table) if _is_empty(conn, table.name) else None
+    if written is None:
+        _mark_duplicates_and_orphans(conn, table)
     rows, bad = conn.execute(
         "select count(*), count(*) filter (where reason is not null) from checked_stage"
     ).fetchone()
@@ -589,18 +729,21 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
         "delete from ops.quarantine q where table_name = %s and source_file = %s and not exists "
         "(select 1 from checked_stage c where c.reason is not null and c._rec_no + 1 = q.line_no)",
         (table.name, source_file))
-    conn.execute(
-        """insert into ops.quarantine as q (table_name, source_file, line_no, reason, record,
-                                            load_id, quarantined_at)
-           select %s, %s, c._rec_no + 1, c.reason, to_jsonb(s) - '_rec_no', %s, %s
-           from checked_stage c join stage s using (_rec_no)
-           where c.reason is not null
-           on conflict (table_name, source_file, line_no) do update
-             set reason = excluded.reason, record = excluded.record, load_id = excluded.load_id,
-                 quarantined_at = excluded.quarantined_at
-             where (q.reason, q.record) is distinct from (excluded.reason, excluded.record)""",
-        (table.name, source_file, load_id, loaded_at))
-    if result.accepted and _is_empty(conn, table.name):
+    if bad:
+        conn.execute(
+            """insert into ops.quarantine as q (table_name, source_file, line_no, reason, record,
+                                                load_id, quarantined_at)
+               select %s, %s, c._rec_no + 1, c.reason, to_jsonb(s) - '_rec_no', %s, %s
+               from checked_stage c join stage s using (_rec_no)
+               where c.reason is not null
+               on conflict (table_name, source_file, line_no) do update
+                 set reason = excluded.reason, record = excluded.record, load_id = excluded.load_id,
+                     quarantined_at = excluded.quarantined_at
+                 where (q.reason, q.record) is distinct from (excluded.reason, excluded.record)""",
+            (table.name, source_file, load_id, loaded_at))
+    if written is not None:
+        result.inserted = written
+    elif result.accepted and _is_empty(conn, table.name):
         # nothing to conflict with (the staged keys are distinct: later ones are
         # quarantined as duplicates), so a plain insert, with the lookups built after it
         deferred = deferred_indexes(conn, table.name)
