@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from dataclasses import replace
 from datetime import datetime, time, timezone
@@ -192,3 +193,74 @@ def test_arms_are_deterministic_and_proportional(database_url):
             "select count(*), count(*) filter (where status = 'holdout' and variant = 'holdout') "
             "from ops.messages where run_id = %s and variant = 'holdout'", (run.run_id,)).fetchone()
     assert holdout_rows[0] == holdout_rows[1] == arms["holdout:global"] + arms["holdout:campaign"]
+
+
+def _arm(campaign_id: str, customer: str, global_share: float, holdout: float,
+         variants: tuple[str, ...] = ("A", "B")) -> str:
+    """The arm of `customer`, worked out in Python from the md5 hashes the engine uses
+    (two variants weighted 3:1, or one)."""
+    def h(key: str) -> float:
+        return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+    if h(f"global:{customer}") < global_share:
+        return "holdout:global"
+    if h(f"{campaign_id}:holdout:{customer}") < holdout:
+        return "holdout:campaign"
+    if len(variants) == 1:
+        return variants[0]
+    return variants[0] if h(f"{campaign_id}:variant:{customer}") < 0.75 else variants[1]
+
+
+def test_each_arm_is_the_hash_of_its_customer(database_url):
+    """Every member's arm, row by row, is the one of its md5 hashes (global holdout, then
+    campaign holdout, then the variant's share), as on every release before."""
+    customers = [f"c{i:05d}" for i in range(2000)]
+    _exec(database_url, "insert into raw.customers (customer_id) values (%s)",
+          [(c,) for c in customers])
+    campaign = parse_campaign(textwrap.dedent("""\
+        id: ab
+        kind: promo
+        audience: {include_any: [{all_customers: true}]}
+        steps: [{name: email, channel: email, template: weekly_promo}]
+        variants: [{name: A, weight: 3}, {name: B, weight: 1}]
+        holdout: 0.1
+        """), "ab.yaml")
+    run = start_run(campaign, AS_OF, policy=replace(POLICY, global_holdout=0.05))
+    with db.connect(database_url) as conn:
+        arms = dict(conn.execute(
+            "select customer_id, variant || coalesce(':' || holdout_kind, '') "
+            "from ops.audience_members where run_id = %s", (run.run_id,)).fetchall())
+    expected = {c: _arm("ab", c, 0.05, 0.1) for c in customers}
+    assert arms == expected
+    assert {"holdout:global", "holdout:campaign", "A", "B"} == set(expected.values())
+    assert (run.audience_size, run.holdout_size) == (
+        2000, sum(a.startswith("holdout") for a in expected.values()))
+
+
+def test_an_audience_joining_the_predicted_values_freezes_each_customer_once(database_url):
+    """An audience read through marts.customer_predicted_value (its latest snapshot at
+    or before as_of): the customers it selects, once each, with their arms."""
+    customers = [f"c{i:03d}" for i in range(300)]
+    _exec(database_url, "insert into raw.customers (customer_id) values (%s)",
+          [(c,) for c in customers])
+    rows = [(c, at, "high" if i % 3 == 0 else "low")
+            for i, c in enumerate(customers)
+            for at in ("2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z")]
+    rows += [(c, "2026-12-01T00:00:00Z", "low") for c in customers]  # after as_of: unread
+    _exec(database_url, "insert into marts.customer_predicted_value (customer_id, as_of, "
+          "purchases, time_unit, churn_risk) values (%s, %s, 1, '7 days', %s)", rows)
+    campaign = parse_campaign(textwrap.dedent("""\
+        id: risky
+        kind: promo
+        audience: {include_any: [{churn_risk: [high]}]}
+        steps: [{name: email, channel: email, template: weekly_promo}]
+        holdout: 0.1
+        """), "risky.yaml")
+    run = start_run(campaign, AS_OF, policy=POLICY)
+    with db.connect(database_url) as conn:
+        arms = dict(conn.execute(
+            "select customer_id, variant || coalesce(':' || holdout_kind, '') "
+            "from ops.audience_members where run_id = %s", (run.run_id,)).fetchall())
+    expected = {c: _arm("risky", c, 0.0, 0.1, ("A",))
+                for i, c in enumerate(customers) if i % 3 == 0}
+    assert arms == expected and run.audience_size == 100
