@@ -29,7 +29,7 @@ of the cut-off C:
   a `--full-refresh` build of the same data and as_of is run, and each table is compared
   with it row for row (`except all` both ways; EQUALITY_SKIP lists what differs by
   design).
-- floor: bench/customer_lifetime_floor.sql, one hand-written statement computing the
+- floor: bench/floors/customer_lifetime.sql, one hand-written statement computing the
   columns of marts.customer_lifetime from raw (`create temp table ... as`), checked equal
   to the mart row for row; compared with the customer_lifetime model's own time and the
   whole chain of models it reads (run_results.json).
@@ -391,7 +391,9 @@ def equality(name: str, as_of: datetime, project: Path) -> dict:
 
 
 def floor(name: str, as_of: datetime) -> dict:
-    sql = (ROOT / "bench" / "customer_lifetime_floor.sql").read_text()
+    from bench_floors import read_floor  # its fragments (-- include: lines) expanded
+
+    sql = read_floor(ROOT / "bench" / "floors" / "customer_lifetime.sql")
     sql = sql.format(as_of=f"('{as_of.isoformat()}'::timestamptz)")
     with _connect(name) as conn:
         conn.execute("set jit = off; set work_mem = '64MB'; set timezone = 'UTC'")

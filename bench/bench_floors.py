@@ -6,9 +6,11 @@ raw, timed, checked equal to the mart dbt built, and set against the dbt build.
     .venv/bin/python bench/bench_floors.py --database NAME --as-of 2026-10-31T00:00:00Z \\
                                            --project /path/to/dbt_project   # already built
 
-The floors are bench/floors/<mart>.sql (customer_lifetime's is bench/customer_lifetime_floor.sql,
-which bench/bench_build.py also runs), one per mart of dbt_project/models/marts except
-product_recommendations; {as_of} in them is replaced by a timestamptz literal. "From raw"
+The floors are bench/floors/<mart>.sql (customer_lifetime.sql is also run by
+bench/bench_build.py), one per mart of dbt_project/models/marts except
+product_recommendations; {as_of} in them is replaced by a timestamptz literal. CTEs several
+floors share are written once in fragments, bench/floors/_<name>.sql (not floors
+themselves): a line `-- include: _<name>.sql` stands for the fragment's text (read_floor). "From raw"
 means the raw schema, and for the results marts (campaign_results, message_attribution,
 customer_send_time, customer_channel_engagement) also the pipeline's own tables
 ops.messages and ops.message_events, which is what those marts read; each file's header
@@ -44,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -54,7 +57,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 FLOORS = {
-    "customer_lifetime": ROOT / "bench" / "customer_lifetime_floor.sql",
+    "customer_lifetime": ROOT / "bench" / "floors" / "customer_lifetime.sql",
     "customer_stage_history": ROOT / "bench" / "floors" / "customer_stage_history.sql",
     "cohort_retention": ROOT / "bench" / "floors" / "cohort_retention.sql",
     "ropo_purchases": ROOT / "bench" / "floors" / "ropo_purchases.sql",
@@ -159,8 +162,27 @@ def as_of_sql(as_of: datetime) -> str:
     return f"('{as_of.isoformat()}'::timestamptz)"
 
 
+INCLUDE = re.compile(r"^-- include: (_[\w.-]+\.sql)[ \t]*$", re.MULTILINE)
+
+
+def read_floor(path: Path, _within: tuple[Path, ...] = ()) -> str:
+    """The text of a floor with each `-- include: _<name>.sql` line replaced by that
+    fragment of the floor's folder (a list of CTEs, each followed by a comma, which may
+    include other fragments), so the floor is one statement again."""
+    if path in _within:
+        raise ValueError(f"floor fragments include each other: {' -> '.join(p.name for p in _within + (path,))}")
+
+    def expand(match: re.Match) -> str:
+        fragment = path.parent / match.group(1)
+        if not fragment.is_file():
+            raise ValueError(f"{path}: included fragment {fragment} does not exist")
+        return read_floor(fragment, _within + (path,)).rstrip("\n")
+
+    return INCLUDE.sub(expand, path.read_text())
+
+
 def floor_sql(mart: str, as_of: datetime) -> str:
-    return FLOORS[mart].read_text().format(as_of=as_of_sql(as_of))
+    return read_floor(FLOORS[mart]).format(as_of=as_of_sql(as_of))
 
 
 def write_ledger(url: str, as_of: datetime, share: int) -> dict:

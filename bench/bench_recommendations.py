@@ -26,7 +26,7 @@ Then, on that database, per run:
 - with --compare DIR (e.g. `git archive <commit> dbt_project | tar -x -C DIR/..`): the
   same refresh with that project first, in the same run, for a before/after.
 - floor: bench/floors/product_recommendations.sql, the mart's definition written by
-  hand from raw (purchases resolved as bench/customer_lifetime_floor.sql does, their
+  hand from raw (purchases resolved as bench/floors/_purchases.sql does, their
   lines, and the view events; no model SQL, no intermediate table), timed as
   `create temp table ... as`, then compared with marts.product_recommendations row for
   row (every column; `except all` both ways).

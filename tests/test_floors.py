@@ -1,4 +1,4 @@
-"""The floors of bench/bench_floors.py (bench/floors/*.sql, bench/customer_lifetime_floor.sql)
+"""The floors of bench/bench_floors.py (bench/floors/*.sql, their _fragments expanded)
 equal the marts dbt builds, row for row and column for column, on a small generated shop
 with the benchmark's synthetic ledger, as of a moment inside a day (windows that end
 mid-day, rows after as_of present). A floor that drifts from its mart fails here before

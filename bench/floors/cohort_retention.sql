@@ -7,54 +7,7 @@
 -- {as_of} is replaced by a timestamptz literal. Every column is compared exactly.
 with
 
-customers as (
-
-    select
-        c.customer_id,
-        nullif(trim(c.loyalty_card_id), '') as loyalty_card_id,
-        substring(regexp_replace(regexp_replace(regexp_replace(coalesce(nullif(trim(c.phone), ''), ''),
-            '[^0-9]', '', 'g'), '^00', ''), '^8?0([1-9][0-9]{{8}})$', '380\1')
-            from '^[0-9]{{8,15}}$') as phone_digits
-    from raw.customers as c
-    where c.created_at is null or c.created_at <= {as_of}
-       or exists (select 1 from raw.orders as o
-                  where o.customer_id = c.customer_id and o.ordered_at <= {as_of})
-
-),
-
-card_owner as (
-
-    select loyalty_card_id, min(customer_id) as customer_id
-    from customers where loyalty_card_id is not null
-    group by loyalty_card_id having count(*) = 1
-
-),
-
-phone_owner as (
-
-    select phone_digits, min(customer_id) as customer_id
-    from customers where phone_digits is not null
-    group by phone_digits having count(*) = 1
-
-),
-
-purchases as (
-
-    select order_id as purchase_id, 'online' as source, customer_id, ordered_at as purchased_at
-    from raw.orders
-    where ordered_at <= {as_of} and status in ('paid', 'delivered')
-    union all
-    select r.receipt_id, 'offline', coalesce(card_owner.customer_id, phone_owner.customer_id),
-           r.purchased_at
-    from raw.offline_receipts as r
-    left join card_owner on card_owner.loyalty_card_id = nullif(trim(r.loyalty_card_id), '')
-    left join phone_owner on phone_owner.phone_digits = substring(regexp_replace(regexp_replace(
-        regexp_replace(coalesce(nullif(trim(r.phone), ''), ''), '[^0-9]', '', 'g'), '^00', ''),
-        '^8?0([1-9][0-9]{{8}})$', '380\1') from '^[0-9]{{8,15}}$')
-    where r.purchased_at <= {as_of}
-      and coalesce(card_owner.customer_id, phone_owner.customer_id) is not null
-
-),
+-- include: _purchases.sql
 
 first_two as (
 

@@ -1,7 +1,7 @@
 -- The independent computation of bench/bench_recommendations.py: marts.product_recommendations
 -- by its definition (dbt_project/models/marts/product_recommendations.yml), written by hand
 -- from raw, without the model's SQL or any intermediate table. Purchases (CONTRACT.md
--- section 2, as bench/customer_lifetime_floor.sql resolves them): online orders that are
+-- section 2, as bench/floors/_purchases.sql resolves them): online orders that are
 -- paid or delivered, and offline receipts matched to one customer by loyalty card, else
 -- by phone, each with its lines; the customers and the orders' statuses are those of the
 -- build's {as_of}. Views are the raw events of type 'view', one row each, not per day.

@@ -8,36 +8,7 @@
 -- {as_of} is replaced by a timestamptz literal. Every column is compared exactly.
 with
 
-customers as (
-
-    select
-        c.customer_id,
-        nullif(trim(c.loyalty_card_id), '') as loyalty_card_id,
-        substring(regexp_replace(regexp_replace(regexp_replace(coalesce(nullif(trim(c.phone), ''), ''),
-            '[^0-9]', '', 'g'), '^00', ''), '^8?0([1-9][0-9]{{8}})$', '380\1')
-            from '^[0-9]{{8,15}}$') as phone_digits
-    from raw.customers as c
-    where c.created_at is null or c.created_at <= {as_of}
-       or exists (select 1 from raw.orders as o
-                  where o.customer_id = c.customer_id and o.ordered_at <= {as_of})
-
-),
-
-card_owner as (
-
-    select loyalty_card_id, min(customer_id) as customer_id
-    from customers where loyalty_card_id is not null
-    group by loyalty_card_id having count(*) = 1
-
-),
-
-phone_owner as (
-
-    select phone_digits, min(customer_id) as customer_id
-    from customers where phone_digits is not null
-    group by phone_digits having count(*) = 1
-
-),
+-- include: _customers.sql
 
 receipts as (
 

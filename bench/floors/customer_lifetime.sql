@@ -1,89 +1,12 @@
--- The floor of bench/bench_build.py: marts.customer_lifetime's columns computed by hand
--- in one statement straight from raw (CONTRACT.md section 2 and the rules of
--- dbt_project/models/marts/customer_lifetime.yml, with the default vars of
--- dbt_project.yml). No intermediate table is written; the bench times it with
--- `create temp table ... as` and checks that it equals the mart row for row.
+-- The floor of marts.customer_lifetime (bench/bench_floors.py, and bench/bench_build.py's
+-- floor step): its columns computed by hand in one statement straight from raw
+-- (CONTRACT.md section 2 and the rules of dbt_project/models/marts/customer_lifetime.yml,
+-- with the default vars of dbt_project.yml). No intermediate table is written; the bench
+-- times it with `create temp table ... as` and checks that it equals the mart row for row.
 -- {as_of} is replaced by a timestamptz literal.
 with
 
-customers as (
-
-    -- a customer exists from sign-up or from their first online order, whichever is earlier
-    select
-        c.customer_id,
-        nullif(trim(c.loyalty_card_id), '') as loyalty_card_id,
-        substring(regexp_replace(regexp_replace(regexp_replace(coalesce(nullif(trim(c.phone), ''), ''),
-            '[^0-9]', '', 'g'), '^00', ''), '^8?0([1-9][0-9]{{8}})$', '380\1')
-            from '^[0-9]{{8,15}}$') as phone_digits
-    from raw.customers as c
-    where c.created_at is null or c.created_at <= {as_of}
-       or exists (select 1 from raw.orders as o
-                  where o.customer_id = c.customer_id and o.ordered_at <= {as_of})
-
-),
-
-card_owner as (
-
-    select loyalty_card_id, min(customer_id) as customer_id
-    from customers where loyalty_card_id is not null
-    group by loyalty_card_id having count(*) = 1
-
-),
-
-phone_owner as (
-
-    select phone_digits, min(customer_id) as customer_id
-    from customers where phone_digits is not null
-    group by phone_digits having count(*) = 1
-
-),
-
-purchases as (
-
-    select order_id as purchase_id, 'online' as source, customer_id,
-           ordered_at as purchased_at, total_amount as revenue
-    from raw.orders
-    where ordered_at <= {as_of} and status in ('paid', 'delivered')
-    union all
-    select r.receipt_id, 'offline', coalesce(card_owner.customer_id, phone_owner.customer_id),
-           r.purchased_at, r.total_amount
-    from raw.offline_receipts as r
-    left join card_owner on card_owner.loyalty_card_id = nullif(trim(r.loyalty_card_id), '')
-    left join phone_owner on phone_owner.phone_digits = substring(regexp_replace(regexp_replace(
-        regexp_replace(coalesce(nullif(trim(r.phone), ''), ''), '[^0-9]', '', 'g'), '^00', ''),
-        '^8?0([1-9][0-9]{{8}})$', '380\1') from '^[0-9]{{8,15}}$')
-    where r.purchased_at <= {as_of}
-      and coalesce(card_owner.customer_id, phone_owner.customer_id) is not null
-
-),
-
-per_customer as (
-
-    select
-        customer_id,
-        count(*) as purchases,
-        count(*) filter (where source = 'online') as online_purchases,
-        count(*) filter (where source = 'offline') as offline_purchases,
-        sum(revenue) as ltv,
-        min(purchased_at) as first_purchase_at,
-        (array_agg(purchased_at order by purchased_at, source, purchase_id))[2] as second_purchase_at,
-        max(purchased_at) as last_purchase_at
-    from purchases
-    group by customer_id
-
-),
-
-timing as (
-
-    select
-        *,
-        (extract(epoch from second_purchase_at - first_purchase_at) / 86400)::float8
-            as days_to_second_purchase,
-        case when purchases > 1 then (extract(epoch from last_purchase_at - first_purchase_at)
-            / 86400)::float8 / (purchases - 1) end as avg_days_between_purchases
-    from per_customer
-
-),
+-- include: _lifecycle.sql
 
 category_revenue as (
 
@@ -108,23 +31,6 @@ preferred as (
     select distinct on (customer_id) customer_id, category_path as preferred_category
     from category_revenue
     order by customer_id, revenue desc, last_at desc, category_path
-
-),
-
-subscribed as (
-
-    select distinct customer_id
-    from raw.channel_subscriptions
-    where (subscribed_at is null or subscribed_at <= {as_of})
-      and coalesce(unsubscribed_at > {as_of}, true)
-
-),
-
-norm as (
-
-    select coalesce(percentile_cont(0.5) within group (order by days_to_second_purchase),
-                    60::float8) as norm_days
-    from timing
 
 ),
 
