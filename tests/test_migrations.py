@@ -36,7 +36,7 @@ EXPECTED_TABLES = {
         "campaign_runs", "audience_members", "messages", "claims", "message_events",
         "consent_changes", "deactivated_addresses", "chain_instances", "trigger_hits",
         "trigger_watermarks", "trigger_health", "webhook_batches", "report_deliveries",
-        "predicted_value_backtests",
+        "predicted_value_backtests", "raw_writes",
     },
     "marts": {"customer_predicted_value", "predicted_value_fits"},
 }

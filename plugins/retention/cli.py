@@ -190,10 +190,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     ok = False
     try:
         report = load_path(args.path, loaded_at=args.loaded_at, currency=args.currency,
-                           fmt=args.format)
+                           fmt=args.format, recheck=args.recheck)
         ok = True
     finally:
-        watch.close(ok, sum(t.rows for t in report.tables) if ok else None)
+        # the rows read: a file unchanged since its last load is not read again
+        watch.close(ok, sum(t.rows for t in report.tables
+                            if getattr(t, "unchanged_since", None) is None) if ok else None)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if args.check:
         from retention.ingest.quality import run_checkpoint
@@ -375,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the load's time; later timestamps are quarantined (default: now)")
     p.add_argument("--check", action="store_true",
                    help="run the data-quality checkpoint after the load")
+    p.add_argument("--recheck", action="store_true",
+                   help="read and check every file, also those unchanged since their last "
+                        "load (which are otherwise taken as they were)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_load)
 

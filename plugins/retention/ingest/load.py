@@ -34,6 +34,19 @@ How a load works:
    wait for it), and a failed load rolls the drop back with everything else.
 3. A COPY error (ragged rows, broken quoting, invalid UTF-8) aborts the transaction: the
    database is exactly as before, and the error names the file and the line.
+4. *Unchanged files* are not read again (`unchanged_since`): a file whose content
+   (sha256, recorded with each load in ops.loads.summary) and rules (the loader's code,
+   the contract, the currency, the declared event types) are those of the load that last
+   wrote its raw table, when nothing but a load has written that table (or the tables
+   its foreign keys point to) since (ops.raw_writes, kept by statement-level triggers)
+   and none of its rows was quarantined for a reason a later load could see otherwise
+   (a future timestamp, an orphan), would be checked to the same rows, quarantine the
+   same lines and write nothing. Its result is that load's, reported with
+   `unchanged_since` and nothing inserted or updated; its quarantine stays as it is.
+   This is how warehouse loaders treat files they have loaded (Snowflake's COPY INTO
+   skips a file whose checksum it has loaded, unless FORCE); unlike them, a table
+   changed by hand since is noticed, and the file is read and its rows written again.
+   `recheck=True` (`retention load --recheck`) reads and checks every file.
 
 Loads into one database run one at a time: the transaction starts by taking an advisory
 lock, so a second load waits for the first to commit (up to RETENTION_LOAD_LOCK_TIMEOUT
@@ -48,6 +61,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -91,6 +105,17 @@ class TableResult:
     updated: int = 0
     quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    #: what the file held (sha256 of its content as streamed, size on disk) and the
+    #: fingerprint of the rules it was checked under (`rules_fingerprint`)
+    sha256: str | None = None
+    file_bytes: int | None = None
+    rules: str | None = None
+    #: quarantined rows whose reason depends on the load's time or on other tables (a
+    #: future timestamp, an orphan): a later load may accept them
+    context_quarantined: int = 0
+    #: the load whose result this file's is, when the file was taken as unchanged
+    #: (`unchanged_since`) and not read again; None when it was read and checked
+    unchanged_since: int | None = None
 
 
 @dataclass
@@ -126,6 +151,11 @@ class LoadReport:
                     "updated": t.updated,
                     "quarantined": t.quarantined,
                     "reasons": t.reasons,
+                    "sha256": t.sha256,
+                    "file_bytes": t.file_bytes,
+                    "rules": t.rules,
+                    "context_quarantined": t.context_quarantined,
+                    "unchanged_since": t.unchanged_since,
                 }
                 for t in self.tables
             },
@@ -140,6 +170,9 @@ class LoadReport:
         for t in self.tables:
             lines.append(f"  {t.table:<24}{t.rows:>12,}{t.accepted:>12,}{t.inserted:>12,}"
                          f"{t.updated:>10,}{t.quarantined:>13,}")
+            if t.unchanged_since is not None:
+                lines.append(f"      unchanged since load {t.unchanged_since}: same content, "
+                             "same rules, raw table untouched since; not read again")
             for reason, n in sorted(t.reasons.items(), key=lambda kv: -kv[1]):
                 lines.append(f"      {n:>10,}  {reason}")
         for f in self.ignored_files:
@@ -629,6 +662,97 @@ def _upsert_sql(table: Table) -> sql.Composable:
                 updates=updates, changed=changed, same=same)
 
 
+# --------------------------------------------------------------------------- unchanged files
+
+#: the code whose rules decide what a file's rows become (`rules_fingerprint`)
+RULES_SOURCES = tuple(Path(__file__).with_name(name)
+                      for name in ("load.py", "contract.py", "events.py"))
+
+
+def context_reason_patterns(table: Table) -> list[str]:
+    """LIKE patterns of the quarantine reasons that depend on more than the row and the
+    rules: the load's time (a future timestamp or date) and the rows of other tables (an
+    orphan)."""
+    return ["%in the future of the load%"] + [f"%{fk.reason}: {fk.column}%"
+                                               for fk in table.foreign_keys]
+
+
+def rules_fingerprint(table: Table, currency: str | None,
+                      catalog: EventCatalog | None) -> str:
+    """What, besides a file's bytes and the load's time, decides which of its rows are
+    accepted and what they become: the loader's and the contract's code, the table, the
+    shop currency and (events) the declared event types."""
+    digest = hashlib.sha256()
+    for source in RULES_SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(repr((table, currency)).encode())
+    if catalog is not None:
+        digest.update(repr(catalog.declared).encode())
+    return digest.hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """The sha256 of a file's content as the load streams it (`_stream`)."""
+    digest = hashlib.sha256()
+    for chunk in _stream(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unchanged_since(conn: psycopg.Connection, pf: PlannedFile, rules: str,
+                    loaded_at: datetime) -> TableResult | None:
+    """The result of the earlier load that `pf` would only repeat, taken over, or None
+    when the file must be read and checked.
+
+    A file is unchanged when all of this holds (anything else reads it):
+
+    * the last write to `raw.<table>` was a contract load's (ops.raw_writes, kept by
+      triggers: a hand edit, a script, an erasure, any write but a load's, since then
+      makes the table not what that load left) and that load succeeded;
+    * that load's file of the table had the same content (sha256 of the bytes streamed;
+      the file's size on disk is compared first, so a changed file is not hashed twice)
+      and was checked under the same rules (`rules_fingerprint`: the same loader code,
+      contract, currency and declared event types);
+    * it was the same file, or none of its rows was quarantined (the quarantine keeps
+      each row under its file's name);
+    * none of its rows was quarantined for a reason a later load could see otherwise (a
+      timestamp in the future of that load, an orphan), and this load's time is not
+      earlier than that load's (an accepted timestamp stays in the past);
+    * no table its foreign keys point to was written by anything but a load since (a
+      deleted parent would make an accepted row an orphan).
+
+    Then checking the file again would accept the same rows, write nothing and
+    quarantine the same rows: its result is that load's, with nothing inserted or updated.
+    """
+    row = conn.execute("""
+        select w.load_id, l.summary -> 'tables' -> %(t)s,
+               not exists (select 1 from ops.raw_writes p
+                           where p.table_name = any(%(parents)s)
+                             and p.other_write_seq > w.write_seq),
+               l.loaded_at <= %(at)s
+        from ops.raw_writes w
+        join ops.loads l on l.load_id = w.load_id and l.status = 'succeeded'
+        where w.table_name = %(t)s
+    """, {"t": pf.table.name, "parents": [fk.table for fk in pf.table.foreign_keys],
+          "at": loaded_at}).fetchone()
+    if row is None:
+        return None
+    load_id, entry, parents_untouched, not_later = row
+    if not entry or not parents_untouched or not not_later:
+        return None
+    if (entry.get("rules") != rules or entry.get("file_bytes") != pf.path.stat().st_size
+            or entry.get("context_quarantined") != 0 or entry.get("sha256") is None
+            or (entry.get("file") != str(pf.path) and entry.get("quarantined") != 0)):
+        return None
+    if content_sha256(pf.path) != entry["sha256"]:
+        return None
+    return TableResult(
+        pf.table.name, str(pf.path), rows=entry["rows"], accepted=entry["accepted"],
+        quarantined=entry["quarantined"], reasons=dict(entry.get("reasons") or {}),
+        sha256=entry["sha256"], file_bytes=entry["file_bytes"], rules=rules,
+        unchanged_since=load_id)
+
+
 # --------------------------------------------------------------------------- the load
 
 
@@ -657,7 +781,9 @@ def _infer_currency(conn: psycopg.Connection, loaded_at: datetime) -> str | None
     return row[0]
 
 
-def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
+def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> str:
+    """COPY the file into the temporary table `stage`; the sha256 of what it streamed
+    (`content_sha256`)."""
     n = sql.Identifier
     conn.execute("drop table if exists stage, checked_stage")
     conn.execute(sql.SQL("create temp table stage (_rec_no bigserial, {}) on commit drop").format(
@@ -665,9 +791,11 @@ def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
                            for i, h in enumerate(pf.header))))
     copy_cols = sql.SQL(", ").join(n(h or f"unnamed_{i}") for i, h in enumerate(pf.header))
     stmt = sql.SQL("copy stage ({}) from stdin with (format csv, header true, encoding 'UTF8')")
+    digest = hashlib.sha256()
     try:
         with conn.cursor().copy(stmt.format(copy_cols)) as copy:
             for chunk in _stream(pf.path):
+                digest.update(chunk)
                 copy.write(chunk)
     except (psycopg.errors.DataError, psycopg.errors.BadCopyFileFormat,
             psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter,
@@ -679,6 +807,7 @@ def stage_file(conn: psycopg.Connection, pf: PlannedFile) -> None:
             # COPY counts the header as line 1, which is our numbering too
             line = " at line " + where.split("line ", 1)[1].split(",")[0].split(":")[0]
         raise LoadError(f"{pf.path}: not valid CSV{line}: {detail}") from exc
+    return digest.hexdigest()
 
 
 def _checked_stage(conn: psycopg.Connection, pf: PlannedFile, currency: str | None,
@@ -716,10 +845,12 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
     written = _first_write(conn, table) if _is_empty(conn, table.name) else None
     if written is None:
         _mark_duplicates_and_orphans(conn, table)
-    rows, bad = conn.execute(
-        "select count(*), count(*) filter (where reason is not null) from checked_stage"
-    ).fetchone()
+    rows, bad, contextual = conn.execute(
+        "select count(*), count(*) filter (where reason is not null), "
+        "count(*) filter (where reason like any(%s)) from checked_stage",
+        (context_reason_patterns(table),)).fetchone()
     result.rows, result.quarantined, result.accepted = rows, bad, rows - bad
+    result.context_quarantined = contextual
     if bad:
         result.reasons = dict(conn.execute(
             "select split_part(reason, ':', 1), count(*) from checked_stage "
@@ -755,11 +886,13 @@ def check_and_write(conn: psycopg.Connection, pf: PlannedFile, currency: str | N
 
 
 def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime | None = None,
-                currency: str | None = None) -> LoadReport:
+                currency: str | None = None, recheck: bool = False) -> LoadReport:
     """Load a folder of contract CSV/CSV.gz files (or one file) into schema raw.
 
     `loaded_at` is the load's own time: timestamps after it are quarantined as future ones.
     The CLI passes the current time, the ingest DAG its data interval end.
+    `recheck`: read and check every file, also those unchanged since their last load
+    (`unchanged_since`).
     """
     path = Path(path).resolve()
     loaded_at = loaded_at or datetime.now(timezone.utc)
@@ -788,16 +921,27 @@ def load_folder(path: str | Path, url: str | None = None, *, loaded_at: datetime
         load_id = conn.execute(
             "insert into ops.loads (source, format, loaded_at, status) values (%s, %s, %s, "
             "'running') returning load_id", (str(path), "contract", loaded_at)).fetchone()[0]
+        # the triggers of ops.raw_writes record this load as the writer of what it writes
+        conn.execute("select set_config('retention.load_id', %s, true)", (str(load_id),))
         shop_currency = _shop_currency(conn, currency, loaded_at)
         results = []
         for pf in planned:
-            stage_file(conn, pf)
+            file_catalog = catalog if pf.table.name == "events" else None
+            rules = rules_fingerprint(pf.table, shop_currency, file_catalog)
+            same = None if recheck else unchanged_since(conn, pf, rules, loaded_at)
+            if same is not None:
+                results.append(same)
+                continue
+            file_bytes = pf.path.stat().st_size
+            digest = stage_file(conn, pf)
             if pf.table.currency_column and shop_currency is None \
                     and pf.table.currency_column in pf.header:
                 shop_currency = _infer_currency(conn, loaded_at)
-            results.append(check_and_write(
-                conn, pf, shop_currency, loaded_at, load_id, str(pf.path),
-                catalog=catalog if pf.table.name == "events" else None))
+                rules = rules_fingerprint(pf.table, shop_currency, file_catalog)
+            result = check_and_write(conn, pf, shop_currency, loaded_at, load_id, str(pf.path),
+                                     catalog=file_catalog)
+            result.sha256, result.file_bytes, result.rules = digest, file_bytes, rules
+            results.append(result)
         report = LoadReport(load_id, str(path), loaded_at, shop_currency, results, ignored,
                             ignored_columns)
         conn.execute("update ops.loads set status = 'succeeded', summary = %s where load_id = %s",
