@@ -144,3 +144,13 @@ def test_recheck_reads_every_file(tmp_path, database_url, capsys):
     assert cli_main(["--progress", "off", "load", str(folder), "--currency", "UAH",
                      "--loaded-at", LOADED_AT.isoformat()]) == 0
     assert capsys.readouterr().out.count("unchanged since load") == 3
+
+
+def test_a_currency_inferred_by_the_first_load_keeps_the_other_files_unchanged(
+        tmp_path, database_url, monkeypatch):
+    monkeypatch.delenv("RETENTION_CURRENCY", raising=False)
+    folder = _shop(tmp_path / "shop")
+    first = load_folder(folder, database_url, loaded_at=LOADED_AT)
+    assert first.currency == "UAH"
+    again = load_folder(folder, database_url, loaded_at=LOADED_AT)
+    assert [t.unchanged_since for t in again.tables] == [first.load_id] * 3

@@ -681,11 +681,11 @@ def rules_fingerprint(table: Table, currency: str | None,
                       catalog: EventCatalog | None) -> str:
     """What, besides a file's bytes and the load's time, decides which of its rows are
     accepted and what they become: the loader's and the contract's code, the table, the
-    shop currency and (events) the declared event types."""
+    shop currency (tables with a currency column) and (events) the declared event types."""
     digest = hashlib.sha256()
     for source in RULES_SOURCES:
         digest.update(source.read_bytes())
-    digest.update(repr((table, currency)).encode())
+    digest.update(repr((table, currency if table.currency_column else None)).encode())
     if catalog is not None:
         digest.update(repr(catalog.declared).encode())
     return digest.hexdigest()
