@@ -414,11 +414,17 @@ def test_first_load_recreates_the_lookup_indexes_it_deferred(tmp_path, database_
     load_folder(folder, database_url, loaded_at=LOADED_AT, currency="UAH")
     after = _raw_indexes(database_url)
     assert {n: d for n, (d, _) in after.items()} == {n: d for n, (d, _) in before.items()}
-    # the orders lookups were dropped and made again; keys and the unloaded tables' stay
+    # the orders lookups and the loaded tables' keys were dropped and made again (the
+    # same definitions, new objects); the unloaded tables' stay
     assert after["trg_orders_time"][1] != before["trg_orders_time"][1]
     assert after["trg_orders_customer_time"][1] != before["trg_orders_customer_time"][1]
-    assert after["customers_pkey"][1] == before["customers_pkey"][1]
+    assert after["customers_pkey"][1] != before["customers_pkey"][1]
     assert after["trg_events_time"][1] == before["trg_events_time"][1]
+    assert after["events_pkey"][1] == before["events_pkey"][1]
+    with db.connect(database_url) as conn:
+        assert conn.execute("select pg_get_constraintdef(oid) from pg_constraint "
+                            "where conname = 'customers_pkey' and contype = 'p'"
+                            ).fetchone()[0] == "PRIMARY KEY (customer_id)"
     with db.connect(database_url) as conn:
         assert conn.execute("select obj_description('raw.trg_orders_time'::regclass, "
                             "'pg_class')").fetchone()[0] == "orders by time"

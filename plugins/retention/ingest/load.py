@@ -24,12 +24,13 @@ How a load works:
    go in with a plain INSERT, without the upsert's conflict checks; a repeated key makes
    that insert fail on the primary key, and then it is rolled back to a savepoint, the
    repeats are quarantined as duplicates, and the rest goes in (a file without repeats
-   spares the search for them). The table's secondary
+   spares the search for them). The table's primary key and its secondary
    indexes (not unique, backing no constraint: the lookup indexes the migrations create)
    are dropped just before the insert and created again right after it from their own
-   definitions as the database holds them (`pg_get_indexdef`, with their tablespace and
-   comment), in the same transaction: one sort per index instead of maintaining each
-   while millions of rows go in. No other session sees the table without them (the
+   definitions as the database holds them (`pg_get_constraintdef`, `pg_get_indexdef`,
+   with their tablespace and comment), in the same transaction: one sort per index
+   instead of maintaining each while millions of rows go in (a repeated key then fails
+   the key's build, as it failed the insert before). No other session sees the table without them (the
    dropped indexes keep the table locked until the load commits; a first load's readers
    wait for it), and a failed load rolls the drop back with everything else.
 3. A COPY error (ragged rows, broken quoting, invalid UTF-8) aborts the transaction: the
@@ -339,19 +340,37 @@ def tune_session(conn: psycopg.Connection) -> None:
 
 @dataclass(frozen=True)
 class DeferredIndex:
-    """A secondary index dropped for a bulk write, and what recreates it as it was."""
+    """An index dropped for a bulk write, and what recreates it as it was: a secondary
+    index, or (`key_of` set) the primary key constraint of table `key_of`."""
     name: str
-    definition: str  # pg_get_indexdef: CREATE INDEX ... ON raw.<table> USING ...
+    definition: str  # pg_get_indexdef: CREATE INDEX ... ON raw.<table> USING ...;
+    #                  a key's pg_get_constraintdef: PRIMARY KEY (...) [USING INDEX ...]
     tablespace: str | None
-    comment: str | None
+    comment: str | None  # a key's: the constraint's comment
+    key_of: str | None = None
 
 
 def deferred_indexes(conn: psycopg.Connection, table: str) -> list[DeferredIndex]:
-    """Drop the secondary indexes of `raw.<table>` when the table is empty, for
-    `restore_indexes` to create again after the write; [] (nothing dropped) when the
-    table has rows or this role does not own it. Secondary: not unique, not the primary
-    key, backing no constraint, valid, not the replica identity. Run inside the load's
-    transaction."""
+    """Drop the primary key and the secondary indexes of `raw.<table>` when the table is
+    empty, for `restore_indexes` to create again after the write (the key first); []
+    (nothing dropped) when the table has rows or this role does not own it. Secondary:
+    not unique, not the primary key, backing no constraint, valid, not the replica
+    identity. The key is dropped unless its index is the replica identity or has a
+    comment of its own, or a foreign key points to it; adding it again after the write
+    is one sorted build of its index instead of a unique check and an index entry (with
+    its WAL record) per row, and a repeated key fails there, with the UniqueViolation the
+    insert would have raised. Run inside the load's transaction."""
+    key = conn.execute("""
+        select c.conname, pg_get_constraintdef(c.oid), null::text,
+               obj_description(c.oid, 'pg_constraint'), %s::text
+        from pg_constraint c
+        join pg_class t on t.oid = c.conrelid
+        join pg_index x on x.indexrelid = c.conindid
+        where c.conrelid = to_regclass(%s) and c.contype = 'p' and x.indisvalid
+          and not x.indisreplident and pg_has_role(t.relowner, 'USAGE')
+          and obj_description(c.conindid, 'pg_class') is null
+          and not exists (select 1 from pg_constraint f where f.confrelid = c.conrelid)
+    """, (table, f"raw.{table}")).fetchall()
     rows = conn.execute("""
         select i.relname, pg_get_indexdef(x.indexrelid), ts.spcname,
                obj_description(x.indexrelid, 'pg_class')
@@ -365,17 +384,30 @@ def deferred_indexes(conn: psycopg.Connection, table: str) -> list[DeferredIndex
           and not exists (select 1 from pg_constraint c where c.conindid = x.indexrelid)
         order by i.relname
     """, (f"raw.{table}",)).fetchall()
-    if not rows or not _is_empty(conn, table):
+    if not (key or rows) or not _is_empty(conn, table):
         return []
-    found = [DeferredIndex(*row) for row in rows]
+    found = [DeferredIndex(*row) for row in key + rows]
     for index in found:
-        conn.execute(sql.SQL("drop index {}").format(sql.Identifier("raw", index.name)))
+        if index.key_of:
+            conn.execute(sql.SQL("alter table {} drop constraint {}").format(
+                sql.Identifier("raw", table), sql.Identifier(index.name)))
+        else:
+            conn.execute(sql.SQL("drop index {}").format(sql.Identifier("raw", index.name)))
     return found
 
 
 def restore_indexes(conn: psycopg.Connection, indexes: list[DeferredIndex]) -> None:
-    """Create again, as they were, the indexes `deferred_indexes` dropped."""
+    """Create again, as they were, the indexes `deferred_indexes` dropped; the primary
+    key first (UniqueViolation when the rows written repeat a key)."""
     for index in indexes:
+        if index.key_of:
+            table = sql.Identifier("raw", index.key_of)
+            conn.execute(sql.SQL("alter table {} add constraint {} {}").format(
+                table, sql.Identifier(index.name), sql.SQL(index.definition)))
+            if index.comment is not None:
+                conn.execute(sql.SQL("comment on constraint {} on {} is {}").format(
+                    sql.Identifier(index.name), table, sql.Literal(index.comment)))
+            continue
         statement = sql.SQL(index.definition)  # the server's own text of the index
         if index.tablespace:
             statement = sql.SQL("{} tablespace {}").format(
@@ -572,21 +604,21 @@ def _validate_sql(table: Table, header: list[str], currency: str | None,
 
 def _first_write(conn: psycopg.Connection, table: Table) -> int | None:
     """Into an empty `raw.<table>` (a shop's first load of it): mark the orphans, then
-    insert the rows valid so far with a plain INSERT, the secondary indexes built after
-    it (`deferred_indexes`); the number of rows inserted. When the file repeats a key
-    (the primary key refuses the second row), everything it did is rolled back and it
-    returns None: the caller marks duplicates and orphans as usual, and writes then.
+    insert the rows valid so far with a plain INSERT, the primary key and the secondary
+    indexes built after it (`deferred_indexes`); the number of rows inserted. When the
+    file repeats a key (the primary key's build refuses it), everything it did is rolled
+    back and it returns None: the caller marks duplicates and orphans as usual, and writes then.
     A file without repeated keys so spares the duplicate search over all its rows."""
     conn.execute("savepoint first_write")
     try:
         _mark_orphans(conn, table)
         deferred = deferred_indexes(conn, table.name)
         inserted = conn.execute(_insert_sql(table)).rowcount
+        restore_indexes(conn, deferred)
     except psycopg.errors.UniqueViolation:
         conn.execute("rollback to savepoint first_write")
         conn.execute("release savepoint first_write")
         return None
-    restore_indexes(conn, deferred)
     conn.execute("release savepoint first_write")
     return inserted
 
