@@ -204,7 +204,7 @@ def test_predicted_value_sources_are_tested_after_the_predictions(database_url):
 
     good = build(as_of=AS_OF, url=database_url, select="selector:predicted_value_tests")
     assert good["dbt"]["success"] and good["dbt"]["models"] == 0
-    assert good["dbt"]["by_type"]["test"] == {"pass": 7}, good["dbt"]
+    assert good["dbt"]["by_type"]["test"] == {"pass": 5}, good["dbt"]
 
     # rows no writer should leave: a second row for a customer, a model nobody fits
     with db.connect(database_url) as conn:
@@ -218,6 +218,9 @@ def test_predicted_value_sources_are_tested_after_the_predictions(database_url):
                      "select as_of, 'pareto_nbd', params, log_likelihood, customers, converged, "
                      "fitted_for, run_id, time_unit, distinct_rows, iterations, message "
                      "from marts.predicted_value_fits where model = 'bgnbd'")
+        # a negative count: the column checks (not_null, not_negative) of one test fail
+        conn.execute("update marts.customer_predicted_value set purchases = -1 "
+                     "where customer_id = 'c5'")
         conn.commit()
     bad = build(as_of=AS_OF, url=database_url, select="selector:predicted_value_tests",
                 raise_on_failure=False)
@@ -225,4 +228,5 @@ def test_predicted_value_sources_are_tested_after_the_predictions(database_url):
     assert not bad["dbt"]["success"]
     assert "unique_combination_of_columns_predicted_value_customer_predicted_value" in failed
     assert "accepted_values_predicted_value_predicted_value_fits_model" in failed
-    assert bad["dbt"]["failures"] == 2, failed
+    assert "column_checks_predicted_value_customer_predicted_value" in failed
+    assert bad["dbt"]["failures"] == 3, failed

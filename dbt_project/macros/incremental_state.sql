@@ -2,7 +2,9 @@
     intermediate.incremental_state: the as_of each incremental mart was last built for.
 
     product_recommendations records the moment of its snapshot (recommendations_as_of()),
-    and recomputes only when that moment moves.
+    and recomputes only when that moment moves; the row `product_recommendations:rewritten`
+    exists while the table holds what the last build of it wrote (record_rewrite below),
+    so its data tests check the table once per snapshot, not on the days it stands still.
     The affinity marts are maintained per customer; to know which customers' 90-day
     windows moved, int_affinity_customers_changed needs the as_of of the previous build.
     The project's on-run-start hook creates the table (once, before any model: two models
@@ -52,4 +54,25 @@
         {{ return("('" ~ recorded.rows[0][2] ~ "'::timestamptz)") }}
     {%- endif -%}
     {{ return(none) }}
+{%- endmacro %}
+
+
+{#-
+    For a model replaced whole or left untouched (strategy replace_all): a pre-hook, in the
+    model's transaction, that leaves the row `<model>:rewritten` in incremental_state
+    exactly when this build rewrites the table, i.e. when the table is built from nothing
+    (first build, --full-refresh) or its recorded moment differs from `moment`, the
+    condition the model itself checks. The model's data tests read it in their `where`, so
+    an unchanged table is not tested again (it was tested when written).
+-#}
+{% macro record_rewrite(moment) -%}
+    delete from {{ incremental_state_relation() }} where model_name = '{{ this.identifier }}:rewritten';
+    insert into {{ incremental_state_relation() }} (model_name, as_of)
+    select '{{ this.identifier }}:rewritten', {{ moment }}
+    {%- if is_incremental() %}
+    where not exists (
+        select 1 from {{ incremental_state_relation() }}
+        where model_name = '{{ this.identifier }}' and as_of = {{ moment }}
+    )
+    {%- endif %}
 {%- endmacro %}

@@ -25,7 +25,8 @@
 -- the database's locale: sorting short ids so is a byte comparison.
 {{ config(pre_hook=["set local work_mem = '512MB'",
                     "set local enable_mergejoin = off",
-                    "set local enable_hashagg = off"],
+                    "set local enable_hashagg = off",
+                    "{{ record_rewrite(recommendations_as_of()) }}"],
           post_hook="{{ record_incremental_state(recommendations_as_of()) }}") }}
 with
 
