@@ -6,7 +6,7 @@
 -- recompute. Rules in int_purchases_customers_changed.yml. The previous tables are read
 -- as plain relations, not ref()s: this model runs before them and compares with what
 -- they hold.
-{%- set chain = ['int_purchases_numbered', 'int_purchase_items_categorized',
+{%- set chain = ['int_purchases_numbered', 'int_purchase_items_categorized', 'int_customer_product_interactions',
                  'int_customer_purchases_aggregated', 'int_customer_category_purchases'] %}
 {%- set schema = generate_schema_name('intermediate', none) | trim %}
 {%- set numbered = none %}

@@ -14,11 +14,10 @@
 {%- set per_product = var('recommendations_per_product', 20) %}
 {%- set purchase_weight = var('recommendations_purchase_weight', 2) %}
 {%- set snapshot = recommendations_as_of() %}
-{%- set snapshot_date = utc_date(snapshot) %}
--- One statement that groups twice and sorts instead of hashing (the planner settings
--- below hold for this statement only, `set local`): the interactions are sorted by
--- customer and product and grouped into one row per customer and product; each
--- customer's first purchases then meet that customer's rows by hash, which gives each
+-- One statement that sorts instead of hashing (the planner settings below hold for this
+-- statement only, `set local`): the rows per customer and product come from
+-- int_customer_product_interactions; each customer's first purchases meet that
+-- customer's rows by hash, which gives each
 -- (X, Y, customer) once, with no grouping of the pairs per customer; the pairs are
 -- sorted by X and Y and counted, and come out in X order, so the ranking sorts only
 -- within each X (incremental sort). Ids compare by code point (collate "C"), whatever
@@ -30,69 +29,54 @@
           post_hook="{{ record_incremental_state(recommendations_as_of()) }}") }}
 with
 
-purchase_items as (
+products_per_customer as not materialized (
 
-    select customer_id collate "C" as customer_id, product_id collate "C" as product_id,
-           purchased_at
-    from {{ ref('int_purchase_items_categorized') }}
-    where purchased_at <= {{ snapshot }}
-      and customer_id is not null and product_id is not null
-
-),
-
-product_views_daily as (
-
-    -- the clickstream through its one pass (int_events_aggregated_daily), never the
-    -- events: per customer, UTC day and product, the first and last view of the day up
-    -- to the snapshot moment (on its own day, the last view at or before it)
-    select
-        customer_id collate "C" as customer_id,
-        product_id collate "C" as product_id,
-        first_view_at,
-        case
-            when event_date < {{ snapshot_date }} then last_view_at
-            else (select max(v.at) from unnest(view_times) as v(at) where v.at <= {{ snapshot }})
-        end as last_view_at
-
-    from {{ ref('int_events_aggregated_daily') }}
-    where views > 0 and product_id is not null
-      and event_date <= {{ snapshot_date }}
-      and first_view_at <= {{ snapshot }}
-
-),
-
-interactions as (
-
-    -- a purchase is the moment purchased_at; a day of views the span from its first to
-    -- its last view (all within one UTC day)
-    select customer_id, product_id, purchased_at as starts_at, purchased_at as ends_at,
-           purchased_at
-    from purchase_items
+    -- per customer and product: the bounds of the interactions (spans: a purchase the
+    -- moment it was made, a day of views its first to its last view), the first and last
+    -- purchase, and every span and purchase (read only when the bounds cannot decide,
+    -- below), up to the snapshot moment. int_customer_product_interactions holds them
+    -- as of the build's as_of, maintained by the daily build for the customers and
+    -- products that changed: its rows that end by the snapshot are taken as they are;
+    -- the few with an interaction after it (the days since the snapshot) are clipped to
+    -- it. The snapshot is a UTC midnight (or as_of itself, when nothing is after it),
+    -- and a day's views lie within one UTC day, so a span that starts by the snapshot
+    -- and ends after it starts exactly at it: its end becomes the snapshot moment, the
+    -- last view at or before it.
+    select customer_id, product_id, starts_min, ends_max, first_bought_at, last_bought_at,
+           starts, ends, bought
+    from {{ ref('int_customer_product_interactions') }}
+    where ends_max <= {{ snapshot }}
 
     union all
 
-    select customer_id, product_id, first_view_at, last_view_at, null
-    from product_views_daily
-
-),
-
-products_per_customer as materialized (
-
-    -- per customer and product: the bounds of the spans, the first and last purchase,
-    -- and every span and purchase (read only when the bounds cannot decide, below)
     select
-        customer_id,
-        product_id,
-        min(starts_at) as starts_min,
-        max(ends_at) as ends_max,
-        min(purchased_at) as first_bought_at,
-        max(purchased_at) as last_bought_at,
-        array_agg(starts_at) as starts,
-        array_agg(ends_at) as ends,
-        array_agg(purchased_at) filter (where purchased_at is not null) as bought
+        clipped.customer_id,
+        clipped.product_id,
+        spans.starts_min,
+        spans.ends_max,
+        purchases.first_bought_at,
+        purchases.last_bought_at,
+        spans.starts,
+        spans.ends,
+        purchases.bought
 
-    from interactions
-    group by customer_id, product_id
+    from {{ ref('int_customer_product_interactions') }} as clipped
+    cross join lateral (
+        select min(s.starts_at) as starts_min,
+               max(least(s.ends_at, {{ snapshot }})) as ends_max,
+               array_agg(s.starts_at order by s.starts_at, least(s.ends_at, {{ snapshot }})) as starts,
+               array_agg(least(s.ends_at, {{ snapshot }}) order by s.starts_at, least(s.ends_at, {{ snapshot }})) as ends
+        from unnest(clipped.starts, clipped.ends) as s(starts_at, ends_at)
+        where s.starts_at <= {{ snapshot }}
+    ) as spans
+    cross join lateral (
+        select min(p.at) as first_bought_at, max(p.at) as last_bought_at,
+               array_agg(p.at order by p.at) as bought
+        from unnest(clipped.bought) as p(at)
+        where p.at <= {{ snapshot }}
+    ) as purchases
+    where clipped.ends_max > {{ snapshot }}
+      and clipped.starts_min <= {{ snapshot }}
 
 ),
 
