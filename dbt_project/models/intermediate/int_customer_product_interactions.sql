@@ -8,7 +8,7 @@
 -- Incremental per customer and product (strategy replace_rows,
 -- macros/incremental_replace_rows.sql): a build recomputes the products of the
 -- customers of int_purchases_customers_changed (their purchases changed, so every
--- product of theirs, stored or new), the customer and product of every clickstream day
+-- product of theirs: stored, bought or viewed), the customer and product of every clickstream day
 -- int_events_aggregated_daily rewrote in this build (aggregated_in), and, for a build
 -- for an earlier as_of, the rows holding interactions after it.
 {%- set previous_as_of = none %}
@@ -46,7 +46,8 @@ changed as (
 
     union
 
-    -- every product of a customer whose purchases changed, stored or new
+    -- every product of a customer whose purchases changed: stored, bought, or viewed
+    -- (a first purchase makes every product the customer viewed count)
     select customer_id, product_id
     from {{ this }}
     where customer_id in (select customer_id from purchases_changed)
@@ -57,6 +58,13 @@ changed as (
     from {{ ref('int_purchase_items_categorized') }}
     where customer_id in (select customer_id from purchases_changed)
       and product_id is not null
+
+    union
+
+    select customer_id collate "C", product_id collate "C"
+    from {{ ref('int_events_aggregated_daily') }}
+    where customer_id in (select customer_id from purchases_changed)
+      and views > 0 and product_id is not null
 
     union
 
