@@ -13,8 +13,9 @@ wave of N `sent` ledger rows two days before, which the frequency caps have to c
 Each repetition plans a new e-mail campaign run (all customers, no holdout) and deletes
 it afterwards, so every repetition sees the same ledger. With --old-ref the engine module
 of that git revision is loaded beside the working tree's and the two run in turns; the
-ledger rows of both are compared (message id, status, reason, channel, address,
-not_before) and must be identical. Each statement of start_run and plan_step slower than
+ledger rows of both are compared by customer and step (status, reason, channel, address,
+not_before, ...; not the message ids, which depend on whether the code numbers the
+members, migration 0007) and must be identical. Each statement of start_run and plan_step slower than
 50 ms is timed (and with --explain its plan printed).
 """
 
@@ -56,12 +57,23 @@ def load_engine(ref: str | None):
     return module
 
 
+def backend_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a server process on this machine, else 0."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class StatementTimer:
-    """Times every statement psycopg executes (and EXPLAINs the big ones on request)."""
+    """Times every statement psycopg executes (and EXPLAINs the big ones on request), and
+    adds up the CPU time their server processes spent on them (`cpu`): unlike the wall
+    time, it does not count the waits for a core of a loaded machine."""
 
     def __init__(self, explain: bool) -> None:
         import psycopg
-        self.explain, self.records = explain, []
+        self.explain, self.records, self.cpu = explain, [], 0.0
         self._orig = psycopg.Connection.execute
         timer = self
 
@@ -73,7 +85,7 @@ class StatementTimer:
                        "create temp table", "with", "insert into step", "create unlogged"))
             if timer.explain and big:
                 t = time.perf_counter()
-                plan = timer._orig(conn, "explain (analyze, buffers, verbose off) " + text,
+                plan = timer._orig(conn, "explain (analyze, buffers, wal, verbose off) " + text,
                                    params, **kw).fetchall()
                 timer.records.append((head, time.perf_counter() - t))
                 print(f"\n--- {head}\n" + "\n".join(r[0] for r in plan), flush=True)
@@ -82,10 +94,17 @@ class StatementTimer:
                     return timer._orig(conn, "select count(*), count(holdout_kind) from "
                                        "ops.audience_members where run_id = %(run_id)s",
                                        params)
+                if head.lower().startswith("with members"):
+                    # the step's counts, which plan_step may take from the statement
+                    return timer._orig(conn, "select status, coalesce(reason, ''), channel, "
+                                       "count(*) from ops.messages where run_id = "
+                                       "%(member_run_id)s and step = %(step)s "
+                                       "group by 1, 2, 3", params)
                 return timer._orig(conn, "select 0, 0")
-            t = time.perf_counter()
+            t, c = time.perf_counter(), backend_cpu(conn.info.backend_pid)
             cur = timer._orig(conn, query, params, **kw)
             timer.records.append((head, time.perf_counter() - t))
+            timer.cpu += backend_cpu(conn.info.backend_pid) - c
             return cur
 
         psycopg.Connection.execute = execute
@@ -94,6 +113,10 @@ class StatementTimer:
         out = [(h, s) for h, s in self.records if s >= threshold]
         self.records = []
         return out
+
+    def take_cpu(self) -> float:
+        cpu, self.cpu = self.cpu, 0.0
+        return cpu
 
 
 def campaign(campaign_id: str):
@@ -122,11 +145,15 @@ def seed_earlier_wave(url: str, engine, policy, as_of) -> None:
 
 
 def ledger_digest(url: str, run_id: str) -> str:
+    """A hash of the run's ledger rows by customer and step: the decisions (status, reason,
+    channel, address, not_before, ...), not the message ids, which differ between code
+    that numbers the members (migration 0007) and code that does not."""
     from retention import db
     with db.connect(url) as conn:
         return conn.execute(
-            "select md5(string_agg(concat_ws('|', message_id, status, reason, channel, address, "
-            "not_before, variant, planned_at, step_index, cap_class), ',' order by message_id)) "
+            "select md5(string_agg(concat_ws('|', customer_id, step, status, reason, channel, "
+            "address, not_before, variant, planned_at, step_index, cap_class), ',' "
+            "order by customer_id collate \"C\", step)) "
             "from ops.messages where run_id = %s", (run_id,)).fetchone()[0]
 
 
@@ -198,20 +225,25 @@ def main() -> int:
                     else:
                         schema.downgrade(url, args.old_schema)
                     timer.take()
+                timer.take_cpu()
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 run = engine.start_run(c, AS_OF, url, policy())
                 t1 = time.perf_counter()
                 start_stmts = timer.take()
+                start_cpu = timer.take_cpu()
                 counts = engine.plan_step(c, run, "wave", url, policy())
                 t2 = time.perf_counter()
                 plan_stmts = timer.take()
+                plan_cpu = timer.take_cpu()
                 digests.setdefault(label, set()).add(ledger_digest(url, run.run_id))
                 rows.append(dict(label=label, rep=rep, load=load, start=t1 - t0, plan=t2 - t1,
                                  total=t2 - t0, audience=counts["audience"], counts=counts,
-                                 start_stmts=start_stmts, plan_stmts=plan_stmts))
+                                 start_stmts=start_stmts, plan_stmts=plan_stmts,
+                                 start_cpu=start_cpu, plan_cpu=plan_cpu))
                 print(f"{label} #{rep + 1}: start_run {t1 - t0:.1f} s, plan_step {t2 - t1:.1f} s "
-                      f"(load {load:.2f})", flush=True)
+                      f"(server CPU {start_cpu:.1f} + {plan_cpu:.1f} s; load {load:.2f})",
+                      flush=True)
                 forget_run(url, run.run_id)
                 timer.take()
     finally:
@@ -223,12 +255,14 @@ def main() -> int:
     print(f"\n{n:,} customers; {os.cpu_count()} cores shared with PostgreSQL; "
           f"goal {GOAL_S:g} s for start_run + plan_step\n")
     print("| code | run | load avg | start_run s | plan_step s | total s | rows/s | "
-          "total / goal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "total / goal | server CPU start_run + plan_step s | CPU / goal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        cpu = r["start_cpu"] + r["plan_cpu"]
         print(f"| {r['label']} | {r['rep'] + 1} | {r['load']:.2f} | {r['start']:.1f} | "
               f"{r['plan']:.1f} | {r['total']:.1f} | {r['audience'] / r['total']:,.0f} | "
-              f"{r['total'] / GOAL_S:.2f} |")
+              f"{r['total'] / GOAL_S:.2f} | {r['start_cpu']:.1f} + {r['plan_cpu']:.1f} = "
+              f"{cpu:.1f} | {cpu / GOAL_S:.2f} |")
     print()
     for r in rows:
         print(f"{r['label']} #{r['rep'] + 1} statements: " + "; ".join(

@@ -81,6 +81,13 @@ def shop(database_url):
     return database_url
 
 
+def _member_no(url: str, run_id: str, customer_id: str) -> int:
+    with db.connect(url) as conn:
+        return conn.execute("select member_no from ops.audience_members "
+                            "where run_id = %s and customer_id = %s",
+                            (run_id, customer_id)).fetchone()[0]
+
+
 def ledger(url: str, step: str) -> dict[str, tuple]:
     with db.connect(url) as conn:
         rows = conn.execute("select customer_id, status, reason, channel, not_before, message_id "
@@ -112,7 +119,8 @@ def test_first_wave_applies_consent_caps_quiet_hours(shop):
     # 02:00 in New York: waits for 09:00 local (EST, UTC-5) = 14:00 UTC
     assert rows["c_late"][0] == "planned" and rows["c_late"][3] == datetime(2026, 11, 2, 14, tzinfo=timezone.utc)
     assert rows["c_badtz"][3] == AS_OF  # default zone Europe/Kyiv: 09:00, not quiet
-    assert rows["c_ok"][4] == message_id_for(run.run_id, "email", "c_ok")
+    assert rows["c_ok"][4] == message_id_for(run.run_id, "email", "c_ok",
+                                             _member_no(shop, run.run_id, "c_ok"))
     assert counts["audience"] == 7 and counts["planned"] == 5 and counts["suppressed"] == 2
     assert counts["suppressed_by_reason"] == {"no consent": 1, "frequency cap: global": 1}
 
@@ -151,9 +159,10 @@ def test_engaged_member_is_left_out_of_the_next_wave(shop):
     with db.connect(shop) as conn:
         conn.execute("update ops.messages set status = 'sent' where campaign_id = 'cascade' "
                      "and status = 'planned'")
+        opened = message_id_for(run.run_id, "email", "c_ok", _member_no(shop, run.run_id, "c_ok"))
         conn.execute("insert into ops.message_events (provider, provider_event_id, message_id, "
                      "event_type, occurred_at, received_at) values ('sendgrid', 'ev1', %s, 'open', "
-                     "%s, %s)", (message_id_for(run.run_id, "email", "c_ok"), AS_OF, AS_OF))
+                     "%s, %s)", (opened, AS_OF, AS_OF))
         conn.commit()
     plan_step(campaign, run, "push", policy=POLICY)
     assert "c_ok" not in ledger(shop, "push")

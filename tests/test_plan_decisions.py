@@ -14,7 +14,7 @@ import pytest
 
 from retention import db
 from retention.campaigns.engine import plan_step, start_run
-from retention.campaigns.ledger import ensure_ledger, message_id_for
+from retention.campaigns.ledger import ensure_ledger, message_id_for, message_id_prefix
 from retention.campaigns.policy import Policy
 from retention.campaigns.spec import parse_campaign
 
@@ -161,13 +161,63 @@ def shop(database_url):
 
 def _rows(url: str, run_id: str) -> dict[str, tuple]:
     with db.connect(url) as conn:
-        rows = conn.execute("select customer_id, status, reason, channel, address, not_before, "
-                            "message_id, planned_at from ops.messages where run_id = %s",
-                            (run_id,)).fetchall()
+        rows = conn.execute("select x.customer_id, x.status, x.reason, x.channel, x.address, "
+                            "x.not_before, x.message_id, x.planned_at, m.member_no "
+                            "from ops.messages x join ops.audience_members m "
+                            "on m.run_id = x.run_id and m.customer_id = x.customer_id "
+                            "where x.run_id = %s", (run_id,)).fetchall()
     for r in rows:
-        assert r[6] == message_id_for(run_id, "wave", r[0])
+        assert r[6] == message_id_for(run_id, "wave", r[0], r[8])
         assert r[7] == AS_OF
     return {r[0]: r[1:6] for r in rows}
+
+
+def _members(url: str, run_id: str) -> list[tuple]:
+    with db.connect(url) as conn:
+        return conn.execute("select customer_id, member_no from ops.audience_members "
+                            "where run_id = %s order by member_no", (run_id,)).fetchall()
+
+
+def test_members_are_numbered_in_customer_byte_order(shop):
+    """Each member gets a number, 1..N in the byte order of the customer ids, and each
+    ledger row of a numbered member the id of the run's and step's prefix and that number
+    (checked in _rows): the step's ids follow the order its rows are written in."""
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    members = _members(shop, run.run_id)
+    assert [n for _, n in members] == list(range(1, len(CUSTOMERS) + 1))
+    assert [c for c, _ in members] == sorted(CUSTOMERS, key=lambda c: c.encode())
+    plan_step(campaign, run, "wave", shop, POLICY)
+    with db.connect(shop) as conn:
+        ids = [r[0] for r in conn.execute(
+            "select x.message_id from ops.messages x join ops.audience_members m "
+            "on m.run_id = x.run_id and m.customer_id = x.customer_id "
+            "where x.run_id = %s order by m.member_no", (run.run_id,)).fetchall()]
+    assert ids == sorted(ids) and len(set(ids)) == len(CAMPAIGN_ROWS)
+    assert all(len(i) == 34 and i.startswith(message_id_prefix(run.run_id, "wave"))
+               for i in ids)
+
+
+def test_a_run_frozen_without_numbers_keeps_its_ids(shop):
+    """A run frozen before members were numbered (member_no null, as migration 0007 leaves
+    the older runs) is planned with the ids of sha256(run|step|customer), the ids the
+    earlier code gave its rows: planning it again writes nothing new."""
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    with db.connect(shop) as conn:
+        conn.execute("update ops.audience_members set member_no = null where run_id = %s",
+                     (run.run_id,))
+        conn.commit()
+    plan_step(campaign, run, "wave", shop, POLICY)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS
+    with db.connect(shop) as conn:
+        ids = {r[0]: r[1] for r in conn.execute(
+            "select customer_id, message_id from ops.messages where run_id = %s",
+            (run.run_id,)).fetchall()}
+    assert ids == {c: message_id_for(run.run_id, "wave", c) for c in CAMPAIGN_ROWS}
+    counts = plan_step(campaign, run, "wave", shop, POLICY)
+    assert counts["audience"] == len(CAMPAIGN_ROWS)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS
 
 
 def test_every_decision_of_a_marketing_wave(shop):
@@ -197,3 +247,28 @@ def test_every_decision_of_a_transactional_wave(shop):
             not_before = AS_OF
         expected[customer] = (status, reason, channel, address, not_before)
     assert _rows(shop, run.run_id) == expected
+
+
+def test_a_step_planned_without_numbers_is_planned_again_with_its_ids(shop):
+    """A numbered run whose step got the customer-hashed ids (planned by code that did not
+    number the members) keeps them when planned again: no second row per member."""
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    with db.connect(shop) as conn:
+        numbers = conn.execute("select customer_id, member_no from ops.audience_members "
+                               "where run_id = %s", (run.run_id,)).fetchall()
+        conn.execute("update ops.audience_members set member_no = null where run_id = %s",
+                     (run.run_id,))
+        conn.commit()
+    plan_step(campaign, run, "wave", shop, POLICY)
+    with db.connect(shop) as conn:
+        conn.cursor().executemany("update ops.audience_members set member_no = %s "
+                                  "where run_id = %s and customer_id = %s",
+                                  [(n, run.run_id, c) for c, n in numbers])
+        conn.commit()
+    counts = plan_step(campaign, run, "wave", shop, POLICY)
+    assert counts["audience"] == len(CAMPAIGN_ROWS)
+    with db.connect(shop) as conn:
+        ids = dict(conn.execute("select customer_id, message_id from ops.messages "
+                                "where run_id = %s", (run.run_id,)).fetchall())
+    assert ids == {c: message_id_for(run.run_id, "wave", c) for c in CAMPAIGN_ROWS}

@@ -22,6 +22,12 @@ and the attribution read the frozen snapshot, never the rules again.
 * otherwise `planned`, with `not_before` at the end of quiet hours in the customer's own
   time zone when the step's time falls inside them (messages wait, they are not dropped).
 
+A row's message id is made of the run, the step and the member's number (start_run
+numbers the members in the byte order of their customer ids, and the rows are written in
+that order, so a step's ids enter the ledger's primary key in order); members of runs
+frozen before the numbers, and chain instances, keep ids hashed from the customer
+(ledger.message_id_for).
+
 The channel is the first of the step's channel rule for which the member has a live
 address (push if there is a live token, else e-mail, ...). Transactional campaigns skip
 holdouts, caps and quiet hours, never consent.
@@ -39,7 +45,7 @@ from psycopg.types.json import Jsonb
 
 from retention import db
 from retention.campaigns.audience import compile_audience
-from retention.campaigns.ledger import ensure_ledger, run_id_for
+from retention.campaigns.ledger import ensure_ledger, message_id_prefix, run_id_for
 from retention.campaigns.policy import Policy, load_policy
 from retention.campaigns.spec import Campaign, Step, Variant
 
@@ -53,11 +59,16 @@ def hash01(expr: str) -> str:
 #: subscriptions sort in memory, about 400MB, and their cap counts hash in it)
 PLAN_WORK_MEM = "512MB"
 
-#: SQL of a ledger row's message id: 'm_' and the first 32 hex digits of the sha256 of
-#: '<run_id>|<step>|<customer>' (ledger.message_id_for); the first 16 bytes are hex-encoded
-#: rather than all 32 and cut
+#: SQL of the message id of a ledger row whose member has no number (a chain instance, or
+#: a run frozen before migration 0007): 'm_' and the first 32 hex digits of the sha256 of
+#: '<run_id>|<step>|<customer>' (ledger.message_id_for); the first 16 bytes are
+#: hex-encoded rather than all 32 and cut
 MESSAGE_ID_SQL = ("'m_' || encode(substr(sha256(convert_to({run_id} || '|' || %(step)s || '|' "
                   "|| {customer}, 'UTF8')), 1, 16), 'hex')")
+
+#: SQL of the message id of a numbered member's row: the run's and step's prefix
+#: %(id_prefix)s (ledger.message_id_prefix) and the member number as 8 hex digits
+NUMBERED_ID_SQL = "%(id_prefix)s || lpad(to_hex({member_no}), 8, '0')"
 
 
 @dataclass(frozen=True)
@@ -177,13 +188,16 @@ def start_run(campaign: Campaign, as_of: datetime, url: str | None = None,
         # a new run (its row was just inserted under the run's lock) has no members yet,
         # and the audience selects each customer once: a plain INSERT (no ON CONFLICT
         # arbitration per row). The run check of ops.audience_members runs once for the
-        # statement (migration 0005).
+        # statement (migration 0005). Members are numbered in the byte order of their
+        # customer ids (migration 0007: their ledger rows' ids), and go in in that order.
         size, holdout = conn.execute(f"""
             with inserted as (
-            insert into ops.audience_members (run_id, customer_id, variant, holdout_kind)
+            insert into ops.audience_members (run_id, customer_id, variant, holdout_kind,
+                                              member_no)
             select %(run_id)s, customer_id,
                    case when holdout_kind is not null then 'holdout' else {variant_sql} end,
-                   holdout_kind
+                   holdout_kind,
+                   row_number() over (order by customer_id collate "C")
             from (
               -- OFFSET 0: each hash is worked out once per customer (flattened, the
               -- holdout's expression would be evaluated once per reference)
@@ -215,15 +229,19 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
     step = campaign.step(step_name)
     members_sql = """select m.customer_id, m.variant, m.holdout_kind,
                             %(member_run_id)s::text as run_id,
-                            %(member_run_as_of)s::timestamptz as run_as_of
+                            %(member_run_as_of)s::timestamptz as run_as_of, m.member_no
                      from ops.audience_members m where m.run_id = %(member_run_id)s"""
     with db.connect(url) as conn:
         ensure_ledger(conn)
         conn.commit()
+        tally: list = []
         plan_members(conn, campaign, step, step_time(campaign, run, step), members_sql,
                      {"member_run_id": run.run_id, "member_run_as_of": run.as_of}, policy,
-                     run_id=run.run_id, members=run.audience_size)
+                     run_id=run.run_id, members=run.audience_size, numbered=True,
+                     tally=tally)
         conn.commit()
+    if tally:
+        return counts_of(tally[0])
     return step_counts(run.run_id, step.name, url)
 
 
@@ -290,15 +308,20 @@ def optimal_time_sql(control: str) -> tuple[list[str], str]:
 
 def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
                  members_sql: str, members_params: dict, policy: Policy | None = None,
-                 run_id: str | None = None, members: int | None = None) -> int:
+                 run_id: str | None = None, members: int | None = None,
+                 numbered: bool = False, tally: list | None = None) -> int:
     """The eligibility rules of the module docstring, set-wise, for any member source.
 
     `members_sql` selects (customer_id, variant, holdout_kind, run_id, run_as_of): the
     run's audience for a campaign, or the chain instances due for this step for a trigger
-    chain (run_id = the chain instance). Message ids are (run_id, step, customer), so
-    planning again inserts nothing. Runs in the caller's transaction; returns rows written.
+    chain (run_id = the chain instance). Message ids are (run_id, step, member number or
+    customer), so planning again inserts nothing. Runs in the caller's transaction; returns rows written.
     `run_id`: the one run all members belong to (a campaign run), if so; `members`: how
-    many members there are, if known.
+    many members there are, if known. `numbered`: `members_sql` also selects `member_no`
+    (with `run_id` given): rows of numbered members get the run's and step's prefixed ids
+    (NUMBERED_ID_SQL), the others those of MESSAGE_ID_SQL. `tally`: a list that gets the
+    step's counts (status, reason, channel, rows) when the statement wrote the step's first
+    rows (then they are all its rows); otherwise it is left empty.
 
     One INSERT ... SELECT: the member source is inlined where it is read (so the planner
     sees its statistics), each member's channel comes from one ordered pass over the
@@ -422,11 +445,18 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
             per_channel.append(f"count(*) filter (where x.channel = %(cap_channel_{i})s "
                                f"and {c_window}) as c_{i}")
         counts = ", ".join([f"count(*) filter (where {g_window}) as g", *per_channel])
+        # only customers whose count reaches a cap can be capped (the member's own rows of
+        # the step are subtracted from it): the others are left out of the hash joined
+        reaches = " or ".join(
+            [f"count(*) filter (where {g_window}) >= %(global_cap)s",
+             *(f"count(*) filter (where x.channel = %(cap_channel_{i})s and {c_window}) "
+               ">= %(channel_cap)s" for i in range(len(step.channels)))])
         ctes.append(f"""caps as (
           select x.customer_id, {counts} from ops.messages x
           where {caps_of_members} {counted}
             and (({g_window}) or ({c_window}))
           group by x.customer_id
+          having {reaches}
         )""")
         ctes.append(f"""own as (
           select x.run_id, x.customer_id, {counts} from ops.messages x
@@ -495,21 +525,42 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     # a step of a run with no ledger rows yet can conflict with none (its message ids are
     # the run's and the step's; planners hold the lock above): a plain INSERT, without ON
     # CONFLICT's arbitration per row. Planning again, or chains, keep `do nothing`.
-    conflict = "on conflict (message_id) do nothing"
-    if run_id is not None and not conn.execute(
-            "select exists (select 1 from ops.messages where run_id = %s and step = %s)",
-            (run_id, step.name)).fetchone()[0]:
-        conflict = ""
+    conflict, planned_id = "on conflict (message_id) do nothing", None
+    if run_id is not None:
+        planned = conn.execute("select message_id from ops.messages where run_id = %s "
+                               "and step = %s limit 1", (run_id, step.name)).fetchone()
+        if planned is None:
+            conflict = ""
+        else:
+            planned_id = planned[0]
     # `offset 0` keeps the decisions a subquery of their own, worked out once per member
     # (flattened into the select list, the status would be evaluated again for each of
     # its three reads); the rows go in by customer (byte order), the order of the
-    # ledger's customer index
+    # ledger's customer index and, for numbered members, of their message ids
+    message_id = MESSAGE_ID_SQL.format(run_id="d.run_id", customer="d.customer_id")
+    member_no, order = "", 'd.customer_id collate "C"'
+    prefix = message_id_prefix(run_id, step.name) if run_id is not None else ""
+    # a step planned before, with ids not of the numbered kind (by code that did not number
+    # the members), is planned again with the ids it got then
+    if numbered and run_id is not None and (planned_id is None
+                                            or planned_id.startswith(prefix)):
+        params["id_prefix"] = prefix
+        numbered_id = NUMBERED_ID_SQL.format(member_no="d.member_no")
+        message_id = f"case when d.member_no is null then {message_id} else {numbered_id} end"
+        # numbered in the customers' byte order: the same order, an integer sort
+        member_no, order = ", m.member_no", f"d.member_no, {order}"
+    insert = "insert"
+    counted_rows = tally is not None and not conflict
+    if counted_rows:
+        # every row of the step is written by this statement: its counts come from the
+        # rows written instead of a second read of them
+        insert = "written as (insert"
     cur = conn.execute(f"""
-        with {(','+chr(10)+'        ').join(ctes)}
-        insert into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
+        with {(','+chr(10)+'        ').join(ctes)}{',' if counted_rows else ''}
+        {insert} into ops.messages (message_id, campaign_id, run_id, step, channel, customer_id,
             variant, status, reason, planned_at, step_index, cap_class, address, not_before,
             send_time_arm, channel_arm)
-        select {MESSAGE_ID_SQL.format(run_id='d.run_id', customer='d.customer_id')},
+        select {message_id},
                %(campaign_id)s, d.run_id, %(step)s,
                coalesce(d.channel, (%(channels)s::text[])[1]), d.customer_id,
                d.variant, d.status, d.reason, %(step_time)s, %(step_index)s, %(cap_class)s,
@@ -520,7 +571,7 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
                case when %(best_channel)s then case d.in_control when true then 'default'
                                                                  when false then 'best' end end
         from (
-          select m.run_id, m.customer_id, m.variant, a.channel, a.address,
+          select m.run_id, m.customer_id, m.variant, a.channel, a.address{member_no},
                  {status} as status, {reason} as reason, {not_before} as not_before,
                  {member_arm if step.has_control_arm else 'null::boolean'} as in_control
           from members m
@@ -532,12 +583,21 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
             {keep}
           offset 0
         ) d
-        order by d.customer_id collate "C"
+        order by {order}
         {conflict}
+        {"returning status, reason, channel) select status, coalesce(reason, ''), channel, "
+          "count(*) from written group by 1, 2, 3"
+         if counted_rows else ""}
     """, params)
+    if counted_rows:
+        rows = cur.fetchall()
+        tally.append(rows)
+        written = sum(r[3] for r in rows)
+    else:
+        written = cur.rowcount
     conn.execute("select set_config('work_mem', %s, true), set_config('jit', %s, true), "
                  "set_config('enable_mergejoin', %s, true)", saved)
-    return cur.rowcount
+    return written
 
 
 def step_counts(run_id: str, step: str, url: str | None = None) -> dict:
@@ -546,6 +606,11 @@ def step_counts(run_id: str, step: str, url: str | None = None) -> dict:
         rows = conn.execute(
             "select status, coalesce(reason, ''), channel, count(*) from ops.messages "
             "where run_id = %s and step = %s group by 1, 2, 3", (run_id, step)).fetchall()
+    return counts_of(rows)
+
+
+def counts_of(rows: Sequence[tuple]) -> dict:
+    """step_counts' dict from (status, reason or '', channel, rows) groups."""
     counts: dict = {"audience": 0, "planned": 0, "sent": 0, "failed": 0, "holdout": 0,
                     "unknown": 0, "suppressed": 0, "suppressed_by_reason": {}, "failed_by_reason": {},
                     "channels": {}}
