@@ -23,6 +23,9 @@ RSS is its own:
 Each is given in wall seconds and in the seconds of CPU its server process used (read
 from /proc when the server runs on this machine: steadier than wall time on a busy
 machine), with the ratio of each to the floor's, rows per second and the peak RSS.
+That CPU leaves out the parallel workers PostgreSQL may start for an index build (a
+first load builds its tables' indexes after the insert); `--serial` runs every step
+with max_parallel_maintenance_workers = 0, so the server process does all the work.
 """
 
 from __future__ import annotations
@@ -103,9 +106,16 @@ print(json.dumps(out))
 """
 
 
+SERIAL = False
+
+
 def child(*args: str) -> dict:
+    env = dict(os.environ)
+    if SERIAL:
+        env["PGOPTIONS"] = (env.get("PGOPTIONS", "") + " -c max_parallel_maintenance_workers=0"
+                            ).strip()
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, env=env)
     if proc.returncode:
         sys.exit(f"child failed: {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -124,7 +134,12 @@ def main() -> None:
                         help="load this already generated shop instead")
     parser.add_argument("--db-prefix", default="bench_load_",
                         help="name prefix of the scratch databases (dropped at the end)")
+    parser.add_argument("--serial", action="store_true",
+                        help="no parallel workers for index builds: the server CPU figure "
+                             "then counts every build's work")
     args = parser.parse_args()
+    global SERIAL
+    SERIAL = args.serial
     runs: list[tuple[int | None, Path | None]] = [(n, None) for n in args.customers]
     runs += [(None, f.resolve()) for f in args.folder]
     if not runs:
