@@ -830,6 +830,17 @@ def test_earlier_as_of_gives_the_numbers_of_the_data_before_it(generated_shop):
     assert days["newest"] == date(2026, 6, 15) and days["last_event"] <= EARLY_AS_OF
     _check_against_reference(url, shop["raw"], EARLY_AS_OF, early)
 
+    # the rows per customer and product with interactions after mid-June were recomputed
+    # (or dropped): the table equals a --full-refresh of it for the same as_of
+    interactions = _query(url, "select * from intermediate.int_customer_product_interactions")
+    assert interactions and max(r["ends_max"] for r in interactions) <= EARLY_AS_OF
+    result = build(as_of=EARLY_AS_OF, url=url, select="int_customer_product_interactions",
+                   full_refresh=True)
+    assert result["dbt"]["success"] and result["dbt"]["failures"] == 0, result["dbt"]
+    key = lambda r: (r["customer_id"], r["product_id"])  # noqa: E731
+    assert sorted(interactions, key=key) == sorted(
+        _query(url, "select * from intermediate.int_customer_product_interactions"), key=key)
+
     # the purchase tables recomputed only the customers with purchases after mid-June
     reasons = _query(url, "select reason, count(*) as n from intermediate.int_purchases_customers_changed group by 1")
     assert [r["reason"] for r in reasons] == ["purchases changed"]
@@ -844,6 +855,8 @@ PER_CUSTOMER = {  # the incremental per-customer purchase tables and their keys
     "int_purchase_items_categorized": ["source", "purchase_id", "line_no"],
     "int_customer_purchases_aggregated": ["customer_id"],
     "int_customer_category_purchases": ["customer_id", "category_path"],
+    # what product_recommendations reads, maintained per changed customer and product
+    "int_customer_product_interactions": ["customer_id", "product_id"],
 }
 
 
