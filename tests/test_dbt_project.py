@@ -230,3 +230,30 @@ def test_predicted_value_sources_are_tested_after_the_predictions(database_url):
     assert "accepted_values_predicted_value_predicted_value_fits_model" in failed
     assert "column_checks_predicted_value_customer_predicted_value" in failed
     assert bad["dbt"]["failures"] == 3, failed
+
+
+def test_recommendations_are_tested_when_a_build_rewrote_them(database_url):
+    """product_recommendations is replaced when its weekly snapshot moment moves and left
+    as it is by the other builds of the week; the row `product_recommendations:rewritten`
+    of intermediate.incremental_state, which its data tests' `where` reads, is there
+    exactly after a build that rewrote the table."""
+    from datetime import timedelta
+
+    from retention import db
+    from retention.warehouse.build import build
+
+    def rewritten() -> list[datetime]:
+        with db.connect(database_url) as conn:
+            return [r[0] for r in conn.execute(
+                "select as_of from intermediate.incremental_state "
+                "where model_name = 'product_recommendations:rewritten'")]
+
+    monday = datetime(2026, 11, 2, tzinfo=timezone.utc)
+    for as_of, expected in ((monday + timedelta(days=1), [monday]),  # first build
+                            (monday + timedelta(days=3), []),  # the same week: untouched
+                            (monday + timedelta(days=8), [monday + timedelta(days=7)])):
+        result = build(as_of=as_of, url=database_url, select="+product_recommendations",
+                       indirect_selection="cautious")  # not the other marts' tests
+        assert result["dbt"]["success"] and result["dbt"]["failures"] == 0, result["dbt"]
+        assert result["dbt"]["by_type"]["test"].get("pass", 0) >= 2, result["dbt"]
+        assert rewritten() == expected, as_of
