@@ -296,8 +296,8 @@ def test_report_in_headless_chromium_has_every_section_and_chart(shop_url, tmp_p
     # checks the figures against the marts)
     # (text with its spaces collapsed: the thousands separator is a narrow no-break space)
     assert rendered.kpis == [
-        ("827", "messages sent"), ("186 805", "attributed revenue"), ("176 586", "of it online"),
-        ("10 219", "of it offline (stores)"), ("4.4%", "trigger chains' share"),
+        ("823", "messages sent"), ("205 512", "attributed revenue"), ("175 677", "of it online"),
+        ("29 835", "of it offline (stores)"), ("14.6%", "trigger chains' share"),
         ("10.1%", "ROPO share of offline revenue"),
     ], rendered.kpis
     screenshot = path.with_suffix(".png")
@@ -508,7 +508,7 @@ def _assert_mail_client_safe(body: dict, link: str, sizes: dict) -> None:
         assert "<svg" not in part.lower()
     assert not re.search(r"<(style|script|link)\b", html, re.I)
     # the text alternative: the summary's figures and the link
-    assert "\n- messages sent: 827\n- attributed revenue: 186\u202f805" in text, text
+    assert "\n- messages sent: 823\n- attributed revenue: 205\u202f512" in text, text
     assert f"Full report with charts and every table: {link}" in text
     assert f'<a href="{link}"' in html
     cids = re.findall(r'<img src="cid:([^"]+)"', html)
