@@ -17,12 +17,23 @@
     {%- if not partition_column or not row_key_column -%}
         {{ exceptions.raise_compiler_error("incremental_strategy replace_partitions needs meta.partition_column and meta.row_key_column") }}
     {%- endif -%}
+    {{ replace_keyed_rows_sql(arg_dict, [partition_column], row_key_column) }}
+{% endmacro %}
+
+
+{#-
+    The statements of both replace strategies (replace_partitions, replace_rows): delete the
+    target rows whose `key_columns` occur in the temp table, then insert the temp rows whose
+    `row_key_column` is not NULL (the others are tombstones).
+-#}
+{% macro replace_keyed_rows_sql(arg_dict, key_columns, row_key_column) %}
     {%- set target_relation = arg_dict["target_relation"] -%}
     {%- set temp_relation = arg_dict["temp_relation"] -%}
     {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
+    {%- set keys = get_quoted_csv(key_columns) -%}
     delete from {{ target_relation }}
-    where {{ adapter.quote(partition_column) }} in (
-        select {{ adapter.quote(partition_column) }} from {{ temp_relation }}
+    where ({{ keys }}) in (
+        select {{ keys }} from {{ temp_relation }}
     );
 
     insert into {{ target_relation }} ({{ columns }})

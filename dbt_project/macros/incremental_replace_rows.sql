@@ -16,17 +16,5 @@
     {%- if not key_columns or not row_key_column -%}
         {{ exceptions.raise_compiler_error("incremental_strategy replace_rows needs meta.key_columns and meta.row_key_column") }}
     {%- endif -%}
-    {%- set target_relation = arg_dict["target_relation"] -%}
-    {%- set temp_relation = arg_dict["temp_relation"] -%}
-    {%- set columns = get_quoted_csv(arg_dict["dest_columns"] | map(attribute="name")) -%}
-    {%- set keys = get_quoted_csv(key_columns) -%}
-    delete from {{ target_relation }}
-    where ({{ keys }}) in (
-        select {{ keys }} from {{ temp_relation }}
-    );
-
-    insert into {{ target_relation }} ({{ columns }})
-    select {{ columns }}
-    from {{ temp_relation }}
-    where {{ adapter.quote(row_key_column) }} is not null;
+    {{ replace_keyed_rows_sql(arg_dict, key_columns, row_key_column) }}
 {% endmacro %}
