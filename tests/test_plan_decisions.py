@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from datetime import datetime, time, timezone
 
+import psycopg
 import pytest
 
 from retention import db
@@ -272,3 +273,91 @@ def test_a_step_planned_without_numbers_is_planned_again_with_its_ids(shop):
         ids = dict(conn.execute("select customer_id, message_id from ops.messages "
                                 "where run_id = %s", (run.run_id,)).fetchall())
     assert ids == {c: message_id_for(run.run_id, "wave", c) for c in CAMPAIGN_ROWS}
+
+
+def _split(monkeypatch, sessions: int) -> None:
+    """Plan every step of two members or more in `sessions` parts."""
+    monkeypatch.setenv("RETENTION_PLAN_SESSIONS", str(sessions))
+    monkeypatch.setenv("RETENTION_PLAN_SPLIT_MEMBERS", "2")
+
+
+def _transactions(url: str, run_id: str) -> int:
+    """How many transactions wrote the run's ledger rows (their xmin)."""
+    with db.connect(url) as conn:
+        return conn.execute("select count(distinct xmin::text) from ops.messages "
+                            "where run_id = %s", (run_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("sessions", [2, 3, len(CUSTOMERS)])
+def test_a_step_planned_in_parts_makes_every_decision_the_same(shop, monkeypatch, sessions):
+    """A large step's first plan runs in parts side by side, one session and transaction
+    each (RETENTION_PLAN_SESSIONS): every decision, address, time and id is the one of a
+    plan in one statement, with the caps of each member counted as before; the counts
+    are those of all the parts."""
+    _split(monkeypatch, sessions)
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    counts = plan_step(campaign, run, "wave", shop, POLICY)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS
+    assert counts["audience"] == len(CAMPAIGN_ROWS)
+    assert counts["suppressed_by_reason"] == {
+        reason: sum(1 for r in CAMPAIGN_ROWS.values() if r[1] == reason)
+        for reason in {r[1] for r in CAMPAIGN_ROWS.values() if r[0] == "suppressed"}}
+    # parts without a member who gets a row (d_none, d_telegram) write nothing
+    assert 2 <= _transactions(shop, run.run_id) <= sessions
+    # planning again: one session, nothing new
+    assert plan_step(campaign, run, "wave", shop, POLICY)["audience"] == len(CAMPAIGN_ROWS)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS
+
+
+def test_a_part_killed_mid_plan_is_completed_by_planning_again(shop, monkeypatch):
+    """One part's database session is terminated while it writes (it waits on a row
+    lock another session holds on one of its message ids): plan_step fails, the other
+    part's rows stay committed, and planning the step again writes exactly the rows that
+    are missing, with the same ids."""
+    import threading
+    import time as clock
+
+    _split(monkeypatch, 2)
+    campaign = _campaign("promo")
+    run = start_run(campaign, AS_OF, shop, POLICY)
+    members = dict(_members(shop, run.run_id))
+    second_part = {c for c, n in members.items() if n > len(members) // 2}
+    victim = min(c for c in second_part if c in CAMPAIGN_ROWS)
+    with db.connect(shop) as blocker:
+        blocker.execute(
+            "insert into ops.messages (message_id, campaign_id, run_id, step, channel, "
+            "customer_id, variant, status, planned_at, cap_class) values (%s, 'blocker', "
+            "'blocker@x', 's', 'email', %s, 'A', 'failed', %s, 'promo')",
+            (message_id_for(run.run_id, "wave", victim, members[victim]), victim, AS_OF))
+        failure: list[BaseException] = []
+
+        def plan() -> None:
+            try:
+                plan_step(campaign, run, "wave", shop, POLICY)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+                failure.append(exc)
+
+        planner = threading.Thread(target=plan)
+        planner.start()
+        # (pg_stat_activity read outside a transaction: inside one it is a snapshot)
+        with db.connect(shop, autocommit=True) as watcher:
+            deadline = clock.monotonic() + 60
+            pid = None
+            while pid is None and clock.monotonic() < deadline:
+                pid = watcher.execute(
+                    "select pid from pg_stat_activity where datname = current_database() "
+                    "and wait_event_type = 'Lock' and wait_event = 'transactionid'"
+                ).fetchone()
+                clock.sleep(0.05)
+            assert pid is not None, "no part waited on the blocked message id"
+            assert watcher.execute("select pg_terminate_backend(%s)", pid).fetchone()[0]
+        planner.join(60)
+        assert not planner.is_alive()
+        blocker.rollback()
+    assert failure and isinstance(failure[0], psycopg.Error), failure
+    first_part = {c: r for c, r in CAMPAIGN_ROWS.items() if c not in second_part}
+    assert first_part and _rows(shop, run.run_id) == first_part
+    counts = plan_step(campaign, run, "wave", shop, POLICY)
+    assert counts["audience"] == len(CAMPAIGN_ROWS)
+    assert _rows(shop, run.run_id) == CAMPAIGN_ROWS

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         "Send tasks per campaign step in Airflow (a mapped task, one dispatcher each with "
         "its own claims and lease, run by whichever workers are free): at most the "
         "provider pool's slots run at once."))
+    plan_sessions: int = Field(2, ge=1, le=64, description=(
+        "Database sessions that plan a large campaign step side by side, each for its own "
+        "part of the audience (one statement uses one core of the database server); 1 "
+        "plans every step in one statement."))
+    plan_split_members: int = Field(200_000, ge=1, description=(
+        "Audience size from which a step's first plan is split over RETENTION_PLAN_SESSIONS "
+        "sessions."))
     send_retry_delay_seconds: Seconds = Field(120.0, description=(
         "Wait before Airflow retries a campaign step's failed send task (a task whose "
         "worker died included: the dead dispatcher's claims are settled by the lease rules "

@@ -231,18 +231,93 @@ def plan_step(campaign: Campaign, run: RunInfo, step_name: str, url: str | None 
                             %(member_run_id)s::text as run_id,
                             %(member_run_as_of)s::timestamptz as run_as_of, m.member_no
                      from ops.audience_members m where m.run_id = %(member_run_id)s"""
+    params = {"member_run_id": run.run_id, "member_run_as_of": run.as_of}
+    at = step_time(campaign, run, step)
     with db.connect(url) as conn:
         ensure_ledger(conn)
         conn.commit()
         tally: list = []
-        plan_members(conn, campaign, step, step_time(campaign, run, step), members_sql,
-                     {"member_run_id": run.run_id, "member_run_as_of": run.as_of}, policy,
-                     run_id=run.run_id, members=run.audience_size, numbered=True,
-                     tally=tally)
+        parts = _plan_parts(conn, run, step)
+        if parts:
+            _plan_in_parts(campaign, step, at, members_sql, params, policy, run, parts, url,
+                           tally)
+        else:
+            plan_members(conn, campaign, step, at, members_sql, params, policy,
+                         run_id=run.run_id, members=run.audience_size, numbered=True,
+                         tally=tally)
         conn.commit()
     if tally:
         return counts_of(tally[0])
     return step_counts(run.run_id, step.name, url)
+
+
+def _plan_parts(conn: psycopg.Connection, run: RunInfo,
+                step: Step) -> list[tuple[int, int, str, str]]:
+    """The parts a step's first plan is split into, one database session each
+    (RETENTION_PLAN_SESSIONS, from RETENTION_PLAN_SPLIT_MEMBERS members on): (first and
+    last member number, first and last customer id) of equal runs of member numbers.
+    start_run numbers the members in the byte order of their customer ids, so a run of
+    numbers holds the members whose customer ids lie between its ends (compared "C").
+    Empty (one session) when the run is smaller, its members have no numbers (frozen
+    before migration 0007), or the step has ledger rows already (planned again in one
+    session, `on conflict do nothing`). Takes the planning lock in the caller's
+    transaction, which holds it until the parts are done."""
+    from retention.config import settings
+
+    conf = settings()
+    n, sessions = run.audience_size, conf.plan_sessions
+    if sessions < 2 or n < max(conf.plan_split_members, sessions):
+        return []
+    conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
+    if conn.execute("select 1 from ops.messages where run_id = %s and step = %s limit 1",
+                    (run.run_id, step.name)).fetchone():
+        return []
+    bounds = [(i * n // sessions + 1, (i + 1) * n // sessions) for i in range(sessions)]
+    wanted = sorted({b for pair in bounds for b in pair})
+    found = dict(conn.execute(
+        "select member_no, customer_id from ops.audience_members "
+        "where run_id = %s and member_no = any(%s)", (run.run_id, wanted)).fetchall())
+    if len(found) != len(wanted):
+        return []
+    return [(lo, hi, found[lo], found[hi]) for lo, hi in bounds]
+
+
+def _plan_in_parts(campaign: Campaign, step: Step, at: datetime, members_sql: str,
+                   params: dict, policy: Policy | None, run: RunInfo,
+                   parts: list[tuple[int, int, str, str]], url: str | None,
+                   tally: list) -> None:
+    """A step's first plan with its parts side by side, each in a session and transaction
+    of its own (one statement runs on one core). The caller's transaction holds the
+    planning lock meanwhile, so no other plan counts caps in between, and the parts'
+    customers are disjoint, so no part's caps read another part's rows. Each part commits
+    on its own: when one fails, the step keeps the rows of the others and the error is
+    raised; planning the step again (one session, `on conflict do nothing`) writes the
+    rows that are missing, with the same ids, and nothing twice. `tally` gets the counts
+    of all the parts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def plan_part(part: tuple[int, int, str, str]) -> list:
+        lo, hi, first, last = part
+        rows: list = []
+        with db.connect(url) as part_conn:
+            plan_members(part_conn, campaign, step, at,
+                         members_sql + " and m.member_no between %(part_lo)s and %(part_hi)s",
+                         {**params, "part_lo": lo, "part_hi": hi}, policy,
+                         run_id=run.run_id, members=run.audience_size, numbered=True,
+                         tally=rows, part=(first, last))
+            part_conn.commit()
+        return rows[0]
+
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="plan-part") as pool:
+        futures = [pool.submit(plan_part, part) for part in parts]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    merged: dict = {}
+    for future in futures:
+        for status, reason, channel, count in future.result():
+            merged[status, reason, channel] = merged.get((status, reason, channel), 0) + count
+    tally.append([(*key, count) for key, count in merged.items()])
 
 
 def quiet_not_before_sql(tz: str, at: str = "%(step_time)s") -> str:
@@ -309,7 +384,8 @@ def optimal_time_sql(control: str) -> tuple[list[str], str]:
 def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: datetime,
                  members_sql: str, members_params: dict, policy: Policy | None = None,
                  run_id: str | None = None, members: int | None = None,
-                 numbered: bool = False, tally: list | None = None) -> int:
+                 numbered: bool = False, tally: list | None = None,
+                 part: tuple[str, str] | None = None) -> int:
     """The eligibility rules of the module docstring, set-wise, for any member source.
 
     `members_sql` selects (customer_id, variant, holdout_kind, run_id, run_as_of): the
@@ -321,7 +397,10 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     (with `run_id` given): rows of numbered members get the run's and step's prefixed ids
     (NUMBERED_ID_SQL), the others those of MESSAGE_ID_SQL. `tally`: a list that gets the
     step's counts (status, reason, channel, rows) when the statement wrote the step's first
-    rows (then they are all its rows); otherwise it is left empty.
+    rows (then they are all its rows); otherwise it is left empty. `part`: (first, last
+    customer id, "C" order) of one part of a step's first plan (plan_step's split, whose
+    caller holds the planning lock, and of whose step no row exists yet): the members
+    are those customers' and the subscriptions and caps are read for them only.
 
     One INSERT ... SELECT: the member source is inlined where it is read (so the planner
     sees its statistics), each member's channel comes from one ordered pass over the
@@ -333,8 +412,10 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     transactional = campaign.cap_class == "transactional"
     only_unengaged = step.only_unengaged and step.index > 0
     exit_on_purchase = "purchase" in campaign.exit_on
-    # planning is serialised so that caps see the rows of a concurrent campaign
-    conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
+    # planning is serialised so that caps see the rows of a concurrent campaign (a part's
+    # caller holds the lock for all the parts)
+    if part is None:
+        conn.execute("select pg_advisory_xact_lock(hashtext('retention.plan'))")
     params = dict(
         members_params, step=step.name, step_index=step.index, step_time=at,
         channels=list(step.channels), campaign_id=campaign.id,
@@ -358,6 +439,12 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
                                  "where oid = 'raw.customers'::regclass").fetchone()[0]
         if 0 < customers <= 2 * members:  # reltuples < 0: never analysed
             subs_of_members = caps_of_members = ""
+    if part is not None:
+        params.update(part_first=part[0], part_last=part[1])
+        subs_of_members += (' and s.customer_id collate "C" '
+                            'between %(part_first)s and %(part_last)s')
+        caps_of_members += (' x.customer_id collate "C" '
+                            'between %(part_first)s and %(part_last)s and')
     ctes = [f"members as not materialized ({members_sql})"]
     joins, keep = [], ""
     if only_unengaged:
@@ -526,7 +613,9 @@ def plan_members(conn: psycopg.Connection, campaign: Campaign, step: Step, at: d
     # the run's and the step's; planners hold the lock above): a plain INSERT, without ON
     # CONFLICT's arbitration per row. Planning again, or chains, keep `do nothing`.
     conflict, planned_id = "on conflict (message_id) do nothing", None
-    if run_id is not None:
+    if part is not None:
+        conflict = ""
+    elif run_id is not None:
         planned = conn.execute("select message_id from ops.messages where run_id = %s "
                                "and step = %s limit 1", (run_id, step.name)).fetchone()
         if planned is None:
