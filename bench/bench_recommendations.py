@@ -155,7 +155,7 @@ def refresh(name: str, as_of: datetime, project: Path) -> dict:
                   "--exclude-resource-type", "unit_test")
     rr = json.loads((project / "target" / "run_results.json").read_text())
     model = sum(r["execution_time"] for r in rr["results"] if r["unique_id"].startswith("model."))
-    tests = [r for r in rr["results"] if not r["unique_id"].startswith("model.")]
+    tests = [r for r in rr["results"] if r["unique_id"].startswith("test.")]
     if [r for r in rr["results"] if r["status"] not in ("success", "pass", "warn")]:
         sys.exit(f"refresh: a node failed: {[(r['unique_id'], r['status']) for r in rr['results']]}")
     with bb._connect(name) as conn:
