@@ -238,23 +238,6 @@ def test_recommendations_model_and_marts_feed_the_chains(generated_shop, databas
     expected = expected.sort_values(key).reset_index(drop=True).astype(got.dtypes.to_dict())
     pd.testing.assert_frame_equal(got, expected)
 
-    # the model's join, sort and grouping can run in parallel workers: it has no
-    # correlated subquery (SubPlan) and no CTE scan, either of which keeps a plan to one
-    # process (the parallel costs zeroed: this shop is small)
-    from retention.warehouse.build import run_dbt
-
-    compiled = run_dbt(["compile", "--select", "product_recommendations"], database_url,
-                       as_of=end)
-    sql = compiled.result.results[0].node.compiled_code
-    with db.connect(database_url) as conn:
-        for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0",
-                        "min_parallel_table_scan_size = 0", "enable_hashagg = off",
-                        "enable_mergejoin = off"):
-            conn.execute(f"set {setting}")
-        plan = "\n".join(r[0] for r in conn.execute(f"explain (costs off) {sql}"))
-    assert "Parallel Hash Join" in plan, plan
-    assert "SubPlan" not in plan and "CTE Scan" not in plan, plan
-
     # with the marts built, a day of triggers reads them: the cohort norm, ROPO purchases,
     # and the recommendations in the messages
     from test_triggers_flows import Recorder

@@ -21,10 +21,7 @@
 -- (X, Y, customer) once, with no grouping of the pairs per customer; the pairs are
 -- sorted by X and Y and counted, and come out in X order, so the ranking sorts only
 -- within each X (incremental sort). Ids compare by code point (collate "C"), whatever
--- the database's locale: sorting short ids so is a byte comparison. Nothing in it keeps
--- the plan to one process (no correlated subquery, no CTE read twice: the array tests
--- are functions, macros/recommendations.sql), so PostgreSQL runs the join, the sort and
--- the grouping in parallel workers where it has them (max_parallel_workers_per_gather).
+-- the database's locale: sorting short ids so is a byte comparison.
 {{ config(pre_hook=["set local work_mem = '512MB'",
                     "set local enable_mergejoin = off",
                     "set local enable_hashagg = off",
@@ -44,36 +41,46 @@ products_per_customer as not materialized (
     -- it. The snapshot is a UTC midnight (or as_of itself, when nothing is after it),
     -- and a day's views lie within one UTC day, so a span that starts by the snapshot
     -- and ends after it starts exactly at it: its end becomes the snapshot moment, the
-    -- last view at or before it. One scan, the clipping in functions (no union, no
-    -- correlated subquery: the plan can run in parallel workers); the earliest start is
-    -- kept by the clipping, and so is the first purchase when it is by the snapshot.
-    select
-        customer_id,
-        product_id,
-        starts_min,
-        case when ends_max <= {{ snapshot }} then ends_max
-             else {{ recs_function('recs_ends_max_upto') }}(starts, ends, {{ snapshot }})
-        end as ends_max,
-        case when first_bought_at <= {{ snapshot }} then first_bought_at end as first_bought_at,
-        case when last_bought_at <= {{ snapshot }} then last_bought_at
-             when first_bought_at <= {{ snapshot }}
-                 then {{ recs_function('recs_last_upto') }}(bought, {{ snapshot }})
-        end as last_bought_at,
-        case when ends_max <= {{ snapshot }} then starts
-             else {{ recs_function('recs_starts_upto') }}(starts, {{ snapshot }})
-        end as starts,
-        case when ends_max <= {{ snapshot }} then ends
-             else {{ recs_function('recs_ends_upto') }}(starts, ends, {{ snapshot }})
-        end as ends,
-        case when ends_max <= {{ snapshot }} then bought
-             else {{ recs_function('recs_times_upto') }}(bought, {{ snapshot }})
-        end as bought
+    -- last view at or before it.
+    select customer_id, product_id, starts_min, ends_max, first_bought_at, last_bought_at,
+           starts, ends, bought
     from {{ ref('int_customer_product_interactions') }}
-    where starts_min <= {{ snapshot }}
+    where ends_max <= {{ snapshot }}
+
+    union all
+
+    select
+        clipped.customer_id,
+        clipped.product_id,
+        spans.starts_min,
+        spans.ends_max,
+        purchases.first_bought_at,
+        purchases.last_bought_at,
+        spans.starts,
+        spans.ends,
+        purchases.bought
+
+    from {{ ref('int_customer_product_interactions') }} as clipped
+    cross join lateral (
+        select min(s.starts_at) as starts_min,
+               max(least(s.ends_at, {{ snapshot }})) as ends_max,
+               array_agg(s.starts_at order by s.starts_at, least(s.ends_at, {{ snapshot }})) as starts,
+               array_agg(least(s.ends_at, {{ snapshot }}) order by s.starts_at, least(s.ends_at, {{ snapshot }})) as ends
+        from unnest(clipped.starts, clipped.ends) as s(starts_at, ends_at)
+        where s.starts_at <= {{ snapshot }}
+    ) as spans
+    cross join lateral (
+        select min(p.at) as first_bought_at, max(p.at) as last_bought_at,
+               array_agg(p.at order by p.at) as bought
+        from unnest(clipped.bought) as p(at)
+        where p.at <= {{ snapshot }}
+    ) as purchases
+    where clipped.ends_max > {{ snapshot }}
+      and clipped.starts_min <= {{ snapshot }}
 
 ),
 
-first_purchases_of_product as not materialized (
+first_purchases_of_product as (
 
     select
         customer_id,
@@ -104,8 +111,9 @@ purchases_and_later_interactions_joined as (
                 then later.first_bought_at <= bought.window_ends_at
             when later.last_bought_at <= bought.window_ends_at
                 then later.last_bought_at > bought.first_bought_at
-            else {{ recs_function('recs_any_between') }}(
-                later.bought, bought.first_bought_at, bought.window_ends_at)
+            else exists (
+                select from unnest(later.bought) as p(at)
+                where p.at > bought.first_bought_at and p.at <= bought.window_ends_at)
         end as bought_after
 
     from first_purchases_of_product as bought
@@ -118,8 +126,10 @@ purchases_and_later_interactions_joined as (
         case
             when later.starts_min > bought.first_bought_at then true
             when later.ends_max <= bought.window_ends_at then true
-            else {{ recs_function('recs_spans_meet') }}(
-                later.starts, later.ends, bought.first_bought_at, bought.window_ends_at)
+            else exists (
+                select from unnest(later.starts, later.ends) as span(starts_at, ends_at)
+                where span.ends_at > bought.first_bought_at
+                  and span.starts_at <= bought.window_ends_at)
         end
 
 ),
