@@ -98,7 +98,18 @@
     {%- elif days == 0 -%}
         {{ as_of() }}
     {%- else -%}
-        to_timestamp(floor((extract(epoch from {{ as_of() }}) - 345600) / {{ days * 86400 }}) * {{ days * 86400 }} + 345600)
+        {#- computed here, not in SQL: a literal is a constant to the planner, where the
+            expression (extract is only stable) would be evaluated again for every row it
+            filters -#}
+        {%- set value = (as_of() | trim)[2:-15] -%}
+        {%- set value = modules.re.sub('[Zz]$', '+00:00', value) -%}
+        {%- set value = modules.re.sub('([+-][0-9]{2})$', '\\1:00', value) -%}
+        {%- set value = modules.re.sub('([+-][0-9]{2})([0-9]{2})$', '\\1:\\2', value) -%}
+        {%- set value = modules.re.sub('^([0-9-]{10}) ', '\\1T', value) -%}
+        {%- set epoch = modules.datetime.datetime.fromisoformat(value).timestamp() -%}
+        {%- set step = days * 86400 -%}
+        {%- set moment = ((epoch - 345600) // step) * step + 345600 -%}
+        ('{{ modules.datetime.datetime.fromtimestamp(moment, modules.pytz.utc).isoformat() }}'::timestamptz)
     {%- endif -%}
 {%- endmacro %}
 
