@@ -22,6 +22,12 @@
       with daylight saving time.
 -#}
 {% macro as_of() -%}
+    ('{{ as_of_value() }}'::timestamptz)
+{%- endmacro %}
+
+
+{#- as_of() without the literal's quotes and cast: the ISO-8601 text, with an offset. -#}
+{% macro as_of_value() -%}
     {%- set value = var('as_of', none) -%}
     {%- if (value is none or (value | string | trim) == '') and execute -%}
         {%- set value = env_var('RETENTION_DBT_AS_OF', '') -%}
@@ -40,7 +46,7 @@
         {#- a date or a timestamp without offset means UTC -#}
         {%- set value = value ~ ('T00:00:00' if value | length == 10 else '') ~ '+00:00' -%}
     {%- endif -%}
-    ('{{ value }}'::timestamptz)
+    {{ value }}
 {%- endmacro %}
 
 
@@ -101,12 +107,7 @@
         {#- computed here, not in SQL: a literal is a constant to the planner, where the
             expression (extract is only stable) would be evaluated again for every row it
             filters -#}
-        {%- set value = (as_of() | trim)[2:-15] -%}
-        {%- set value = modules.re.sub('[Zz]$', '+00:00', value) -%}
-        {%- set value = modules.re.sub('([+-][0-9]{2})$', '\\1:00', value) -%}
-        {%- set value = modules.re.sub('([+-][0-9]{2})([0-9]{2})$', '\\1:\\2', value) -%}
-        {%- set value = modules.re.sub('^([0-9-]{10}) ', '\\1T', value) -%}
-        {%- set epoch = modules.datetime.datetime.fromisoformat(value).timestamp() -%}
+        {%- set epoch = modules.datetime.datetime.fromisoformat(as_of_value() | trim | upper).timestamp() -%}
         {%- set step = days * 86400 -%}
         {%- set moment = ((epoch - 345600) // step) * step + 345600 -%}
         ('{{ modules.datetime.datetime.fromtimestamp(moment, modules.pytz.utc).isoformat() }}'::timestamptz)
