@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 AS_OF = datetime(2026, 11, 2, tzinfo=timezone.utc)
 STEP_AT = AS_OF + timedelta(hours=10)
 MARTS = ("stg_customers stg_events stg_ops_messages stg_ops_message_events "
-         "int_send_time_customers_changed int_send_time_signals "
+         "int_send_time_customers_changed int_send_time_sessions int_send_time_signals "
          "customer_send_time customer_channel_engagement")
 CAMPAIGN = textwrap.dedent("""\
     id: smart

@@ -868,7 +868,8 @@ def _tables(url: str) -> dict[str, Any]:
     return out
 
 
-SEND_TIME = {  # customer_send_time and its per-customer signal counts, with their keys
+SEND_TIME = {  # customer_send_time, its per-customer signal counts and sessions, with their keys
+    "intermediate.int_send_time_sessions": ["customer_id", "session_id"],
     "intermediate.int_send_time_signals": ["customer_id", "channel", "hour_of_week"],
     "marts.customer_send_time": ["customer_id", "channel"],
 }

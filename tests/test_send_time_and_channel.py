@@ -187,7 +187,7 @@ def test_optimal_time_and_best_channel_with_a_control_arm(hand_shop):
 SIM_AS_OF = datetime(2026, 11, 2, 0, tzinfo=timezone.utc)
 SIM_STEP_AT = SIM_AS_OF + timedelta(hours=10)
 MARTS = ("stg_customers stg_events stg_ops_messages stg_ops_message_events "
-         "int_send_time_customers_changed int_send_time_signals "
+         "int_send_time_customers_changed int_send_time_sessions int_send_time_signals "
          "customer_send_time customer_channel_engagement")
 
 
@@ -226,7 +226,7 @@ def test_planted_preferences_are_recovered_and_the_effect_measured(database_url)
     result = build(as_of=SIM_AS_OF, url=database_url, select=MARTS, indirect_selection="cautious",
                    unit_tests=True)  # the marts' hand-worked unit tests run here too
     assert result["dbt"]["success"] and result["dbt"]["failures"] == 0
-    assert result["dbt"]["by_type"]["unit_test"] == {"pass": 3}, result["dbt"]
+    assert result["dbt"]["by_type"]["unit_test"] == {"pass": 5}, result["dbt"]
 
     found = sim.recovery(database_url, truth, min_signals=8)
     print({k: (r.customers, r.recovered, round(r.rate, 3)) for k, r in found.items()})

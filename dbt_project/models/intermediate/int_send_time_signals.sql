@@ -4,7 +4,9 @@
 -- customer_send_time scores the hours from these counts. Rules in
 -- int_send_time_signals.yml.
 -- Incremental per customer (strategy replace_partitions): a build recomputes the
--- customers of int_send_time_customers_changed from their whole history.
+-- customers of int_send_time_customers_changed from their whole history: their sessions
+-- from int_send_time_sessions (maintained per session), their opens and clicks from
+-- the messages.
 -- depends_on: {{ ref('int_send_time_customers_changed') }}
 {%- set history_days = var('send_time_history_days') %}
 with
@@ -44,34 +46,10 @@ engagements as (
 
 sessions as (
 
-    -- a session starts at its first event in the history
-    {% if is_incremental() %}
-    -- a few customers: their own events through the index on (customer_id, occurred_at)
-    -- instead of a pass over the history's events
-    select c.customer_id, e.session_id, min(e.occurred_at) as started_at
-    from customers as c
-    cross join lateral (
-        select session_id, occurred_at
-        from {{ ref('stg_events') }} as events
-        where events.customer_id = c.customer_id
-          and events.session_id is not null
-          and events.occurred_at <= {{ as_of() }}
-          and events.occurred_at > {{ as_of() }} - interval '{{ history_days }} days'
-        -- kept a subquery per customer (the planner would otherwise join every event
-        -- of the history by hash)
-        offset 0
-    ) as e
-    group by c.customer_id, e.session_id
-    {% else %}
-    select customer_id, session_id, min(occurred_at) as started_at
-    from {{ ref('stg_events') }}
-    where customer_id is not null
-      and session_id is not null
-      and occurred_at <= {{ as_of() }}
-      and occurred_at > {{ as_of() }} - interval '{{ history_days }} days'
-      and customer_id in (select customer_id from customers)
-    group by customer_id, session_id
-    {% endif %}
+    -- a session counts at its first event in the history (int_send_time_sessions)
+    select s.customer_id, s.started_at
+    from {{ ref('int_send_time_sessions') }} as s
+    where s.customer_id in (select customer_id from customers)
 
 ),
 
