@@ -16,5 +16,6 @@
     {%- if not key_columns or not row_key_column -%}
         {{ exceptions.raise_compiler_error("incremental_strategy replace_rows needs meta.key_columns and meta.row_key_column") }}
     {%- endif -%}
-    {{ replace_keyed_rows_sql(arg_dict, key_columns, row_key_column) }}
+    {#- a key identifies one row: only the rows that differ are written -#}
+    {{ replace_keyed_rows_sql(arg_dict, key_columns, row_key_column, key_columns) }}
 {% endmacro %}
