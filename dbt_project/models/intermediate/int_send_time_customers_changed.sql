@@ -93,24 +93,19 @@ new_customers as (
 
 ),
 
-timezone_changed as (
+stored_customers_changed as (
 
-    -- the hours are local: a customer whose time zone changed since has every signal
-    -- in another hour
-    select distinct stored.customer_id, 'time zone changed' as reason
+    -- the hours are local: a customer whose time zone changed since has every signal in
+    -- another hour; and a stored customer may no longer be one (a build for an earlier
+    -- as_of). One pass over the stored `any` rows (every customer with signals has them)
+    select distinct
+        stored.customer_id,
+        case when customers.customer_id is null then 'not a customer as of as_of'
+             else 'time zone changed' end as reason
     from {{ signals }} as stored
-    join customers on customers.customer_id = stored.customer_id
-    where customers.timezone <> stored.timezone
-
-),
-
-no_longer_customers as (
-
-    select distinct customer_id, 'not a customer as of as_of' as reason
-    from {{ signals }} as stored
-    where not exists (
-        select 1 from customers where customers.customer_id = stored.customer_id
-    )
+    left join customers on customers.customer_id = stored.customer_id
+    where stored.channel = 'any'
+      and (customers.customer_id is null or customers.timezone <> stored.timezone)
 
 ),
 
@@ -122,8 +117,7 @@ changed as (
         union all select * from engagements_moved
         union all select * from signals_after_as_of
         union all select * from new_customers
-        union all select * from timezone_changed
-        union all select * from no_longer_customers
+        union all select * from stored_customers_changed
     ) as reasons
     group by customer_id
 
