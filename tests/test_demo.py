@@ -144,7 +144,7 @@ def test_quick_start_runs_through_airflow_and_is_idempotent(make_database, tmp_p
         assert _line(first, "buyers ") == "buyers 364"
         assert _line(first, "rpr ") == "rpr 0.5742"
         assert _line(first, "dbt (every layer task): ") == (
-            "dbt (every layer task): models 34, models_built 34, tests 84, unit_tests 0, "
+            "dbt (every layer task): models 35, models_built 35, tests 85, unit_tests 0, "
             "failures 0, warnings 0, skipped 0")
         assert _line(first, "run weekly_promo@") == ("run weekly_promo@2026-10-26T07:00:00Z: "
                                                      "audience 326 (holdout 52)")
