@@ -64,20 +64,19 @@ moved as (
     -- history; stg_events stops at this as_of, so in a build for an earlier as_of the
     -- sessions with events after it are found in the stored rows (a constant condition
     -- first: a build going forward does not scan the table)
-    select customer_id, session_id, min(moved_min) as moved_min, max(moved_max) as moved_max
+    select customer_id, session_id, min(in_history) as moved_min, max(in_history) as moved_max
     from (
         select
             customer_id,
             session_id,
-            case when occurred_at > {{ as_of() }} - {{ history }} then occurred_at end as moved_min,
-            case when occurred_at > {{ as_of() }} - {{ history }} then occurred_at end as moved_max
+            case when occurred_at > {{ as_of() }} - {{ history }} then occurred_at end as in_history
         from {{ ref('stg_events') }}
         where customer_id is not null
           and session_id is not null
           and ((occurred_at > {{ earlier }} - {{ lookback }} and occurred_at <= {{ later }})
                or (occurred_at > {{ earlier }} - {{ history }} and occurred_at <= {{ later }} - {{ history }}))
         union all
-        select customer_id, session_id, null, null
+        select customer_id, session_id, null
         from {{ this }}
         where {{ as_of() }} < {{ previous_as_of }}
           and ended_at > {{ as_of() }}
@@ -89,7 +88,8 @@ moved as (
 with_stored as (
 
     select m.customer_id, m.session_id, m.moved_min, m.moved_max,
-           s.started_at as stored_start, s.ended_at as stored_end
+           s.started_at as stored_start, s.ended_at as stored_end,
+           coalesce(s.started_at > {{ u_low }} and s.ended_at <= {{ u_high }}, false) as stored_in_u
     from moved as m
     left join {{ this }} as s
         on s.customer_id = m.customer_id and s.session_id = m.session_id
@@ -107,20 +107,18 @@ bounded as (
         w.session_id,
         w.moved_min,
         w.moved_max,
-        case when w.stored_start > {{ u_low }} and w.stored_end <= {{ u_high }}
-             then w.stored_start else u.u_min end as u_min,
-        case when w.stored_start > {{ u_low }} and w.stored_end <= {{ u_high }}
-             then w.stored_end else u.u_max end as u_max
+        case when w.stored_in_u then w.stored_start else u.u_min end as u_min,
+        case when w.stored_in_u then w.stored_end else u.u_max end as u_max
     from with_stored as w
     left join lateral (
         select min(e.occurred_at) as u_min, max(e.occurred_at) as u_max
         from {{ ref('stg_events') }} as e
         where e.customer_id = w.customer_id
           and e.session_id = w.session_id
-          and e.occurred_at > greatest({{ u_low }}, w.stored_start - interval '1 microsecond')
-          and e.occurred_at <= least({{ u_high }}, w.stored_end)
+          and e.occurred_at > {{ u_low }} and e.occurred_at <= {{ u_high }}
+          and e.occurred_at >= w.stored_start and e.occurred_at <= w.stored_end
           -- conditions on the outer row alone: the index is not read for the others
-          and not (w.stored_start > {{ u_low }} and w.stored_end <= {{ u_high }})
+          and not w.stored_in_u
           and w.stored_start <= {{ u_high }}
           and w.stored_end > {{ u_low }}
     ) as u on true
